@@ -1,0 +1,173 @@
+"""Every setting detectflow reads from the environment, in one place.
+
+Nothing else in the code base reads ``os.environ``: a deployable builds its
+settings once (``StackSettings.from_env()``) and passes them down.  Secrets are
+never part of ``repr`` and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+ENV_PREFIX = "DETECTFLOW_"
+
+
+class SettingsError(ValueError):
+    """A setting from the environment is malformed."""
+
+
+def _get(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(ENV_PREFIX + name, default)
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a port number") from exc
+    if not 0 < value < 65536:
+        raise SettingsError(f"{ENV_PREFIX}{name}={value} is out of range")
+    return value
+
+
+def _heap(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name, default).strip().lower()
+    if not raw[:-1].isdigit() or raw[-1] not in "mg":
+        raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} must look like 512m or 1g")
+    return raw
+
+
+@dataclass(frozen=True)
+class Versions:
+    """Pinned versions of every component the stack installs."""
+
+    kafka: str = "4.1.2"
+    apicurio: str = "3.3.3"
+    cassandra: str = "5.0.6"
+    # MinIO publishes source only; this is the pseudo-version the Go module proxy serves.
+    minio: str = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Where the local stack lives and how it is reached."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    registry_port: int = 8081
+    cassandra_port: int = 9042
+    cassandra_storage_port: int = 7000
+    minio_port: int = 9000
+    minio_console_port: int = 9001
+    clamd_port: int = 3310
+    kafka_heap: str = "384m"
+    registry_heap: str = "192m"
+    cassandra_heap: str = "768m"
+    # Max size of one Kafka record; images travel inline up to this size.
+    kafka_max_message_bytes: int = 16 * 1024 * 1024
+    clamd_stream_max_bytes: int = 32 * 1024 * 1024
+    start_timeout_s: float = 240.0
+    versions: Versions = field(default_factory=Versions)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "StackSettings":
+        env = os.environ if env is None else env
+        home = Path(_get(env, "HOME", str(Path.home() / ".detectflow"))).expanduser()
+        return cls(
+            home=home.resolve(),
+            kafka_port=_port(env, "KAFKA_PORT", 9092),
+            kafka_controller_port=_port(env, "KAFKA_CONTROLLER_PORT", 9093),
+            registry_port=_port(env, "REGISTRY_PORT", 8081),
+            cassandra_port=_port(env, "CASSANDRA_PORT", 9042),
+            cassandra_storage_port=_port(env, "CASSANDRA_STORAGE_PORT", 7000),
+            minio_port=_port(env, "MINIO_PORT", 9000),
+            minio_console_port=_port(env, "MINIO_CONSOLE_PORT", 9001),
+            clamd_port=_port(env, "CLAMD_PORT", 3310),
+            kafka_heap=_heap(env, "KAFKA_HEAP", "384m"),
+            registry_heap=_heap(env, "REGISTRY_HEAP", "192m"),
+            cassandra_heap=_heap(env, "CASSANDRA_HEAP", "768m"),
+            start_timeout_s=float(_get(env, "START_TIMEOUT_S", "240")),
+        )
+
+    # Layout of the state directory: everything the stack downloads, builds and
+    # stores lives below ``home`` so that a re-run finds it warm.
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def opt_dir(self) -> Path:
+        return self.home / "opt"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.home / "conf"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.home / "samples"
+
+    # Client-side addresses.
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+
+    @property
+    def minio_endpoint(self) -> str:
+        return f"{self.host}:{self.minio_port}"
+
+    def minio_credentials(self) -> "MinioCredentials":
+        return MinioCredentials.load_or_create(self.secrets_dir / "minio.json")
+
+
+@dataclass(frozen=True)
+class MinioCredentials:
+    """Root credentials of the local MinIO, generated once and kept 0600."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "MinioCredentials":
+        if path.exists():
+            data = json.loads(path.read_text())
+            return cls(access_key=data["access_key"], secret_key=data["secret_key"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
+        creds = cls(access_key="detectflow-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(32))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"access_key": creds.access_key, "secret_key": creds.secret_key}, fh)
+        return creds

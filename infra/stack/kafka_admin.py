@@ -1,0 +1,26 @@
+"""Idempotent topic creation used while bringing the stack up."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from infra.stack.base import StackError
+
+
+def ensure_topic(bootstrap: str, topic: str, *, partitions: int, config: dict[str, str] | None = None,
+                 timeout_s: float = 15.0) -> bool:
+    """Create ``topic`` unless it exists. Returns True if it was created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    existing = admin.list_topics(timeout=timeout_s).topics
+    if topic in existing:
+        return False
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                            config=config or {})], request_timeout=timeout_s)
+    try:
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        if "TOPIC_ALREADY_EXISTS" in str(exc):
+            return False
+        raise StackError(f"cannot create topic {topic}: {exc}") from exc
+    return True

@@ -1,0 +1,31 @@
+"""Integration tests run against the real local stack (`detectflow stack up`).
+
+The session fixture brings the stack up (installing it on first use) and, at the
+end, stops only the services this test session started, so a developer's
+running stack is left alone and CI leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from infra.settings import StackSettings
+from infra.stack import manager
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that restart the stack go last so they do not slow every other test.
+    items.sort(key=lambda item: item.get_closest_marker("restart") is not None)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackSettings]:
+    settings = StackSettings.from_env()
+    before = {h.name for h in manager.status(settings) if h.running}
+    manager.up(settings)
+    yield settings
+    started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
+    if started_here:
+        manager.down(settings, started_here)

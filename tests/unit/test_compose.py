@@ -1,0 +1,84 @@
+"""docker-compose.yml cannot run here (no Docker engine); keep it complete and consistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.settings import Versions
+from infra.stack.manager import SERVICE_CLASSES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_every_local_stack_service_is_in_compose(compose: dict) -> None:
+    assert set(SERVICE_CLASSES) <= set(compose["services"])
+
+
+@pytest.mark.parametrize("name", list(SERVICE_CLASSES))
+def test_service_has_image_or_build_and_healthcheck(compose: dict, name: str) -> None:
+    svc = compose["services"][name]
+    assert "image" in svc or "build" in svc, f"{name} has neither image nor build"
+    if "build" in svc:
+        build = svc["build"]
+        dockerfile = ROOT / build["context"] / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.exists(), f"{name}: {dockerfile} missing"
+    check = svc.get("healthcheck", {}).get("test")
+    assert check and check[0] in {"CMD", "CMD-SHELL"}, f"{name} has no health check"
+
+
+def test_depends_on_matches_the_local_stack(compose: dict) -> None:
+    from infra.settings import StackSettings
+    from infra.stack.manager import load_services
+
+    for svc in load_services(StackSettings(home=Path("/nonexistent"))):
+        declared = compose["services"][svc.name].get("depends_on", {})
+        for dep in svc.depends_on:
+            assert dep in declared, f"{svc.name} must depend_on {dep}"
+            assert declared[dep]["condition"] == "service_healthy"
+
+
+def test_depends_on_targets_exist_and_have_no_cycle(compose: dict) -> None:
+    services = compose["services"]
+    graph = {name: list(svc.get("depends_on", {})) for name, svc in services.items()}
+    for name, deps in graph.items():
+        for dep in deps:
+            assert dep in services, f"{name} depends on unknown {dep}"
+    seen: dict[str, int] = {}
+
+    def visit(node: str) -> None:
+        assert seen.get(node) != 1, f"dependency cycle through {node}"
+        if seen.get(node) == 2:
+            return
+        seen[node] = 1
+        for dep in graph[node]:
+            visit(dep)
+        seen[node] = 2
+
+    for node in graph:
+        visit(node)
+
+
+def test_compose_pins_the_versions_the_local_stack_installs(compose: dict) -> None:
+    v = Versions()
+    services = compose["services"]
+    assert services["kafka"]["image"].endswith(":" + v.kafka)
+    assert services["registry"]["image"].endswith(":" + v.apicurio)
+    assert services["cassandra"]["image"].endswith(":" + v.cassandra)
+    assert services["minio"]["build"]["args"]["MINIO_VERSION"] == v.minio
+
+
+def test_volumes_declared(compose: dict) -> None:
+    named = set(compose.get("volumes", {}))
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":", 1)[0]
+            if not source.startswith((".", "/")):
+                assert source in named, f"{name} uses undeclared volume {source}"
