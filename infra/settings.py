@@ -78,7 +78,7 @@ class StackSettings:
     versions: Versions = field(default_factory=Versions)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "StackSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StackSettings:
         env = os.environ if env is None else env
         home = Path(_get(env, "HOME", str(Path.home() / ".detectflow"))).expanduser()
         return cls(
@@ -148,7 +148,7 @@ class StackSettings:
     def minio_endpoint(self) -> str:
         return f"{self.host}:{self.minio_port}"
 
-    def minio_credentials(self) -> "MinioCredentials":
+    def minio_credentials(self) -> MinioCredentials:
         return MinioCredentials.load_or_create(self.secrets_dir / "minio.json")
 
 
@@ -160,7 +160,7 @@ class MinioCredentials:
     secret_key: str = field(repr=False)
 
     @classmethod
-    def load_or_create(cls, path: Path) -> "MinioCredentials":
+    def load_or_create(cls, path: Path) -> MinioCredentials:
         if path.exists():
             data = json.loads(path.read_text())
             return cls(access_key=data["access_key"], secret_key=data["secret_key"])

@@ -109,9 +109,11 @@ class Service(abc.ABC):
 
     def prepare(self, log: Callable[[str], None]) -> None:
         """Write configs and initialise storage before a start. Must be idempotent."""
+        return None
 
     def after_start(self, log: Callable[[str], None]) -> None:
         """Idempotent set-up once healthy (topics, buckets, notifications)."""
+        return None
 
     # ---- lifecycle -----------------------------------------------------------------
     def pid(self) -> int | None:

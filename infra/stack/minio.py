@@ -118,5 +118,5 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
             client.make_bucket(bucket)
     for bucket in NOTIFIED_BUCKETS:
         client.set_bucket_notification(bucket, NotificationConfig(queue_config_list=[
-            QueueConfig(NOTIFY_ARN, ["s3:ObjectCreated:*"], config_id="detectflow-pipeline"),
+            QueueConfig(events=["s3:ObjectCreated:*"], config_id="detectflow-pipeline", queue=NOTIFY_ARN),
         ]))
