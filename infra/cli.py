@@ -40,12 +40,9 @@ def _stack(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _model(args: argparse.Namespace, settings: StackSettings) -> int:
-    from model_store.convert import convert
+    from model_store.convert import run_cli
 
-    out = args.out or settings.models_dir / "yolov4-tiny"
-    cfg = convert(out)
-    print(f"{cfg.name}: {out} (onnx sha256 {cfg.provenance.onnx_sha256[:12]}…)")
-    return 0
+    return run_cli(args)
 
 
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -66,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_stack)
 
     md = sub.add_parser("model", help="the default model")
-    md.add_argument("action", choices=["convert"])
-    md.add_argument("--out", type=lambda s: __import__("pathlib").Path(s), default=None)
-    md.set_defaults(func=_model)
+    md_sub = md.add_subparsers(dest="action", required=True)
+    from model_store.convert import add_cli as add_convert_cli
+
+    add_convert_cli(md_sub).set_defaults(func=_model)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")

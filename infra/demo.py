@@ -14,7 +14,7 @@ from infra.stack import manager
 
 def run_demo(settings: StackSettings, *, bring_up: bool = True) -> int:
     from model_store.convert import convert
-    from model_store.detect import Detector
+    from model_store.detect import Detector, read_image
     from model_store.samples import ensure_samples
 
     if bring_up:
@@ -23,21 +23,22 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True) -> int:
         print(manager.format_status(manager.status(settings)))
         print(f"stack healthy in {time.monotonic() - t0:.1f}s\n")
 
-    model_dir = settings.models_dir / "yolov4-tiny"
+    model_dir = settings.models_dir / "yolov4-tiny" / "1"
     convert(model_dir)
-    images = ensure_samples(settings.samples_dir, settings.cache_dir / "samples")
-    detector = Detector.load(model_dir)
-    print(f"model {detector.config.name} on {', '.join(detector.providers)}; {len(images)} sample images\n")
-    print(f"{'IMAGE':<16} {'CLASS':<14} {'SCORE':>6}  BOX (x1, y1, x2, y2 px)")
+    images = ensure_samples(settings.samples_dir, settings.cache_dir)
+    detector = Detector.from_model_dir(model_dir)
+    providers = ", ".join(detector.session.get_providers())
+    print(f"model {detector.config.name} on {providers}; {len(images)} sample images\n")
+    print(f"{'IMAGE':<20} {'CLASS':<14} {'SCORE':>6}  BOX (x1, y1, x2, y2 px)")
     for path in images:
         t0 = time.perf_counter()
-        dets = detector.detect_paths([path])[0]
+        dets = detector.detect([read_image(path)])[0]
         ms = (time.perf_counter() - t0) * 1000
         if not dets:
-            print(f"{path.name:<16} {'-':<14} {'':>6}  (nothing above threshold; {ms:.0f} ms)")
+            print(f"{path.name:<20} {'-':<14} {'':>6}  (nothing above threshold; {ms:.0f} ms)")
         for i, d in enumerate(dets):
             label = path.name if i == 0 else ""
             box = ", ".join(f"{v:.0f}" for v in d.box)
             suffix = f"   ({ms:.0f} ms)" if i == 0 else ""
-            print(f"{label:<16} {d.class_name:<14} {d.score:>6.3f}  ({box}){suffix}")
+            print(f"{label:<20} {d.class_name:<14} {d.score:>6.3f}  ({box}){suffix}")
     return 0

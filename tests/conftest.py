@@ -19,7 +19,7 @@ def sample_images(settings: StackSettings) -> dict[str, Path]:
     """Sample images from package files (ultralytics, Debian darknet, scikit-image), by file name."""
     from model_store.samples import ensure_samples
 
-    paths = ensure_samples(settings.samples_dir, settings.cache_dir / "samples")
+    paths = ensure_samples(settings.samples_dir, settings.cache_dir)
     return {p.name: p for p in paths}
 
 
