@@ -171,3 +171,56 @@ class MinioCredentials:
         with os.fdopen(fd, "w") as fh:
             json.dump({"access_key": creds.access_key, "secret_key": creds.secret_key}, fh)
         return creds
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Settings of a stream-runtime process (a pipeline stage, the bridge)."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
+    cassandra_port: int = 9042
+    keyspace: str = "detectflow"
+    # A batch leaves the poll when it has max_batch records or max_wait_ms passed.
+    max_batch: int = 64
+    max_wait_ms: int = 50
+    # Transient failures: in-loop backoff attempts, then the retry topic, then the DLQ.
+    backoff_attempts: int = 3
+    backoff_initial_ms: int = 200
+    backoff_max_ms: int = 2000
+    retry_max_attempts: int = 5
+    retry_delay_ms: int = 2000
+    flush_timeout_s: float = 30.0
+    # How often the online backlog is measured to pause/resume batch partitions.
+    lane_check_interval_ms: int = 100
+    metrics_port: int = 0
+    max_message_bytes: int = 16 * 1024 * 1024
+    topic_prefix: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StreamSettings:
+        env = os.environ if env is None else env
+        stack = StackSettings.from_env(env)
+
+        def num(name: str, default: float) -> float:
+            raw = _get(env, name, str(default))
+            try:
+                return float(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+
+        return cls(
+            bootstrap=_get(env, "KAFKA_BOOTSTRAP", stack.kafka_bootstrap),
+            registry_url=_get(env, "REGISTRY_URL", stack.registry_url),
+            cassandra_hosts=tuple(_get(env, "CASSANDRA_HOSTS", stack.host).split(",")),
+            cassandra_port=stack.cassandra_port,
+            keyspace=_get(env, "CASSANDRA_KEYSPACE", "detectflow"),
+            max_batch=int(num("MAX_BATCH", 64)),
+            max_wait_ms=int(num("MAX_WAIT_MS", 50)),
+            backoff_attempts=int(num("BACKOFF_ATTEMPTS", 3)),
+            retry_max_attempts=int(num("RETRY_MAX_ATTEMPTS", 5)),
+            retry_delay_ms=int(num("RETRY_DELAY_MS", 2000)),
+            metrics_port=int(num("METRICS_PORT", 0)),
+            topic_prefix=_get(env, "TOPIC_PREFIX", ""),
+        )

@@ -7,7 +7,9 @@ running stack is left alone and CI leaves nothing behind.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +31,7 @@ def stack() -> Iterator[StackSettings]:
     started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
     if started_here:
         manager.down(settings, started_here)
+
+
+# Helpers shared by the integration tests live beside them (stream_kit.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent))

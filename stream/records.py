@@ -1,0 +1,107 @@
+"""What a stage sees and returns: plain data, no Kafka objects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stream.errors import StreamError
+from stream.serde import epoch_ms
+
+
+@dataclass(frozen=True)
+class Record:
+    """One decoded input record."""
+
+    topic: str          # the stage input topic (for a retry record: the topic it first came from)
+    partition: int
+    offset: int
+    key: str | None
+    value: dict[str, Any]
+    headers: Mapping[str, bytes]
+    lane: str           # "online" | "batch"
+    attempt: int = 1    # processing attempts including this one
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to produce. ``event`` names the schema (None: value is already bytes)."""
+
+    topic: str
+    key: str
+    value: dict[str, Any] | bytes
+    event: str | None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+    partition: int | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A per-record failure returned by a stage instead of outputs."""
+
+    error: StreamError
+
+
+Outcome = list[Output] | Failure
+
+
+class Stage(Protocol):
+    """A pipeline stage: a name, its inputs, and a process function the runtime calls per batch.
+
+    ``process`` returns one Outcome per input record, in order. It may raise
+    TransientError to fail the whole batch transiently (e.g. a service is down);
+    any other exception is a bug and stops the process.
+    """
+
+    name: str
+    input_event: str | None          # schema of input values; None for JSON inputs (MinIO events)
+    emits_terminal_results: bool     # on a terminal failure, emit a FAILED/REJECTED DetectionResult
+
+    def input_topics(self) -> list[str]: ...
+
+    def process(self, batch: list[Record]) -> list[Outcome]: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def request_fields(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """request_id / tenant / job_id / lane / submitted_at of a decoded event, wherever they sit."""
+    if not value:
+        return {}
+    ctx = value.get("context") if isinstance(value.get("context"), Mapping) else value
+    return {
+        "request_id": ctx.get("request_id"),
+        "tenant": ctx.get("tenant"),
+        "job_id": ctx.get("job_id"),
+        "lane": ctx.get("lane"),
+        "submitted_at": epoch_ms(ctx.get("submitted_at")),
+    }
+
+
+def terminal_result(*, key: str | None, value: Mapping[str, Any] | None, lane: str, status: str,
+                    code: str, message: str, timings_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The DetectionResult that closes a request which cannot succeed."""
+    req = request_fields(value)
+    return {
+        "request_id": req.get("request_id") or key or "",
+        "tenant": req.get("tenant") or "",
+        "status": status,
+        "detections": [],
+        "image_width": None,
+        "image_height": None,
+        "image_sha256": None,
+        "model_name": None,
+        "model_version": None,
+        "timings_ms": dict(timings_ms or {}),
+        "error_code": code,
+        "error_message": message[:2000],
+        "job_id": req.get("job_id"),
+        "lane": (req.get("lane") or lane).upper(),
+        "cache_hit": False,
+        "completed_at": now_ms(),
+    }

@@ -1,0 +1,458 @@
+"""The one loop every stage runs on.
+
+poll a batch -> decode -> stage.process -> produce -> flush -> commit, in that
+order, so nothing is committed before its outputs are durable (at-least-once;
+sinks are idempotent by request id).  With ``exactly_once`` the outputs and the
+input offsets go into one Kafka transaction instead (for stages that only read
+and write Kafka), and read_committed consumers see each output once.
+
+Failure paths:
+- undecodable record -> DLQ at once (provenance headers) + REJECTED result;
+- InvalidRecord from the stage -> DLQ + REJECTED result with the stage's code;
+- TransientError -> bounded in-loop backoff, then the retry topic with an attempt
+  count and a not-before time, then (attempts exhausted) DLQ + FAILED result;
+- anything else is a bug: the loop stops without committing, the supervisor restarts it.
+
+Lanes: online partitions are served first; while they have a backlog the batch
+partitions are paused.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from infra.settings import StreamSettings
+from stream import headers as H
+from stream import metrics as M
+from stream.errors import DeliveryError, InvalidRecord, TransientError
+from stream.records import Failure, Outcome, Output, Record, Stage, now_ms, request_fields, terminal_result
+from stream.serde import AvroSerde, DecodeError, RegistryUnavailable
+from stream.topics import detections_topic, dlq_topic, retry_topic
+
+log = logging.getLogger(__name__)
+
+RETRY_SUFFIX = ".retry"
+
+
+def lane_of(topic: str) -> str:
+    return "online" if ".online." in topic else "batch"
+
+
+def origin_of(topic: str) -> str:
+    return topic[: -len(RETRY_SUFFIX)] if topic.endswith(RETRY_SUFFIX) else topic
+
+
+@dataclass
+class _Pending:
+    """A polled message and what became of it."""
+
+    msg: Message
+    record: Record | None = None
+    outputs: list[Output] = field(default_factory=list)
+    done: bool = False
+
+
+class StageRunner:
+    """Runs one stage until stopped. One consumer, one producer, one thread."""
+
+    def __init__(self, stage: Stage, settings: StreamSettings, *, serde: AvroSerde | None = None,
+                 group_id: str | None = None, exactly_once: bool = False, instance_id: str | None = None):
+        self.stage = stage
+        self.settings = settings
+        self.serde = serde or AvroSerde.from_url(settings.registry_url)
+        self.group_id = group_id or f"{settings.topic_prefix}detectflow.{stage.name}"
+        self.exactly_once = exactly_once
+        self._stop = threading.Event()
+        self._paused_batch: set[tuple[str, int]] = set()
+        self._retry_paused: dict[tuple[str, int], float] = {}
+        self._last_lane_check = 0.0
+        self._online_seen = False
+        self._delivery_errors: list[str] = []
+        fetch_max = settings.max_message_bytes + 1024 * 1024
+        self.consumer = Consumer({
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": self.group_id,
+            # Offsets are committed by the loop only after outputs are durable.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "fetch.max.bytes": max(fetch_max, 52428800),
+            "max.partition.fetch.bytes": fetch_max,
+            "message.max.bytes": fetch_max,
+            "max.poll.interval.ms": 300000,
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 2000,
+            "log_level": 4,
+        })
+        producer_conf: dict[str, Any] = {
+            "bootstrap.servers": settings.bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 2,
+            "message.max.bytes": settings.max_message_bytes + 64 * 1024,
+            "log_level": 4,
+        }
+        if exactly_once:
+            producer_conf["transactional.id"] = f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"
+        self.producer = Producer(producer_conf)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self, *, max_batches: int | None = None, idle_stop_s: float | None = None) -> None:
+        """Loop until stop() (SIGTERM): finish the in-flight batch, commit, leave the group."""
+        if self.exactly_once:
+            self.producer.init_transactions(30)
+        self.consumer.subscribe(self.stage.input_topics() + [retry_topic(t) for t in self.stage.input_topics()],
+                                on_assign=self._on_assign, on_revoke=self._on_revoke)
+        batches = 0
+        idle_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self.run_once():
+                    batches += 1
+                    idle_since = time.monotonic()
+                elif idle_stop_s is not None and time.monotonic() - idle_since > idle_stop_s:
+                    break
+                if max_batches is not None and batches >= max_batches:
+                    break
+        finally:
+            self.consumer.close()  # leaves the group at once, so a rebalance need not wait for the session timeout
+            self.producer.flush(self.settings.flush_timeout_s)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._paused_batch.clear()
+        self._retry_paused.clear()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Nothing is in flight here: each batch is committed before the next poll.
+        self._paused_batch.clear()
+        self._retry_paused.clear()
+
+    # ---- one batch -------------------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Poll and handle one batch. Returns False when nothing was polled."""
+        self._resume_due_retries()
+        msgs = self.consumer.consume(self.settings.max_batch, self.settings.max_wait_ms / 1000)
+        msgs = [m for m in msgs if not self._is_transport_error(m)]
+        if not msgs:
+            self._schedule_lanes(saw_online=False)
+            return False
+        pending = self._admit(msgs)
+        work = [p for p in pending if p.record is not None and not p.done]
+        saw_online = any(p.record.lane == "online" for p in work if p.record)
+        stage = self.stage.name
+        for p in work:
+            assert p.record is not None
+            M.RECORDS_IN.labels(stage, p.record.lane).inc()
+        if work:
+            M.BATCH_SIZE.labels(stage).observe(len(work))
+            self._process_with_backoff(work)
+        handled = [p for p in pending if p.done]
+        self._deliver_and_commit(handled)
+        for p in handled:
+            if p.record is not None:
+                sub = request_fields(p.record.value).get("submitted_at")
+                if sub:
+                    M.RECORD_AGE_SECONDS.labels(stage, p.record.lane).observe(max(0.0, (now_ms() - sub) / 1000))
+        self._schedule_lanes(saw_online=saw_online)
+        return True
+
+    def _is_transport_error(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return False
+        if err.code() == KafkaError._PARTITION_EOF:
+            return True
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("%s: consumer error: %s", self.stage.name, err)
+        return True
+
+    def _admit(self, msgs: list[Message]) -> list[_Pending]:
+        """Decode; defer retry records that are not yet due; DLQ what cannot be decoded."""
+        out: list[_Pending] = []
+        deferred: set[tuple[str, int]] = set()
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            if tp in deferred:
+                continue  # a later record of a partition we just rewound: it will be polled again
+            hdrs = H.to_dict(msg.headers())
+            not_before = H.integer(hdrs, H.NOT_BEFORE_MS)
+            if msg.topic().endswith(RETRY_SUFFIX) and not_before is not None and not_before > now_ms():
+                self._defer(msg, not_before)
+                deferred.add(tp)
+                continue
+            p = _Pending(msg)
+            origin = H.text(hdrs, H.ORIGIN_TOPIC) or origin_of(msg.topic())
+            lane = lane_of(origin)
+            key = msg.key().decode("utf-8", errors="replace") if msg.key() is not None else None
+            try:
+                value = self._decode(msg.value())
+            except DecodeError as exc:
+                self._dead_letter(p, origin, lane, key, None, "DecodeError", str(exc), "INVALID_EVENT", "REJECTED",
+                                  attempts=1, reason="undecodable")
+                out.append(p)
+                continue
+            ts_type, ts = msg.timestamp()
+            p.record = Record(topic=origin, partition=msg.partition(), offset=msg.offset(), key=key, value=value,
+                              headers=hdrs, lane=lane, attempt=H.integer(hdrs, H.ATTEMPT) or 1,
+                              timestamp_ms=ts if ts_type else 0)
+            out.append(p)
+        return out
+
+    def _decode(self, data: bytes | None) -> dict[str, Any]:
+        event = self.stage.input_event
+        if event is None:
+            import json
+
+            try:
+                value = json.loads(data or b"")
+            except ValueError as exc:
+                raise DecodeError(f"not JSON: {exc}") from exc
+            if not isinstance(value, dict):
+                raise DecodeError("JSON value is not an object")
+            return value
+        backoff = self.settings.backoff_initial_ms / 1000
+        for attempt in range(self.settings.backoff_attempts + 1):
+            try:
+                return self.serde.decode(data, event)
+            except RegistryUnavailable:
+                if attempt == self.settings.backoff_attempts:
+                    raise
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.settings.backoff_max_ms / 1000)
+        raise AssertionError("unreachable")
+
+    def _defer(self, msg: Message, not_before_ms: int) -> None:
+        tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+        self.consumer.pause([tp])
+        self.consumer.seek(tp)
+        self._retry_paused[(msg.topic(), msg.partition())] = not_before_ms / 1000
+
+    def _resume_due_retries(self) -> None:
+        now = time.time()
+        due = [tp for tp, at in self._retry_paused.items() if at <= now]
+        if due:
+            self.consumer.resume([TopicPartition(t, p) for t, p in due])
+            for tp in due:
+                del self._retry_paused[tp]
+
+    # ---- processing ---------------------------------------------------------------------------------
+    def _call_stage(self, records: list[Record]) -> list[Outcome]:
+        t0 = time.perf_counter()
+        try:
+            outcomes = self.stage.process(records)
+        except TransientError as exc:
+            outcomes = [Failure(exc) for _ in records]
+        finally:
+            M.PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t0)
+        if len(outcomes) != len(records):
+            raise RuntimeError(f"stage {self.stage.name} returned {len(outcomes)} outcomes for {len(records)} records")
+        return outcomes
+
+    def _process_with_backoff(self, work: list[_Pending]) -> None:
+        todo = work
+        delay = self.settings.backoff_initial_ms / 1000
+        for attempt in range(1, self.settings.backoff_attempts + 1):
+            outcomes = self._call_stage([p.record for p in todo if p.record is not None])
+            transient: list[tuple[_Pending, TransientError]] = []
+            for p, outcome in zip(todo, outcomes, strict=True):
+                if isinstance(outcome, Failure) and isinstance(outcome.error, TransientError):
+                    transient.append((p, outcome.error))
+                else:
+                    self._settle(p, outcome)
+            if not transient:
+                return
+            todo = [p for p, _ in transient]
+            if attempt == self.settings.backoff_attempts or self._stop.is_set():
+                for p, err in transient:
+                    self._retry_later(p, err)
+                return
+            M.RETRIES.labels(self.stage.name, "backoff").inc(len(todo))
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.settings.backoff_max_ms / 1000)
+
+    def _settle(self, p: _Pending, outcome: Outcome) -> None:
+        rec = p.record
+        assert rec is not None
+        if isinstance(outcome, Failure):
+            err = outcome.error
+            if isinstance(err, InvalidRecord):
+                self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, "InvalidRecord", err.message, err.code,
+                                  "REJECTED", attempts=rec.attempt, reason="invalid")
+                return
+            raise TypeError(f"unexpected failure type {type(err).__name__}") from err
+        carried = {k: rec.headers[k] for k in H.PROPAGATED if k in rec.headers}
+        trace = H.child_traceparent(H.text(dict(rec.headers), H.TRACEPARENT)).encode()
+        p.outputs = [Output(o.topic, o.key, o.value, o.event, {**carried, **o.headers, H.TRACEPARENT: trace},
+                            o.partition) for o in outcome]
+        p.done = True
+        M.RECORDS_OUT.labels(self.stage.name, rec.lane, "ok").inc()
+
+    def _retry_later(self, p: _Pending, err: TransientError) -> None:
+        rec = p.record
+        assert rec is not None
+        if rec.attempt >= self.settings.retry_max_attempts:
+            self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, "TransientError", str(err),
+                              "RETRIES_EXHAUSTED", "FAILED", attempts=rec.attempt, reason="retries_exhausted")
+            return
+        delay_ms = self.settings.retry_delay_ms * 2 ** (rec.attempt - 1)
+        hdrs = dict(H.to_dict(p.msg.headers()))
+        hdrs.update({H.ATTEMPT: str(rec.attempt + 1).encode(), H.NOT_BEFORE_MS: str(now_ms() + delay_ms).encode(),
+                     H.ORIGIN_TOPIC: rec.topic.encode(), H.ERROR_CLASS: type(err).__name__.encode(),
+                     H.ERROR_MESSAGE: str(err)[:500].encode()})
+        p.outputs = [Output(retry_topic(rec.topic), rec.key or "", p.msg.value() or b"", None, hdrs)]
+        p.done = True
+        M.RETRIES.labels(self.stage.name, "topic").inc()
+        M.RECORDS_OUT.labels(self.stage.name, rec.lane, "retried").inc()
+
+    def _dead_letter(self, p: _Pending, origin: str, lane: str, key: str | None, value: dict[str, Any] | None,
+                     error_class: str, message: str, code: str, status: str, *, attempts: int, reason: str) -> None:
+        msg = p.msg
+        original = H.to_dict(msg.headers())
+        provenance = {H.DLQ_TOPIC: msg.topic().encode(), H.DLQ_PARTITION: str(msg.partition()).encode(),
+                      H.DLQ_OFFSET: str(msg.offset()).encode(), H.ERROR_CLASS: error_class.encode(),
+                      H.ERROR_MESSAGE: message[:500].encode(), H.ATTEMPT: str(attempts).encode()}
+        letter = {
+            "stage": self.stage.name, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+            "key": msg.key(), "value": msg.value() or b"", "headers": original, "error_class": error_class,
+            "error_message": message[:2000], "attempts": attempts,
+            "request_id": request_fields(value).get("request_id") or key, "failed_at": now_ms(),
+        }
+        # The original headers (correlation id, traceparent) travel on, provenance on top.
+        outputs = [Output(dlq_topic(origin), key or "", letter, "DeadLetter", {**original, **provenance})]
+        if self.stage.emits_terminal_results:
+            result = terminal_result(key=key, value=value, lane=lane, status=status, code=code, message=message)
+            carried = {k: original[k] for k in H.PROPAGATED if k in original}
+            carried[H.TRACEPARENT] = H.child_traceparent(H.text(original, H.TRACEPARENT)).encode()
+            outputs += result_outputs(self.settings.topic_prefix, result, carried)
+        p.outputs = outputs
+        p.done = True
+        M.DLQ.labels(self.stage.name, reason).inc()
+        M.RECORDS_OUT.labels(self.stage.name, lane, "rejected" if status == "REJECTED" else "failed").inc()
+
+    # ---- delivery --------------------------------------------------------------------------------------
+    def _deliver_and_commit(self, handled: list[_Pending]) -> None:
+        if not handled:
+            return
+        offsets: dict[tuple[str, int], int] = {}
+        for p in handled:
+            tp = (p.msg.topic(), p.msg.partition())
+            offsets[tp] = max(offsets.get(tp, -1), p.msg.offset() + 1)
+        commit = [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
+        if self.exactly_once:
+            self.producer.begin_transaction()
+        self._delivery_errors.clear()
+        for p in handled:
+            for out in p.outputs:
+                self._produce(out)
+        if self.exactly_once:
+            try:
+                self.producer.send_offsets_to_transaction(commit, self.consumer.consumer_group_metadata(),
+                                                          self.settings.flush_timeout_s)
+                self.producer.commit_transaction(self.settings.flush_timeout_s)
+            except KafkaException as exc:
+                self.producer.abort_transaction(self.settings.flush_timeout_s)
+                raise DeliveryError(f"transaction failed: {exc}") from exc
+        else:
+            remaining = self.producer.flush(self.settings.flush_timeout_s)
+            if remaining or self._delivery_errors:
+                raise DeliveryError(f"{remaining} undelivered, errors: {self._delivery_errors[:3]}")
+            if commit:
+                self.consumer.commit(offsets=commit, asynchronous=False)
+
+    def _produce(self, out: Output) -> None:
+        value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)
+        kwargs: dict[str, Any] = {}
+        if out.partition is not None:
+            kwargs["partition"] = out.partition
+        while True:
+            try:
+                self.producer.produce(out.topic, value=value, key=out.key.encode() if out.key else None,
+                                      headers=list(out.headers.items()), on_delivery=self._on_delivery, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.1)  # local queue full: wait for deliveries (bounded by the queue size)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    # ---- lanes ---------------------------------------------------------------------------------------------
+    def _schedule_lanes(self, *, saw_online: bool) -> None:
+        """Pause batch partitions while the online lane has a backlog; resume when it is drained."""
+        now = time.monotonic()
+        if not saw_online and now - self._last_lane_check < self.settings.lane_check_interval_ms / 1000:
+            return
+        self._last_lane_check = now
+        assignment = self.consumer.assignment()
+        online_backlog = saw_online or self._online_lag(assignment) > 0
+        batch = [tp for tp in assignment if lane_of(origin_of(tp.topic)) == "batch"
+                 and (tp.topic, tp.partition) not in self._retry_paused]
+        if online_backlog:
+            new = [tp for tp in batch if (tp.topic, tp.partition) not in self._paused_batch]
+            if new:
+                self.consumer.pause(new)
+                self._paused_batch.update((tp.topic, tp.partition) for tp in new)
+        elif self._paused_batch:
+            self.consumer.resume([TopicPartition(t, p) for t, p in self._paused_batch])
+            self._paused_batch.clear()
+        M.PAUSED_BATCH.labels(self.stage.name).set(1 if self._paused_batch else 0)
+
+    def _online_lag(self, assignment: list[TopicPartition]) -> int:
+        online = [tp for tp in assignment if lane_of(tp.topic) == "online" and not tp.topic.endswith(RETRY_SUFFIX)]
+        if not online:
+            return 0
+        lag = 0
+        for tp, pos in zip(online, self.consumer.position(online), strict=True):
+            lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+            if hi < 0:
+                lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+            offset = pos.offset
+            if offset == OFFSET_INVALID:
+                committed = self.consumer.committed([tp], timeout=1.0)[0].offset
+                offset = committed if committed >= 0 else lo
+            part_lag = max(0, hi - offset)
+            M.CONSUMER_LAG.labels(self.stage.name, tp.topic, str(tp.partition)).set(part_lag)
+            lag += part_lag
+        return lag
+
+
+def result_outputs(prefix: str, result: dict[str, Any], carried: dict[str, bytes]) -> list[Output]:
+    """A DetectionResult goes to `detections`, and to the waiting gateway when there is one."""
+    outs = [Output(detections_topic(prefix), result["request_id"], result, "DetectionResult", carried)]
+    reply = H.text(carried, H.REPLY_TO)
+    if reply:
+        topic, _, part = reply.rpartition(":")
+        if topic and part.isdigit():
+            outs.append(Output(topic, result["request_id"], result, "DetectionResult", carried, int(part)))
+    return outs
+
+
+def run_stage(stage: Stage, settings: StreamSettings, *, exactly_once: bool = False,
+              ready: Callable[[], None] | None = None) -> None:
+    """Entry point of a stage process: metrics endpoint, signal handling, then the loop."""
+    port = M.serve(settings.metrics_port)
+    log.info("%s: metrics on 127.0.0.1:%s", stage.name, port)
+    runner = StageRunner(stage, settings, exactly_once=exactly_once)
+    runner.install_signal_handlers()
+    if ready is not None:
+        ready()
+    runner.run()

@@ -1,0 +1,24 @@
+"""A stage process for the kill -9 test: `python stage_worker.py PREFIX DELAY_S [--exactly-once]`."""
+
+from __future__ import annotations
+
+import sys
+
+from infra.settings import StackSettings
+from stream.runtime import StageRunner
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from stream_kit import EchoStage, stream_settings
+
+
+def main() -> None:
+    prefix, delay = sys.argv[1], float(sys.argv[2])
+    settings = stream_settings(StackSettings.from_env(), prefix, max_batch=20)
+    runner = StageRunner(EchoStage(prefix, delay_s=delay), settings, exactly_once="--exactly-once" in sys.argv)
+    runner.install_signal_handlers()
+    print("ready", flush=True)
+    runner.run()
+
+
+if __name__ == "__main__":
+    main()

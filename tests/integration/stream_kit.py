@@ -1,0 +1,109 @@
+"""A configurable stage and helpers for exercising the stream runtime against real Kafka."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from infra.settings import StackSettings, StreamSettings
+from stream import topics as T
+from stream.errors import InvalidRecord, TransientError
+from stream.records import Failure, Outcome, Record, now_ms
+from stream.runtime import result_outputs
+from stream.serde import AvroSerde
+
+
+def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> StreamSettings:
+    base = {"bootstrap": stack.kafka_bootstrap, "registry_url": stack.registry_url, "topic_prefix": prefix,
+            "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50, "retry_delay_ms": 300}
+    base.update(overrides)
+    return StreamSettings(**base)
+
+
+def new_prefix() -> str:
+    return f"it{secrets.token_hex(4)}."
+
+
+def make_topics(stack: StackSettings, prefix: str) -> None:
+    wanted = {T.lane_topic(prefix, lane, "submitted") for lane in T.LANES}
+    wanted |= {T.retry_topic(t) for t in list(wanted)} | {T.dlq_topic(t) for t in list(wanted)}
+    wanted |= {T.detections_topic(prefix), T.replies_topic(prefix)}
+    specs = [s for s in T.all_topics(prefix) if s.name in wanted]
+    assert len(specs) == len(wanted)
+    T.apply(stack.kafka_bootstrap, specs)
+
+
+def submission(request_id: str, *, tenant: str = "t1", lane: str = "BATCH") -> dict[str, Any]:
+    return {"request_id": request_id, "tenant": tenant, "image": {"data": b"\xff\xd8\xff"}, "lane": lane,
+            "model": {"name": "yolov4-tiny", "version": None}, "params": {}, "submitted_at": now_ms()}
+
+
+def produce(stack: StackSettings, serde: AvroSerde, topic: str, records: Iterable[dict[str, Any]],
+            headers: dict[str, bytes] | None = None) -> None:
+    p = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for rec in records:
+        p.produce(topic, key=rec["request_id"].encode(), value=serde.encode(topic, "ImageSubmitted", rec),
+                  headers=list((headers or {}).items()))
+        p.poll(0)
+    assert p.flush(30) == 0
+
+
+def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float = 60.0,
+             group: str | None = None) -> list[Any]:
+    """Read ``topic`` from the beginning (read_committed) until ``until`` messages or the deadline."""
+    c = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group or f"it-read-{uuid.uuid4().hex}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    # Assign every partition from the beginning: no group join, so a read takes milliseconds.
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < until and time.monotonic() < deadline:
+            for m in c.consume(500, 0.2):
+                if m.error() is None:
+                    out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+class EchoStage:
+    """Turns each ImageSubmitted into an OK DetectionResult; can be told to misbehave."""
+
+    name = "echo"
+    input_event = "ImageSubmitted"
+    emits_terminal_results = True
+
+    def __init__(self, prefix: str, *, transient_calls: int = 0, delay_s: float = 0.0):
+        self.prefix = prefix
+        self.transient_calls = transient_calls
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def input_topics(self) -> list[str]:
+        return [T.lane_topic(self.prefix, lane, "submitted") for lane in T.LANES]
+
+    def process(self, batch: list[Record]) -> list[Outcome]:
+        self.calls += 1
+        if self.transient_calls > 0:
+            self.transient_calls -= 1
+            raise TransientError("dependency unavailable (simulated)")
+        outcomes: list[Outcome] = []
+        for rec in batch:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if rec.value["tenant"] == "invalid":
+                outcomes.append(Failure(InvalidRecord("INVALID_TENANT", "tenant 'invalid' is refused")))
+                continue
+            result = {"request_id": rec.value["request_id"], "tenant": rec.value["tenant"], "status": "OK",
+                      "detections": [], "timings_ms": {"echo": 0.0}, "lane": rec.value["lane"],
+                      "job_id": rec.value.get("job_id"), "completed_at": now_ms()}
+            outcomes.append(result_outputs(self.prefix, result, dict(rec.headers)))
+        return outcomes
