@@ -45,6 +45,44 @@ def _model(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_cli(args)
 
 
+def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.settings import StreamSettings
+    from stream import topics
+
+    stream = StreamSettings.from_env()
+    specs = topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes)
+    if args.action == "list":
+        for spec in specs:
+            cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
+            print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
+        return 0
+    actions = topics.apply(stream.bootstrap, specs)
+    for spec in specs:
+        print(f"{spec.name:<42} {actions.get(spec.name, 'unchanged')}")
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: StackSettings) -> int:
+    import logging
+
+    from infra.settings import StreamSettings
+    from stream.runtime import run_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stream = StreamSettings.from_env()
+    if args.role == "bridge":
+        from stream.bridge import BridgeStage, CassandraClaims
+        from stream.cassandra import connect
+
+        stage = BridgeStage(CassandraClaims(connect(stream)), prefix=stream.topic_prefix)
+        # Kafka-only output plus an LWT claim: transactions make each object's event commit once.
+        run_stage(stage, stream, exactly_once=True)
+        return 0
+    raise AssertionError(args.role)
+
+
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.demo import run_demo
 
@@ -67,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     from model_store.convert import add_cli as add_convert_cli
 
     add_convert_cli(md_sub).set_defaults(func=_model)
+
+    tp = sub.add_parser("topics", help="the topics detectflow uses")
+    tp.add_argument("action", choices=["apply", "list"], help="apply: create/grow/configure idempotently")
+    tp.set_defaults(func=_topics)
+
+    rn = sub.add_parser("run", help="run a pipeline role until SIGTERM")
+    rn.add_argument("role", choices=["bridge"])
+    rn.set_defaults(func=_run)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")

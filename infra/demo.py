@@ -22,6 +22,11 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True) -> int:
         manager.up(settings)
         print(manager.format_status(manager.status(settings)))
         print(f"stack healthy in {time.monotonic() - t0:.1f}s\n")
+        from stream import topics
+
+        created = [n for n, a in topics.apply(settings.kafka_bootstrap, topics.all_topics()).items() if a == "created"]
+        if created:
+            print(f"created {len(created)} topics\n")
 
     model_dir = settings.models_dir / "yolov4-tiny" / "1"
     convert(model_dir)

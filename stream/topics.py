@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 
 LANES = ("online", "batch")
 STAGE_INPUTS = ("submitted", "scanned", "preprocessed", "inferred")
@@ -59,6 +66,8 @@ def all_topics(prefix: str = "", *, max_message_bytes: int = 16 * 1024 * 1024) -
                                    "dead letters with provenance"))
     specs += [
         TopicSpec(f"{prefix}minio.events", 3, {"retention.ms": str(2 * DAY_MS)}, "MinIO bucket notifications (JSON)"),
+        TopicSpec(retry_topic(f"{prefix}minio.events"), 1, {"retention.ms": str(2 * DAY_MS)},
+                  "bridge retries (Cassandra unavailable)"),
         TopicSpec(dlq_topic(f"{prefix}minio.events"), 1, {**big, "retention.ms": str(14 * DAY_MS)},
                   "notifications the bridge could not turn into submissions"),
         TopicSpec(detections_topic(prefix), 6, {"retention.ms": str(7 * DAY_MS)},
@@ -98,12 +107,13 @@ def apply(bootstrap: str, specs: list[TopicSpec], *, timeout_s: float = 30.0) ->
         for name, fut in admin.create_partitions(grow, request_timeout=timeout_s).items():
             fut.result(timeout=timeout_s)
             actions[name] = "partitions increased"
-    alter = [ConfigResource(ConfigResource.Type.TOPIC, s.name, set_config=dict(s.config))
+    alter = [ConfigResource(ConfigResource.Type.TOPIC, s.name, incremental_configs=[
+                 ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in s.config.items()])
              for s in specs if s.name in existing and s.config]
     for res in alter:
-        # alter_configs replaces the listed keys; the broker keeps defaults for the rest.
+        # Incremental: only the keys we define are set; others keep what operators chose.
         try:
-            admin.alter_configs([res], request_timeout=timeout_s)[res].result(timeout=timeout_s)
+            admin.incremental_alter_configs([res], request_timeout=timeout_s)[res].result(timeout=timeout_s)
         except KafkaException as exc:
             raise TopicError(f"cannot configure {res.name}: {exc}") from exc
         actions.setdefault(res.name, "configured")
