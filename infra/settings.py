@@ -197,6 +197,9 @@ class StreamSettings:
     metrics_port: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
     topic_prefix: str = ""
+    # Stable per deployment slot (e.g. a pod name): the transactional id of exactly-once stages
+    # derives from it, so a restarted instance fences its predecessor. Empty: random per process.
+    instance_id: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StreamSettings:
@@ -219,6 +222,12 @@ class StreamSettings:
             max_batch=int(num("MAX_BATCH", 64)),
             max_wait_ms=int(num("MAX_WAIT_MS", 50)),
             backoff_attempts=int(num("BACKOFF_ATTEMPTS", 3)),
+            backoff_initial_ms=int(num("BACKOFF_INITIAL_MS", 200)),
+            backoff_max_ms=int(num("BACKOFF_MAX_MS", 2000)),
+            flush_timeout_s=num("FLUSH_TIMEOUT_S", 30.0),
+            lane_check_interval_ms=int(num("LANE_CHECK_INTERVAL_MS", 100)),
+            max_message_bytes=int(num("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
+            instance_id=_get(env, "INSTANCE_ID", ""),
             retry_max_attempts=int(num("RETRY_MAX_ATTEMPTS", 5)),
             retry_delay_ms=int(num("RETRY_DELAY_MS", 2000)),
             metrics_port=int(num("METRICS_PORT", 0)),

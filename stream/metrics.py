@@ -6,7 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECORDS_IN = Counter("detectflow_records_in_total", "Records consumed", ["stage", "lane"])
 RECORDS_OUT = Counter("detectflow_records_out_total", "Records finished, by outcome",
-                      ["stage", "lane", "outcome"])  # outcome: ok | rejected | failed | retried | dlq | dropped
+                      ["stage", "lane", "outcome"])  # outcome: ok | retried | rejected | failed
 BATCH_SIZE = Histogram("detectflow_batch_size", "Records per processed batch", ["stage"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 PROCESS_SECONDS = Histogram("detectflow_process_seconds", "Time in the stage's process() per batch", ["stage"],

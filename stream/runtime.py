@@ -75,6 +75,7 @@ class StageRunner:
         self._paused_batch: set[tuple[str, int]] = set()
         self._retry_paused: dict[tuple[str, int], float] = {}
         self._last_lane_check = 0.0
+        self._last_lag_export = 0.0
         self._online_seen = False
         self._delivery_errors: list[str] = []
         fetch_max = settings.max_message_bytes + 1024 * 1024
@@ -172,6 +173,7 @@ class StageRunner:
                 if sub:
                     M.RECORD_AGE_SECONDS.labels(stage, p.record.lane).observe(max(0.0, (now_ms() - sub) / 1000))
         self._schedule_lanes(saw_online=saw_online)
+        self._export_lag()
         return True
 
     def _is_transport_error(self, msg: Message) -> bool:
@@ -416,6 +418,18 @@ class StageRunner:
             self._paused_batch.clear()
         M.PAUSED_BATCH.labels(self.stage.name).set(1 if self._paused_batch else 0)
 
+    def _export_lag(self, every_s: float = 5.0) -> None:
+        """Consumer lag of every assigned partition, from the client's cached watermarks (no broker call)."""
+        now = time.monotonic()
+        if now - self._last_lag_export < every_s:
+            return
+        self._last_lag_export = now
+        assignment = self.consumer.assignment()
+        for tp, pos in zip(assignment, self.consumer.position(assignment), strict=True):
+            _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+            if hi >= 0 and pos.offset >= 0:
+                M.CONSUMER_LAG.labels(self.stage.name, tp.topic, str(tp.partition)).set(max(0, hi - pos.offset))
+
     def _online_lag(self, assignment: list[TopicPartition]) -> int:
         online = [tp for tp in assignment if lane_of(tp.topic) == "online" and not tp.topic.endswith(RETRY_SUFFIX)]
         if not online:
@@ -451,7 +465,7 @@ def run_stage(stage: Stage, settings: StreamSettings, *, exactly_once: bool = Fa
     """Entry point of a stage process: metrics endpoint, signal handling, then the loop."""
     port = M.serve(settings.metrics_port)
     log.info("%s: metrics on 127.0.0.1:%s", stage.name, port)
-    runner = StageRunner(stage, settings, exactly_once=exactly_once)
+    runner = StageRunner(stage, settings, exactly_once=exactly_once, instance_id=settings.instance_id or None)
     runner.install_signal_handlers()
     if ready is not None:
         ready()

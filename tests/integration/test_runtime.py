@@ -95,12 +95,20 @@ def test_invalid_record_is_rejected_with_the_stage_code(stack: StackSettings, se
 
 
 def test_transient_error_backs_off_then_succeeds(stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
-    produce(stack, serde, T.lane_topic(prefix, "online", "submitted"), [submission("tr-1", lane="ONLINE")])
+    parent = H.new_traceparent()
+    produce(stack, serde, T.lane_topic(prefix, "online", "submitted"), [submission("tr-1", lane="ONLINE")],
+            headers={H.TRACEPARENT: parent.encode(), H.CORRELATION_ID: b"c-tr-1"})
     stage = EchoStage(prefix, transient_calls=2)
     runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=3))
     got: list[dict] = []
     _run_until(runner, lambda: bool(got) or bool(got.extend(_results(stack, serde, prefix, 1, timeout_s=0.5))))
     assert [(r["request_id"], r["status"]) for r in got] == [("tr-1", "OK")]
+    (out,) = read_all(stack, T.detections_topic(prefix), until=1, timeout_s=10)
+    hdrs = H.to_dict(out.headers())
+    # The trace continues (same trace id, new span) and the correlation id travels on.
+    assert H.trace_id(H.text(hdrs, H.TRACEPARENT)) == H.trace_id(parent)
+    assert H.text(hdrs, H.TRACEPARENT) != parent
+    assert hdrs[H.CORRELATION_ID] == b"c-tr-1"
     assert stage.calls == 3, "two transient failures, then success within the in-loop backoff"
     assert read_all(stack, T.retry_topic(T.lane_topic(prefix, "online", "submitted")), until=1, timeout_s=2) == []
 
