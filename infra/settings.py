@@ -63,6 +63,8 @@ class StackSettings:
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     registry_port: int = 8081
+    # Apicurio's management interface (health): its readiness covers the kafkasql journal replay.
+    registry_management_port: int = 8082
     cassandra_port: int = 9042
     cassandra_storage_port: int = 7000
     minio_port: int = 9000
@@ -86,6 +88,7 @@ class StackSettings:
             kafka_port=_port(env, "KAFKA_PORT", 9092),
             kafka_controller_port=_port(env, "KAFKA_CONTROLLER_PORT", 9093),
             registry_port=_port(env, "REGISTRY_PORT", 8081),
+            registry_management_port=_port(env, "REGISTRY_MANAGEMENT_PORT", 8082),
             cassandra_port=_port(env, "CASSANDRA_PORT", 9042),
             cassandra_storage_port=_port(env, "CASSANDRA_STORAGE_PORT", 7000),
             minio_port=_port(env, "MINIO_PORT", 9000),

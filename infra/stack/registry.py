@@ -136,10 +136,11 @@ class RegistryService(Service):
         props = {
             "quarkus.http.host": s.host,
             "quarkus.http.port": str(s.registry_port),
-            # The management interface (health, metrics) is compiled in and defaults to
-            # port 9000, MinIO's; nothing here uses it, so it takes any free loopback port.
+            # The management interface (health, metrics) defaults to port 9000, MinIO's. Its
+            # readiness check is what `probe` uses: /subjects answers before the kafkasql
+            # journal has been replayed, readiness does not.
             "quarkus.management.host": s.host,
-            "quarkus.management.port": "0",
+            "quarkus.management.port": str(s.registry_management_port),
             "quarkus.http.access-log.enabled": "false",
             "quarkus.log.console.format": "%d{yyyy-MM-dd HH:mm:ss,SSS} %p [%c{3.}] (%t) %m%n",
             'quarkus.log.category."org.apache.kafka".level': "WARN",
@@ -174,6 +175,10 @@ class RegistryService(Service):
         ]
 
     def probe(self) -> tuple[bool, str]:
+        ready, detail = http_ok(f"http://{self.settings.host}:{self.settings.registry_management_port}/health/ready",
+                                timeout_s=2.0)
+        if not ready:
+            return False, f"not ready ({detail})"
         return http_ok(f"{self.settings.registry_url}/subjects", timeout_s=2.0)
 
 

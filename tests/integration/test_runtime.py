@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -234,3 +235,34 @@ def test_late_reply_is_never_delivered_to_a_newer_waiter(stack: StackSettings, s
         assert newer.result(timeout=10)["request_id"] == "new-request"
     finally:
         router.close()
+
+
+def test_sigterm_finishes_the_batch_commits_and_leaves_no_duplicates(
+        stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
+    n = 200
+    produce(stack, serde, T.lane_topic(prefix, "batch", "submitted"), [submission(f"s-{i}") for i in range(n)])
+    args = [sys.executable, str(HERE / "stage_worker.py"), prefix, "0.01"]  # at-least-once mode
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(_results(stack, serde, prefix, 40, timeout_s=1)) < 40:
+            assert first.poll() is None, "worker died on its own"
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0, "a SIGTERM'd stage exits cleanly"
+    finally:
+        if first.poll() is None:
+            first.kill()
+    done_before = len(_results(stack, serde, prefix, n, timeout_s=3))
+    assert 0 < done_before < n
+    second = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_results(stack, serde, prefix, n, timeout_s=2)) < n:
+            pass
+    finally:
+        second.terminate()
+        second.wait(30)
+    counts = Counter(r["request_id"] for r in _results(stack, serde, prefix, 2 * n, timeout_s=5))
+    assert set(counts) == {f"s-{i}" for i in range(n)}
+    # Everything the first process produced was committed before it left: nothing is redone.
+    assert max(counts.values()) == 1
