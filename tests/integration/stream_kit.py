@@ -36,6 +36,8 @@ def make_topics(stack: StackSettings, prefix: str) -> None:
     specs = [s for s in T.all_topics(prefix) if s.name in wanted]
     assert len(specs) == len(wanted)
     T.apply(stack.kafka_bootstrap, specs)
+    for topic in sorted(wanted):
+        read_all(stack, topic, until=0, timeout_s=0)  # start the readers before anything is produced
 
 
 def submission(request_id: str, *, tenant: str = "t1", lane: str = "BATCH") -> dict[str, Any]:
@@ -53,25 +55,42 @@ def produce(stack: StackSettings, serde: AvroSerde, topic: str, records: Iterabl
     assert p.flush(30) == 0
 
 
-def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float = 60.0,
-             group: str | None = None) -> list[Any]:
-    """Read ``topic`` from the beginning (read_committed) until ``until`` messages or the deadline."""
-    c = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group or f"it-read-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                  "isolation.level": "read_committed"})
-    # Assign every partition from the beginning: no group join, so a read takes milliseconds.
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < until and time.monotonic() < deadline:
-            for m in c.consume(500, 0.2):
-                if m.error() is None:
-                    out.append(m)
-    finally:
-        c.close()
-    return out
+class _Reader:
+    """One long-lived read_committed consumer per topic, assigned from the beginning.
+
+    A fresh consumer per check can take tens of seconds to see a just-created topic's
+    first records; a reader created up front sees them within a fetch.
+    """
+
+    def __init__(self, bootstrap: str, topic: str):
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"it-read-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        self.msgs: list[Any] = []
+
+    def read(self, until: int, timeout_s: float) -> list[Any]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.msgs) < until and time.monotonic() < deadline:
+            self.msgs += [m for m in self.consumer.consume(500, 0.1) if m.error() is None]
+        return list(self.msgs)
+
+
+_READERS: dict[tuple[str, str], _Reader] = {}
+
+
+def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float = 60.0) -> list[Any]:
+    """Everything on ``topic`` so far (read_committed), waiting until ``until`` messages or the deadline."""
+    key = (stack.kafka_bootstrap, topic)
+    if key not in _READERS:
+        _READERS[key] = _Reader(stack.kafka_bootstrap, topic)
+    return _READERS[key].read(until, timeout_s)
+
+
+def close_readers() -> None:
+    for reader in _READERS.values():
+        reader.consumer.close()
+    _READERS.clear()
 
 
 class EchoStage:

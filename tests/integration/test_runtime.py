@@ -119,7 +119,8 @@ def test_transient_error_goes_through_the_retry_topic_then_succeeds(
     topic = T.lane_topic(prefix, "batch", "submitted")
     produce(stack, serde, topic, [submission("rt-1")])
     stage = EchoStage(prefix, transient_calls=2)
-    runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=2, retry_delay_ms=500))
+    # A 2 s delay makes the runner poll the retry record before it is due (the hold path).
+    runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=2, retry_delay_ms=2000))
     got: list[dict] = []
     _run_until(runner, lambda: bool(got) or bool(got.extend(_results(stack, serde, prefix, 1, timeout_s=0.3))))
     assert [(r["request_id"], r["status"]) for r in got] == [("rt-1", "OK")]
