@@ -19,6 +19,7 @@ partitions are paused.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -232,8 +233,6 @@ class StageRunner:
     def _decode(self, data: bytes | None) -> dict[str, Any]:
         event = self.stage.input_event
         if event is None:
-            import json
-
             try:
                 value = json.loads(data or b"")
             except ValueError as exc:
