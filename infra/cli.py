@@ -6,6 +6,7 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from infra.settings import SettingsError, StackSettings
@@ -65,22 +66,43 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
 def _run(args: argparse.Namespace, settings: StackSettings) -> int:
     import logging
 
-    from infra.settings import StreamSettings
-    from stream.runtime import run_stage
+    from infra.roles import run_role
+    from infra.settings import PipelineSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    stream = StreamSettings.from_env()
-    if args.role == "bridge":
-        from stream.bridge import BridgeStage, CassandraClaims
-        from stream.cassandra import connect
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {args.role}: %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "cassandra"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    pipeline = PipelineSettings.from_env()
+    if args.role == "all":
+        from infra.roles import ROLES
+        from infra.supervisor import Supervisor
 
-        stage = BridgeStage(CassandraClaims(connect(stream)), prefix=stream.topic_prefix)
-        # Kafka-only output plus an LWT claim: transactions make each object's event commit once.
-        run_stage(stage, stream, exactly_once=True)
+        sup = Supervisor(ROLES, settings.log_dir, metrics_base_port=pipeline.stream.metrics_port)
+        print(f"pipeline roles starting: {', '.join(ROLES)}; logs in {settings.log_dir}/pipeline-<role>.log; "
+              "Ctrl-C stops them", flush=True)
+        sup.run_forever()
         return 0
-    raise AssertionError(args.role)
+    run_role(args.role, pipeline)
+    return 0
+
+
+def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.detect_cmd import run_detect
+
+    return run_detect(args.images, as_json=args.json, draw_dir=args.draw, lane=args.lane, timeout_s=args.timeout,
+                      tenant=args.tenant, score_threshold=args.score)
+
+
+def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
+    from model_store.evaluate import run_cli
+
+    return run_cli(args)
+
+
+def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.bench import run_bench
+
+    return run_bench(settings, n_batch=args.images, n_online=args.online, baseline_repeats=args.baseline_repeats)
 
 
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -111,8 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=_topics)
 
     rn = sub.add_parser("run", help="run a pipeline role until SIGTERM")
-    rn.add_argument("role", choices=["bridge"])
+    from infra.roles import ROLES
+
+    rn.add_argument("role", choices=[*ROLES, "all"], help="one role, or all of them, each in its own process")
     rn.set_defaults(func=_run)
+
+    dt = sub.add_parser("detect", help="detect objects in images through the Kafka pipeline (no HTTP)")
+    dt.add_argument("images", nargs="+", type=Path)
+    dt.add_argument("--json", action="store_true", help="print the DetectionResults as JSON")
+    dt.add_argument("--draw", type=Path, metavar="DIR", help="write annotated copies into DIR")
+    dt.add_argument("--lane", choices=["online", "batch"], default="online")
+    dt.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the results")
+    dt.add_argument("--tenant", default="cli")
+    dt.add_argument("--score", type=float, default=None, help="score threshold (default: the pipeline's)")
+    dt.set_defaults(func=_detect)
+
+    try:  # TEMP until evaluate lands
+        from model_store.evaluate import add_cli as add_eval_cli
+
+        add_eval_cli(sub).set_defaults(func=_eval)
+    except ImportError:
+        pass
+
+    from infra.bench import add_cli as add_bench_cli
+
+    add_bench_cli(sub).set_defaults(func=_bench)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")

@@ -236,3 +236,85 @@ class StreamSettings:
             metrics_port=int(num("METRICS_PORT", 0)),
             topic_prefix=_get(env, "TOPIC_PREFIX", ""),
         )
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Settings of the detection pipeline's roles (scan, preprocess, inference, postprocess, recorder)."""
+
+    stream: StreamSettings
+    models_dir: Path
+    minio_endpoint: str = "127.0.0.1:9000"
+    minio_secrets_file: Path | None = None  # read on use; never part of repr
+    clamd_host: str = "127.0.0.1"
+    clamd_port: int = 3310
+    clamd_timeout_s: float = 30.0
+    default_model: str = "yolov4-tiny"
+    uploads_bucket: str = "uploads"
+    quarantine_bucket: str = "quarantine"
+    # Images up to this size travel inline from scan to preprocess: the bytes scanned are the bytes
+    # decoded (no re-fetch, no swap between the two). Larger ones are re-fetched and their sha256 checked.
+    inline_max_bytes: int = 4 * 1024 * 1024
+    image_max_bytes: int = 20 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    image_max_side: int = 20_000
+    # Inference micro-batching (Triton-style): a batch leaves when it has inference_max_batch records or
+    # its oldest record has waited the lane's queue delay.
+    inference_max_batch: int = 8
+    batch_queue_delay_ms: int = 25
+    online_queue_delay_ms: int = 0
+    intra_op_threads: int = 0
+    # Only candidates at or above the request's score threshold leave inference (records stay small);
+    # no request may ask for less than min_score.
+    min_score: float = 0.01
+    max_candidates: int = 1000
+    default_score_threshold: float = 0.25
+    nms_iou: float = 0.45
+    default_max_detections: int = 100
+    max_detections_limit: int = 300
+    cache_ttl_s: int = 7 * 24 * 3600
+    result_ttl_s: int = 30 * 24 * 3600
+    # Stages that only read and write Kafka (plus idempotent side effects) run transactionally, so a
+    # crash never duplicates an output for read_committed consumers.
+    exactly_once: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PipelineSettings:
+        env = os.environ if env is None else env
+        stack = StackSettings.from_env(env)
+
+        def num(name: str, default: float) -> float:
+            raw = _get(env, name, str(default))
+            try:
+                return float(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+
+        return cls(
+            stream=StreamSettings.from_env(env),
+            models_dir=Path(_get(env, "MODELS_DIR", str(stack.models_dir))).expanduser(),
+            minio_endpoint=_get(env, "MINIO_ENDPOINT", stack.minio_endpoint),
+            minio_secrets_file=stack.secrets_dir / "minio.json",
+            clamd_host=_get(env, "CLAMD_HOST", stack.host),
+            clamd_port=stack.clamd_port,
+            clamd_timeout_s=num("CLAMD_TIMEOUT_S", 30.0),
+            default_model=_get(env, "DEFAULT_MODEL", "yolov4-tiny"),
+            inline_max_bytes=int(num("INLINE_MAX_BYTES", 4 * 1024 * 1024)),
+            image_max_bytes=int(num("IMAGE_MAX_BYTES", 20 * 1024 * 1024)),
+            image_max_pixels=int(num("IMAGE_MAX_PIXELS", 40_000_000)),
+            image_max_side=int(num("IMAGE_MAX_SIDE", 20_000)),
+            inference_max_batch=int(num("INFERENCE_MAX_BATCH", 8)),
+            batch_queue_delay_ms=int(num("BATCH_QUEUE_DELAY_MS", 25)),
+            online_queue_delay_ms=int(num("ONLINE_QUEUE_DELAY_MS", 0)),
+            intra_op_threads=int(num("INTRA_OP_THREADS", 0)),
+            default_score_threshold=num("SCORE_THRESHOLD", 0.25),
+            nms_iou=num("NMS_IOU", 0.45),
+            cache_ttl_s=int(num("CACHE_TTL_S", 7 * 24 * 3600)),
+            result_ttl_s=int(num("RESULT_TTL_S", 30 * 24 * 3600)),
+            exactly_once=_get(env, "EXACTLY_ONCE", "true").lower() in ("1", "true", "yes"),
+        )
+
+    def minio_credentials(self) -> MinioCredentials:
+        if self.minio_secrets_file is None:
+            raise SettingsError("no MinIO credentials file configured")
+        return MinioCredentials.load_or_create(self.minio_secrets_file)

@@ -83,7 +83,11 @@ class ModelConfig:
     max_batch: int
     provenance: Provenance
     # Decoded output columns: x, y, w, h (input pixels, box centre), objectness, class probabilities.
+    # Other families use other layouts; model_store.decoders lists which layouts each family accepts.
     box_layout: str = "cxcywh_obj_cls"
+    # Subtracted from class ids a model emits as values (SSD's detection_classes) to index class_names:
+    # 1 for TF Object Detection API exports, whose label ids start at 1 (0 is background).
+    class_id_offset: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -119,6 +123,7 @@ class ModelConfig:
                 provenance=Provenance(**{**data["provenance"],
                                          "source_files": tuple(data["provenance"]["source_files"])}),
                 box_layout=data.get("box_layout", "cxcywh_obj_cls"),
+                class_id_offset=int(data.get("class_id_offset", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelConfigError(f"model config is malformed: {exc}") from exc

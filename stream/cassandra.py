@@ -33,7 +33,9 @@ def connect(settings: StreamSettings, *, timeout_s: float = 10.0) -> Session:
 
 
 def statements(path: Path, keyspace: str) -> list[str]:
-    text = "\n".join(line for line in path.read_text().splitlines() if not line.strip().startswith("--"))
+    # Comments are dropped before splitting on ';' (a comment may contain one). Our CQL has no string
+    # literal containing '--'.
+    text = "\n".join(line.split("--", 1)[0] for line in path.read_text().splitlines())
     return [s.strip().replace("{keyspace}", keyspace) for s in text.split(";") if s.strip()]
 
 

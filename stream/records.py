@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stream import headers as H
 from stream.errors import StreamError
 from stream.serde import epoch_ms
+from stream.topics import detections_topic
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,14 @@ def terminal_result(*, key: str | None, value: Mapping[str, Any] | None, lane: s
         "cache_hit": False,
         "completed_at": now_ms(),
     }
+
+
+def result_outputs(prefix: str, result: dict[str, Any], carried: dict[str, bytes]) -> list[Output]:
+    """A DetectionResult goes to `detections`, and to the waiting gateway when there is one."""
+    outs = [Output(detections_topic(prefix), result["request_id"], result, "DetectionResult", carried)]
+    reply = H.text(carried, H.REPLY_TO)
+    if reply:
+        topic, _, part = reply.rpartition(":")
+        if topic and part.isdigit():
+            outs.append(Output(topic, result["request_id"], result, "DetectionResult", carried, int(part)))
+    return outs

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,19 @@ from infra.settings import StreamSettings
 from stream import headers as H
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
-from stream.records import Failure, Outcome, Output, Record, Stage, now_ms, request_fields, terminal_result
+from stream.records import (
+    Failure,
+    Outcome,
+    Output,
+    Record,
+    Stage,
+    now_ms,
+    request_fields,
+    result_outputs,
+    terminal_result,
+)
 from stream.serde import AvroSerde, DecodeError, RegistryUnavailable
-from stream.topics import detections_topic, dlq_topic, retry_topic
+from stream.topics import dlq_topic, retry_topic
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +82,15 @@ class StageRunner:
     """Runs one stage until stopped. One consumer, one producer, one thread."""
 
     def __init__(self, stage: Stage, settings: StreamSettings, *, serde: AvroSerde | None = None,
-                 group_id: str | None = None, exactly_once: bool = False, instance_id: str | None = None):
+                 group_id: str | None = None, exactly_once: bool = False, instance_id: str | None = None,
+                 max_batch: int | None = None, queue_delay_ms: Mapping[str, int] | None = None):
         self.stage = stage
         self.settings = settings
+        self.max_batch = max(1, max_batch or settings.max_batch)
+        # Micro-batching (Triton's dynamic batcher over topic partitions): after the first record,
+        # keep polling until the batch is full or its oldest record has waited its lane's delay.
+        # No delay by default: a stage takes what is already there and goes.
+        self.queue_delay_ms = dict(queue_delay_ms or {})
         self.serde = serde or AvroSerde.from_url(settings.registry_url)
         self.group_id = group_id or f"{settings.topic_prefix}detectflow.{stage.name}"
         self.exactly_once = exactly_once
@@ -160,8 +176,8 @@ class StageRunner:
     def run_once(self) -> bool:
         """Poll and handle one batch. Returns False when nothing was polled."""
         released = self._release_due_retries()
-        msgs = self.consumer.consume(self.settings.max_batch, self.settings.max_wait_ms / 1000)
-        msgs = released + [m for m in msgs if not self._is_transport_error(m)]
+        msgs = released + [m for m in self._poll_batch(self.max_batch - len(released), block=not released)
+                           if not self._is_transport_error(m)]
         if not msgs:
             self._schedule_lanes(saw_online=False)
             return False
@@ -185,6 +201,27 @@ class StageRunner:
         self._schedule_lanes(saw_online=saw_online)
         self._export_lag()
         return True
+
+    def _poll_batch(self, wanted: int, *, block: bool = True) -> list[Message]:
+        """Up to ``wanted`` records: the first as soon as one arrives (or none after max_wait_ms), then
+        whatever is already fetched, then more until full or the oldest record's queue delay is spent."""
+        if wanted <= 0:
+            return []
+        first = self.consumer.poll(self.settings.max_wait_ms / 1000 if block else 0)
+        if first is None:
+            return []
+        msgs = [first]
+        if wanted > 1:
+            msgs += self.consumer.consume(wanted - 1, 0)
+        if len(msgs) < wanted and self.queue_delay_ms:
+            stamps = [(m.timestamp()[1], lane_of(origin_of(m.topic()))) for m in msgs if m.error() is None]
+            if stamps:
+                delay = min(self.queue_delay_ms.get(lane, 0) for _, lane in stamps)
+                oldest = min(ts for ts, _ in stamps if ts > 0) if any(ts > 0 for ts, _ in stamps) else now_ms()
+                remaining = (oldest + delay - now_ms()) / 1000
+                if remaining > 0:
+                    msgs += self.consumer.consume(wanted - len(msgs), remaining)
+        return msgs
 
     def _is_transport_error(self, msg: Message) -> bool:
         err = msg.error()
@@ -453,23 +490,14 @@ class StageRunner:
         return lag
 
 
-def result_outputs(prefix: str, result: dict[str, Any], carried: dict[str, bytes]) -> list[Output]:
-    """A DetectionResult goes to `detections`, and to the waiting gateway when there is one."""
-    outs = [Output(detections_topic(prefix), result["request_id"], result, "DetectionResult", carried)]
-    reply = H.text(carried, H.REPLY_TO)
-    if reply:
-        topic, _, part = reply.rpartition(":")
-        if topic and part.isdigit():
-            outs.append(Output(topic, result["request_id"], result, "DetectionResult", carried, int(part)))
-    return outs
-
-
 def run_stage(stage: Stage, settings: StreamSettings, *, exactly_once: bool = False,
-              ready: Callable[[], None] | None = None) -> None:
+              ready: Callable[[], None] | None = None, max_batch: int | None = None,
+              queue_delay_ms: Mapping[str, int] | None = None) -> None:
     """Entry point of a stage process: metrics endpoint, signal handling, then the loop."""
     port = M.serve(settings.metrics_port)
     log.info("%s: metrics on 127.0.0.1:%s", stage.name, port)
-    runner = StageRunner(stage, settings, exactly_once=exactly_once, instance_id=settings.instance_id or None)
+    runner = StageRunner(stage, settings, exactly_once=exactly_once, instance_id=settings.instance_id or None,
+                         max_batch=max_batch, queue_delay_ms=queue_delay_ms)
     runner.install_signal_handlers()
     if ready is not None:
         ready()

@@ -72,6 +72,10 @@ def all_topics(prefix: str = "", *, max_message_bytes: int = 16 * 1024 * 1024) -
                   "notifications the bridge could not turn into submissions"),
         TopicSpec(detections_topic(prefix), 6, {"retention.ms": str(7 * DAY_MS)},
                   "every DetectionResult, for downstream consumers"),
+        TopicSpec(retry_topic(detections_topic(prefix)), 1, {"retention.ms": str(2 * DAY_MS)},
+                  "recorder retries (Cassandra unavailable)"),
+        TopicSpec(dlq_topic(detections_topic(prefix)), 1, {"retention.ms": str(14 * DAY_MS)},
+                  "results the recorder could not read"),
         TopicSpec(f"{prefix}detections.shadow", 3, {"retention.ms": str(2 * DAY_MS)}, "shadow-model results"),
         # One partition per gateway instance; replies are only useful for seconds.
         TopicSpec(replies_topic(prefix), 16, {"retention.ms": str(3600 * 1000)}, "correlated sync replies"),

@@ -13,8 +13,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from infra.settings import StackSettings, StreamSettings
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
-from stream.records import Failure, Outcome, Record, now_ms
-from stream.runtime import result_outputs
+from stream.records import Failure, Outcome, Record, now_ms, result_outputs
 from stream.serde import AvroSerde
 
 

@@ -1,0 +1,216 @@
+"""`detectflow bench pipeline`: the real pipeline against a same-run, single-process baseline.
+
+1. Start every role (supervised processes, as `detectflow run all`) on a fresh topic prefix.
+2. Baseline, measured while the pipeline idles: one process looping decode -> letterbox -> ONNX
+   Runtime (batch 1) -> decode -> NMS over the same images: ms per image and images per second.
+3. Online lane: requests one at a time (each waits for its reply): end-to-end P50/P95/P99.
+4. Batch lane: every image submitted at once, results awaited: throughput, P50/P95/P99 and the mean
+   inference batch size (from the inference role's metrics).
+Then the ratios against the targets, time per stage, and each role's peak resident memory.
+Every request has its own tenant, so the result cache never answers (each image runs the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import time
+import urllib.request
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra.settings import PipelineSettings, StackSettings
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n free ports after it (best effort: checked, then used at once)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free block of ports for the roles' metrics")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (enough for sums and counts)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
+    total = 0.0
+    for key, value in metrics.items():
+        m = re.fullmatch(rf"{name}(\{{.*\}})?", key)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += value
+    return total
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def baseline(images: list[bytes], model_dir: Path, repeats: int) -> dict[str, float]:
+    from model_store.detect import Detector, letterbox, to_model_input
+    from processors.imaging import ImageLimits, prepare
+
+    det = Detector.from_model_dir(model_dir, conf_threshold=0.25, iou_threshold=0.45, max_detections=100)
+    spec = det.config.input
+    from model_store.detect import decode, nms
+
+    def one(data: bytes) -> None:
+        img = prepare(data, ImageLimits()).image
+        tensor, _, _ = letterbox(img, (spec.width, spec.height), spec.pad_value)
+        out = det.infer(to_model_input([tensor], spec.scale))
+        nms(decode(out, det.config, 0.25)[0], 0.45, 100)
+
+    one(images[0])
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(repeats):
+        for data in images:
+            t0 = time.perf_counter()
+            one(data)
+            times.append((time.perf_counter() - t0) * 1000)
+    wall = time.perf_counter() - t_all
+    return {"ms_mean": statistics.fmean(times), "ms_p50": percentile(times, 50), "img_s": len(times) / wall}
+
+
+def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int) -> int:
+    from infra.detect_cmd import make_client
+    from infra.roles import ROLES
+    from infra.supervisor import Supervisor
+    from model_store.convert import convert
+    from model_store.samples import ensure_samples
+    from stream import topics as T
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    base_port = free_port_block(len(ROLES))
+    env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port)}
+    settings = PipelineSettings.from_env(env)
+    settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
+    model_dir = settings.models_dir / settings.default_model / "1"
+    convert(model_dir)
+    paths = ensure_samples(stack.samples_dir, stack.cache_dir)
+    datas = [p.read_bytes() for p in paths]
+    T.apply(settings.stream.bootstrap, T.all_topics(prefix))
+    sup = Supervisor(ROLES, stack.log_dir, env=env, metrics_base_port=base_port)
+    ports = {role: base_port + i for i, role in enumerate(ROLES)}
+    sup.start_monitor()
+    try:
+        with make_client(settings, "bench") as client:
+            # Warm-up: every role up, schemas registered, the model warm.
+            for data in datas[:3]:
+                r = _detect(client, data, "online", 180)
+                if r["status"] != "OK":
+                    raise RuntimeError(f"warm-up failed: {r.get('error_code')} {r.get('error_message')}")
+            base = baseline(datas, model_dir, baseline_repeats)
+
+            online = []
+            stage_ms: dict[str, list[float]] = {}
+            for i in range(n_online):
+                t0 = time.perf_counter()
+                r = _detect(client, datas[i % len(datas)], "online", 60)
+                online.append((time.perf_counter() - t0) * 1000)
+                if r["status"] == "OK":
+                    for k, v in r["timings_ms"].items():
+                        stage_ms.setdefault(k, []).append(v)
+
+            before = scrape(ports["inference"])
+            t0 = time.perf_counter()
+            subs = []
+            for i in range(n_batch):
+                client.tenant = f"bench-{uuid.uuid4().hex[:12]}"
+                subs.append((time.perf_counter(), client.submit(datas[i % len(datas)], lane="batch",
+                                                                timeout_s=600)))
+            client.flush()
+            batch_lat, statuses = [], []
+            for t_sub, sub in subs:
+                r = client.wait(sub)
+                statuses.append(r["status"])
+                batch_lat.append((time.perf_counter() - t_sub) * 1000)
+            wall = time.perf_counter() - t0
+            after = scrape(ports["inference"])
+        rss = {role: peak_rss_mib(pid) for role, pid in sup.pids().items()}
+    finally:
+        sup.stop()
+
+    n_runs = metric_sum(after, "detectflow_inference_batch_size_count") - metric_sum(
+        before, "detectflow_inference_batch_size_count")
+    n_imgs = metric_sum(after, "detectflow_inference_batch_size_sum") - metric_sum(
+        before, "detectflow_inference_batch_size_sum")
+    thr = n_batch / wall
+    print(f"detectflow bench pipeline: {len(datas)} sample images; batch N={n_batch}, online N={n_online}")
+    print(f"\nbaseline (one process: decode -> letterbox -> ORT batch 1 -> decode -> NMS, x{baseline_repeats}):")
+    print(f"  {base['ms_mean']:.1f} ms/img mean, P50 {base['ms_p50']:.1f} ms, {base['img_s']:.2f} img/s")
+    print("\nonline lane (one request at a time, client round trip):")
+    print(f"  P50 {percentile(online, 50):.1f} ms  P95 {percentile(online, 95):.1f} ms  "
+          f"P99 {percentile(online, 99):.1f} ms")
+    print("  time per stage (mean ms): " + ", ".join(
+        f"{k} {statistics.fmean(v):.1f}" for k, v in stage_ms.items() if k != "inference_batch"))
+    print("\nbatch lane (all submitted at once):")
+    print(f"  {thr:.2f} img/s over {wall:.1f}s; end-to-end P50 {percentile(batch_lat, 50):.0f} ms  "
+          f"P95 {percentile(batch_lat, 95):.0f} ms  P99 {percentile(batch_lat, 99):.0f} ms; "
+          f"{statuses.count('OK')}/{n_batch} OK")
+    print(f"  mean inference batch size {n_imgs / n_runs if n_runs else float('nan'):.2f} over {n_runs:.0f} model runs")
+    print("\nratios and targets:")
+    ratio = thr / base["img_s"]
+    over = percentile(online, 50) - base["ms_p50"]
+    print(f"  batch throughput / baseline  = {ratio:.2f}x   (target >= 0.80x: {'met' if ratio >= 0.8 else 'MISSED'})")
+    print(f"  online P50 - baseline P50    = {over:+.1f} ms (target <= +25 ms: {'met' if over <= 25 else 'MISSED'})")
+    worst = max(rss.values()) if rss else float("nan")
+    print("  peak RSS per role (MiB): " + ", ".join(f"{r} {v:.0f}" for r, v in rss.items())
+          + f"   (target each <= 400: {'met' if worst <= 400 else 'MISSED'})")
+    return 0 if statuses.count("OK") == n_batch else 1
+
+
+def _detect(client: Any, data: bytes, lane: str, timeout_s: float) -> dict[str, Any]:
+    client.tenant = f"bench-{uuid.uuid4().hex[:12]}"  # a fresh tenant: never a cache hit
+    return client.wait(client.submit(data, lane=lane, timeout_s=timeout_s))
+
+
+def add_cli(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a same-run baseline")
+    p.add_argument("target", choices=["pipeline"])
+    p.add_argument("--images", type=int, default=112, help="batch-lane requests")
+    p.add_argument("--online", type=int, default=40, help="online-lane requests, one at a time")
+    p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")
+    return p

@@ -1,0 +1,72 @@
+"""The pipeline's roles: how each one is built from settings and run on the stream runtime."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from infra.settings import PipelineSettings
+
+ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
+
+log = logging.getLogger(__name__)
+
+
+def _results(settings: PipelineSettings) -> Any:
+    from processors.results import ResultStore
+    from stream.cassandra import connect
+
+    return ResultStore(connect(settings.stream), result_ttl_s=settings.result_ttl_s, cache_ttl_s=settings.cache_ttl_s)
+
+
+def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
+    """The stage object of ``role`` and the runtime options it runs with."""
+    from model_store.catalog import ModelCatalog
+
+    stream = settings.stream
+    eos = {"exactly_once": settings.exactly_once}
+    if role == "bridge":
+        from stream.bridge import BridgeStage, CassandraClaims
+        from stream.cassandra import connect
+
+        return BridgeStage(CassandraClaims(connect(stream)), prefix=stream.topic_prefix), {"exactly_once": True}
+    if role == "scan":
+        from processors.objects import ObjectStore, minio_client
+        from processors.scan import ScanStage
+        from processors.scanner import ClamdScanner
+
+        scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
+        return ScanStage(ObjectStore(minio_client(settings)), scanner, ModelCatalog(settings.models_dir),
+                         _results(settings), settings), eos
+    if role == "preprocess":
+        from processors.objects import ObjectStore, minio_client
+        from processors.preprocess import PreprocessStage
+
+        return PreprocessStage(ObjectStore(minio_client(settings)), ModelCatalog(settings.models_dir), settings), eos
+    if role == "inference":
+        from processors.inference import InferenceStage
+
+        stage = InferenceStage(ModelCatalog(settings.models_dir), settings)
+        loaded = stage.warm_up()  # load -> warm-up -> only then consume
+        log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
+                 ", ".join(loaded.providers))
+        return stage, {**eos, "max_batch": settings.inference_max_batch,
+                       "queue_delay_ms": {"online": settings.online_queue_delay_ms,
+                                          "batch": settings.batch_queue_delay_ms}}
+    if role == "postprocess":
+        from model_store.catalog import ModelCatalog
+        from processors.postprocess import PostprocessStage
+
+        return PostprocessStage(ModelCatalog(settings.models_dir), _results(settings), settings), eos
+    if role == "recorder":
+        from processors.recorder import RecorderStage
+
+        return RecorderStage(_results(settings), stream.topic_prefix), {}
+    raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+def run_role(role: str, settings: PipelineSettings) -> None:
+    from stream.runtime import run_stage
+
+    stage, options = build(role, settings)
+    run_stage(stage, settings.stream, **options)

@@ -1,0 +1,209 @@
+"""inference: ImagePreprocessed -> InferenceOutput, micro-batched, one ONNX Runtime session per version.
+
+The runtime hands this stage a micro-batch (it leaves the topic partitions when it has
+``inference_max_batch`` records or its oldest record has waited the lane's queue delay). Here:
+records past their deadline are closed FAILED DEADLINE_EXCEEDED before the model runs; the rest are
+grouped by model version, stacked into one input per chunk of the version's batch limit, run, and
+decoded by the version's decoder family; only candidates at or above each request's score threshold
+leave, best first and bounded, to keep records small. A version's session is loaded and warmed up
+once, before it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from infra.settings import PipelineSettings
+from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
+from model_store.decoders import DecoderError, decode_outputs
+from model_store.detect import Candidates, to_model_input
+from model_store.session import SessionError, SessionSettings, create_session
+from processors import metrics as PM
+from processors.params import effective_params
+from stream.errors import InvalidRecord, TransientError
+from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs, terminal_result
+from stream.serde import epoch_ms
+from stream.topics import LANES, lane_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model version ready to serve: its session, warmed up."""
+
+    version: ModelVersion
+    run: Callable[[np.ndarray], dict[str, np.ndarray]]  # float32 NCHW batch -> outputs by name
+    providers: Sequence[str]
+
+
+def load_onnx(mv: ModelVersion, threads: int) -> LoadedModel:
+    """Open the version's session on the best usable providers and warm it up (first runs plan and allocate)."""
+    spec = mv.config.input
+    session, providers = create_session(mv.model_file, SessionSettings(intra_op_threads=threads),
+                                        max_batch=mv.config.max_batch,
+                                        input_shape=(spec.name, 3, spec.height, spec.width))
+    names = [o.name for o in session.get_outputs()]
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {spec.name: batch}), strict=True))
+
+    for n in (1, 2):
+        run(np.zeros((n, 3, spec.height, spec.width), dtype=np.float32))
+    return LoadedModel(mv, run, providers)
+
+
+def tensor_of(value: dict[str, Any], mv: ModelVersion) -> np.ndarray:
+    """The record's letterboxed uint8 [3, H, W] tensor, checked against the version's input contract."""
+    spec = mv.config.input
+    want = [3, spec.height, spec.width]
+    if value["dtype"] != "uint8" or list(value["shape"]) != want or value.get("layout", "CHW") != "CHW":
+        raise InvalidRecord("INVALID_TENSOR", f"expected uint8 CHW {want}, got {value['dtype']} "
+                                              f"{value.get('layout')} {list(value['shape'])}")
+    data = value["tensor"]
+    if len(data) != 3 * spec.height * spec.width:
+        raise InvalidRecord("INVALID_TENSOR", f"tensor has {len(data)} bytes for shape {want}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(want)
+
+
+def candidate_dicts(c: Candidates, threshold: float, limit: int) -> list[dict[str, Any]]:
+    keep = np.nonzero(c.scores >= threshold)[0]
+    keep = keep[np.argsort(-c.scores[keep], kind="stable")][:limit]
+    return [{"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]), "score": float(s),
+             "class_id": int(k)} for b, s, k in zip(c.boxes[keep], c.scores[keep], c.class_ids[keep], strict=True)]
+
+
+class InferenceStage:
+    name = "inference"
+    input_event = "ImagePreprocessed"
+    emits_terminal_results = True
+
+    def __init__(self, catalog: ModelCatalog, settings: PipelineSettings,
+                 loader: Callable[[ModelVersion], LoadedModel] | None = None,
+                 clock: Callable[[], int] = now_ms):
+        self.catalog = catalog
+        self.settings = settings
+        self.prefix = settings.stream.topic_prefix
+        self._loader = loader or (lambda mv: load_onnx(mv, settings.intra_op_threads))
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.clock = clock
+
+    def input_topics(self) -> list[str]:
+        return [lane_topic(self.prefix, lane, "preprocessed") for lane in LANES]
+
+    # ---- models ---------------------------------------------------------------------------------
+    def warm_up(self, name: str | None = None) -> LoadedModel:
+        """Load the production version of ``name`` (default model) before consuming."""
+        mv = self.catalog.resolve(name or self.settings.default_model)
+        return self.model(mv.name, mv.version)
+
+    def model(self, name: str, version: int) -> LoadedModel:
+        key = (name, version)
+        with self._lock:
+            loaded = self._models.get(key)
+        if loaded is not None:
+            return loaded
+        try:
+            mv = self.catalog.get(name, version)
+        except ModelNotFound as exc:
+            raise InvalidRecord("MODEL_NOT_FOUND", str(exc)) from exc
+        t0 = time.perf_counter()
+        try:
+            loaded = self._loader(mv)
+        except SessionError as exc:
+            raise TransientError(f"model {name} v{version} failed to load: {exc}") from exc
+        log.info("model %s v%s ready on %s in %.1fs", name, version, loaded.providers[0], time.perf_counter() - t0)
+        PM.MODEL_READY.labels(name, str(version), loaded.providers[0]).set(1)
+        with self._lock:
+            self._models[key] = loaded
+        return loaded
+
+    # ---- records ----------------------------------------------------------------------------------
+    def process(self, batch: list[Record]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        groups: dict[tuple[str, int], list[int]] = {}
+        now = self.clock()
+        for i, rec in enumerate(batch):
+            ctx = rec.value["context"]
+            deadline = epoch_ms(ctx.get("deadline_ms"))
+            if deadline is not None and deadline <= now:
+                PM.DEADLINE_DROPS.labels(self.name).inc()
+                result = terminal_result(key=rec.key, value=rec.value, lane=rec.lane, status="FAILED",
+                                         code="DEADLINE_EXCEEDED",
+                                         message=f"deadline passed {now - deadline} ms before inference")
+                outcomes[i] = result_outputs(self.prefix, result, dict(rec.headers))
+                continue
+            try:
+                key = (ctx["model"]["name"], int(ctx["model"]["version"]))
+            except (TypeError, ValueError):
+                outcomes[i] = Failure(InvalidRecord("MODEL_NOT_FOUND", "the record names no model version"))
+                continue
+            groups.setdefault(key, []).append(i)
+        for (name, version), idx in groups.items():
+            try:
+                loaded = self.model(name, version)
+            except (InvalidRecord, TransientError) as exc:
+                for i in idx:
+                    outcomes[i] = Failure(exc)
+                continue
+            limit = max(1, min(self.settings.inference_max_batch, loaded.version.config.max_batch))
+            for start in range(0, len(idx), limit):
+                for i, outcome in self._run_chunk(loaded, [(i, batch[i]) for i in idx[start:start + limit]]):
+                    outcomes[i] = outcome
+        assert all(o is not None for o in outcomes)
+        return [o for o in outcomes if o is not None]
+
+    def _run_chunk(self, loaded: LoadedModel, chunk: list[tuple[int, Record]]) -> list[tuple[int, Outcome]]:
+        mv = loaded.version
+        done: list[tuple[int, Outcome]] = []
+        ready: list[tuple[int, Record, np.ndarray, float]] = []
+        for i, rec in chunk:
+            try:
+                tensor = tensor_of(rec.value, mv)
+                threshold = effective_params(rec.value["context"].get("params"), self.settings).score_threshold
+            except InvalidRecord as exc:
+                done.append((i, Failure(exc)))
+                continue
+            ready.append((i, rec, tensor, threshold))
+        if not ready:
+            return done
+        t0 = time.perf_counter()
+        batch = to_model_input([t for _, _, t, _ in ready], mv.config.input.scale)
+        outputs = loaded.run(batch)
+        t1 = time.perf_counter()
+        floor = min(th for _, _, _, th in ready)
+        try:
+            decoded = decode_outputs(outputs, mv.config, floor, self.settings.max_candidates)
+        except DecoderError as exc:
+            # The model broke its decoder family's contract: a bug in the model, not in the records.
+            raise RuntimeError(f"model {mv.name} v{mv.version} output does not fit its decoder: {exc}") from exc
+        t2 = time.perf_counter()
+        n = len(ready)
+        labels = (mv.name, str(mv.version))
+        PM.INFERENCE_BATCH.labels(*labels).observe(n)
+        PM.INFERENCE_SECONDS.labels(*labels).observe(t1 - t0)
+        batch_id = uuid.uuid4().hex[:16]
+        for (i, rec, _t, threshold), cands in zip(ready, decoded, strict=True):
+            value = rec.value
+            event = {
+                "context": value["context"],
+                "candidates": candidate_dicts(cands, threshold, self.settings.max_candidates),
+                "model_name": mv.name, "model_version": mv.version, "batch_id": batch_id, "batch_size": n,
+                "image_sha256": value["image_sha256"], "original_width": value["original_width"],
+                "original_height": value["original_height"], "exif_orientation": value.get("exif_orientation", 1),
+                "letterbox": value["letterbox"],
+                "timings_ms": {**value.get("timings_ms", {}), "inference": (t1 - t0) * 1000 / n,
+                               "inference_batch": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000 / n},
+            }
+            done.append((i, [Output(lane_topic(self.prefix, rec.lane, "inferred"), value["context"]["request_id"],
+                                    event, "InferenceOutput")]))
+        return done

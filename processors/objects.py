@@ -1,0 +1,83 @@
+"""Image objects in MinIO, as the stages need them: bounded reads, content-addressed puts, quarantine."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import MinioException, S3Error
+
+from infra.settings import PipelineSettings
+from stream.errors import InvalidRecord, TransientError
+
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
+
+
+def minio_client(settings: PipelineSettings) -> Minio:
+    creds = settings.minio_credentials()
+    # Bounded waits: a MinIO that hangs must become a transient failure, not a stuck stage.
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=30.0), maxsize=8,
+                               retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                                     status_forcelist=[500, 502, 503, 504]))
+    return Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key,
+                 secure=False, http_client=http)
+
+
+class ObjectStore:
+    """MinIO reads and writes; missing objects are InvalidRecord, an unreachable MinIO is TransientError."""
+
+    def __init__(self, client: Minio):
+        self._client = client
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        try:
+            size = self._client.stat_object(bucket, key).size or 0
+            if size > max_bytes:
+                raise InvalidRecord("IMAGE_TOO_LARGE", f"object is {size} bytes, the limit is {max_bytes}")
+            resp = self._client.get_object(bucket, key)
+            try:
+                data = resp.read(max_bytes + 1)
+            finally:
+                resp.close()
+                resp.release_conn()
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                raise InvalidRecord("OBJECT_NOT_FOUND", f"{bucket}/{key} does not exist") from exc
+            raise TransientError(f"minio: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
+        if len(data) > max_bytes:
+            raise InvalidRecord("IMAGE_TOO_LARGE", f"object is over the limit of {max_bytes} bytes")
+        return data
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str | None = None,
+            metadata: dict[str, Any] | None = None) -> None:
+        try:
+            self._client.put_object(bucket, key, io.BytesIO(data), len(data),
+                                    content_type=content_type or "application/octet-stream", metadata=metadata)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
+
+    def quarantine(self, dest_bucket: str, dest_key: str, *, data: bytes | None = None,
+                   source: tuple[str, str] | None = None, metadata: dict[str, Any] | None = None) -> None:
+        """Move an infected object out of reach (copy, then delete the original), or store inline bytes there.
+
+        Idempotent: a redelivered record finds the copy done and the original already gone.
+        """
+        try:
+            if source is not None:
+                bucket, key = source
+                try:
+                    self._client.copy_object(dest_bucket, dest_key, CopySource(bucket, key), metadata=metadata,
+                                             metadata_directive="REPLACE" if metadata else None)
+                except S3Error as exc:
+                    if exc.code not in _MISSING:
+                        raise
+                self._client.remove_object(bucket, key)
+            elif data is not None:
+                self.put(dest_bucket, dest_key, data, metadata=metadata)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc

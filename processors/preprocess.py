@@ -1,0 +1,100 @@
+"""preprocess: ImageScanned -> ImagePreprocessed (the letterboxed uint8 tensor the model's config asks for).
+
+Sniff by magic bytes, check byte and pixel limits from the header before decoding (decompression
+bombs), decode, apply the EXIF orientation, normalise to 8-bit BGR (grayscale, alpha, 16-bit, CMYK),
+then letterbox as the served model version's config says. Bad input closes the request REJECTED with
+the precise code from processors.imaging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from infra.settings import PipelineSettings
+from model_store.catalog import ModelCatalog, ModelNotFound
+from model_store.detect import letterbox
+from processors import metrics as PM
+from processors.imaging import ImageLimits, ImageRejected, prepare
+from stream.errors import InvalidRecord, TransientError
+from stream.records import Failure, Outcome, Output, Record
+from stream.topics import LANES, lane_topic
+
+
+class Objects(Protocol):
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes: ...
+
+
+def scanned_bytes(value: Mapping[str, Any], objects: Objects, settings: PipelineSettings) -> bytes:
+    """The bytes scan passed. A re-fetched object must still be those bytes (fail closed on a swap)."""
+    image = value["image"]
+    if "data" in image:
+        data = bytes(image["data"])
+    else:
+        data = objects.get(image["bucket"], image["key"], settings.image_max_bytes)
+    if hashlib.sha256(data).hexdigest() != value["sha256"]:
+        raise InvalidRecord("CHECKSUM_MISMATCH", "the image changed after it was scanned")
+    return data
+
+
+class PreprocessStage:
+    name = "preprocess"
+    input_event = "ImageScanned"
+    emits_terminal_results = True
+
+    def __init__(self, objects: Objects, catalog: ModelCatalog, settings: PipelineSettings):
+        self.objects = objects
+        self.catalog = catalog
+        self.settings = settings
+        self.prefix = settings.stream.topic_prefix
+        self.limits = ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels,
+                                  max_side=settings.image_max_side)
+
+    def input_topics(self) -> list[str]:
+        return [lane_topic(self.prefix, lane, "scanned") for lane in LANES]
+
+    def process(self, batch: list[Record]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for rec in batch:
+            try:
+                out.append(self._one(rec))
+            except (InvalidRecord, TransientError) as exc:
+                out.append(Failure(exc))
+        return out
+
+    def _one(self, rec: Record) -> list[Output]:
+        value = rec.value
+        ctx = value["context"]
+        data = scanned_bytes(value, self.objects, self.settings)
+        try:
+            model = self.catalog.get(ctx["model"]["name"], int(ctx["model"]["version"]))
+        except (ModelNotFound, TypeError, ValueError) as exc:
+            raise InvalidRecord("MODEL_NOT_FOUND", str(exc)) from exc
+        try:
+            prepared = prepare(data, self.limits)
+        except ImageRejected as exc:
+            PM.REJECTED.labels(exc.code).inc()
+            raise InvalidRecord(exc.code, exc.message) from exc
+        spec = model.config.input
+        t0 = time.perf_counter()
+        tensor, scale, (pad_x, pad_y) = letterbox(prepared.image, (spec.width, spec.height), spec.pad_value)
+        t1 = time.perf_counter()
+        event = {
+            "context": ctx,
+            "tensor": tensor.tobytes(),
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype),
+            "layout": "CHW",
+            "image_sha256": value["sha256"],
+            "image_format": prepared.format,
+            "original_width": prepared.width,
+            "original_height": prepared.height,
+            "exif_orientation": prepared.orientation,
+            "letterbox": {"scale": scale, "pad_x": float(pad_x), "pad_y": float(pad_y),
+                          "input_width": spec.width, "input_height": spec.height},
+            "timings_ms": {**value.get("timings_ms", {}), **prepared.timings_ms, "letterbox": (t1 - t0) * 1000},
+        }
+        return [Output(lane_topic(self.prefix, rec.lane, "preprocessed"), ctx["request_id"], event,
+                       "ImagePreprocessed")]

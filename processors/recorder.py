@@ -1,0 +1,39 @@
+"""recorder: every DetectionResult on `detections` is stored in Cassandra (idempotent upserts).
+
+postprocess stores its own results before replying; results that other stages close (REJECTED by
+scan or preprocess, FAILED after retries, DEADLINE_EXCEEDED, cache hits) reach Cassandra through
+this sink, so `GET /v1/requests/{id}` and job pages see every outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from stream.errors import TransientError
+from stream.records import Failure, Outcome, Record
+from stream.topics import detections_topic
+
+
+class Results(Protocol):
+    def save_results(self, results: Sequence[Mapping[str, Any]]) -> None: ...
+
+
+class RecorderStage:
+    name = "recorder"
+    input_event = "DetectionResult"
+    emits_terminal_results = False
+
+    def __init__(self, results: Results, prefix: str = ""):
+        self.results = results
+        self.prefix = prefix
+
+    def input_topics(self) -> list[str]:
+        return [detections_topic(self.prefix)]
+
+    def process(self, batch: list[Record]) -> list[Outcome]:
+        try:
+            self.results.save_results([rec.value for rec in batch])
+        except TransientError as exc:
+            return [Failure(exc) for _ in batch]
+        return [[] for _ in batch]

@@ -1,0 +1,92 @@
+"""Results and the result cache in Cassandra: idempotent upserts keyed by (tenant, request id)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from processors.params import CacheKey
+from stream.errors import TransientError
+from stream.serde import epoch_ms
+
+
+def result_json(result: Mapping[str, Any]) -> str:
+    """A DetectionResult as JSON, timestamps as epoch millis (the Avro logical type's value)."""
+    return json.dumps({k: epoch_ms(v) if isinstance(v, dt.datetime) else v for k, v in result.items()},
+                      separators=(",", ":"))
+
+
+def _ts(value: Any) -> dt.datetime | None:
+    ms = epoch_ms(value)
+    return None if ms is None else dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+class ResultStore:
+    """The pipeline's writes and the cache's reads. Cassandra errors become TransientError."""
+
+    def __init__(self, session: Any, *, result_ttl_s: int, cache_ttl_s: int, timeout_s: float = 10.0):
+        self._session = session
+        self._timeout = timeout_s
+        self._result_ttl = result_ttl_s
+        self._cache_ttl = cache_ttl_s
+        self._put_request = session.prepare(
+            "UPDATE requests USING TTL ? SET status = ?, model_name = ?, model_version = ?, error_code = ?, "
+            "cache_hit = ?, result = ?, completed_at = ?, job_id = ?, lane = ?, image_sha256 = ? "
+            "WHERE tenant = ? AND request_id = ?")
+        self._put_job = session.prepare(
+            "INSERT INTO job_results (tenant, job_id, request_id, status, error_code, result, completed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+        self._put_image = session.prepare(
+            "INSERT INTO image_requests (tenant, image_sha256, request_id) VALUES (?, ?, ?) USING TTL ?")
+        self._put_cache = session.prepare(
+            "INSERT INTO result_cache (tenant, image_sha256, model_name, model_version, params_hash, result, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+        self._get_cache = session.prepare(
+            "SELECT result FROM result_cache WHERE tenant = ? AND image_sha256 = ? AND model_name = ? "
+            "AND model_version = ? AND params_hash = ?")
+        self._get_request = session.prepare("SELECT result, status FROM requests WHERE tenant = ? AND request_id = ?")
+
+    def _run(self, statements: Sequence[tuple[Any, tuple[Any, ...]]]) -> list[Any]:
+        from cassandra import DriverException
+        from cassandra.cluster import NoHostAvailable
+
+        try:
+            futures = [self._session.execute_async(stmt, params, timeout=self._timeout) for stmt, params in statements]
+            return [f.result() for f in futures]
+        except (DriverException, NoHostAvailable, OSError) as exc:
+            raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
+
+    def save_results(self, results: Sequence[Mapping[str, Any]]) -> None:
+        """Upsert each result into requests (+ job_results, image_requests). Safe to repeat."""
+        stmts: list[tuple[Any, tuple[Any, ...]]] = []
+        for r in results:
+            text = result_json(r)
+            done = _ts(r.get("completed_at"))
+            stmts.append((self._put_request, (
+                self._result_ttl, r["status"], r.get("model_name"), r.get("model_version"), r.get("error_code"),
+                bool(r.get("cache_hit")), text, done, r.get("job_id"), r.get("lane"), r.get("image_sha256"),
+                r["tenant"], r["request_id"])))
+            if r.get("job_id"):
+                stmts.append((self._put_job, (r["tenant"], r["job_id"], r["request_id"], r["status"],
+                                              r.get("error_code"), text, done, self._result_ttl)))
+            if r.get("image_sha256"):
+                stmts.append((self._put_image, (r["tenant"], r["image_sha256"], r["request_id"], self._result_ttl)))
+        self._run(stmts)
+
+    def cache_put(self, entries: Sequence[tuple[CacheKey, Mapping[str, Any]]]) -> None:
+        self._run([(self._put_cache, (k.tenant, k.image_sha256, k.model_name, k.model_version, k.params_hash,
+                                      result_json(r), _ts(r.get("completed_at")), self._cache_ttl))
+                   for k, r in entries])
+
+    def cache_get(self, key: CacheKey) -> dict[str, Any] | None:
+        (rows,) = self._run([(self._get_cache, (key.tenant, key.image_sha256, key.model_name, key.model_version,
+                                                key.params_hash))])
+        row = rows.one()
+        return None if row is None else json.loads(row.result)
+
+    def get_result(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        (rows,) = self._run([(self._get_request, (tenant, request_id))])
+        row = rows.one()
+        return None if row is None or row.result is None else json.loads(row.result)

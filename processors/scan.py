@@ -1,0 +1,171 @@
+"""scan: ImageSubmitted -> ImageScanned, after clamd has passed the exact bytes that go on.
+
+Per record: fetch the object (tenant prefix and bucket checked) or take the inline bytes; size cap;
+sha256; resolve the model version; answer from the result cache when the same tenant already has a
+result for these bytes, model version and params; otherwise scan with clamd (INSTREAM). Infected:
+the object is moved to the quarantine bucket and the request closes REJECTED VIRUS_DETECTED.
+clamd unreachable: TransientError, so the runtime backs off and retries; nothing unscanned goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from infra.settings import PipelineSettings
+from model_store.catalog import ModelCatalog, ModelNotFound
+from processors import metrics as PM
+from processors.params import CacheKey, effective_params
+from processors.scanner import ScanVerdict
+from stream.errors import InvalidRecord, TransientError
+from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs, terminal_result
+from stream.topics import LANES, lane_topic
+
+log = logging.getLogger(__name__)
+
+
+class Objects(Protocol):
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes: ...
+    def quarantine(self, dest_bucket: str, dest_key: str, *, data: bytes | None = None,
+                   source: tuple[str, str] | None = None, metadata: dict[str, Any] | None = None) -> None: ...
+
+
+class Scanner(Protocol):
+    name: str
+
+    def scan(self, data: bytes) -> ScanVerdict: ...
+
+
+class Cache(Protocol):
+    def cache_get(self, key: CacheKey) -> dict[str, Any] | None: ...
+
+
+def image_bytes(image: Mapping[str, Any], tenant: str, objects: Objects, settings: PipelineSettings) -> bytes:
+    """The submitted image's bytes. An object must be in the uploads bucket under the tenant's own prefix."""
+    if "data" in image:
+        data = bytes(image["data"])
+        if len(data) > settings.image_max_bytes:
+            raise InvalidRecord("IMAGE_TOO_LARGE", f"{len(data)} bytes, the limit is {settings.image_max_bytes}")
+        return data
+    bucket, key = image["bucket"], image["key"]
+    if bucket != settings.uploads_bucket or not key.startswith(f"{tenant}/") or ".." in key.split("/"):
+        # Tenant isolation: a submission can only name its own tenant's uploads.
+        raise InvalidRecord("FORBIDDEN_OBJECT", f"{bucket}/{key} is not in this tenant's uploads")
+    return objects.get(bucket, key, settings.image_max_bytes)
+
+
+def verdict_result(value: Mapping[str, Any], lane: str, sha256: str, signature: str) -> dict[str, Any]:
+    result = terminal_result(key=value["request_id"], value=value, lane=lane, status="REJECTED",
+                             code="VIRUS_DETECTED", message=f"malware found: {signature}")
+    result["image_sha256"] = sha256
+    return result
+
+
+def cached_result(cached: Mapping[str, Any], value: Mapping[str, Any], lane: str, waited_ms: float) -> dict[str, Any]:
+    """A cache entry re-issued for this request: the detections and model of the entry, this request's ids."""
+    return {**cached, "request_id": value["request_id"], "tenant": value["tenant"], "job_id": value.get("job_id"),
+            "lane": lane.upper(), "cache_hit": True, "timings_ms": {"cache_lookup": waited_ms},
+            "completed_at": now_ms()}
+
+
+class ScanStage:
+    name = "scan"
+    input_event = "ImageSubmitted"
+    emits_terminal_results = True
+
+    def __init__(self, objects: Objects, scanner: Scanner, catalog: ModelCatalog, cache: Cache | None,
+                 settings: PipelineSettings):
+        self.objects = objects
+        self.scanner = scanner
+        self.catalog = catalog
+        self.cache = cache
+        self.settings = settings
+        self.prefix = settings.stream.topic_prefix
+
+    def input_topics(self) -> list[str]:
+        return [lane_topic(self.prefix, lane, "submitted") for lane in LANES]
+
+    def process(self, batch: list[Record]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for rec in batch:
+            try:
+                out.append(self._one(rec))
+            except (InvalidRecord, TransientError) as exc:
+                out.append(Failure(exc))
+        return out
+
+    def _one(self, rec: Record) -> list[Output]:
+        value = rec.value
+        tenant = value["tenant"]
+        t0 = time.perf_counter()
+        data = image_bytes(value["image"], tenant, self.objects, self.settings)
+        if not data:
+            raise InvalidRecord("EMPTY_IMAGE", "the image has no bytes")
+        sha256 = hashlib.sha256(data).hexdigest()
+        claimed = value["image"].get("sha256")
+        if claimed and claimed.lower() != sha256:
+            raise InvalidRecord("CHECKSUM_MISMATCH", f"image sha256 is {sha256}, the submission says {claimed}")
+        t_fetch = time.perf_counter()
+        try:
+            model = self.catalog.resolve(value["model"]["name"], value["model"].get("version"), value["request_id"])
+        except ModelNotFound as exc:
+            raise InvalidRecord("MODEL_NOT_FOUND", str(exc)) from exc
+        params = effective_params(value.get("params"), self.settings, model.config.class_names)
+        carried = dict(rec.headers)
+
+        if self.cache is not None:
+            key = CacheKey(tenant, sha256, model.name, model.version, params.digest())
+            cached = self._cache_lookup(key)
+            if cached is not None:
+                PM.CACHE.labels("hit").inc()
+                return result_outputs(self.prefix, cached_result(cached, value, rec.lane,
+                                                                 (time.perf_counter() - t_fetch) * 1000), carried)
+            PM.CACHE.labels("miss").inc()
+
+        t_scan = time.perf_counter()
+        verdict = self.scanner.scan(data)
+        t_done = time.perf_counter()
+        if not verdict.clean:
+            self._quarantine(value, tenant, sha256, data, verdict.signature or "unknown")
+            PM.INFECTED.inc()
+            return result_outputs(self.prefix, verdict_result(value, rec.lane, sha256, verdict.signature or ""),
+                                  carried)
+
+        image = value["image"]
+        source = None if "data" in image else {k: image.get(k) for k in ("bucket", "key", "sha256", "size",
+                                                                          "content_type")}
+        if len(data) <= self.settings.inline_max_bytes:
+            forwarded: dict[str, Any] = {"data": data, "sha256": sha256, "content_type": image.get("content_type")}
+        else:
+            forwarded = {**(source or {}), "sha256": sha256, "size": len(data)}
+        scanned = {
+            "context": {
+                "request_id": value["request_id"], "tenant": tenant, "lane": value["lane"],
+                "model": {"name": model.name, "version": model.version}, "params": value.get("params") or {},
+                "deadline_ms": value.get("deadline_ms"), "job_id": value.get("job_id"),
+                "submitted_at": value["submitted_at"], "source": source,
+            },
+            "image": forwarded, "sha256": sha256, "size": len(data), "scanner": self.scanner.name,
+            "timings_ms": {"fetch": (t_fetch - t0) * 1000, "scan": (t_done - t_scan) * 1000},
+        }
+        return [Output(lane_topic(self.prefix, rec.lane, "scanned"), value["request_id"], scanned, "ImageScanned")]
+
+    def _cache_lookup(self, key: CacheKey) -> dict[str, Any] | None:
+        assert self.cache is not None
+        try:
+            return self.cache.cache_get(key)
+        except TransientError as exc:
+            # The cache is an optimisation: when Cassandra is away, run the model instead of waiting.
+            PM.CACHE.labels("error").inc()
+            log.warning("result cache unavailable, treating as a miss: %s", exc)
+            return None
+
+    def _quarantine(self, value: Mapping[str, Any], tenant: str, sha256: str, data: bytes, signature: str) -> None:
+        image = value["image"]
+        meta = {"detectflow-signature": signature[:200], "detectflow-request-id": value["request_id"]}
+        source = None if "data" in image else (image["bucket"], image["key"])
+        self.objects.quarantine(self.settings.quarantine_bucket, f"{tenant}/{sha256}",
+                                data=data if source is None else None, source=source, metadata=meta)

@@ -1,0 +1,121 @@
+"""Submit images straight into Kafka and await their DetectionResults on a reply partition.
+
+What `detectflow detect`, the demo and the pipeline benchmark use (no HTTP): small images travel
+inline in the ImageSubmitted event; larger ones are stored content-addressed in the uploads bucket
+first and referenced. Each request carries correlation-id / reply-to / deadline headers; replies are
+routed by a ReplyRouter reading one partition of the replies topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Producer
+
+from infra.settings import StreamSettings
+from stream import headers as H
+from stream.records import now_ms
+from stream.reply import ReplyRouter, ReplyTimeout
+from stream.serde import AvroSerde
+from stream.topics import lane_topic, replies_topic
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request_id: str
+    correlation_id: str
+    deadline: float  # time.time() seconds: when the caller stops waiting
+
+
+class DetectClient:
+    def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
+                 inline_max_bytes: int = 1024 * 1024,
+                 upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
+                 serde: AvroSerde | None = None):
+        self.settings = settings
+        self.tenant = tenant
+        self.inline_max_bytes = inline_max_bytes
+        self.upload = upload  # (key, data, content type) -> (bucket, key); for images over the inline limit
+        self.serde = serde or AvroSerde.from_url(settings.registry_url)
+        self.producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
+                                  "acks": "all", "linger.ms": 1, "compression.type": "lz4",
+                                  "message.max.bytes": settings.max_message_bytes + 64 * 1024, "log_level": 3})
+        partition = random.randrange(16) if reply_partition is None else reply_partition  # noqa: S311
+        self.router = ReplyRouter(settings, self.serde, replies_topic(settings.topic_prefix), partition)
+        self._started = False
+
+    def __enter__(self) -> DetectClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if not self._started:
+            self.router.start()
+            self._started = True
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.router.close()
+
+    def submit(self, data: bytes, *, lane: str = "online", timeout_s: float = 60.0,
+               params: Mapping[str, Any] | None = None, model: str = "yolov4-tiny", version: int | None = None,
+               content_type: str | None = None, job_id: str | None = None, deadline_ms: int | None = None,
+               request_id: str | None = None) -> Submitted:
+        """Produce one ImageSubmitted; its reply is awaited until ``timeout_s`` from now."""
+        sha = hashlib.sha256(data).hexdigest()
+        if len(data) <= self.inline_max_bytes or self.upload is None:
+            image: dict[str, Any] = {"data": data, "sha256": sha, "content_type": content_type}
+        else:
+            bucket, key = self.upload(f"{self.tenant}/{sha}", data, content_type)
+            image = {"bucket": bucket, "key": key, "sha256": sha, "size": len(data), "content_type": content_type}
+        return self.submit_image(image, lane=lane, timeout_s=timeout_s, params=params, model=model, version=version,
+                                 job_id=job_id, deadline_ms=deadline_ms, request_id=request_id)
+
+    def submit_ref(self, bucket: str, key: str, **kwargs: Any) -> Submitted:
+        """Submit an object already in MinIO by reference (what systems producing into Kafka send)."""
+        return self.submit_image({"bucket": bucket, "key": key, "sha256": None, "size": None,
+                                  "content_type": None}, **kwargs)
+
+    def submit_image(self, image: dict[str, Any], *, lane: str = "online", timeout_s: float = 60.0,
+                     params: Mapping[str, Any] | None = None, model: str = "yolov4-tiny", version: int | None = None,
+                     job_id: str | None = None, deadline_ms: int | None = None,
+                     request_id: str | None = None) -> Submitted:
+        self.start()
+        request_id = request_id or str(uuid.uuid4())
+        correlation = uuid.uuid4().hex
+        deadline = time.time() + timeout_s
+        event = {
+            "request_id": request_id, "tenant": self.tenant, "image": image, "lane": lane.upper(),
+            "model": {"name": model, "version": version},
+            "params": {"score_threshold": None, "max_detections": None, "classes": [], **(params or {})},
+            "deadline_ms": deadline_ms, "idempotency_key": None, "job_id": job_id, "submitted_at": now_ms(),
+        }
+        topic = lane_topic(self.settings.topic_prefix, lane, "submitted")
+        headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: self.router.reply_to.encode(),
+                   H.DEADLINE_MS: str(int(deadline * 1000)).encode(), H.TRACEPARENT: H.new_traceparent().encode()}
+        self.router.expect(correlation, deadline)
+        self.producer.produce(topic, key=request_id.encode(), value=self.serde.encode(topic, "ImageSubmitted", event),
+                              headers=list(headers.items()))
+        self.producer.poll(0)
+        return Submitted(request_id, correlation, deadline)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        if self.producer.flush(timeout_s):
+            raise ReplyTimeout("submissions were not delivered to Kafka in time")
+
+    def wait(self, sub: Submitted) -> dict[str, Any]:
+        """The DetectionResult, or ReplyTimeout at the submission's deadline."""
+        self.producer.flush(max(0.1, sub.deadline - time.time()))
+        return self.router.wait_sync(sub.correlation_id, sub.deadline)
+
+    def detect(self, data: bytes, **kwargs: Any) -> dict[str, Any]:
+        return self.wait(self.submit(data, **kwargs))
