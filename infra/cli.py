@@ -148,12 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--score", type=float, default=None, help="score threshold (default: the pipeline's)")
     dt.set_defaults(func=_detect)
 
-    try:  # TEMP until evaluate lands
-        from model_store.evaluate import add_cli as add_eval_cli
+    from model_store.evaluate import add_cli as add_eval_cli
 
-        add_eval_cli(sub).set_defaults(func=_eval)
-    except ImportError:
-        pass
+    add_eval_cli(sub).set_defaults(func=_eval)
 
     from infra.bench import add_cli as add_bench_cli
 

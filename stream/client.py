@@ -8,6 +8,7 @@ routed by a ReplyRouter reading one partition of the replies topic.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import random
 import time
@@ -31,6 +32,7 @@ class Submitted:
     request_id: str
     correlation_id: str
     deadline: float  # time.time() seconds: when the caller stops waiting
+    future: concurrent.futures.Future[dict[str, Any]]
 
 
 class DetectClient:
@@ -102,11 +104,11 @@ class DetectClient:
         topic = lane_topic(self.settings.topic_prefix, lane, "submitted")
         headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: self.router.reply_to.encode(),
                    H.DEADLINE_MS: str(int(deadline * 1000)).encode(), H.TRACEPARENT: H.new_traceparent().encode()}
-        self.router.expect(correlation, deadline)
+        future = self.router.expect(correlation, deadline)
         self.producer.produce(topic, key=request_id.encode(), value=self.serde.encode(topic, "ImageSubmitted", event),
                               headers=list(headers.items()))
         self.producer.poll(0)
-        return Submitted(request_id, correlation, deadline)
+        return Submitted(request_id, correlation, deadline, future)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         if self.producer.flush(timeout_s):
@@ -115,7 +117,7 @@ class DetectClient:
     def wait(self, sub: Submitted) -> dict[str, Any]:
         """The DetectionResult, or ReplyTimeout at the submission's deadline."""
         self.producer.flush(max(0.1, sub.deadline - time.time()))
-        return self.router.wait_sync(sub.correlation_id, sub.deadline)
+        return self.router.wait_sync(sub.correlation_id, sub.deadline, sub.future)
 
     def detect(self, data: bytes, **kwargs: Any) -> dict[str, Any]:
         return self.wait(self.submit(data, **kwargs))

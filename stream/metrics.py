@@ -15,6 +15,9 @@ RECORD_AGE_SECONDS = Histogram("detectflow_record_age_seconds",
                                "End-to-end age of a record when its stage finished it (now - submitted_at)",
                                ["stage", "lane"],
                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+LOOP_SECONDS = Histogram("detectflow_loop_seconds", "Time per batch in each phase of the runtime loop",
+                         ["stage", "phase"],  # decode | deliver (produce + flush + commit, or the transaction)
+                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 CONSUMER_LAG = Gauge("detectflow_consumer_lag", "High watermark minus position", ["stage", "topic", "partition"])
 RETRIES = Counter("detectflow_retries_total", "Transient failures retried", ["stage", "path"])  # backoff | topic
 DLQ = Counter("detectflow_dlq_total", "Records dead-lettered", ["stage", "reason"])

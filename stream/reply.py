@@ -114,17 +114,20 @@ class ReplyRouter:
         if w is not None:
             w.future.cancel()
 
-    def wait_sync(self, correlation_id: str, deadline: float) -> dict[str, Any]:
-        fut = self._waiters[correlation_id].future
+    def wait_sync(self, correlation_id: str, deadline: float,
+                  future: concurrent.futures.Future[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Block until the reply or the deadline. Pass the future ``expect`` returned: the reply may
+        already have resolved it (and left the waiter table) before this call."""
+        fut = future if future is not None else self._future(correlation_id)
         try:
             return fut.result(timeout=max(0.0, deadline - time.time()))
         except concurrent.futures.TimeoutError as exc:
             self.forget(correlation_id)
             raise ReplyTimeout(correlation_id) from exc
 
-    async def wait(self, correlation_id: str, deadline: float) -> dict[str, Any]:
-        with self._lock:
-            fut = self._waiters[correlation_id].future
+    async def wait(self, correlation_id: str, deadline: float,
+                   future: concurrent.futures.Future[dict[str, Any]] | None = None) -> dict[str, Any]:
+        fut = future if future is not None else self._future(correlation_id)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=max(0.0, deadline - time.time()))
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -132,6 +135,13 @@ class ReplyRouter:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise ReplyTimeout(correlation_id) from exc
+
+    def _future(self, correlation_id: str) -> concurrent.futures.Future[dict[str, Any]]:
+        with self._lock:
+            waiter = self._waiters.get(correlation_id)
+        if waiter is None:
+            raise StreamError(f"correlation id {correlation_id} is not awaited (pass the future expect() returned)")
+        return waiter.future
 
     def pending(self) -> int:
         with self._lock:

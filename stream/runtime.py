@@ -181,7 +181,9 @@ class StageRunner:
         if not msgs:
             self._schedule_lanes(saw_online=False)
             return False
+        t_admit = time.perf_counter()
         pending = self._admit(msgs)
+        M.LOOP_SECONDS.labels(self.stage.name, "decode").observe(time.perf_counter() - t_admit)
         work = [p for p in pending if p.record is not None and not p.done]
         saw_online = any(p.record.lane == "online" for p in work if p.record)
         stage = self.stage.name
@@ -192,7 +194,9 @@ class StageRunner:
             M.BATCH_SIZE.labels(stage).observe(len(work))
             self._process_with_backoff(work)
         handled = [p for p in pending if p.done]
+        t_deliver = time.perf_counter()
         self._deliver_and_commit(handled)
+        M.LOOP_SECONDS.labels(self.stage.name, "deliver").observe(time.perf_counter() - t_deliver)
         for p in handled:
             if p.record is not None:
                 sub = request_fields(p.record.value).get("submitted_at")
