@@ -88,6 +88,21 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def service_pids(stack: StackSettings) -> dict[str, int]:
+    from infra.stack import manager
+
+    return {h.name: h.pid for h in manager.status(stack) if h.running and h.pid}
+
+
 def baseline(images: list[bytes], model_dir: Path, repeats: int) -> dict[str, float]:
     from model_store.detect import Detector, letterbox, to_model_input
     from processors.imaging import ImageLimits, prepare
@@ -155,23 +170,27 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
                         stage_ms.setdefault(k, []).append(v)
 
             before = scrape(ports["inference"])
+            cpu_pids = {**sup.pids(), **service_pids(stack)}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
             t0 = time.perf_counter()
-            subs = []
+            subs, arrived = [], {}
             for i in range(n_batch):
                 client.tenant = f"bench-{uuid.uuid4().hex[:12]}"
-                subs.append((time.perf_counter(), client.submit(datas[i % len(datas)], lane="batch",
-                                                                timeout_s=600)))
+                t_sub = time.perf_counter()
+                sub = client.submit(datas[i % len(datas)], lane="batch", timeout_s=600)
+                # Latency is taken when the reply lands (the router's thread), not when we get to it.
+                sub.future.add_done_callback(lambda _f, i=i: arrived.__setitem__(i, time.perf_counter()))
+                subs.append((t_sub, sub))
             client.flush()
-            batch_lat, statuses = [], []
-            for t_sub, sub in subs:
-                r = client.wait(sub)
-                statuses.append(r["status"])
-                batch_lat.append((time.perf_counter() - t_sub) * 1000)
-            wall = time.perf_counter() - t0
+            statuses = [client.wait(sub)["status"] for _, sub in subs]
+            wall = max(arrived.values()) - t0
+            batch_lat = [(arrived[i] - t_sub) * 1000 for i, (t_sub, _) in enumerate(subs)]
+            cpu = {name: (cpu_seconds(pid) - cpu0[name]) * 1000 / n_batch for name, pid in cpu_pids.items()}
             after = scrape(ports["inference"])
         rss = {role: peak_rss_mib(pid) for role, pid in sup.pids().items()}
     finally:
         sup.stop()
+        T.delete(settings.stream.bootstrap, [spec.name for spec in T.all_topics(prefix)])
 
     n_runs = metric_sum(after, "detectflow_inference_batch_size_count") - metric_sum(
         before, "detectflow_inference_batch_size_count")
@@ -190,6 +209,9 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     print(f"  {thr:.2f} img/s over {wall:.1f}s; end-to-end P50 {percentile(batch_lat, 50):.0f} ms  "
           f"P95 {percentile(batch_lat, 95):.0f} ms  P99 {percentile(batch_lat, 99):.0f} ms; "
           f"{statuses.count('OK')}/{n_batch} OK")
+    print("  CPU ms per image, by process: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                      sorted(cpu.items(), key=lambda kv: -kv[1])) +
+          f"  (total {sum(cpu.values()):.0f}; the cores give {2000 / thr if thr else 0:.0f} ms per image)")
     print(f"  mean inference batch size {n_imgs / n_runs if n_runs else float('nan'):.2f} over {n_runs:.0f} model runs")
     print("\nratios and targets:")
     ratio = thr / base["img_s"]

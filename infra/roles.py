@@ -24,7 +24,8 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
     from model_store.catalog import ModelCatalog
 
     stream = settings.stream
-    eos = {"exactly_once": settings.exactly_once}
+    txn = {"exactly_once": settings.exactly_once, "exactly_once_lanes": settings.exactly_once_lanes}
+    eos: dict[str, Any] = {**txn, "max_batch": settings.stage_max_batch}
     if role == "bridge":
         from stream.bridge import BridgeStage, CassandraClaims
         from stream.cassandra import connect
@@ -50,7 +51,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         loaded = stage.warm_up()  # load -> warm-up -> only then consume
         log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
                  ", ".join(loaded.providers))
-        return stage, {**eos, "max_batch": settings.inference_max_batch,
+        return stage, {**txn, "max_batch": settings.inference_max_batch,
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":

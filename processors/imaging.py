@@ -162,7 +162,7 @@ def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeade
     if len(data) > limits.max_bytes:
         raise ImageRejected(IMAGE_TOO_LARGE, f"{len(data)} bytes is over the limit of {limits.max_bytes}")
     fmt = sniff_format(data)
-    width, height, orientation = _HEADER_READERS[fmt](data)
+    width, height, orientation, buffer_pixels = _HEADER_READERS[fmt](data)
     if width <= 0 or height <= 0:
         raise ImageRejected(INVALID_DIMENSIONS, f"{fmt} header gives {width}x{height} pixels")
     if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
@@ -170,7 +170,19 @@ def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeade
             PIXEL_LIMIT_EXCEEDED,
             f"{width}x{height} exceeds the limits of {limits.max_side} per side and {limits.max_pixels} pixels",
         )
+    if buffer_pixels > limits.max_pixels:
+        raise ImageRejected(
+            PIXEL_LIMIT_EXCEEDED,
+            f"decoding this {width}x{height} {fmt} needs a {buffer_pixels}-pixel buffer, over {limits.max_pixels}",
+        )
     return ImageHeader(fmt, width, height, orientation)
+
+
+class _Parsed(NamedTuple):
+    width: int
+    height: int
+    orientation: int
+    buffer_pixels: int = 0  # a decoder work buffer larger than the image, sized by the header (TIFF tiles/strips)
 
 
 def _need(data: bytes, end: int, what: str) -> None:
@@ -303,6 +315,7 @@ _JPEG_SOS: Final = 0xDA
 _JPEG_APP1: Final = 0xE1
 _JPEG_MAX_SEGMENTS: Final = 4096  # real files have tens before the first scan; bounds the Python loop
 _NOT_FF: Final = re.compile(rb"[^\xff]")
+_JPEG_MAX_SCANS: Final = 100  # libjpeg's default progression has 10 scans (6 for grey)
 _TAIL: Final = 4096  # bytes examined for an end marker followed by zero padding
 
 
@@ -348,7 +361,7 @@ def _jpeg_segments(data: bytes) -> Iterator[_JpegSegment]:
     raise ImageRejected(CORRUPT_IMAGE, f"more than {_JPEG_MAX_SEGMENTS} JPEG segments before the first scan")
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int]:
+def _jpeg_header(data: bytes) -> _Parsed:
     orientation, exif_seen = 1, False
     for seg in _jpeg_segments(data):
         if seg.marker == _JPEG_APP1 and not exif_seen and data.startswith(b"Exif\x00", seg.start):
@@ -358,7 +371,7 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int]:
             if seg.end - seg.start < 6:
                 raise ImageRejected(CORRUPT_IMAGE, "JPEG frame header is too short")
             height, width = struct.unpack_from(">HH", data, seg.start + 1)  # height 0 means DNL: unsupported
-            return width, height, orientation
+            return _Parsed(width, height, orientation)
         elif seg.marker in _JPEG_SOF_HIERARCHICAL:
             raise ImageRejected(UNSUPPORTED_FORMAT, f"JPEG process SOF{seg.marker - 0xC0} is not supported")
         elif seg.marker == _JPEG_SOS:
@@ -367,26 +380,32 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int]:
 
 
 def _jpeg_complete(data: bytes) -> None:
+    """EOI present (TRUNCATED_IMAGE if not), and not a progressive-scan bomb."""
     if data[-_TAIL:].rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return  # the common case, O(1)
-    # EOI elsewhere: data after the image (motion photos append a video) or long padding. 0xFFD9 cannot occur
-    # inside entropy-coded data, so the first one after the first SOS ends the primary image.
-    for seg in _jpeg_segments(data):
-        if seg.marker == _JPEG_SOS:
-            if data.find(b"\xff\xd9", seg.end) < 0:
-                raise ImageRejected(TRUNCATED_IMAGE, "JPEG data ends inside the scan (no EOI marker)")
-            return
+        start, end = 2, len(data)  # the common case: no walk
+    else:
+        # EOI elsewhere: data after the image (motion photos append a video) or long padding. 0xFFD9 cannot
+        # occur inside entropy-coded data, so the first one after the first SOS ends the primary image.
+        start = end = -1
+        for seg in _jpeg_segments(data):
+            start, end = seg.start, data.find(b"\xff\xd9", seg.end)  # the walk ends at the first SOS
+        if end < 0:
+            raise ImageRejected(TRUNCATED_IMAGE, "JPEG data ends inside the scan (no EOI marker)")
+    # Each scan is a full pass over the image: a 50 KB file of 2,000 tiny scans over 4 MP takes 6 s to decode.
+    # 0xFFDA cannot occur in entropy-coded data either, so this counts scans (plus any in an EXIF thumbnail).
+    scans = data.count(b"\xff\xda", start, end)
+    if scans > _JPEG_MAX_SCANS:
+        raise ImageRejected(CORRUPT_IMAGE, f"JPEG with {scans} scans (encoders write at most a few tens)")
 
 
 # ---- PNG
 
-_PNG_IEND: Final = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _PNG_BIT_DEPTHS: Final = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _PNG_MAX_CHUNKS_BEFORE_IDAT: Final = 1024
-_PNG_MAX_CHUNKS: Final = 65536  # bounds the completeness walk; past it the decoder has the last word
+_PNG_MAX_CHUNKS: Final = 65536  # libpng writes 8 KiB IDATs: a 20 MiB PNG has ~2,500 chunks
 
 
-def _png_header(data: bytes) -> tuple[int, int, int]:
+def _png_header(data: bytes) -> _Parsed:
     _need(data, 33, "PNG IHDR chunk")
     length, chunk_type = struct.unpack_from(">I4s", data, 8)
     if chunk_type != b"IHDR" or length != 13:
@@ -397,7 +416,7 @@ def _png_header(data: bytes) -> tuple[int, int, int]:
     width, height, depth, color, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     if depth not in _PNG_BIT_DEPTHS.get(color, ()) or compression or filtering or interlace > 1:
         raise ImageRejected(CORRUPT_IMAGE, f"PNG IHDR: bit depth {depth}, colour type {color} is not valid")
-    return width, height, _png_orientation(data)
+    return _Parsed(width, height, _png_orientation(data))
 
 
 def _png_orientation(data: bytes) -> int:
@@ -421,8 +440,8 @@ def _png_orientation(data: bytes) -> int:
 
 
 def _png_complete(data: bytes) -> None:
-    if data.endswith(_PNG_IEND):
-        return
+    """Every chunk lies inside the data, up to IEND. Always walked (a few µs per 100 chunks): OpenCV allocates a
+    chunk's declared length before reading it, so a 150-byte PNG declaring a 2 GB IDAT costs 2 GB and 5 s."""
     n, pos = len(data), 8
     for _ in range(_PNG_MAX_CHUNKS):
         if pos + 8 > n:
@@ -436,6 +455,7 @@ def _png_complete(data: bytes) -> None:
         if pos > n:
             name = chunk_type.decode("latin-1")
             raise ImageRejected(TRUNCATED_IMAGE, f"PNG data ends inside a {name} chunk")
+    raise ImageRejected(CORRUPT_IMAGE, f"PNG with more than {_PNG_MAX_CHUNKS} chunks")
 
 
 # ---- WebP
@@ -464,16 +484,16 @@ def _vp8l_size(data: bytes, pos: int) -> tuple[int, int]:
     return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
 
 
-def _webp_header(data: bytes) -> tuple[int, int, int]:
+def _webp_header(data: bytes) -> _Parsed:
     _need(data, 20, "WebP header")
     (riff_size,) = struct.unpack_from("<I", data, 4)
     if riff_size < 12:
         raise ImageRejected(CORRUPT_IMAGE, f"RIFF size {riff_size} is too small for a WebP image")
     fourcc, size = struct.unpack_from("<4sI", data, 12)
     if fourcc == b"VP8 ":
-        return *_vp8_size(data, 20), 1
+        return _Parsed(*_vp8_size(data, 20), 1)
     if fourcc == b"VP8L":
-        return *_vp8l_size(data, 20), 1
+        return _Parsed(*_vp8l_size(data, 20), 1)
     if fourcc != b"VP8X":
         raise ImageRejected(CORRUPT_IMAGE, f"WebP starts with an unknown chunk {fourcc!r}")
     if size < 10:
@@ -499,7 +519,7 @@ def _webp_header(data: bytes) -> tuple[int, int, int]:
             if frame != (width, height):
                 raise ImageRejected(CORRUPT_IMAGE, f"WebP canvas {width}x{height} but bitstream {frame[0]}x{frame[1]}")
         pos = chunk_end + (size & 1)
-    return width, height, orientation
+    return _Parsed(width, height, orientation)
 
 
 def _webp_complete(data: bytes) -> None:
@@ -543,9 +563,9 @@ def _bmp_layout(data: bytes) -> _BmpLayout:
     return _BmpLayout(width, abs(height), bits, compression, pixel_offset, image_size)
 
 
-def _bmp_header(data: bytes) -> tuple[int, int, int]:
+def _bmp_header(data: bytes) -> _Parsed:
     layout = _bmp_layout(data)
-    return layout.width, layout.height, 1
+    return _Parsed(layout.width, layout.height, 1)
 
 
 def _bmp_complete(data: bytes) -> None:
@@ -563,10 +583,21 @@ def _bmp_complete(data: bytes) -> None:
 
 # ---- TIFF
 
-_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
+_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_ROWS_PER_STRIP, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 278, 322, 323
 _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES = 273, 279, 324, 325
 _TIFF_TAGS: Final = frozenset(
-    {_TIFF_WIDTH, _TIFF_HEIGHT, _ORIENTATION_TAG, _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES}
+    {
+        _TIFF_WIDTH,
+        _TIFF_HEIGHT,
+        _ORIENTATION_TAG,
+        _TIFF_ROWS_PER_STRIP,
+        _TIFF_TILE_WIDTH,
+        _TIFF_TILE_LENGTH,
+        _TIFF_STRIPS,
+        _TIFF_STRIP_BYTES,
+        _TIFF_TILES,
+        _TIFF_TILE_BYTES,
+    }
 )
 
 
@@ -581,7 +612,7 @@ def _tiff_ifd0(data: bytes) -> tuple[_TiffStructure, dict[int, _IfdEntry]]:
         raise ImageRejected(CORRUPT_IMAGE, f"TIFF first directory is unreadable: {exc}") from exc
 
 
-def _tiff_header(data: bytes) -> tuple[int, int, int]:
+def _tiff_header(data: bytes) -> _Parsed:
     tiff, entries = _tiff_ifd0(data)
     try:
         width = tiff.uint(entries[_TIFF_WIDTH])
@@ -596,7 +627,23 @@ def _tiff_header(data: bytes) -> tuple[int, int, int]:
             orientation = tiff.uint(entries[_ORIENTATION_TAG])
         except _TiffError:
             orientation = 1
-    return width, height, orientation if 1 <= orientation <= 8 else 1
+    orientation = orientation if 1 <= orientation <= 8 else 1
+    return _Parsed(width, height, orientation, _tiff_buffer_pixels(tiff, entries, width, height))
+
+
+def _tiff_buffer_pixels(tiff: _TiffStructure, entries: dict[int, _IfdEntry], width: int, height: int) -> int:
+    """Pixels in OpenCV's per-tile (or per-strip) buffer, which is sized from the tags, not from the image:
+    a 1x1 TIFF declaring a 12000x12000 tile costs 600 MB (grfmt_tiff.cpp only refuses buffers of 1 GB)."""
+    try:
+        if _TIFF_TILE_WIDTH in entries:  # libtiff's TIFFIsTiled
+            tile_length = tiff.uint(entries[_TIFF_TILE_LENGTH]) if _TIFF_TILE_LENGTH in entries else 0
+            return tiff.uint(entries[_TIFF_TILE_WIDTH]) * tile_length
+        if _TIFF_ROWS_PER_STRIP in entries:
+            rows = tiff.uint(entries[_TIFF_ROWS_PER_STRIP])
+            return width * (height if rows in (0, 0xFFFFFFFF) else rows)
+    except _TiffError as exc:
+        raise ImageRejected(CORRUPT_IMAGE, f"TIFF tile/strip size is unreadable: {exc}") from exc
+    return 0
 
 
 def _tiff_complete(data: bytes) -> None:

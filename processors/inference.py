@@ -202,7 +202,7 @@ class InferenceStage:
                 "original_height": value["original_height"], "exif_orientation": value.get("exif_orientation", 1),
                 "letterbox": value["letterbox"],
                 "timings_ms": {**value.get("timings_ms", {}), "inference": (t1 - t0) * 1000 / n,
-                               "inference_batch": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000 / n},
+                               "inference_batch": (t1 - t0) * 1000, "candidates": (t2 - t1) * 1000 / n},
             }
             done.append((i, [Output(lane_topic(self.prefix, rec.lane, "inferred"), value["context"]["request_id"],
                                     event, "InferenceOutput")]))

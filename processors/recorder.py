@@ -19,6 +19,11 @@ class Results(Protocol):
     def save_results(self, results: Sequence[Mapping[str, Any]]) -> None: ...
 
 
+def stored_by_postprocess(result: Mapping[str, Any]) -> bool:
+    """postprocess stores every OK result it makes before publishing it; storing it again is waste."""
+    return result.get("status") == "OK" and not result.get("cache_hit")
+
+
 class RecorderStage:
     name = "recorder"
     input_event = "DetectionResult"
@@ -32,8 +37,10 @@ class RecorderStage:
         return [detections_topic(self.prefix)]
 
     def process(self, batch: list[Record]) -> list[Outcome]:
+        todo = [rec.value for rec in batch if not stored_by_postprocess(rec.value)]
         try:
-            self.results.save_results([rec.value for rec in batch])
+            if todo:
+                self.results.save_results(todo)
         except TransientError as exc:
             return [Failure(exc) for _ in batch]
         return [[] for _ in batch]

@@ -83,7 +83,8 @@ class StageRunner:
 
     def __init__(self, stage: Stage, settings: StreamSettings, *, serde: AvroSerde | None = None,
                  group_id: str | None = None, exactly_once: bool = False, instance_id: str | None = None,
-                 max_batch: int | None = None, queue_delay_ms: Mapping[str, int] | None = None):
+                 max_batch: int | None = None, queue_delay_ms: Mapping[str, int] | None = None,
+                 exactly_once_lanes: frozenset[str] | None = None):
         self.stage = stage
         self.settings = settings
         self.max_batch = max(1, max_batch or settings.max_batch)
@@ -94,6 +95,11 @@ class StageRunner:
         self.serde = serde or AvroSerde.from_url(settings.registry_url)
         self.group_id = group_id or f"{settings.topic_prefix}detectflow.{stage.name}"
         self.exactly_once = exactly_once
+        # With exactly_once, which lanes' records go through transactions. Others are delivered
+        # at-least-once by a plain idempotent producer (no commit round trips on their path): the
+        # online lane trades exactly-once on `detections` (consumers dedupe by request id; sinks are
+        # idempotent) for latency, and a sync caller takes the first reply anyway.
+        self.eos_lanes = frozenset() if not exactly_once else (exactly_once_lanes or frozenset({"online", "batch"}))
         self._stop = threading.Event()
         self._paused_batch: set[tuple[str, int]] = set()
         # Retry records polled before their not-before time, held (uncommitted) while their
@@ -129,9 +135,11 @@ class StageRunner:
             "message.max.bytes": settings.max_message_bytes + 64 * 1024,
             "log_level": 4,
         }
-        if exactly_once:
-            producer_conf["transactional.id"] = f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"
-        self.producer = Producer(producer_conf)
+        self.producer = Producer(producer_conf)  # at-least-once outputs
+        self.txn_producer: Producer | None = None  # exactly-once outputs
+        if self.eos_lanes:
+            self.txn_producer = Producer({**producer_conf, "transactional.id":
+                                          f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"})
 
     # ---- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -143,8 +151,8 @@ class StageRunner:
 
     def run(self, *, max_batches: int | None = None, idle_stop_s: float | None = None) -> None:
         """Loop until stop() (SIGTERM): finish the in-flight batch, commit, leave the group."""
-        if self.exactly_once:
-            self.producer.init_transactions(30)
+        if self.txn_producer is not None:
+            self.txn_producer.init_transactions(30)
         self.consumer.subscribe(self.stage.input_topics() + [retry_topic(t) for t in self.stage.input_topics()],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
         batches = 0
@@ -161,6 +169,8 @@ class StageRunner:
         finally:
             self.consumer.close()  # leaves the group at once, so a rebalance need not wait for the session timeout
             self.producer.flush(self.settings.flush_timeout_s)
+            if self.txn_producer is not None:
+                self.txn_producer.flush(self.settings.flush_timeout_s)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused_batch.clear()
@@ -399,44 +409,61 @@ class StageRunner:
     def _deliver_and_commit(self, handled: list[_Pending]) -> None:
         if not handled:
             return
+        plain = [p for p in handled if self._lane_of_msg(p) not in self.eos_lanes]
+        txn = [p for p in handled if self._lane_of_msg(p) in self.eos_lanes]
+        if plain:  # first: these are the latency-sensitive ones
+            self._deliver_plain(plain)
+        if txn:
+            self._deliver_transaction(txn)
+
+    def _lane_of_msg(self, p: _Pending) -> str:
+        return p.record.lane if p.record is not None else lane_of(origin_of(p.msg.topic()))
+
+    @staticmethod
+    def _offsets(handled: list[_Pending]) -> list[TopicPartition]:
         offsets: dict[tuple[str, int], int] = {}
         for p in handled:
             tp = (p.msg.topic(), p.msg.partition())
             offsets[tp] = max(offsets.get(tp, -1), p.msg.offset() + 1)
-        commit = [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
-        if self.exactly_once:
-            self.producer.begin_transaction()
+        return [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
+
+    def _deliver_plain(self, handled: list[_Pending]) -> None:
         self._delivery_errors.clear()
         for p in handled:
             for out in p.outputs:
-                self._produce(out)
-        if self.exactly_once:
-            try:
-                self.producer.send_offsets_to_transaction(commit, self.consumer.consumer_group_metadata(),
-                                                          self.settings.flush_timeout_s)
-                self.producer.commit_transaction(self.settings.flush_timeout_s)
-            except KafkaException as exc:
-                self.producer.abort_transaction(self.settings.flush_timeout_s)
-                raise DeliveryError(f"transaction failed: {exc}") from exc
-        else:
-            remaining = self.producer.flush(self.settings.flush_timeout_s)
-            if remaining or self._delivery_errors:
-                raise DeliveryError(f"{remaining} undelivered, errors: {self._delivery_errors[:3]}")
-            if commit:
-                self.consumer.commit(offsets=commit, asynchronous=False)
+                self._produce(self.producer, out)
+        remaining = self.producer.flush(self.settings.flush_timeout_s)
+        if remaining or self._delivery_errors:
+            raise DeliveryError(f"{remaining} undelivered, errors: {self._delivery_errors[:3]}")
+        self.consumer.commit(offsets=self._offsets(handled), asynchronous=False)
 
-    def _produce(self, out: Output) -> None:
+    def _deliver_transaction(self, handled: list[_Pending]) -> None:
+        producer = self.txn_producer
+        assert producer is not None
+        producer.begin_transaction()
+        for p in handled:
+            for out in p.outputs:
+                self._produce(producer, out)
+        try:
+            producer.send_offsets_to_transaction(self._offsets(handled), self.consumer.consumer_group_metadata(),
+                                                 self.settings.flush_timeout_s)
+            producer.commit_transaction(self.settings.flush_timeout_s)
+        except KafkaException as exc:
+            producer.abort_transaction(self.settings.flush_timeout_s)
+            raise DeliveryError(f"transaction failed: {exc}") from exc
+
+    def _produce(self, producer: Producer, out: Output) -> None:
         value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)
         kwargs: dict[str, Any] = {}
         if out.partition is not None:
             kwargs["partition"] = out.partition
         while True:
             try:
-                self.producer.produce(out.topic, value=value, key=out.key.encode() if out.key else None,
-                                      headers=list(out.headers.items()), on_delivery=self._on_delivery, **kwargs)
+                producer.produce(out.topic, value=value, key=out.key.encode() if out.key else None,
+                                 headers=list(out.headers.items()), on_delivery=self._on_delivery, **kwargs)
                 return
             except BufferError:
-                self.producer.poll(0.1)  # local queue full: wait for deliveries (bounded by the queue size)
+                producer.poll(0.1)  # local queue full: wait for deliveries (bounded by the queue size)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -496,12 +523,13 @@ class StageRunner:
 
 def run_stage(stage: Stage, settings: StreamSettings, *, exactly_once: bool = False,
               ready: Callable[[], None] | None = None, max_batch: int | None = None,
-              queue_delay_ms: Mapping[str, int] | None = None) -> None:
+              queue_delay_ms: Mapping[str, int] | None = None,
+              exactly_once_lanes: frozenset[str] | None = None) -> None:
     """Entry point of a stage process: metrics endpoint, signal handling, then the loop."""
     port = M.serve(settings.metrics_port)
     log.info("%s: metrics on 127.0.0.1:%s", stage.name, port)
     runner = StageRunner(stage, settings, exactly_once=exactly_once, instance_id=settings.instance_id or None,
-                         max_batch=max_batch, queue_delay_ms=queue_delay_ms)
+                         max_batch=max_batch, queue_delay_ms=queue_delay_ms, exactly_once_lanes=exactly_once_lanes)
     runner.install_signal_handlers()
     if ready is not None:
         ready()

@@ -122,3 +122,18 @@ def apply(bootstrap: str, specs: list[TopicSpec], *, timeout_s: float = 30.0) ->
             raise TopicError(f"cannot configure {res.name}: {exc}") from exc
         actions.setdefault(res.name, "configured")
     return actions
+
+
+def delete(bootstrap: str, names: list[str], *, timeout_s: float = 30.0) -> None:
+    """Delete topics (missing ones are fine): what a benchmark or test run leaves behind."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    doomed = [n for n in names if n in existing]
+    if not doomed:
+        return
+    for name, fut in admin.delete_topics(doomed, request_timeout=timeout_s).items():
+        try:
+            fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if "UNKNOWN_TOPIC" not in str(exc):
+                raise TopicError(f"cannot delete {name}: {exc}") from exc

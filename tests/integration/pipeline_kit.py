@@ -56,3 +56,4 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path) -> Iterator
         yield Pipeline(stack, settings, sup, prefix)
     finally:
         sup.stop()
+        T.delete(stack.kafka_bootstrap, [spec.name for spec in T.all_topics(prefix)])

@@ -18,12 +18,12 @@ import pytest
 from imaging_fixtures import exif_jpeg, minimal_pdf, png_header_bomb, truncated_jpeg
 from minio import Minio
 from pipeline_kit import Pipeline, start_pipeline
-from processors.imaging import ImageLimits, prepare
 from stream_kit import read_all
 
 from infra.settings import StackSettings
 from infra.stack import manager
 from model_store.detect import Detector
+from processors.imaging import ImageLimits, prepare
 from stream.serde import AvroSerde
 from stream.topics import detections_topic, dlq_topic, lane_topic, retry_topic
 

@@ -271,9 +271,13 @@ def test_postprocess_retries_when_cassandra_is_down(catalog: ModelCatalog) -> No
     assert all(isinstance(o, Failure) and isinstance(o.error, TransientError) for o in outs)
 
 
-def test_recorder_stores_every_result() -> None:
+def test_recorder_stores_every_result_postprocess_did_not() -> None:
     results = FakeResults()
     stage = RecorderStage(results, "u.")
     assert stage.input_topics() == ["u.detections"]
-    outs = stage.process([record({"request_id": "a", "tenant": "t", "status": "REJECTED"})])
-    assert outs == [[]] and results.saved[0]["status"] == "REJECTED"
+    outs = stage.process([record({"request_id": "a", "tenant": "t", "status": "REJECTED"}),
+                          record({"request_id": "b", "tenant": "t", "status": "OK", "cache_hit": True}),
+                          record({"request_id": "c", "tenant": "t", "status": "OK", "cache_hit": False})])
+    assert outs == [[], [], []]
+    # c came from postprocess, which stored it before publishing it
+    assert [r["request_id"] for r in results.saved] == ["a", "b"]
