@@ -303,7 +303,7 @@ class PipelineSettings:
             stream=StreamSettings.from_env(env),
             models_dir=Path(_get(env, "MODELS_DIR", str(stack.models_dir))).expanduser(),
             minio_endpoint=_get(env, "MINIO_ENDPOINT", stack.minio_endpoint),
-            minio_secrets_file=stack.secrets_dir / "minio.json",
+            minio_secrets_file=Path(_get(env, "MINIO_SECRETS_FILE", str(stack.secrets_dir / "minio.json"))),
             clamd_host=_get(env, "CLAMD_HOST", stack.host),
             clamd_port=stack.clamd_port,
             clamd_timeout_s=num("CLAMD_TIMEOUT_S", 30.0),

@@ -82,3 +82,20 @@ def test_volumes_declared(compose: dict) -> None:
             source = vol.split(":", 1)[0]
             if not source.startswith((".", "/")):
                 assert source in named, f"{name} uses undeclared volume {source}"
+
+
+def test_every_pipeline_role_is_a_compose_service(compose: dict) -> None:
+    from infra.roles import ROLES
+
+    for role in ROLES:
+        svc = compose["services"][role]
+        assert svc["command"] == ["detectflow", "run", role]
+        assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+        assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
+        assert "registry" in svc["depends_on"], f"{role} decodes Avro: it needs the registry"
+        assert svc["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}
+        env = svc["environment"]
+        assert env["DETECTFLOW_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert "clamd" in compose["services"]["scan"]["depends_on"]
+    image_build = compose["services"]["topics"]["build"]
+    assert (ROOT / image_build["dockerfile"]).exists()
