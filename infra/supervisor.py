@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, roles: Sequence[str], log_dir: Path, *, env: Mapping[str, str] | None = None,
-                 max_backoff_s: float = 30.0, stable_after_s: float = 60.0, metrics_base_port: int = 0):
+                 max_backoff_s: float = 30.0, stable_after_s: float = 60.0, metrics_base_port: int = 0,
+                 argv: Callable[[str], list[str]] | None = None):
         self.children = {role: Child(role) for role in roles}
         self.log_dir = Path(log_dir)
         self.env = dict(os.environ if env is None else env)
@@ -43,6 +44,8 @@ class Supervisor:
         self.stable_after_s = stable_after_s
         self.metrics_base_port = metrics_base_port
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # check() and stop() never interleave: no child spawned after stop
+        self.argv = argv or (lambda role: [sys.executable, "-m", "infra.cli", "run", role])
 
     def log_path(self, role: str) -> Path:
         return self.log_dir / f"pipeline-{role}.log"
@@ -53,7 +56,7 @@ class Supervisor:
         if self.metrics_base_port:
             env["DETECTFLOW_METRICS_PORT"] = str(self.metrics_base_port + list(self.children).index(child.role))
         with open(self.log_path(child.role), "ab") as out:
-            child.proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "run", child.role], stdout=out,
+            child.proc = subprocess.Popen(self.argv(child.role), stdout=out,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
         child.started = time.monotonic()
         log.info("started %s (pid %s)", child.role, child.proc.pid)
@@ -67,6 +70,10 @@ class Supervisor:
 
     def check(self) -> None:
         """Restart children that exited (after their backoff)."""
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
         now = time.monotonic()
         for child in self.children.values():
             if child.proc is not None:
@@ -86,6 +93,10 @@ class Supervisor:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
+        with self._lock:
+            self._stop_children(timeout_s)
+
+    def _stop_children(self, timeout_s: float) -> None:
         running = [c.proc for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)
