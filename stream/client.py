@@ -46,7 +46,7 @@ class DetectClient:
         self.upload = upload  # (key, data, content type) -> (bucket, key); for images over the inline limit
         self.serde = serde or AvroSerde.from_url(settings.registry_url)
         self.producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
-                                  "acks": "all", "linger.ms": 1, "compression.type": "lz4",
+                                  "acks": "all", "linger.ms": 1, "compression.type": settings.compression,
                                   "message.max.bytes": settings.max_message_bytes + 64 * 1024, "log_level": 3})
         partition = random.randrange(16) if reply_partition is None else reply_partition  # noqa: S311
         self.router = ReplyRouter(settings, self.serde, replies_topic(settings.topic_prefix), partition)

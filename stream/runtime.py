@@ -130,7 +130,7 @@ class StageRunner:
             "bootstrap.servers": settings.bootstrap,
             "enable.idempotence": True,
             "acks": "all",
-            "compression.type": "lz4",
+            "compression.type": settings.compression,
             "linger.ms": 2,
             "message.max.bytes": settings.max_message_bytes + 64 * 1024,
             "log_level": 4,

@@ -24,8 +24,27 @@ def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> Stre
     return StreamSettings(**base)
 
 
+_PREFIXES: list[str] = []
+
+
 def new_prefix() -> str:
-    return f"it{secrets.token_hex(4)}."
+    prefix = f"it{secrets.token_hex(4)}."
+    _PREFIXES.append(prefix)
+    return prefix
+
+
+def delete_test_topics(stack: StackSettings) -> None:
+    """Delete every topic made under this session's prefixes (an idle topic still costs the broker)."""
+    if _PREFIXES:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            existing = AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).list_topics(timeout=10).topics
+            T.delete(stack.kafka_bootstrap, [t for t in existing if t.startswith(tuple(_PREFIXES))])
+        except (KafkaException, T.TopicError) as exc:  # cleanup only: never fail the session for it
+            print(f"could not delete test topics: {exc}")
+        _PREFIXES.clear()
 
 
 def make_topics(stack: StackSettings, prefix: str) -> None:
