@@ -36,6 +36,14 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _num(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name, str(default))
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+
+
 def _heap(env: Mapping[str, str], name: str, default: str) -> str:
     raw = _get(env, name, default).strip().lower()
     if not raw[:-1].isdigit() or raw[-1] not in "mg":
@@ -213,11 +221,7 @@ class StreamSettings:
         stack = StackSettings.from_env(env)
 
         def num(name: str, default: float) -> float:
-            raw = _get(env, name, str(default))
-            try:
-                return float(raw)
-            except ValueError as exc:
-                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+            return _num(env, name, default)
 
         return cls(
             bootstrap=_get(env, "KAFKA_BOOTSTRAP", stack.kafka_bootstrap),
@@ -297,11 +301,7 @@ class PipelineSettings:
         stack = StackSettings.from_env(env)
 
         def num(name: str, default: float) -> float:
-            raw = _get(env, name, str(default))
-            try:
-                return float(raw)
-            except ValueError as exc:
-                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+            return _num(env, name, default)
 
         return cls(
             stream=StreamSettings.from_env(env),

@@ -18,8 +18,8 @@ from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.detect import letterbox
 from processors import metrics as PM
 from processors.imaging import ImageLimits, ImageRejected, prepare
-from stream.errors import InvalidRecord, TransientError
-from stream.records import Failure, Outcome, Output, Record
+from stream.errors import InvalidRecord
+from stream.records import Outcome, Output, Record, per_record
 from stream.topics import LANES, lane_topic
 
 
@@ -56,13 +56,7 @@ class PreprocessStage:
         return [lane_topic(self.prefix, lane, "scanned") for lane in LANES]
 
     def process(self, batch: list[Record]) -> list[Outcome]:
-        out: list[Outcome] = []
-        for rec in batch:
-            try:
-                out.append(self._one(rec))
-            except (InvalidRecord, TransientError) as exc:
-                out.append(Failure(exc))
-        return out
+        return per_record(batch, self._one)
 
     def _one(self, rec: Record) -> list[Output]:
         value = rec.value

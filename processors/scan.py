@@ -21,7 +21,7 @@ from processors import metrics as PM
 from processors.params import CacheKey, effective_params
 from processors.scanner import ScanVerdict
 from stream.errors import InvalidRecord, TransientError
-from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs, terminal_result
+from stream.records import Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
 from stream.topics import LANES, lane_topic
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,7 @@ class ScanStage:
         return [lane_topic(self.prefix, lane, "submitted") for lane in LANES]
 
     def process(self, batch: list[Record]) -> list[Outcome]:
-        out: list[Outcome] = []
-        for rec in batch:
-            try:
-                out.append(self._one(rec))
-            except (InvalidRecord, TransientError) as exc:
-                out.append(Failure(exc))
-        return out
+        return per_record(batch, self._one)
 
     def _one(self, rec: Record) -> list[Output]:
         value = rec.value

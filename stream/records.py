@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stream import headers as H
-from stream.errors import StreamError
+from stream.errors import InvalidRecord, StreamError, TransientError
 from stream.serde import epoch_ms
 from stream.topics import detections_topic
 
@@ -65,6 +65,18 @@ class Stage(Protocol):
     def input_topics(self) -> list[str]: ...
 
     def process(self, batch: list[Record]) -> list[Outcome]: ...
+
+
+def per_record(batch: list[Record], one: Callable[[Record], list[Output]]) -> list[Outcome]:
+    """A stage's process() for stages that handle each record on its own: InvalidRecord and
+    TransientError become that record's Failure; anything else is a bug and propagates."""
+    out: list[Outcome] = []
+    for rec in batch:
+        try:
+            out.append(one(rec))
+        except (InvalidRecord, TransientError) as exc:
+            out.append(Failure(exc))
+    return out
 
 
 def now_ms() -> int:
