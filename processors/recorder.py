@@ -1,8 +1,9 @@
-"""recorder: every DetectionResult on `detections` is stored in Cassandra (idempotent upserts).
+"""recorder: the DetectionResults on `detections` that no stage stored are stored in Cassandra.
 
-postprocess stores its own results before replying; results that other stages close (REJECTED by
-scan or preprocess, FAILED after retries, DEADLINE_EXCEEDED, cache hits) reach Cassandra through
-this sink, so `GET /v1/requests/{id}` and job pages see every outcome.
+postprocess stores its own results (OK, not from the cache) before publishing them; results that
+other stages close (REJECTED by scan or preprocess, FAILED after retries, DEADLINE_EXCEEDED, cache
+hits) reach Cassandra through this sink, with the same idempotent upserts, so `GET
+/v1/requests/{id}` and job pages see every outcome.
 """
 
 from __future__ import annotations
