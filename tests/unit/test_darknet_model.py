@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from darknet_fixtures import random_weights_file
 
 from model_store import darknet
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig
@@ -230,16 +231,7 @@ scale_x_y=1.1
     assert network.shapes[1] == darknet.Shape(8, 12, 12)  # stride-1 pool keeps the size
     assert network.shapes[5] == darknet.Shape(16, 6, 6)  # (12 + 2 - 3) // 2 + 1
     rng = np.random.default_rng(7)
-    floats = []
-    for layer in network.layers:
-        if isinstance(layer, darknet.Convolutional):
-            n, c, k = layer.filters, network.input_shape(layer.index).c, layer.size
-            floats.append(rng.normal(0, 0.1, n))
-            if layer.batch_normalize:
-                floats += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 2, n)]
-            floats.append(rng.normal(0, 0.3, n * c * k * k))
-    header = np.asarray([0, 2, 5], "<i4").tobytes() + np.asarray([1000], "<i8").tobytes()
-    weights = darknet.parse_weights(header + np.concatenate(floats).astype("<f4").tobytes(), network)
+    weights = darknet.parse_weights(random_weights_file(network, rng, conv_std=0.3, seen=1000), network)
     assert weights.header.seen == 1000
 
     import onnxruntime as ort

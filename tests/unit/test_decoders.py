@@ -8,6 +8,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+from darknet_fixtures import random_weights_file
 
 from infra.settings import StackSettings
 from model_store import darknet
@@ -184,16 +185,7 @@ anchors=4,5, 9,12, 7,3
 classes=2
 """)
     rng = np.random.default_rng(11)
-    floats = []
-    for layer in network.layers:
-        if isinstance(layer, darknet.Convolutional):
-            n, c, k = layer.filters, network.input_shape(layer.index).c, layer.size
-            floats.append(rng.normal(0, 0.1, n))
-            if layer.batch_normalize:
-                floats += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 2, n)]
-            floats.append(rng.normal(0, 0.5, n * c * k * k))
-    header = np.asarray([0, 2, 5], "<i4").tobytes() + np.asarray([0], "<i8").tobytes()
-    weights = darknet.parse_weights(header + np.concatenate(floats).astype("<f4").tobytes(), network)
+    weights = darknet.parse_weights(random_weights_file(network, rng, conv_std=0.5, seen=0), network)
     images = rng.uniform(0, 1, (3, 3, 16, 24))
     maps = darknet.forward(network, weights, images)
     decoded = darknet.decode_heads(network, maps)
