@@ -74,11 +74,11 @@ def _run(args: argparse.Namespace, settings: StackSettings) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = PipelineSettings.from_env()
     if args.role == "all":
-        from infra.roles import ROLES
+        from infra.roles import SERVICES
         from infra.supervisor import Supervisor
 
-        sup = Supervisor(ROLES, settings.log_dir, metrics_base_port=pipeline.stream.metrics_port)
-        print(f"pipeline roles starting: {', '.join(ROLES)}; logs in {settings.log_dir}/pipeline-<role>.log; "
+        sup = Supervisor(SERVICES, settings.log_dir, metrics_base_port=pipeline.stream.metrics_port)
+        print(f"pipeline roles starting: {', '.join(SERVICES)}; logs in {settings.log_dir}/pipeline-<role>.log; "
               "Ctrl-C stops them", flush=True)
         sup.run_forever()
         return 0
@@ -91,6 +91,27 @@ def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
 
     return run_detect(args.images, as_json=args.json, draw_dir=args.draw, lane=args.lane, timeout_s=args.timeout,
                       tenant=args.tenant, score_threshold=args.score)
+
+
+def _token(args: argparse.Namespace, settings: StackSettings) -> int:
+    from gateway.auth import SCOPES, ensure_dev_keys, mint
+    from infra.settings import GatewaySettings
+
+    gw = GatewaySettings.from_env()
+    try:
+        print(mint(ensure_dev_keys(settings.secrets_dir), tenant=args.tenant, scopes=args.scope or SCOPES[:2],
+                   subject=args.subject, ttl_s=args.ttl, issuer=gw.issuer, audience=gw.audience,
+                   algorithm=args.alg, tenant_claim=gw.tenant_claim))
+    except ValueError as exc:
+        print(f"detectflow token: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _jobs(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.jobs_cmd import run_jobs
+
+    return run_jobs(args, settings)
 
 
 def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -132,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("action", choices=["apply", "list"], help="apply: create/grow/configure idempotently")
     tp.set_defaults(func=_topics)
 
-    rn = sub.add_parser("run", help="run a pipeline role until SIGTERM")
-    from infra.roles import ROLES
+    rn = sub.add_parser("run", help="run a pipeline role or the gateway until SIGTERM")
+    from infra.roles import SERVICES
 
-    rn.add_argument("role", choices=[*ROLES, "all"], help="one role, or all of them, each in its own process")
+    rn.add_argument("role", choices=[*SERVICES, "all"], help="one role, or all of them, each in its own process")
     rn.set_defaults(func=_run)
 
     dt = sub.add_parser("detect", help="detect objects in images through the Kafka pipeline (no HTTP)")
@@ -147,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--tenant", default="cli")
     dt.add_argument("--score", type=float, default=None, help="score threshold (default: the pipeline's)")
     dt.set_defaults(func=_detect)
+
+    tk = sub.add_parser("token", help="mint a development JWT for the local gateway (signed with the dev keys)")
+    tk.add_argument("--tenant", required=True)
+    tk.add_argument("--scope", action="append", choices=["detect:write", "results:read", "admin"],
+                    help="repeat for several (default: detect:write and results:read)")
+    tk.add_argument("--subject", default=None, help="the sub claim (default dev:<tenant>)")
+    tk.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    tk.add_argument("--alg", choices=["RS256", "HS256"], default="RS256")
+    tk.set_defaults(func=_token)
+
+    from infra.jobs_cmd import add_cli as add_jobs_cli
+
+    add_jobs_cli(sub).set_defaults(func=_jobs)
 
     from model_store.evaluate import add_cli as add_eval_cli
 

@@ -8,15 +8,18 @@ from typing import Any
 from infra.settings import PipelineSettings
 
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
+# What `detectflow run all` starts: the pipeline and the HTTP gateway.
+SERVICES = (*ROLES, "gateway")
 
 log = logging.getLogger(__name__)
 
 
-def _results(settings: PipelineSettings) -> Any:
+def _results(settings: PipelineSettings, session: Any = None) -> Any:
     from processors.results import ResultStore
     from stream.cassandra import connect
 
-    return ResultStore(connect(settings.stream), result_ttl_s=settings.result_ttl_s, cache_ttl_s=settings.cache_ttl_s)
+    return ResultStore(session or connect(settings.stream), result_ttl_s=settings.result_ttl_s,
+                       cache_ttl_s=settings.cache_ttl_s)
 
 
 def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
@@ -60,14 +63,34 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
 
         return PostprocessStage(ModelCatalog(settings.models_dir), _results(settings), settings), eos
     if role == "recorder":
+        from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
+        from stream.cassandra import connect
 
-        return RecorderStage(_results(settings), stream.topic_prefix), {}
+        session = connect(stream)
+        jobs = JobTracker(CassandraJobs(session), stream.topic_prefix)
+        return RecorderStage(_results(settings, session), stream.topic_prefix, jobs), {}
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
 
 
 def run_role(role: str, settings: PipelineSettings) -> None:
+    if role == "gateway":
+        run_gateway()
+        return
     from stream.runtime import run_stage
 
     stage, options = build(role, settings)
     run_stage(stage, settings.stream, **options)
+
+
+def run_gateway() -> None:
+    from gateway.app import run_gateway as serve
+    from gateway.auth import ensure_dev_keys
+    from infra.settings import GatewaySettings, StackSettings
+
+    settings = GatewaySettings.from_env()
+    secrets_dir = StackSettings.from_env().secrets_dir
+    if settings.jwks_file is not None and settings.jwks_file.parent == secrets_dir:
+        ensure_dev_keys(secrets_dir)  # the local stack's development keys (`detectflow token` signs with them)
+    log.info("gateway: serving on http://%s:%s", settings.host, settings.port)
+    serve(settings)

@@ -337,3 +337,80 @@ class PipelineSettings:
         if self.minio_secrets_file is None:
             raise SettingsError("no MinIO credentials file configured")
         return MinioCredentials.load_or_create(self.minio_secrets_file)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Settings of the HTTP gateway (gateway/)."""
+
+    pipeline: PipelineSettings
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Where the gateway's URLs point clients (Location headers); pre-signed URLs use public_minio_endpoint.
+    public_minio_endpoint: str = "127.0.0.1:9000"
+    minio_region: str = "us-east-1"
+    # Auth: RS256 keys from a JWKS file; HS256 (a shared secret file) only when allowed (development).
+    jwks_file: Path | None = None
+    hs256_secret_file: Path | None = None
+    allow_hs256: bool = True
+    issuer: str = "detectflow"
+    audience: str = "detectflow-api"
+    tenant_claim: str = "tenant"
+    clock_skew_s: int = 30
+    # Sync calls wait for their reply this long by default, at most sync_timeout_max_s.
+    sync_timeout_s: float = 10.0
+    sync_timeout_max_s: float = 60.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    # Per-tenant token bucket (per gateway instance) and daily quota of images (shared, in Cassandra).
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    daily_quota: int = 1_000_000
+    # Backpressure: sync calls are refused fast (503) past these bounds.
+    max_inflight: int = 256
+    max_online_lag: int = 500
+    lag_check_interval_s: float = 1.0
+    idempotency_ttl_s: int = 24 * 3600
+    upload_url_ttl_s: int = 900
+    job_max_items: int = 10_000
+    page_size_default: int = 100
+    page_size_max: int = 1000
+    # This instance's reply partition of detect.replies (one per gateway instance); -1 = pick at random.
+    reply_partition: int = -1
+    audit_ttl_s: int = 400 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = os.environ if env is None else env
+        stack = StackSettings.from_env(env)
+
+        def num(name: str, default: float) -> float:
+            return _num(env, name, default)
+
+        def path(name: str, default: Path) -> Path:
+            return Path(_get(env, name, str(default))).expanduser()
+
+        pipeline = PipelineSettings.from_env(env)
+        return cls(
+            pipeline=pipeline,
+            host=_get(env, "GATEWAY_HOST", stack.host),
+            port=_port(env, "GATEWAY_PORT", 8080),
+            public_minio_endpoint=_get(env, "PUBLIC_MINIO_ENDPOINT", pipeline.minio_endpoint),
+            jwks_file=path("JWKS_FILE", stack.secrets_dir / "jwks.json"),
+            hs256_secret_file=path("HS256_SECRET_FILE", stack.secrets_dir / "jwt-hs256.key"),
+            allow_hs256=_get(env, "ALLOW_HS256", "true").lower() in ("1", "true", "yes"),
+            issuer=_get(env, "JWT_ISSUER", "detectflow"),
+            audience=_get(env, "JWT_AUDIENCE", "detectflow-api"),
+            tenant_claim=_get(env, "JWT_TENANT_CLAIM", "tenant"),
+            sync_timeout_s=num("SYNC_TIMEOUT_S", 10.0),
+            sync_timeout_max_s=num("SYNC_TIMEOUT_MAX_S", 60.0),
+            max_body_bytes=int(num("MAX_BODY_BYTES", 20 * 1024 * 1024)),
+            rate_per_s=num("RATE_PER_S", 50.0),
+            rate_burst=int(num("RATE_BURST", 100)),
+            daily_quota=int(num("DAILY_QUOTA", 1_000_000)),
+            max_inflight=int(num("MAX_INFLIGHT", 256)),
+            max_online_lag=int(num("MAX_ONLINE_LAG", 500)),
+            lag_check_interval_s=num("LAG_CHECK_INTERVAL_S", 1.0),
+            upload_url_ttl_s=int(num("UPLOAD_URL_TTL_S", 900)),
+            job_max_items=int(num("JOB_MAX_ITEMS", 10_000)),
+            reply_partition=int(num("REPLY_PARTITION", -1)),
+        )

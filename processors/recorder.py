@@ -3,7 +3,8 @@
 postprocess stores its own results (OK, not from the cache) before publishing them; results that
 other stages close (REJECTED by scan or preprocess, FAILED after retries, DEADLINE_EXCEEDED, cache
 hits) reach Cassandra through this sink, with the same idempotent upserts, so `GET
-/v1/requests/{id}` and job pages see every outcome.
+/v1/requests/{id}` and job pages see every outcome. Once a batch is stored, the job tracker
+(processors/jobs.py) announces the jobs it completed on `jobs.events`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from processors.jobs import JobTracker
 from stream.errors import TransientError
-from stream.records import Failure, Outcome, Record
+from stream.records import Failure, Outcome, Output, Record
 from stream.topics import detections_topic
 
 
@@ -30,9 +32,10 @@ class RecorderStage:
     input_event = "DetectionResult"
     emits_terminal_results = False
 
-    def __init__(self, results: Results, prefix: str = ""):
+    def __init__(self, results: Results, prefix: str = "", jobs: JobTracker | None = None):
         self.results = results
         self.prefix = prefix
+        self.jobs = jobs
 
     def input_topics(self) -> list[str]:
         return [detections_topic(self.prefix)]
@@ -42,6 +45,13 @@ class RecorderStage:
         try:
             if todo:
                 self.results.save_results(todo)
+            done = self.jobs.completed([rec.value for rec in batch]) if self.jobs is not None else {}
         except TransientError as exc:
             return [Failure(exc) for _ in batch]
-        return [[] for _ in batch]
+        outcomes: list[Outcome] = []
+        for rec in batch:
+            # A completed job's event rides with the first of its records in the batch.
+            event = done.pop((rec.value.get("tenant"), rec.value.get("job_id")), None)
+            outs: list[Output] = [event] if event is not None else []
+            outcomes.append(outs)
+        return outcomes

@@ -41,10 +41,10 @@ class ResultStore:
         self._put_image = session.prepare(
             "INSERT INTO image_requests (tenant, image_sha256, request_id) VALUES (?, ?, ?) USING TTL ?")
         self._put_cache = session.prepare(
-            "INSERT INTO result_cache (tenant, image_sha256, model_name, model_version, params_hash, result, "
+            "INSERT INTO image_cache (tenant, image_sha256, model_name, model_version, params_hash, result, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
         self._get_cache = session.prepare(
-            "SELECT result FROM result_cache WHERE tenant = ? AND image_sha256 = ? AND model_name = ? "
+            "SELECT result FROM image_cache WHERE tenant = ? AND image_sha256 = ? AND model_name = ? "
             "AND model_version = ? AND params_hash = ?")
         self._get_request = session.prepare("SELECT result, status FROM requests WHERE tenant = ? AND request_id = ?")
 

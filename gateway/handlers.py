@@ -1,0 +1,527 @@
+"""HTTP handlers. Each one only validates, stores, publishes and awaits; the pipeline does the work."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import metrics as GM
+from gateway.app import GATEWAY, Gateway
+from gateway.auth import Principal
+from gateway.inputs import (
+    FORMATS,
+    ID_RE,
+    SHA256_RE,
+    UPLOAD_CONTENT_TYPES,
+    ImageInput,
+    _int,
+    object_key,
+    page_token,
+    parse_page_token,
+    parse_params,
+    read_image_input,
+    read_json,
+)
+from gateway.problems import Problem
+from gateway.views import coco_view, iso, pending_view, result_view
+from stream import headers as H
+from stream.records import now_ms
+from stream.reply import ReplyTimeout
+from stream.topics import lane_topic
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JOB_NAMESPACE = uuid.UUID("0b8f6f0e-3f5c-4a8e-9d6e-51a4c0d7e2b9")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body, separators=(",", ":")).encode(),
+                        content_type="application/json", headers=headers)
+
+
+def endpoint(action: str, scope: str) -> Callable[[Handler], Handler]:
+    """Authenticate, check the scope and the tenant's rate, run the handler, audit the outcome."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def inner(request: web.Request) -> web.StreamResponse:
+            gw = request.app[GATEWAY]
+            principal = gw.auth.authenticate(request.headers.get("Authorization"))  # unauthenticated: not audited
+            request["principal"] = principal
+            audit: dict[str, Any] = {"resource": request.match_info.get("id"), "request_id": None, "detail": None}
+            request["audit"] = audit
+            status = 500
+            try:
+                principal.require(scope)
+                decision = gw.buckets.take(principal.tenant)
+                if not decision.allowed:
+                    GM.REFUSED.labels("rate_limited").inc()
+                    raise Problem("RATE_LIMITED", f"more than {gw.buckets.rate:g} calls per second for this tenant",
+                                  headers={"Retry-After": str(decision.retry_after_s), **decision.headers()})
+                resp = await handler(request)
+                resp.headers.update(decision.headers())
+                status = resp.status
+                return resp
+            except Problem as p:
+                status = p.status
+                audit["detail"] = p.code
+                raise
+            finally:
+                gw.audit.record(tenant=principal.tenant, subject=principal.subject, action=action, status=status,
+                                **audit)
+
+        return inner
+
+    return wrap
+
+
+def _gw(request: web.Request) -> tuple[Gateway, Principal]:
+    return request.app[GATEWAY], request["principal"]
+
+
+def _class_names(gw: Gateway, model: str | None = None) -> tuple[str, ...] | None:
+    """The default model's class names when the gateway sees the model repository (else the pipeline checks)."""
+    if gw.catalog is None:
+        return None
+    from model_store.catalog import ModelNotFound
+
+    try:
+        return tuple(gw.catalog.resolve(model or gw.settings.pipeline.default_model).config.class_names)
+    except ModelNotFound:
+        return None
+
+
+def _check_model(gw: Gateway, name: str, version: int | None) -> None:
+    if gw.catalog is None:
+        return
+    from model_store.catalog import ModelNotFound
+
+    try:
+        gw.catalog.resolve(name, version)
+    except ModelNotFound as exc:
+        raise Problem("INVALID_PARAMS", str(exc), param="model") from exc
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _format(request: web.Request) -> str:
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise Problem("INVALID_PARAMS", f"format must be one of {', '.join(FORMATS)}", param="format")
+    return fmt
+
+
+def _timeout_s(request: web.Request, gw: Gateway) -> float:
+    raw = request.query.get("timeout_ms")
+    if raw is None:
+        return gw.settings.sync_timeout_s
+    return _int("timeout_ms", raw, 1, int(gw.settings.sync_timeout_max_s * 1000)) / 1000
+
+
+def _result_response(result: dict[str, Any], fmt: str) -> web.Response:
+    """200 with the detections; a REJECTED image is a 422 problem, a FAILED request a 502 problem."""
+    status = result.get("status")
+    headers = {"X-Request-Id": result["request_id"]}
+    if status == "REJECTED":
+        raise Problem("IMAGE_REJECTED", result.get("error_message") or "", image_code=result.get("error_code"),
+                      request_id=result["request_id"], headers=headers)
+    if status == "FAILED":
+        raise Problem("PIPELINE_FAILED", result.get("error_message") or "", failure_code=result.get("error_code"),
+                      request_id=result["request_id"], headers=headers)
+    return _json(coco_view(result) if fmt == "coco" else result_view(result), headers=headers)
+
+
+def _accepted(request_id: str, submitted_at: int | None) -> web.Response:
+    location = f"/v1/requests/{request_id}"
+    return _json(pending_view(request_id, submitted_at), status=202,
+                 headers={"Location": location, "Retry-After": "1", "X-Request-Id": request_id})
+
+
+def _backpressure(gw: Gateway) -> None:
+    if gw.inflight >= gw.settings.max_inflight:
+        GM.REFUSED.labels("overloaded_inflight").inc()
+        raise Problem("OVERLOADED", f"{gw.inflight} sync calls are in flight on this instance",
+                      headers={"Retry-After": "1"})
+    if gw.bus.online_lag > gw.settings.max_online_lag:
+        GM.REFUSED.labels("overloaded_lag").inc()
+        raise Problem("OVERLOADED", f"the online lane has a backlog of {gw.bus.online_lag} records",
+                      headers={"Retry-After": str(max(1, min(30, gw.bus.online_lag // 50)))})
+
+
+async def _charge(gw: Gateway, tenant: str, n: int) -> None:
+    try:
+        await gw.quota.charge(tenant, n)
+    except Problem as exc:
+        if exc.code == "QUOTA_EXCEEDED":
+            GM.REFUSED.labels("quota").inc()
+        raise
+
+
+async def _await_stored(gw: Gateway, tenant: str, request_id: str, deadline: float) -> dict[str, Any] | None:
+    """Poll the stored result until the deadline (an idempotent replay of a request that may be in flight)."""
+    while True:
+        row = await gw.store.get_request(tenant, request_id)
+        if row is not None and row.result is not None:
+            return row.result
+        if time.time() >= deadline:
+            return None
+        await asyncio.sleep(min(0.1, max(0.0, deadline - time.time())))
+
+
+# ---------------------------------------------------------------------------------------------- detect
+
+
+@endpoint("detect", "detect:write")
+async def detect(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    fmt = _format(request)
+    timeout_s = _timeout_s(request, gw)
+    deadline = time.time() + timeout_s
+    _backpressure(gw)
+    image: ImageInput = await read_image_input(request, gw.settings, _class_names(gw))
+    params = image.params
+    _check_model(gw, params.model, params.version)
+    sha = image.sha256
+    key = f"{who.tenant}/{sha}" if sha is not None else image.key
+    assert key is not None
+    if image.data is None:
+        size = await gw.objects.size(key)
+        if size > gw.settings.pipeline.image_max_bytes:
+            raise Problem("IMAGE_REJECTED", f"the object has {size} bytes", image_code="IMAGE_TOO_LARGE")
+    request_id = str(uuid.uuid4())
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None:
+        if not 1 <= len(idem) <= 200:
+            raise Problem("INVALID_REQUEST", "Idempotency-Key must have 1 to 200 characters")
+        claimed, fp, resource = await gw.store.claim_idempotency_key(
+            who.tenant, idem, _fingerprint("detect", sha or f"key:{key}", params.canonical()),
+            f"request:{request_id}", now_ms())
+        if not claimed:
+            if fp != _fingerprint("detect", sha or f"key:{key}", params.canonical()) or not resource.startswith(
+                    "request:"):
+                raise Problem("IDEMPOTENCY_KEY_REUSED", "this key was used with a different request")
+            request_id = resource.split(":", 1)[1]
+            request["audit"]["request_id"] = request_id
+            GM.SYNC_OUTCOME.labels("idempotent_replay").inc()
+            stored = await _await_stored(gw, who.tenant, request_id, deadline)
+            return _accepted(request_id, None) if stored is None else _result_response(stored, fmt)
+    request["audit"]["request_id"] = request_id
+    await _charge(gw, who.tenant, 1)
+    submitted_at = now_ms()
+    writes = [gw.store.put_request(who.tenant, request_id, lane="ONLINE", image_sha256=sha,
+                                   source=f"{gw.objects.bucket}/{key}", model_name=params.model,
+                                   submitted_at=submitted_at)]
+    if image.data is not None:
+        writes.append(gw.objects.put_image(key, image.data, image.media_type or "application/octet-stream"))
+    try:
+        await asyncio.gather(*writes)
+    except Problem:
+        if idem is not None:
+            await gw.store.release_idempotency_key(who.tenant, idem)
+        raise
+    event = {
+        "request_id": request_id, "tenant": who.tenant,
+        "image": {"bucket": gw.objects.bucket, "key": key, "sha256": sha, "size": image.size,
+                  "content_type": image.media_type},
+        "lane": "ONLINE", "model": {"name": params.model, "version": params.version},
+        "params": params.event_params(), "deadline_ms": None, "idempotency_key": idem, "job_id": None,
+        "submitted_at": submitted_at,
+    }
+    correlation = uuid.uuid4().hex
+    traceparent = request.headers.get("traceparent")
+    headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: gw.bus.router.reply_to.encode(),
+               H.DEADLINE_MS: str(int(deadline * 1000)).encode(),
+               H.TRACEPARENT: H.child_traceparent(traceparent).encode()}
+    future = gw.bus.router.expect(correlation, deadline)
+    gw.inflight += 1
+    GM.SYNC_INFLIGHT.set(gw.inflight)
+    try:
+        topic = lane_topic(gw.bus.prefix, "online", "submitted")
+        try:
+            await gw.bus.delivered([gw.bus.produce(topic, request_id, "ImageSubmitted", event, headers)],
+                                   timeout_s=max(1.0, min(15.0, deadline - time.time())))
+        except Problem:
+            gw.bus.router.forget(correlation)
+            await gw.store.fail_request(who.tenant, request_id, "SUBMIT_FAILED", now_ms())
+            if idem is not None:
+                await gw.store.release_idempotency_key(who.tenant, idem)
+            raise
+        try:
+            result = await gw.bus.router.wait(correlation, deadline, future)
+        except ReplyTimeout:
+            GM.SYNC_OUTCOME.labels("deadline").inc()
+            return _accepted(request_id, submitted_at)
+    finally:
+        gw.inflight -= 1
+        GM.SYNC_INFLIGHT.set(gw.inflight)
+    GM.SYNC_OUTCOME.labels("replied").inc()
+    return _result_response(result, fmt)
+
+
+# ---------------------------------------------------------------------------------------------- reads
+
+
+def _hidden(deleted_at: int | None, submitted_at: int | None, completed_at: int | None) -> bool:
+    """A result of an image deleted after the request was made is never served."""
+    if deleted_at is None:
+        return False
+    at = submitted_at if submitted_at is not None else completed_at
+    return at is None or at <= deleted_at
+
+
+@endpoint("requests.read", "results:read")
+async def get_request(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    rid = request.match_info["id"]
+    fmt = _format(request)
+    if not ID_RE.match(rid):
+        raise Problem("NOT_FOUND", "no such request")
+    row = await gw.store.get_request(who.tenant, rid)
+    if row is None:
+        raise Problem("NOT_FOUND", "no such request")
+    sha = row.image_sha256 or (row.result or {}).get("image_sha256")
+    if sha and _hidden(await gw.store.deleted_at(who.tenant, sha), row.submitted_at, row.completed_at):
+        raise Problem("NOT_FOUND", "no such request")
+    request["audit"]["request_id"] = rid
+    if row.result is None:
+        if row.status == "FAILED":  # the gateway could not submit it
+            return _json({**pending_view(rid, row.submitted_at, row.job_id), "status": "FAILED",
+                          "error": {"code": "SUBMIT_FAILED", "message": "the request was never submitted"}})
+        return _json(pending_view(rid, row.submitted_at, row.job_id), headers={"Retry-After": "1"})
+    return _json(coco_view(row.result) if fmt == "coco" else result_view(row.result))
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+
+
+@endpoint("uploads.create", "detect:write")
+async def create_uploads(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    body = await read_json(request)
+    files = body.get("files")
+    if not isinstance(files, list) or not 1 <= len(files) <= 1000:
+        raise Problem("INVALID_REQUEST", "files must be a list of 1 to 1000 {content_type, content_length}")
+    out = []
+    for i, f in enumerate(files):
+        if not isinstance(f, dict):
+            raise Problem("INVALID_REQUEST", f"files[{i}] must be an object")
+        ctype = f.get("content_type")
+        if ctype not in UPLOAD_CONTENT_TYPES:
+            raise Problem("UNSUPPORTED_MEDIA_TYPE", f"files[{i}].content_type must be one of "
+                          f"{', '.join(sorted(UPLOAD_CONTENT_TYPES))}")
+        length = _int(f"files[{i}].content_length", f.get("content_length"), 1, gw.settings.pipeline.image_max_bytes)
+        upload_id = uuid.uuid4().hex
+        url, headers, expires = gw.objects.presigned_put(f"{who.tenant}/uploads/{upload_id}", ctype, length)
+        out.append({"upload_id": upload_id, "method": "PUT", "url": url, "headers": headers,
+                    "expires_at": iso(expires * 1000)})
+    return _json({"uploads": out}, status=201)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+def job_request_id(job_id: str, index: int) -> str:
+    """Deterministic: re-publishing a job's items (a retried create) never makes new requests."""
+    return str(uuid.uuid5(JOB_NAMESPACE, f"{job_id}/{index}"))
+
+
+@endpoint("jobs.create", "detect:write")
+async def create_job(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    body = await read_json(request)
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise Problem("INVALID_REQUEST", "items must be a non-empty list of {upload_id} or {key}")
+    if len(items) > gw.settings.job_max_items:
+        raise Problem("TOO_MANY_ITEMS", f"a job has at most {gw.settings.job_max_items} items, not {len(items)}")
+    raw_params = body.get("params") or {}
+    model = body.get("model") or {}
+    if not isinstance(raw_params, dict) or not isinstance(model, dict):
+        raise Problem("INVALID_REQUEST", "params and model must be objects")
+    params = parse_params({**raw_params, **({"model": model["name"]} if "name" in model else {}),
+                           **({"model_version": model["version"]} if model.get("version") is not None else {})},
+                          gw.settings, _class_names(gw))
+    _check_model(gw, params.model, params.version)
+    keys = [object_key(who.tenant, item) for item in items]
+    job_id = str(uuid.uuid4())
+    idem = request.headers.get("Idempotency-Key")
+    fingerprint = _fingerprint("jobs", params.canonical(), *keys)
+    if idem is not None:
+        claimed, fp, resource = await gw.store.claim_idempotency_key(who.tenant, idem, fingerprint, f"job:{job_id}",
+                                                                     now_ms())
+        if not claimed:
+            if fp != fingerprint or not resource.startswith("job:"):
+                raise Problem("IDEMPOTENCY_KEY_REUSED", "this key was used with a different request")
+            job_id = resource.split(":", 1)[1]
+            existing = await gw.store.get_job(who.tenant, job_id)
+            if existing is not None and existing.published:
+                request["audit"]["resource"] = job_id
+                return _job_created(job_id, len(keys))
+            # The first attempt did not finish publishing: publish again (same request ids, so no duplicates).
+    request["audit"]["resource"] = job_id
+    await _charge(gw, who.tenant, len(keys))
+    created = now_ms()
+    await gw.store.put_job(who.tenant, job_id, total=len(keys), model_name=params.model,
+                           params=json.loads(params.canonical()), created_at=created, subject=who.subject)
+    rows = [{"request_id": job_request_id(job_id, i), "lane": "BATCH", "source": f"{gw.objects.bucket}/{k}",
+             "model_name": params.model, "submitted_at": created, "job_id": job_id} for i, k in enumerate(keys)]
+    await gw.store.put_requests(who.tenant, rows)
+    topic = lane_topic(gw.bus.prefix, "batch", "submitted")
+    futures = []
+    for row, key in zip(rows, keys, strict=True):
+        event = {"request_id": row["request_id"], "tenant": who.tenant,
+                 "image": {"bucket": gw.objects.bucket, "key": key, "sha256": None, "size": None, "content_type": None},
+                 "lane": "BATCH", "model": {"name": params.model, "version": params.version},
+                 "params": params.event_params(), "deadline_ms": None, "idempotency_key": idem, "job_id": job_id,
+                 "submitted_at": created}
+        futures.append(gw.bus.produce(topic, row["request_id"], "ImageSubmitted", event,
+                                      {H.TRACEPARENT: H.new_traceparent().encode()}))
+        if len(futures) % 1000 == 0:
+            await asyncio.sleep(0)  # let deliveries settle between chunks
+    await gw.bus.delivered(futures, timeout_s=60.0)
+    await gw.store.mark_job_published(who.tenant, job_id)
+    return _job_created(job_id, len(keys))
+
+
+def _job_created(job_id: str, total: int) -> web.Response:
+    return _json({"job_id": job_id, "status": "RUNNING", "total": total,
+                  "request_ids": [job_request_id(job_id, i) for i in range(total)],
+                  "links": {"self": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"}},
+                 status=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@endpoint("jobs.read", "results:read")
+async def get_job(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    job_id = request.match_info["id"]
+    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.match(job_id) else None
+    if job is None:
+        raise Problem("NOT_FOUND", "no such job")
+    counts = job.counts if job.counts is not None else await gw.store.job_status_counts(who.tenant, job_id)
+    done = sum(counts.values())
+    return _json({
+        "job_id": job_id, "status": job.status, "total": job.total, "done": done,
+        "pending": max(0, job.total - done), "progress": round(done / job.total, 4) if job.total else 1.0,
+        "counts": {s: counts.get(s, 0) for s in ("OK", "REJECTED", "FAILED")},
+        "model": job.model_name, "created_at": iso(job.created_at), "completed_at": iso(job.completed_at),
+        "links": {"self": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"},
+    })
+
+
+@endpoint("jobs.results", "results:read")
+async def job_results(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    job_id = request.match_info["id"]
+    fmt = _format(request)
+    raw_size = request.query.get("page_size")
+    size = gw.settings.page_size_default if raw_size is None else _int("page_size", raw_size, 1,
+                                                                          gw.settings.page_size_max)
+    token = request.query.get("page_token")
+    after = parse_page_token(token) if token else None
+    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.match(job_id) else None
+    if job is None:
+        raise Problem("NOT_FOUND", "no such job")
+    rows = await gw.store.job_results_page(who.tenant, job_id, after, size + 1)
+    page, more = rows[:size], len(rows) > size
+    items = [coco_view(r) if fmt == "coco" else result_view(r) for _rid, r in page]
+    next_token = page_token(page[-1][0]) if more and page else None
+    return _json({"job_id": job_id, "items": items, "next_page_token": next_token})
+
+
+# ---------------------------------------------------------------------------------------------- deletion
+
+
+@endpoint("images.delete", "detect:write")
+async def delete_image(request: web.Request) -> web.StreamResponse:
+    """Remove the image (content-addressed object and any upload it came from), its results and cache rows;
+    record a tombstone so a result still in flight is never served."""
+    gw, who = _gw(request)
+    sha = request.match_info["id"]
+    if not SHA256_RE.match(sha):
+        raise Problem("NOT_FOUND", "no such image (an image id is the sha256 of its bytes, 64 hex digits)")
+    request_ids = await gw.store.image_request_ids(who.tenant, sha)
+    content_key = f"{who.tenant}/{sha}"
+    has_object = await gw.objects.exists(content_key)
+    if not request_ids and not has_object:
+        raise Problem("NOT_FOUND", "no such image")
+    now = now_ms()
+    await gw.store.tombstone(who.tenant, sha, who.subject, now)
+    removed: set[str] = set()
+    if has_object:
+        await gw.objects.remove(content_key)
+        removed.add(content_key)
+    for rid in request_ids:
+        row = await gw.store.get_request(who.tenant, rid)
+        if row is None:
+            continue
+        bucket_key = (row.source or "").split("/", 1)
+        if len(bucket_key) == 2 and bucket_key[0] == gw.objects.bucket and bucket_key[1].startswith(who.tenant + "/") \
+                and bucket_key[1] not in removed:
+            await gw.objects.remove(bucket_key[1])  # removing a missing object is not an error in S3
+            removed.add(bucket_key[1])
+        await gw.store.delete_request(who.tenant, row)
+    await gw.store.delete_image_rows(who.tenant, sha)
+    return _json({"image_id": sha, "deleted_at": iso(now), "requests_deleted": len(request_ids),
+                  "objects_deleted": len(removed)})
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+@endpoint("audit.read", "admin")
+async def audit_events(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    from gateway.limits import utc_day
+
+    day = request.query.get("day", utc_day())
+    if not (len(day) == 10 and day[4] == "-" and day[7] == "-" and day.replace("-", "").isdigit()):
+        raise Problem("INVALID_PARAMS", "day must be YYYY-MM-DD", param="day")
+    limit = _int("limit", request.query.get("limit", "100"), 1, 1000)
+    return _json({"tenant": who.tenant, "day": day,
+                  "events": [{**e, "event_time": iso(e["event_time"])}
+                             for e in await gw.store.audit_events(who.tenant, day, limit)]})
+
+
+# ---------------------------------------------------------------------------------------------- operations
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    from gateway.openapi import spec
+
+    return _json(spec(request.app["settings"]))
+
+
+async def livez(request: web.Request) -> web.StreamResponse:
+    return _json({"status": "live"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready only when Kafka, MinIO and Cassandra answer (each within 2 s)."""
+    gw = request.app[GATEWAY]
+    loop = asyncio.get_running_loop()
+    checks = {"kafka": loop.run_in_executor(None, gw.bus.ping), "minio": gw.objects.ping(),
+              "cassandra": gw.store.ping()}
+    results = {}
+    for name, aw in checks.items():
+        try:
+            await asyncio.wait_for(aw, timeout=2.0)
+            results[name] = "ok"
+        except (Problem, TimeoutError, OSError) as exc:
+            results[name] = f"unavailable: {type(exc).__name__}"
+    if all(v == "ok" for v in results.values()):
+        return _json({"status": "ready", "checks": results})
+    raise Problem("UNAVAILABLE", "a backing service does not answer", checks=results, headers={"Retry-After": "5"})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,217 @@
+"""Validation at the edge: detection params, image bodies (sniffed by magic bytes), object references."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from gateway.problems import Problem
+from infra.settings import GatewaySettings
+from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
+
+MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+OBJECT_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}/[A-Za-z0-9!_.*'()/-]{1,900}$")
+MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "bmp": "image/bmp",
+               "tiff": "image/tiff"}
+UPLOAD_CONTENT_TYPES = frozenset(MEDIA_TYPES.values())
+FORMATS = ("json", "coco")
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    classes: tuple[str, ...] = ()
+    model: str = "yolov4-tiny"
+    version: int | None = None
+
+    def event_params(self) -> dict[str, Any]:
+        return {"score_threshold": self.score_threshold, "max_detections": self.max_detections,
+                "classes": list(self.classes)}
+
+    def canonical(self) -> str:
+        return json.dumps({**self.event_params(), "model": self.model, "version": self.version}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Either bytes that came with the request, or a reference to an object in the uploads bucket."""
+
+    data: bytes | None = None
+    media_type: str | None = None
+    key: str | None = None
+    size: int | None = None
+    params: DetectParams = field(default_factory=DetectParams)
+
+    @property
+    def sha256(self) -> str | None:
+        return None if self.data is None else hashlib.sha256(self.data).hexdigest()
+
+
+def _float(name: str, raw: Any, lo: float, hi: float) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError) as exc:
+        raise Problem("INVALID_PARAMS", f"{name} must be a number", param=name) from exc
+    if not lo <= value <= hi:  # also refuses NaN
+        raise Problem("INVALID_PARAMS", f"{name} must be within [{lo:g}, {hi:g}]", param=name)
+    return value
+
+
+def _int(name: str, raw: Any, lo: int, hi: int) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise Problem("INVALID_PARAMS", f"{name} must be an integer", param=name)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise Problem("INVALID_PARAMS", f"{name} must be an integer", param=name) from exc
+    if not lo <= value <= hi:
+        raise Problem("INVALID_PARAMS", f"{name} must be within [{lo}, {hi}]", param=name)
+    return value
+
+
+def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
+                 class_names: tuple[str, ...] | None) -> DetectParams:
+    """Detection params from a JSON object or query string (classes comma-separated there)."""
+    p = settings.pipeline
+    out: dict[str, Any] = {}
+    if raw.get("score_threshold") is not None:
+        out["score_threshold"] = _float("score_threshold", raw["score_threshold"], p.min_score, 1.0)
+    if raw.get("max_detections") is not None:
+        out["max_detections"] = _int("max_detections", raw["max_detections"], 1, p.max_detections_limit)
+    classes = raw.get("classes")
+    if classes is not None:
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) > 1000:
+            raise Problem("INVALID_PARAMS", "classes must be a list of class names", param="classes")
+        unknown = sorted({c for c in classes if class_names is not None and c not in class_names})
+        if unknown:
+            raise Problem("INVALID_PARAMS", f"unknown classes for this model: {unknown[:5]}", param="classes")
+        out["classes"] = tuple(sorted(set(classes)))
+    model = raw.get("model", p.default_model)
+    if not isinstance(model, str) or not MODEL_RE.match(model):
+        raise Problem("INVALID_PARAMS", "model must be a model name", param="model")
+    out["model"] = model
+    if raw.get("model_version") is not None:
+        out["version"] = _int("model_version", raw["model_version"], 1, 1_000_000)
+    return DetectParams(**out)
+
+
+def sniff_image(data: bytes, settings: GatewaySettings) -> str:
+    """The media type by magic bytes (the declared Content-Type is not trusted); header limits checked."""
+    p = settings.pipeline
+    if not data:
+        raise Problem("INVALID_REQUEST", "the request has no image bytes")
+    try:
+        fmt = sniff_format(data)
+        read_header(data, ImageLimits(p.image_max_bytes, p.image_max_pixels, p.image_max_side))
+    except ImageRejected as exc:
+        if exc.code == UNSUPPORTED_FORMAT:
+            raise Problem("UNSUPPORTED_MEDIA_TYPE", f"{exc.message}; send JPEG, PNG, WebP, BMP or TIFF") from exc
+        raise Problem("IMAGE_REJECTED", exc.message, image_code=exc.code) from exc
+    return MEDIA_TYPES[fmt]
+
+
+def object_key(tenant: str, ref: Any) -> str:
+    """The uploads-bucket key an image reference names: {"upload_id": ...} or {"key": "<tenant>/..."}.
+    A key outside the tenant's prefix is reported as not found (it is not the caller's to name)."""
+    if not isinstance(ref, Mapping):
+        raise Problem("INVALID_REQUEST", "an image reference is an object with upload_id or key")
+    if "upload_id" in ref:
+        uid = ref["upload_id"]
+        if not isinstance(uid, str) or not UPLOAD_ID_RE.match(uid):
+            raise Problem("INVALID_REQUEST", "upload_id is not an upload id")
+        return f"{tenant}/uploads/{uid}"
+    key = ref.get("key")
+    if not isinstance(key, str) or not OBJECT_KEY_RE.match(key) or ".." in key.split("/"):
+        raise Problem("INVALID_REQUEST", "key must be an object key '<tenant>/<name>' in the uploads bucket")
+    if not key.startswith(tenant + "/"):
+        raise Problem("NOT_FOUND", "no such object")
+    return key
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=lambda s: json.loads(s, parse_constant=_no_constants))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("INVALID_REQUEST", "the body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise Problem("INVALID_REQUEST", "the body must be a JSON object")
+    return body
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_image_input(request: web.Request, settings: GatewaySettings,
+                           class_names: tuple[str, ...] | None) -> ImageInput:
+    """A detect call's image and params from a raw body, a multipart form or a JSON reference."""
+    ctype = request.content_type
+    if ctype == "application/json":
+        body = await read_json(request)
+        params = body.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise Problem("INVALID_REQUEST", "params must be an object")
+        model = body.get("model") or {}
+        if not isinstance(model, Mapping):
+            raise Problem("INVALID_REQUEST", "model must be an object")
+        merged = {**params, **({"model": model["name"]} if "name" in model else {}),
+                  **({"model_version": model["version"]} if model.get("version") is not None else {})}
+        if "image" not in body:
+            raise Problem("INVALID_REQUEST", "a JSON detect call names its image: {\"image\": {\"upload_id\": ...}}")
+        key = object_key(request["principal"].tenant, body["image"])
+        return ImageInput(key=key, params=parse_params(merged, settings, class_names))
+    query: dict[str, Any] = dict(request.query)
+    if ctype == "multipart/form-data":
+        data = b""
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "image":
+                    data = bytes(await part.read())
+                elif part.name == "params":
+                    extra = json.loads(await part.text())
+                    if not isinstance(extra, dict):
+                        raise Problem("INVALID_REQUEST", "the params part must be a JSON object")
+                    query.update(extra)
+        except (ValueError, AssertionError) as exc:
+            raise Problem("INVALID_REQUEST", f"malformed multipart body ({type(exc).__name__})") from exc
+        if not data:
+            raise Problem("INVALID_REQUEST", "the multipart body has no 'image' part")
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await request.read()
+    else:
+        raise Problem("UNSUPPORTED_MEDIA_TYPE",
+                      f"send the image as image/*, multipart/form-data or a JSON reference, not {ctype or 'no type'}")
+    media_type = sniff_image(data, settings)
+    return ImageInput(data=data, media_type=media_type, size=len(data),
+                      params=parse_params(query, settings, class_names))
+
+
+def page_token(request_id: str) -> str:
+    return base64.urlsafe_b64encode(request_id.encode()).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> str:
+    try:
+        rid = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise Problem("INVALID_PARAMS", "page_token is not a token this service issued", param="page_token") from exc
+    if not ID_RE.match(rid):
+        raise Problem("INVALID_PARAMS", "page_token is not a token this service issued", param="page_token")
+    return rid

@@ -1,0 +1,89 @@
+"""The gateway's MinIO calls, awaitable (the SDK is synchronous: calls run in a bounded executor)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import io
+from collections.abc import Callable
+from typing import TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from gateway.presign import presign_put
+from gateway.problems import Problem
+from infra.settings import GatewaySettings
+from stream.bridge import SUBMITTED_MARK
+
+T = TypeVar("T")
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
+
+
+class GatewayObjects:
+    def __init__(self, settings: GatewaySettings, *, threads: int = 16):
+        p = settings.pipeline
+        self._creds = p.minio_credentials()
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=20.0), maxsize=threads,
+                                   retries=urllib3.Retry(total=1, backoff_factor=0.2,
+                                                         status_forcelist=[500, 502, 503, 504]))
+        self.client = Minio(p.minio_endpoint, access_key=self._creds.access_key, secret_key=self._creds.secret_key,
+                            secure=False, http_client=http)
+        self.bucket = p.uploads_bucket
+        self.settings = settings
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-minio")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                raise Problem("NOT_FOUND", "no such object") from exc
+            raise Problem("UNAVAILABLE", f"object store error {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Problem("UNAVAILABLE", f"the object store did not answer ({type(exc).__name__})") from exc
+
+    async def put_image(self, key: str, data: bytes, media_type: str) -> None:
+        """Store bytes the gateway already submits itself (so the bridge ignores the notification)."""
+        await self._run(lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data),
+                                                       content_type=media_type,
+                                                       metadata={SUBMITTED_MARK: "true"}))
+
+    async def size(self, key: str) -> int:
+        stat = await self._run(lambda: self.client.stat_object(self.bucket, key))
+        return int(stat.size or 0)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.size(key)
+            return True
+        except Problem as exc:
+            if exc.code == "NOT_FOUND":
+                return False
+            raise
+
+    async def remove(self, key: str) -> None:
+        await self._run(lambda: self.client.remove_object(self.bucket, key))
+
+    async def ping(self) -> None:
+        if not await self._run(lambda: self.client.bucket_exists(self.bucket)):
+            raise Problem("UNAVAILABLE", f"bucket {self.bucket} is missing")
+
+    def presigned_put(self, key: str, content_type: str, content_length: int) -> tuple[str, dict[str, str], int]:
+        """(url, headers the client must send, expiry epoch seconds)."""
+        now = dt.datetime.now(dt.UTC)
+        ttl = self.settings.upload_url_ttl_s
+        headers = {"Content-Type": content_type, "Content-Length": str(content_length),
+                   f"x-amz-meta-{SUBMITTED_MARK}": "true"}
+        url = presign_put(endpoint=self.settings.public_minio_endpoint, secure=False,
+                          region=self.settings.minio_region, access_key=self._creds.access_key,
+                          secret_key=self._creds.secret_key, bucket=self.bucket, key=key, expires_s=ttl,
+                          headers=headers, now=now)
+        return url, headers, int(now.timestamp()) + ttl
+
+

@@ -1,0 +1,267 @@
+"""The gateway's Cassandra reads and writes, awaitable. Every statement names the tenant in its partition key.
+
+Driver futures are bridged into asyncio with callbacks (no thread per call); reads that may span pages
+(a job's statuses) run in the default executor. Driver errors become Problem UNAVAILABLE (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.problems import Problem
+
+
+def to_ms(value: dt.datetime | None) -> int | None:
+    """cassandra-driver returns naive UTC datetimes."""
+    if value is None:
+        return None
+    return calendar.timegm(value.timetuple()) * 1000 + value.microsecond // 1000
+
+
+def from_ms(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    request_id: str
+    job_id: str | None
+    lane: str | None
+    image_sha256: str | None
+    source: str | None
+    model_name: str | None
+    submitted_at: int | None
+    status: str | None
+    result: dict[str, Any] | None
+    completed_at: int | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    total: int
+    model_name: str | None
+    params: dict[str, Any]
+    created_at: int | None
+    status: str
+    counts: dict[str, int] | None  # final counts once COMPLETED
+    completed_at: int | None
+    published: bool
+
+
+class GatewayStore:
+    def __init__(self, session: Any, *, result_ttl_s: int, idempotency_ttl_s: int, audit_ttl_s: int,
+                 timeout_s: float = 5.0):
+        from cassandra.query import BatchType
+
+        self._session = session
+        self._timeout = timeout_s
+        self._result_ttl = result_ttl_s
+        self._idem_ttl = idempotency_ttl_s
+        self._audit_ttl = audit_ttl_s
+        self._batch_type = BatchType.UNLOGGED
+        p = session.prepare
+        self._put_request = p(
+            "UPDATE requests USING TTL ? SET job_id = ?, lane = ?, image_sha256 = ?, source = ?, model_name = ?, "
+            "submitted_at = ? WHERE tenant = ? AND request_id = ?")
+        self._fail_request = p(
+            "UPDATE requests USING TTL ? SET status = 'FAILED', error_code = ?, completed_at = ? "
+            "WHERE tenant = ? AND request_id = ?")
+        self._get_request = p(
+            "SELECT request_id, job_id, lane, image_sha256, source, model_name, submitted_at, status, result, "
+            "completed_at FROM requests WHERE tenant = ? AND request_id = ?")
+        self._delete_request = p("DELETE FROM requests WHERE tenant = ? AND request_id = ?")
+        self._claim_key = p(
+            "INSERT INTO idempotency_keys (tenant, idempotency_key, fingerprint, resource, created_at) "
+            "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?")
+        self._release_key = p("DELETE FROM idempotency_keys WHERE tenant = ? AND idempotency_key = ?")
+        self._put_job = p(
+            "INSERT INTO jobs (tenant, job_id, total, model_name, params, created_at, subject, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING') USING TTL ?")
+        self._get_job = p(
+            "SELECT job_id, total, model_name, params, created_at, status, ok, rejected, failed, completed_at, "
+            "published FROM jobs WHERE tenant = ? AND job_id = ?")
+        self._job_published = p("UPDATE jobs USING TTL ? SET published = true WHERE tenant = ? AND job_id = ?")
+        self._job_statuses = p("SELECT status FROM job_results WHERE tenant = ? AND job_id = ?")
+        self._job_page_first = p(
+            "SELECT request_id, result FROM job_results WHERE tenant = ? AND job_id = ? LIMIT ?")
+        self._job_page_after = p(
+            "SELECT request_id, result FROM job_results WHERE tenant = ? AND job_id = ? AND request_id > ? LIMIT ?")
+        self._delete_job_result = p("DELETE FROM job_results WHERE tenant = ? AND job_id = ? AND request_id = ?")
+        self._image_requests = p("SELECT request_id FROM image_requests WHERE tenant = ? AND image_sha256 = ?")
+        self._delete_image_requests = p("DELETE FROM image_requests WHERE tenant = ? AND image_sha256 = ?")
+        self._delete_image_cache = p("DELETE FROM image_cache WHERE tenant = ? AND image_sha256 = ?")
+        self._put_tombstone = p(
+            "INSERT INTO image_tombstones (tenant, image_sha256, deleted_at, subject) VALUES (?, ?, ?, ?) USING TTL ?")
+        self._get_tombstone = p("SELECT deleted_at FROM image_tombstones WHERE tenant = ? AND image_sha256 = ?")
+        self._quota_get = p("SELECT images FROM quota_usage WHERE tenant = ? AND day = ?")
+        self._quota_add = p("UPDATE quota_usage SET images = images + ? WHERE tenant = ? AND day = ?")
+        self._audit = p(
+            "INSERT INTO audit_log (tenant, day, event_time, event_id, subject, action, resource, outcome, status, "
+            "request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+        self._audit_read = p(
+            "SELECT event_time, subject, action, resource, outcome, status, request_id, detail FROM audit_log "
+            "WHERE tenant = ? AND day = ? LIMIT ?")
+        self._ping = p("SELECT release_version FROM system.local")
+
+    # ---- plumbing ------------------------------------------------------------------------------------
+    def _execute(self, stmt: Any, params: Sequence[Any]) -> asyncio.Future[Any]:
+        """One statement; resolves to its first page of rows (a list)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(rows: Any) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(rows))
+
+        def failed(exc: BaseException) -> None:
+            err = Problem("UNAVAILABLE", f"the result store did not answer ({type(exc).__name__})")
+            err.__cause__ = exc
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
+
+        try:
+            rf = self._session.execute_async(stmt, params, timeout=self._timeout)
+        except Exception as exc:
+            failed(exc)
+            return fut
+        rf.add_callbacks(done, failed)
+        return fut
+
+    async def _all(self, stmt: Any, params: Sequence[Any]) -> list[Any]:
+        """Every row, across pages (in the executor: paging is synchronous in the driver)."""
+        from cassandra import DriverException
+
+        def run() -> list[Any]:
+            return list(self._session.execute(stmt, params, timeout=self._timeout))
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, run)
+        except (DriverException, OSError) as exc:
+            raise Problem("UNAVAILABLE", f"the result store did not answer ({type(exc).__name__})") from exc
+
+    async def ping(self) -> None:
+        await self._execute(self._ping, ())
+
+    # ---- requests ------------------------------------------------------------------------------------
+    async def put_request(self, tenant: str, request_id: str, *, lane: str, image_sha256: str | None,
+                          source: str | None, model_name: str, submitted_at: int, job_id: str | None = None) -> None:
+        await self._execute(self._put_request, (self._result_ttl, job_id, lane, image_sha256, source, model_name,
+                                                from_ms(submitted_at), tenant, request_id))
+
+    async def put_requests(self, tenant: str, rows: Sequence[Mapping[str, Any]], *, concurrency: int = 64) -> None:
+        """Many request rows (a job's items), with a bound on statements in flight."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(r: Mapping[str, Any]) -> None:
+            async with sem:
+                await self.put_request(tenant, r["request_id"], lane=r["lane"], image_sha256=r.get("image_sha256"),
+                                       source=r.get("source"), model_name=r["model_name"],
+                                       submitted_at=r["submitted_at"], job_id=r.get("job_id"))
+
+        await asyncio.gather(*(one(r) for r in rows))
+
+    async def fail_request(self, tenant: str, request_id: str, code: str, at_ms: int) -> None:
+        await self._execute(self._fail_request, (self._result_ttl, code, from_ms(at_ms), tenant, request_id))
+
+    async def get_request(self, tenant: str, request_id: str) -> RequestRow | None:
+        rows = await self._execute(self._get_request, (tenant, request_id))
+        if not rows:
+            return None
+        r = rows[0]
+        return RequestRow(r.request_id, r.job_id, r.lane, r.image_sha256, r.source, r.model_name,
+                          to_ms(r.submitted_at), r.status, json.loads(r.result) if r.result else None,
+                          to_ms(r.completed_at))
+
+    # ---- idempotency ---------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, tenant: str, key: str, fingerprint: str, resource: str,
+                                    now_ms: int) -> tuple[bool, str, str]:
+        """(claimed, fingerprint, resource): the stored ones when the key was claimed before."""
+        rows = await self._execute(self._claim_key, (tenant, key, fingerprint, resource, from_ms(now_ms),
+                                                     self._idem_ttl))
+        row = rows[0]
+        if row.applied:
+            return True, fingerprint, resource
+        return False, row.fingerprint, row.resource
+
+    async def release_idempotency_key(self, tenant: str, key: str) -> None:
+        await self._execute(self._release_key, (tenant, key))
+
+    # ---- jobs ----------------------------------------------------------------------------------------
+    async def put_job(self, tenant: str, job_id: str, *, total: int, model_name: str, params: Mapping[str, Any],
+                      created_at: int, subject: str) -> None:
+        await self._execute(self._put_job, (tenant, job_id, total, model_name, json.dumps(params),
+                                            from_ms(created_at), subject, self._result_ttl))
+
+    async def get_job(self, tenant: str, job_id: str) -> JobRow | None:
+        rows = await self._execute(self._get_job, (tenant, job_id))
+        if not rows:
+            return None
+        r = rows[0]
+        counts = ({"OK": r.ok or 0, "REJECTED": r.rejected or 0, "FAILED": r.failed or 0}
+                  if r.status == "COMPLETED" else None)
+        return JobRow(r.job_id, r.total, r.model_name, json.loads(r.params or "{}"), to_ms(r.created_at),
+                      r.status or "RUNNING", counts, to_ms(r.completed_at), bool(r.published))
+
+    async def mark_job_published(self, tenant: str, job_id: str) -> None:
+        await self._execute(self._job_published, (self._result_ttl, tenant, job_id))
+
+    async def job_status_counts(self, tenant: str, job_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in await self._all(self._job_statuses, (tenant, job_id)):
+            counts[row.status] = counts.get(row.status, 0) + 1
+        return counts
+
+    async def job_results_page(self, tenant: str, job_id: str, after: str | None,
+                               limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Up to ``limit`` results in request-id order, strictly after ``after``: pages never overlap."""
+        if after is None:
+            rows = await self._execute(self._job_page_first, (tenant, job_id, limit))
+        else:
+            rows = await self._execute(self._job_page_after, (tenant, job_id, after, limit))
+        return [(r.request_id, json.loads(r.result)) for r in rows if r.result]
+
+    # ---- images --------------------------------------------------------------------------------------
+    async def image_request_ids(self, tenant: str, sha256: str) -> list[str]:
+        return [r.request_id for r in await self._all(self._image_requests, (tenant, sha256))]
+
+    async def tombstone(self, tenant: str, sha256: str, subject: str, at_ms: int) -> None:
+        await self._execute(self._put_tombstone, (tenant, sha256, from_ms(at_ms), subject, self._result_ttl))
+
+    async def deleted_at(self, tenant: str, sha256: str) -> int | None:
+        rows = await self._execute(self._get_tombstone, (tenant, sha256))
+        return to_ms(rows[0].deleted_at) if rows else None
+
+    async def delete_request(self, tenant: str, row: RequestRow) -> None:
+        await self._execute(self._delete_request, (tenant, row.request_id))
+        if row.job_id:
+            await self._execute(self._delete_job_result, (tenant, row.job_id, row.request_id))
+
+    async def delete_image_rows(self, tenant: str, sha256: str) -> None:
+        await asyncio.gather(self._execute(self._delete_image_cache, (tenant, sha256)),
+                             self._execute(self._delete_image_requests, (tenant, sha256)))
+
+    # ---- quota ---------------------------------------------------------------------------------------
+    async def quota_used(self, tenant: str, day: str) -> int:
+        rows = await self._execute(self._quota_get, (tenant, day))
+        return int(rows[0].images or 0) if rows else 0
+
+    async def quota_add(self, tenant: str, day: str, n: int) -> None:
+        await self._execute(self._quota_add, (n, tenant, day))
+
+    # ---- audit ---------------------------------------------------------------------------------------
+    async def audit(self, event: Mapping[str, Any], day: str) -> None:
+        await self._execute(self._audit, (
+            event["tenant"], day, from_ms(event["event_time"]), event["event_id"], event["subject"], event["action"],
+            event.get("resource"), event["outcome"], event["status"], event.get("request_id"), event.get("detail"),
+            self._audit_ttl))
+
+    async def audit_events(self, tenant: str, day: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._execute(self._audit_read, (tenant, day, limit))
+        return [{"event_time": to_ms(r.event_time), "subject": r.subject, "action": r.action,
+                 "resource": r.resource, "outcome": r.outcome, "status": r.status, "request_id": r.request_id,
+                 "detail": r.detail} for r in rows]
