@@ -105,7 +105,7 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise _invalid(f"token rejected: {type(exc).__name__}") from exc
         tenant = claims.get(self.tenant_claim)
-        if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant):
             raise _invalid(f"the {self.tenant_claim!r} claim is missing or not a valid tenant name")
         raw = claims.get("scope", claims.get("scp", ""))
         scopes = raw.split() if isinstance(raw, str) else [str(s) for s in raw] if isinstance(raw, list) else []
@@ -154,7 +154,7 @@ def mint(keys: DevKeys, *, tenant: str, scopes: Iterable[str], subject: str | No
          issuer: str = "detectflow", audience: str = "detectflow-api", algorithm: str = "RS256",
          tenant_claim: str = "tenant", now: float | None = None, extra: dict[str, Any] | None = None) -> str:
     """A signed development token (RS256 with the dev RSA key, or HS256 with the dev secret)."""
-    if not TENANT_RE.match(tenant):
+    if not TENANT_RE.fullmatch(tenant):
         raise ValueError(f"invalid tenant name {tenant!r}")
     unknown = set(scopes) - set(SCOPES)
     if unknown:

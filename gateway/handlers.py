@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from stream.reply import ReplyTimeout
 from stream.topics import lane_topic
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 JOB_NAMESPACE = uuid.UUID("0b8f6f0e-3f5c-4a8e-9d6e-51a4c0d7e2b9")
 
 
@@ -59,6 +61,7 @@ def endpoint(action: str, scope: str) -> Callable[[Handler], Handler]:
             audit: dict[str, Any] = {"resource": request.match_info.get("id"), "request_id": None, "detail": None}
             request["audit"] = audit
             status = 500
+            decision = None
             try:
                 principal.require(scope)
                 decision = gw.buckets.take(principal.tenant)
@@ -70,9 +73,15 @@ def endpoint(action: str, scope: str) -> Callable[[Handler], Handler]:
                 resp.headers.update(decision.headers())
                 status = resp.status
                 return resp
+            except web.HTTPException as exc:  # aiohttp's own (e.g. 413 from the body reader)
+                status = exc.status
+                raise
             except Problem as p:
                 status = p.status
                 audit["detail"] = p.code
+                if decision is not None:
+                    for name, value in decision.headers().items():
+                        p.headers.setdefault(name, value)
                 raise
             finally:
                 gw.audit.record(tenant=principal.tenant, subject=principal.subject, action=action, status=status,
@@ -108,6 +117,13 @@ def _check_model(gw: Gateway, name: str, version: int | None) -> None:
         gw.catalog.resolve(name, version)
     except ModelNotFound as exc:
         raise Problem("INVALID_PARAMS", str(exc), param="model") from exc
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None and not 1 <= len(idem) <= 200:
+        raise Problem("INVALID_REQUEST", "Idempotency-Key must have 1 to 200 characters")
+    return idem
 
 
 def _fingerprint(*parts: str) -> str:
@@ -199,10 +215,8 @@ async def detect(request: web.Request) -> web.StreamResponse:
         if size > gw.settings.pipeline.image_max_bytes:
             raise Problem("IMAGE_REJECTED", f"the object has {size} bytes", image_code="IMAGE_TOO_LARGE")
     request_id = str(uuid.uuid4())
-    idem = request.headers.get("Idempotency-Key")
+    idem = _idempotency_key(request)
     if idem is not None:
-        if not 1 <= len(idem) <= 200:
-            raise Problem("INVALID_REQUEST", "Idempotency-Key must have 1 to 200 characters")
         claimed, fp, resource = await gw.store.claim_idempotency_key(
             who.tenant, idem, _fingerprint("detect", sha or f"key:{key}", params.canonical()),
             f"request:{request_id}", now_ms())
@@ -284,7 +298,7 @@ async def get_request(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     rid = request.match_info["id"]
     fmt = _format(request)
-    if not ID_RE.match(rid):
+    if not ID_RE.fullmatch(rid):
         raise Problem("NOT_FOUND", "no such request")
     row = await gw.store.get_request(who.tenant, rid)
     if row is None:
@@ -316,7 +330,7 @@ async def create_uploads(request: web.Request) -> web.StreamResponse:
         if not isinstance(f, dict):
             raise Problem("INVALID_REQUEST", f"files[{i}] must be an object")
         ctype = f.get("content_type")
-        if ctype not in UPLOAD_CONTENT_TYPES:
+        if not isinstance(ctype, str) or ctype not in UPLOAD_CONTENT_TYPES:
             raise Problem("UNSUPPORTED_MEDIA_TYPE", f"files[{i}].content_type must be one of "
                           f"{', '.join(sorted(UPLOAD_CONTENT_TYPES))}")
         length = _int(f"files[{i}].content_length", f.get("content_length"), 1, gw.settings.pipeline.image_max_bytes)
@@ -344,8 +358,8 @@ async def create_job(request: web.Request) -> web.StreamResponse:
         raise Problem("INVALID_REQUEST", "items must be a non-empty list of {upload_id} or {key}")
     if len(items) > gw.settings.job_max_items:
         raise Problem("TOO_MANY_ITEMS", f"a job has at most {gw.settings.job_max_items} items, not {len(items)}")
-    raw_params = body.get("params") or {}
-    model = body.get("model") or {}
+    raw_params = {} if body.get("params") is None else body["params"]
+    model = {} if body.get("model") is None else body["model"]
     if not isinstance(raw_params, dict) or not isinstance(model, dict):
         raise Problem("INVALID_REQUEST", "params and model must be objects")
     params = parse_params({**raw_params, **({"model": model["name"]} if "name" in model else {}),
@@ -354,7 +368,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     _check_model(gw, params.model, params.version)
     keys = [object_key(who.tenant, item) for item in items]
     job_id = str(uuid.uuid4())
-    idem = request.headers.get("Idempotency-Key")
+    idem = _idempotency_key(request)
     fingerprint = _fingerprint("jobs", params.canonical(), *keys)
     if idem is not None:
         claimed, fp, resource = await gw.store.claim_idempotency_key(who.tenant, idem, fingerprint, f"job:{job_id}",
@@ -404,7 +418,7 @@ def _job_created(job_id: str, total: int) -> web.Response:
 async def get_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     job_id = request.match_info["id"]
-    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.match(job_id) else None
+    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
     counts = job.counts if job.counts is not None else await gw.store.job_status_counts(who.tenant, job_id)
@@ -428,7 +442,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
                                                                           gw.settings.page_size_max)
     token = request.query.get("page_token")
     after = parse_page_token(token) if token else None
-    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.match(job_id) else None
+    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
     rows = await gw.store.job_results_page(who.tenant, job_id, after, size + 1)
@@ -447,7 +461,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     record a tombstone so a result still in flight is never served."""
     gw, who = _gw(request)
     sha = request.match_info["id"]
-    if not SHA256_RE.match(sha):
+    if not SHA256_RE.fullmatch(sha):
         raise Problem("NOT_FOUND", "no such image (an image id is the sha256 of its bytes, 64 hex digits)")
     request_ids = await gw.store.image_request_ids(who.tenant, sha)
     content_key = f"{who.tenant}/{sha}"
@@ -484,7 +498,7 @@ async def audit_events(request: web.Request) -> web.StreamResponse:
     from gateway.limits import utc_day
 
     day = request.query.get("day", utc_day())
-    if not (len(day) == 10 and day[4] == "-" and day[7] == "-" and day.replace("-", "").isdigit()):
+    if not DAY_RE.fullmatch(day):
         raise Problem("INVALID_PARAMS", "day must be YYYY-MM-DD", param="day")
     limit = _int("limit", request.query.get("limit", "100"), 1, 1000)
     return _json({"tenant": who.tenant, "day": day,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
@@ -60,6 +61,8 @@ class ImageInput:
 
 
 def _float(name: str, raw: Any, lo: float, hi: float) -> float:
+    if isinstance(raw, bool):
+        raise Problem("INVALID_PARAMS", f"{name} must be a number", param=name)
     try:
         value = float(raw)
     except (TypeError, ValueError) as exc:
@@ -101,7 +104,7 @@ def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
             raise Problem("INVALID_PARAMS", f"unknown classes for this model: {unknown[:5]}", param="classes")
         out["classes"] = tuple(sorted(set(classes)))
     model = raw.get("model", p.default_model)
-    if not isinstance(model, str) or not MODEL_RE.match(model):
+    if not isinstance(model, str) or not MODEL_RE.fullmatch(model):
         raise Problem("INVALID_PARAMS", "model must be a model name", param="model")
     out["model"] = model
     if raw.get("model_version") is not None:
@@ -131,11 +134,11 @@ def object_key(tenant: str, ref: Any) -> str:
         raise Problem("INVALID_REQUEST", "an image reference is an object with upload_id or key")
     if "upload_id" in ref:
         uid = ref["upload_id"]
-        if not isinstance(uid, str) or not UPLOAD_ID_RE.match(uid):
+        if not isinstance(uid, str) or not UPLOAD_ID_RE.fullmatch(uid):
             raise Problem("INVALID_REQUEST", "upload_id is not an upload id")
         return f"{tenant}/uploads/{uid}"
     key = ref.get("key")
-    if not isinstance(key, str) or not OBJECT_KEY_RE.match(key) or ".." in key.split("/"):
+    if not isinstance(key, str) or not OBJECT_KEY_RE.fullmatch(key) or ".." in key.split("/"):
         raise Problem("INVALID_REQUEST", "key must be an object key '<tenant>/<name>' in the uploads bucket")
     if not key.startswith(tenant + "/"):
         raise Problem("NOT_FOUND", "no such object")
@@ -143,9 +146,11 @@ def object_key(tenant: str, ref: Any) -> str:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise Problem("UNSUPPORTED_MEDIA_TYPE", "send the body as application/json")
     try:
         body = await request.json(loads=lambda s: json.loads(s, parse_constant=_no_constants))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, LookupError) as exc:  # LookupError: an unknown charset
         raise Problem("INVALID_REQUEST", "the body is not valid JSON") from exc
     if not isinstance(body, dict):
         raise Problem("INVALID_REQUEST", "the body must be a JSON object")
@@ -162,10 +167,12 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
     ctype = request.content_type
     if ctype == "application/json":
         body = await read_json(request)
-        params = body.get("params") or {}
+        params = body.get("params")
+        params = {} if params is None else params
         if not isinstance(params, Mapping):
             raise Problem("INVALID_REQUEST", "params must be an object")
-        model = body.get("model") or {}
+        model = body.get("model")
+        model = {} if model is None else model
         if not isinstance(model, Mapping):
             raise Problem("INVALID_REQUEST", "model must be an object")
         merged = {**params, **({"model": model["name"]} if "name" in model else {}),
@@ -189,7 +196,7 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
                     if not isinstance(extra, dict):
                         raise Problem("INVALID_REQUEST", "the params part must be a JSON object")
                     query.update(extra)
-        except (ValueError, AssertionError) as exc:
+        except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
             raise Problem("INVALID_REQUEST", f"malformed multipart body ({type(exc).__name__})") from exc
         if not data:
             raise Problem("INVALID_REQUEST", "the multipart body has no 'image' part")
@@ -212,6 +219,6 @@ def parse_page_token(token: str) -> str:
         rid = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise Problem("INVALID_PARAMS", "page_token is not a token this service issued", param="page_token") from exc
-    if not ID_RE.match(rid):
+    if not ID_RE.fullmatch(rid):
         raise Problem("INVALID_PARAMS", "page_token is not a token this service issued", param="page_token")
     return rid

@@ -123,6 +123,12 @@ def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
 def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.bench import run_bench
 
+    if args.target == "sync":
+        from infra.bench_sync import parse_levels, run_bench_sync
+
+        return run_bench_sync(settings, levels=parse_levels(args.levels), requests=args.requests,
+                              baseline_repeats=args.baseline_repeats)
+
     return run_bench(settings, n_batch=args.images, n_online=args.online, baseline_repeats=args.baseline_repeats)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,15 +42,16 @@ TEST_ENV = {"DETECTFLOW_RETRY_DELAY_MS": "1000", "DETECTFLOW_RETRY_MAX_ATTEMPTS"
             "DETECTFLOW_BACKOFF_INITIAL_MS": "100", "DETECTFLOW_LANE_CHECK_INTERVAL_MS": "50"}
 
 
-def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path) -> Iterator[Pipeline]:
+def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: Sequence[str] = ROLES,
+                   extra_env: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
     from model_store.convert import convert
 
-    env = {**os.environ, **TEST_ENV, "DETECTFLOW_TOPIC_PREFIX": prefix}
+    env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
     convert(settings.models_dir / settings.default_model / "1")
     T.apply(stack.kafka_bootstrap, T.all_topics(prefix))
-    sup = Supervisor(ROLES, log_dir, env=env)
+    sup = Supervisor(roles, log_dir, env=env)
     sup.start_monitor()
     try:
         yield Pipeline(stack, settings, sup, prefix)

@@ -1,0 +1,140 @@
+"""The pure parts of `detectflow bench sync`: distinct request bodies, level statistics, metric deltas."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from infra.bench_sync import (
+    NO_RESPONSE,
+    distinct_bodies,
+    histogram_quantile,
+    parse_levels,
+    reencode_jpeg,
+    requests_for,
+    server_figures,
+    summarize,
+    with_comment,
+)
+from processors.imaging import read_header
+
+
+def _png(seed: int, w: int = 64, h: int = 48) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def test_reencode_turns_any_sample_into_a_jpeg_of_the_same_size() -> None:
+    jpeg = reencode_jpeg(_png(1))
+    assert jpeg.startswith(b"\xff\xd8\xff")
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
+
+
+def test_a_comment_changes_the_bytes_but_not_the_pixels() -> None:
+    jpeg = reencode_jpeg(_png(2))
+    tagged = with_comment(jpeg, b"hello")
+    assert tagged != jpeg
+    assert tagged[2:4] == b"\xff\xfe" and tagged[4:6] == (7).to_bytes(2, "big")
+    original = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(tagged, np.uint8), cv2.IMREAD_COLOR), original)
+    with pytest.raises(ValueError):
+        with_comment(b"\x89PNG....", b"x")
+
+
+def test_distinct_bodies_have_distinct_sha256s_and_are_valid_jpegs() -> None:
+    bases = [reencode_jpeg(_png(seed)) for seed in range(3)]
+    bodies = distinct_bodies(bases, 50, "run1")
+    assert len(bodies) == 50
+    assert len({hashlib.sha256(b).hexdigest() for b in bodies}) == 50
+    # Another run's bodies never collide with this run's.
+    assert not {hashlib.sha256(b).digest() for b in bodies} & {hashlib.sha256(b).digest()
+                                                              for b in distinct_bodies(bases, 50, "run2")}
+    for body in bodies[:6]:
+        header = read_header(body)  # the pipeline's own header reader accepts the comment segment
+        assert (header.width, header.height) == (64, 48)
+        assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(ValueError):
+        distinct_bodies([], 1, "x")
+
+
+def test_summarize_percentiles_throughput_and_errors() -> None:
+    ok = [(float(ms), 200) for ms in range(1, 101)]  # 1..100 ms
+    errors = [(5.0, 503), (5.0, 503), (30000.0, 202), (1.0, NO_RESPONSE)]
+    s = summarize(4, ok + errors, wall_s=10.0)
+    assert s.requests == 104 and s.concurrency == 4
+    assert s.p50_ms == pytest.approx(50.5)  # errors take no part in the latency figures
+    assert s.p95_ms == pytest.approx(95.05)
+    assert s.p99_ms == pytest.approx(99.01)
+    assert s.mean_ms == pytest.approx(50.5)
+    assert s.ok_per_s == pytest.approx(10.0)
+    assert s.error_rate == pytest.approx(4 / 104)
+    assert s.statuses == {NO_RESPONSE: 1, 200: 100, 202: 1, 503: 2}
+
+
+def test_summarize_with_no_successes() -> None:
+    s = summarize(1, [(3.0, 503)], wall_s=1.0)
+    assert math.isnan(s.p50_ms) and math.isnan(s.mean_ms) and s.ok_per_s == 0 and s.error_rate == 1.0
+
+
+def _hist(name: str, route: str, counts: dict[str, float], total_s: float) -> dict[str, float]:
+    out = {f'{name}_bucket{{route="{route}",le="{le}"}}': v for le, v in counts.items()}
+    out[f'{name}_count{{route="{route}"}}'] = counts["+Inf"]
+    out[f'{name}_sum{{route="{route}"}}'] = total_s
+    return out
+
+
+def test_histogram_quantile_over_an_interval() -> None:
+    name = "detectflow_http_request_seconds"
+    before = _hist(name, "/v1/detect", {"0.1": 10, "0.2": 10, "0.5": 10, "+Inf": 10}, 0.5)
+    # In the interval: 10 calls within 0.1-0.2 s, 10 within 0.2-0.5 s; another route must not count.
+    after = {**_hist(name, "/v1/detect", {"0.1": 10, "0.2": 20, "0.5": 30, "+Inf": 30}, 6.0),
+             **_hist(name, "/livez", {"0.1": 99, "0.2": 99, "0.5": 99, "+Inf": 99}, 1.0)}
+    assert histogram_quantile(before, after, name, 50, route="/v1/detect") == pytest.approx(0.2)
+    assert histogram_quantile(before, after, name, 75, route="/v1/detect") == pytest.approx(0.35)
+    assert math.isnan(histogram_quantile(after, after, name, 50, route="/v1/detect"))
+    beyond = _hist(name, "/v1/detect", {"0.1": 10, "0.2": 10, "0.5": 10, "+Inf": 20}, 60.0)
+    assert histogram_quantile(before, beyond, name, 50, route="/v1/detect") == pytest.approx(0.5)
+
+
+def test_server_figures_from_scrape_deltas() -> None:
+    inf_before = {'detectflow_batch_size_count{stage="inference"}': 5.0,
+                  'detectflow_batch_size_sum{stage="inference"}': 5.0,
+                  'detectflow_process_seconds_count{stage="inference"}': 5.0,
+                  'detectflow_process_seconds_sum{stage="inference"}': 0.5,
+                  'detectflow_inference_batch_size_count{model="m",version="1"}': 5.0,
+                  'detectflow_inference_batch_size_sum{model="m",version="1"}': 5.0,
+                  'detectflow_inference_seconds_sum{model="m",version="1"}': 0.4}
+    inf_after = {'detectflow_batch_size_count{stage="inference"}': 9.0,
+                 'detectflow_batch_size_sum{stage="inference"}': 21.0,
+                 'detectflow_process_seconds_count{stage="inference"}': 9.0,
+                 'detectflow_process_seconds_sum{stage="inference"}': 1.3,
+                 'detectflow_batch_size_sum{stage="scan"}': 1000.0,
+                 'detectflow_inference_batch_size_count{model="m",version="1"}': 9.0,
+                 'detectflow_inference_batch_size_sum{model="m",version="1"}': 21.0,
+                 'detectflow_inference_seconds_sum{model="m",version="1"}': 1.0}
+    name = "detectflow_http_request_seconds"
+    gw_before = _hist(name, "/v1/detect", {"0.1": 0, "0.2": 0, "+Inf": 0}, 0.0)
+    gw_after = _hist(name, "/v1/detect", {"0.1": 0, "0.2": 16, "+Inf": 16}, 2.4)
+    f = server_figures(inf_before, inf_after, gw_before, gw_after)
+    assert f["batches"] == 4 and f["mean_batch"] == pytest.approx(4.0)
+    assert f["process_ms_per_batch"] == pytest.approx(200.0)
+    assert f["model_runs"] == 4 and f["images_per_run"] == pytest.approx(4.0)
+    assert f["model_ms_per_run"] == pytest.approx(150.0)
+    assert f["gw_calls"] == 16 and f["gw_mean_ms"] == pytest.approx(150.0)
+    assert f["gw_p50_ms"] == pytest.approx(150.0)
+    idle = server_figures(inf_after, inf_after, gw_after, gw_after)
+    assert idle["batches"] == 0 and math.isnan(idle["mean_batch"]) and math.isnan(idle["gw_p50_ms"])
+
+
+def test_levels_and_requests_per_level() -> None:
+    assert parse_levels("1, 4,16,64") == (1, 4, 16, 64)
+    for bad in ("", "0,4", "a,b"):
+        with pytest.raises(ValueError):
+            parse_levels(bad)
+    assert [requests_for(level, 40) for level in (1, 4, 16, 64)] == [40, 40, 64, 256]
