@@ -99,3 +99,13 @@ def test_every_pipeline_role_is_a_compose_service(compose: dict) -> None:
     assert "clamd" in compose["services"]["scan"]["depends_on"]
     image_build = compose["services"]["topics"]["build"]
     assert (ROOT / image_build["dockerfile"]).exists()
+
+
+def test_the_gateway_is_a_compose_service_that_is_ready_only_with_its_backends(compose: dict) -> None:
+    svc = compose["services"]["gateway"]
+    assert svc["command"] == ["detectflow", "run", "gateway"]
+    for dep in ("kafka", "registry", "cassandra", "minio"):
+        assert svc["depends_on"][dep]["condition"] == "service_healthy", dep
+    assert "/readyz" in " ".join(svc["healthcheck"]["test"])
+    assert svc["environment"]["DETECTFLOW_ALLOW_HS256"] == "false"
+    assert {"minio", "jwks"} <= set(svc["secrets"]) <= set(compose["secrets"])
