@@ -42,6 +42,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+SETTINGS = web.AppKey("settings", GatewaySettings)
 
 
 def _catalog(settings: GatewaySettings) -> Any:
@@ -53,7 +54,7 @@ def _catalog(settings: GatewaySettings) -> Any:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     from stream.cassandra import connect
 
-    settings: GatewaySettings = app["settings"]
+    settings = app[SETTINGS]
     loop = asyncio.get_running_loop()
     session = await loop.run_in_executor(None, connect, settings.pipeline.stream)
     p = settings.pipeline
@@ -97,7 +98,7 @@ async def problems_middleware(request: web.Request,
     except Problem as p:
         resp = p.response(request.path)
     except web.HTTPRequestEntityTooLarge:
-        resp = Problem("BODY_TOO_LARGE", f"the limit is {request.app['settings'].max_body_bytes} bytes").response(
+        resp = Problem("BODY_TOO_LARGE", f"the limit is {request.app[SETTINGS].max_body_bytes} bytes").response(
             request.path)
     except web.HTTPNotFound:
         resp = Problem("NOT_FOUND", "no such route").response(request.path)
@@ -122,7 +123,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     from gateway import handlers as h
 
     app = web.Application(client_max_size=settings.max_body_bytes + 256 * 1024, middlewares=[problems_middleware])
-    app["settings"] = settings
+    app[SETTINGS] = settings
     app.cleanup_ctx.append(_services)
     app.router.add_post("/v1/detect", h.detect)
     app.router.add_get("/v1/requests/{id}", h.get_request)

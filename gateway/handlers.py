@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import metrics as GM
-from gateway.app import GATEWAY, Gateway
+from gateway.app import GATEWAY, SETTINGS, Gateway
 from gateway.auth import Principal
 from gateway.inputs import (
     FORMATS,
@@ -512,7 +512,7 @@ async def audit_events(request: web.Request) -> web.StreamResponse:
 async def openapi(request: web.Request) -> web.StreamResponse:
     from gateway.openapi import spec
 
-    return _json(spec(request.app["settings"]))
+    return _json(spec(request.app[SETTINGS]))
 
 
 async def livez(request: web.Request) -> web.StreamResponse:

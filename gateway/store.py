@@ -7,7 +7,6 @@ Driver futures are bridged into asyncio with callbacks (no thread per call); rea
 from __future__ import annotations
 
 import asyncio
-import calendar
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
@@ -15,13 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.problems import Problem
+from stream.cassandra import timestamp_ms
 
-
-def to_ms(value: dt.datetime | None) -> int | None:
-    """cassandra-driver returns naive UTC datetimes."""
-    if value is None:
-        return None
-    return calendar.timegm(value.timetuple()) * 1000 + value.microsecond // 1000
+to_ms = timestamp_ms
 
 
 def from_ms(ms: int) -> dt.datetime:

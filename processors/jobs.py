@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from stream.cassandra import timestamp_ms
+from stream.errors import TransientError
 from stream.records import Output, now_ms
 
 
@@ -85,8 +87,6 @@ class CassandraJobs:
         from cassandra import DriverException
         from cassandra.cluster import NoHostAvailable
 
-        from stream.errors import TransientError
-
         try:
             return self._session.execute(stmt, params, timeout=self._timeout)
         except (DriverException, NoHostAvailable, OSError) as exc:
@@ -97,7 +97,7 @@ class CassandraJobs:
         if row is None:
             return None
         return {"total": row.total, "status": row.status,
-                "created_at": None if row.created_at is None else _naive_ms(row.created_at)}
+                "created_at": timestamp_ms(row.created_at)}
 
     def result_count(self, tenant: str, job_id: str) -> int:
         return int(self._execute(self._count, (tenant, job_id)).one().n)
@@ -114,9 +114,3 @@ class CassandraJobs:
         self._execute(self._complete, (counts.get("OK", 0), counts.get("REJECTED", 0), counts.get("FAILED", 0),
                                        dt.datetime.fromtimestamp(completed_at / 1000, tz=dt.UTC), tenant, job_id))
 
-
-def _naive_ms(value: Any) -> int:
-    """cassandra-driver returns naive UTC datetimes."""
-    import calendar
-
-    return calendar.timegm(value.timetuple()) * 1000 + value.microsecond // 1000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import calendar
+import datetime as dt
 import logging
 from pathlib import Path
 
@@ -43,3 +45,10 @@ def apply_migrations(session: Session, keyspace: str) -> None:
     for path in sorted(CQL_DIR.glob("*.cql")):
         for stmt in statements(path, keyspace):
             session.execute(stmt)
+
+
+def timestamp_ms(value: dt.datetime | None) -> int | None:
+    """A timestamp column as epoch millis (cassandra-driver returns naive UTC datetimes)."""
+    if value is None:
+        return None
+    return calendar.timegm(value.timetuple()) * 1000 + value.microsecond // 1000
