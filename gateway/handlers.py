@@ -27,8 +27,8 @@ from gateway.inputs import (
     _int,
     object_key,
     page_token,
+    parse_body_params,
     parse_page_token,
-    parse_params,
     read_image_input,
     read_json,
 )
@@ -358,13 +358,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
         raise Problem("INVALID_REQUEST", "items must be a non-empty list of {upload_id} or {key}")
     if len(items) > gw.settings.job_max_items:
         raise Problem("TOO_MANY_ITEMS", f"a job has at most {gw.settings.job_max_items} items, not {len(items)}")
-    raw_params = {} if body.get("params") is None else body["params"]
-    model = {} if body.get("model") is None else body["model"]
-    if not isinstance(raw_params, dict) or not isinstance(model, dict):
-        raise Problem("INVALID_REQUEST", "params and model must be objects")
-    params = parse_params({**raw_params, **({"model": model["name"]} if "name" in model else {}),
-                           **({"model_version": model["version"]} if model.get("version") is not None else {})},
-                          gw.settings, _class_names(gw))
+    params = parse_body_params(body, gw.settings, _class_names(gw))
     _check_model(gw, params.model, params.version)
     keys = [object_key(who.tenant, item) for item in items]
     job_id = str(uuid.uuid4())

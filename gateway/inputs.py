@@ -112,6 +112,18 @@ def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
     return DetectParams(**out)
 
 
+def parse_body_params(body: Mapping[str, Any], settings: GatewaySettings,
+                      class_names: tuple[str, ...] | None) -> DetectParams:
+    """The params of a JSON call: ``{"params": {...}, "model": {"name", "version"}}`` (both optional)."""
+    params = {} if body.get("params") is None else body["params"]
+    model = {} if body.get("model") is None else body["model"]
+    if not isinstance(params, Mapping) or not isinstance(model, Mapping):
+        raise Problem("INVALID_REQUEST", "params and model must be objects")
+    merged = {**params, **({"model": model["name"]} if "name" in model else {}),
+              **({"model_version": model["version"]} if model.get("version") is not None else {})}
+    return parse_params(merged, settings, class_names)
+
+
 def sniff_image(data: bytes, settings: GatewaySettings) -> str:
     """The media type by magic bytes (the declared Content-Type is not trusted); header limits checked."""
     p = settings.pipeline
@@ -167,20 +179,10 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
     ctype = request.content_type
     if ctype == "application/json":
         body = await read_json(request)
-        params = body.get("params")
-        params = {} if params is None else params
-        if not isinstance(params, Mapping):
-            raise Problem("INVALID_REQUEST", "params must be an object")
-        model = body.get("model")
-        model = {} if model is None else model
-        if not isinstance(model, Mapping):
-            raise Problem("INVALID_REQUEST", "model must be an object")
-        merged = {**params, **({"model": model["name"]} if "name" in model else {}),
-                  **({"model_version": model["version"]} if model.get("version") is not None else {})}
         if "image" not in body:
             raise Problem("INVALID_REQUEST", "a JSON detect call names its image: {\"image\": {\"upload_id\": ...}}")
         key = object_key(request["principal"].tenant, body["image"])
-        return ImageInput(key=key, params=parse_params(merged, settings, class_names))
+        return ImageInput(key=key, params=parse_body_params(body, settings, class_names))
     query: dict[str, Any] = dict(request.query)
     if ctype == "multipart/form-data":
         data = b""
