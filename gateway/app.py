@@ -46,9 +46,14 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 
 
 def _catalog(settings: GatewaySettings) -> Any:
+    """Pins are checked against the registry's routing (the `models` topic), else the local repository."""
     from model_store.catalog import ModelCatalog
+    from model_store.watch import ModelWatcher
 
-    return ModelCatalog(settings.pipeline.models_dir) if settings.pipeline.models_dir.is_dir() else None
+    p = settings.pipeline
+    watcher = ModelWatcher(p.stream.bootstrap, p.stream.registry_url, p.stream.topic_prefix)
+    watcher.start(p.lifecycle.watch_catch_up_s)
+    return ModelCatalog(p.models_dir, table=watcher.table)
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +65,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     p = settings.pipeline
     store = GatewayStore(session, result_ttl_s=p.result_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s,
                          audit_ttl_s=settings.audit_ttl_s)
+    catalog = await loop.run_in_executor(None, _catalog, settings)
     bus = Bus(settings)
     await bus.start()
     objects = GatewayObjects(settings)
@@ -70,7 +76,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     gw = Gateway(settings=settings, auth=auth, bus=bus, store=store, objects=objects,
                  buckets=TokenBuckets(settings.rate_per_s, settings.rate_burst),
                  quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_add),
-                 audit=AuditLog(bus, store, f"{p.stream.topic_prefix}audit"), catalog=_catalog(settings),
+                 audit=AuditLog(bus, store, f"{p.stream.topic_prefix}audit"), catalog=catalog,
                  cluster=session.cluster)
     app[GATEWAY] = gw
     log.info("gateway ready: reply partition %s", bus.router.reply_to)

@@ -114,7 +114,7 @@ def _check_model(gw: Gateway, name: str, version: int | None) -> None:
     from model_store.catalog import ModelNotFound
 
     try:
-        gw.catalog.resolve(name, version)
+        gw.catalog.check(name, version)
     except ModelNotFound as exc:
         raise Problem("INVALID_PARAMS", str(exc), param="model") from exc
 

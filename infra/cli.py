@@ -46,6 +46,12 @@ def _model(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_cli(args)
 
 
+def _model_quantize(args: argparse.Namespace, settings: StackSettings) -> int:
+    from model_store.quantize import run_cli
+
+    return run_cli(args)
+
+
 def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.settings import StreamSettings
     from stream import topics
@@ -114,6 +120,12 @@ def _jobs(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_jobs(args, settings)
 
 
+def _models(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.models_cmd import run_models
+
+    return run_models(args, settings)
+
+
 def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
     from model_store.evaluate import run_cli
 
@@ -154,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from model_store.convert import add_cli as add_convert_cli
 
     add_convert_cli(md_sub).set_defaults(func=_model)
+    from model_store.quantize import add_cli as add_quantize_cli
+
+    add_quantize_cli(md_sub).set_defaults(func=_model_quantize)
 
     tp = sub.add_parser("topics", help="the topics detectflow uses")
     tp.add_argument("action", choices=["apply", "list"], help="apply: create/grow/configure idempotently")
@@ -187,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infra.jobs_cmd import add_cli as add_jobs_cli
 
     add_jobs_cli(sub).set_defaults(func=_jobs)
+
+    from infra.models_cmd import add_cli as add_models_cli
+
+    add_models_cli(sub).set_defaults(func=_models)
 
     from model_store.evaluate import add_cli as add_eval_cli
 

@@ -14,9 +14,26 @@ from infra.settings import PipelineSettings, StackSettings
 from infra.stack import manager
 
 
+def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings) -> None:
+    """The converted default model is the registry's first version of it (idempotent: pushes by content)."""
+    from infra.models_cmd import actor_name
+    from model_store.evalset import ensure_eval_set
+    from model_store.gate import gate_runner
+    from model_store.registry import connect_registry
+
+    registry = connect_registry(pipeline)
+    source = pipeline.models_dir / pipeline.default_model / "1"
+    outcome = registry.push(pipeline.default_model, source, actor=actor_name(),
+                            gate=gate_runner(pipeline.lifecycle, ensure_eval_set(settings)))
+    routing = registry.routing(pipeline.default_model)
+    print(f"model registry: {pipeline.default_model} v{outcome.version} "
+          f"({'pushed' if outcome.created else 'already there'}, gate {outcome.gate_status}); "
+          f"production v{routing.production}")
+
+
 def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float = 180.0) -> int:
     from infra.detect_cmd import detect_files, format_results, make_client
-    from infra.roles import ROLES
+    from infra.roles import LIFECYCLE_ROLES, ROLES
     from infra.supervisor import Supervisor
     from model_store.convert import convert
     from model_store.samples import ensure_samples
@@ -34,9 +51,10 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
     if created:
         print(f"created {len(created)} topics")
     convert(pipeline.models_dir / pipeline.default_model / "1")
+    bootstrap_default_model(pipeline, settings)
     images = ensure_samples(settings.samples_dir, settings.cache_dir)
 
-    sup = Supervisor(ROLES, settings.log_dir)
+    sup = Supervisor((*ROLES, *LIFECYCLE_ROLES), settings.log_dir)
     sup.start()
     print(f"pipeline started: {', '.join(f'{r}[{p}]' for r, p in sup.pids().items())} "
           f"(logs: {settings.log_dir}/pipeline-<role>.log)")

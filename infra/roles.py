@@ -7,9 +7,12 @@ from typing import Any
 
 from infra.settings import PipelineSettings
 
+# The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
-# What `detectflow run all` starts: the pipeline and the HTTP gateway.
-SERVICES = (*ROLES, "gateway")
+# The model lifecycle beside it: the shadow version's runner and the guardrail/agreement monitor.
+LIFECYCLE_ROLES = ("shadow", "monitor")
+# What `detectflow run all` starts: the pipeline, the lifecycle roles and the HTTP gateway.
+SERVICES = (*ROLES, *LIFECYCLE_ROLES, "gateway")
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +25,48 @@ def _results(settings: PipelineSettings, session: Any = None) -> Any:
                        cache_ttl_s=settings.cache_ttl_s)
 
 
+def instance_name(role: str, settings: PipelineSettings) -> str:
+    import os
+    import socket
+
+    return f"{role}@{settings.stream.instance_id or socket.gethostname()}:{os.getpid()}"
+
+
+def catalog(settings: PipelineSettings, *, watch: bool, listeners: tuple[Any, ...] = ()) -> Any:
+    """The role's model catalog: version folders fetched from the registry on first use; with ``watch``,
+    routed by the registry's `models` topic (read to its end before this returns)."""
+    from model_store.catalog import ModelCatalog
+    from model_store.registry import ModelObjects, fetcher
+    from model_store.watch import ModelWatcher
+    from processors.objects import minio_client
+
+    objects = ModelObjects(minio_client(settings), settings.lifecycle.models_bucket)
+    fetch = fetcher(objects, settings.models_dir)
+    if not watch:
+        return ModelCatalog(settings.models_dir, fetch=fetch)
+    watcher = ModelWatcher(settings.stream.bootstrap, settings.stream.registry_url, settings.stream.topic_prefix)
+    for listener in listeners:
+        watcher.add_listener(listener)
+    watcher.start(settings.lifecycle.watch_catch_up_s)
+    return ModelCatalog(settings.models_dir, table=watcher.table, fetch=fetch)
+
+
+def _reporter(role: str, settings: PipelineSettings) -> Any:
+    from model_store.registry import ModelEventLog
+
+    events = ModelEventLog(settings.stream.bootstrap, settings.stream.registry_url, settings.stream.topic_prefix)
+    instance = instance_name(role, settings)
+
+    def report(model: str, version: int, action: str, reason: str | None) -> None:
+        try:
+            events.report(model, version, action, instance, reason)
+        except Exception as exc:  # a report is information; serving must not stop when Kafka hiccups
+            log.warning("could not report %s %s v%s: %s", action, model, version, exc)
+    return report
+
+
 def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
     """The stage object of ``role`` and the runtime options it runs with."""
-    from model_store.catalog import ModelCatalog
-
     stream = settings.stream
     txn = {"exactly_once": settings.exactly_once, "exactly_once_lanes": settings.exactly_once_lanes}
     eos: dict[str, Any] = {**txn, "max_batch": settings.stage_max_batch}
@@ -40,28 +81,54 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from processors.scanner import ClamdScanner
 
         scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
-        return ScanStage(ObjectStore(minio_client(settings)), scanner, ModelCatalog(settings.models_dir),
+        return ScanStage(ObjectStore(minio_client(settings)), scanner, catalog(settings, watch=True),
                          _results(settings), settings), eos
     if role == "preprocess":
         from processors.objects import ObjectStore, minio_client
         from processors.preprocess import PreprocessStage
 
-        return PreprocessStage(ObjectStore(minio_client(settings)), ModelCatalog(settings.models_dir), settings), eos
+        return PreprocessStage(ObjectStore(minio_client(settings)), catalog(settings, watch=False), settings), eos
     if role == "inference":
         from processors.inference import InferenceStage
 
-        stage = InferenceStage(ModelCatalog(settings.models_dir), settings)
+        holder: list[InferenceStage] = []
+        cat = catalog(settings, watch=True, listeners=(lambda routing: holder and holder[0].on_routing(routing),))
+        stage = InferenceStage(cat, settings, reporter=_reporter(role, settings))
+        holder.append(stage)
         loaded = stage.warm_up()  # load -> warm-up -> only then consume
+        for model in cat.table.models():  # what the registry routes to, loaded in the background
+            routing = cat.table.routing(model)
+            if routing is not None:
+                stage.on_routing(routing)
         log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
                  ", ".join(loaded.providers))
         return stage, {**txn, "max_batch": settings.inference_max_batch,
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
-        from model_store.catalog import ModelCatalog
         from processors.postprocess import PostprocessStage
 
-        return PostprocessStage(ModelCatalog(settings.models_dir), _results(settings), settings), eos
+        return PostprocessStage(catalog(settings, watch=False), _results(settings), settings), eos
+    if role == "shadow":
+        from processors.shadow import ShadowStage
+
+        holder_s: list[ShadowStage] = []
+        cat = catalog(settings, watch=True, listeners=(lambda routing: holder_s and holder_s[0].on_routing(routing),))
+        shadow = ShadowStage(cat, settings)
+        holder_s.append(shadow)
+        for model in cat.table.models():
+            routing = cat.table.routing(model)
+            if routing is not None:
+                shadow.on_routing(routing)
+        return shadow, {"max_batch": settings.inference_max_batch,
+                        "queue_delay_ms": {"online": settings.batch_queue_delay_ms,
+                                           "batch": settings.batch_queue_delay_ms}}
+    if role == "monitor":
+        from model_store.registry import connect_registry
+        from processors.monitor import MonitorStage
+
+        registry = connect_registry(settings)
+        return MonitorStage(catalog(settings, watch=True).table, registry, settings), {}
     if role == "recorder":
         from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
@@ -70,7 +137,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         session = connect(stream)
         jobs = JobTracker(CassandraJobs(session), stream.topic_prefix)
         return RecorderStage(_results(settings, session), stream.topic_prefix, jobs), {}
-    raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    raise ValueError(f"unknown role {role!r}; one of {', '.join((*ROLES, *LIFECYCLE_ROLES))}")
 
 
 def run_role(role: str, settings: PipelineSettings) -> None:

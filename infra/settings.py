@@ -247,6 +247,57 @@ class StreamSettings:
 
 
 @dataclass(frozen=True)
+class LifecycleSettings:
+    """The model registry, its release gate and the canary guardrails (model_store/, processors/monitor.py)."""
+
+    models_bucket: str = "models"
+    # Release gate on push: mAP@0.5 on the evaluation set may be at most this far below production's,
+    # and the P95 of single-image latency (batch 1, this host) must stay within the budget.
+    gate_max_map_drop: float = 0.03
+    gate_p95_budget_ms: float = 400.0
+    gate_latency_rounds: int = 3
+    # Canary guardrails: compared over the last window_s of results, once both sides have
+    # min_samples; a breach rolls the canary back automatically.
+    guard_window_s: float = 300.0
+    guard_min_samples: int = 20
+    guard_max_error_rate_delta: float = 0.05  # canary FAILED share minus production's
+    guard_latency_factor: float = 1.5  # canary P95 model latency over production's ...
+    guard_latency_slack_ms: float = 20.0  # ... plus this slack
+    guard_check_interval_s: float = 2.0
+    # Inference keeps at most this many versions of a model loaded (production, canary, the previous
+    # production for an instant rollback, recent pins); others load on demand.
+    max_loaded_versions: int = 3
+    # How long a process waits at start to read the `models` topic to its end.
+    watch_catch_up_s: float = 30.0
+    # promote/canary wait this long for an inference process to report the version READY.
+    ready_wait_s: float = 60.0
+    # Shadow/production result pairs waiting for their other half (bounded; the oldest are dropped).
+    shadow_pending_max: int = 10_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LifecycleSettings:
+        def num(name: str, default: float) -> float:
+            return _num(env, name, default)
+
+        return cls(
+            models_bucket=_get(env, "MODELS_BUCKET", "models"),
+            gate_max_map_drop=num("GATE_MAX_MAP_DROP", 0.03),
+            gate_p95_budget_ms=num("GATE_P95_BUDGET_MS", 400.0),
+            gate_latency_rounds=int(num("GATE_LATENCY_ROUNDS", 3)),
+            guard_window_s=num("GUARD_WINDOW_S", 300.0),
+            guard_min_samples=int(num("GUARD_MIN_SAMPLES", 20)),
+            guard_max_error_rate_delta=num("GUARD_MAX_ERROR_RATE_DELTA", 0.05),
+            guard_latency_factor=num("GUARD_LATENCY_FACTOR", 1.5),
+            guard_latency_slack_ms=num("GUARD_LATENCY_SLACK_MS", 20.0),
+            guard_check_interval_s=num("GUARD_CHECK_INTERVAL_S", 2.0),
+            max_loaded_versions=int(num("MAX_LOADED_VERSIONS", 3)),
+            watch_catch_up_s=num("WATCH_CATCH_UP_S", 30.0),
+            ready_wait_s=num("READY_WAIT_S", 60.0),
+            shadow_pending_max=int(num("SHADOW_PENDING_MAX", 10_000)),
+        )
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     """Settings of the detection pipeline's roles (scan, preprocess, inference, postprocess, recorder)."""
 
@@ -294,6 +345,7 @@ class PipelineSettings:
     # Cassandra writes are idempotent upserts. online_exactly_once=True puts it in transactions too.
     exactly_once: bool = True
     online_exactly_once: bool = False
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PipelineSettings:
@@ -327,6 +379,7 @@ class PipelineSettings:
             result_ttl_s=int(num("RESULT_TTL_S", 30 * 24 * 3600)),
             exactly_once=_get(env, "EXACTLY_ONCE", "true").lower() in ("1", "true", "yes"),
             online_exactly_once=_get(env, "ONLINE_EXACTLY_ONCE", "false").lower() in ("1", "true", "yes"),
+            lifecycle=LifecycleSettings.from_env(env),
         )
 
     @property

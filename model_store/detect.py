@@ -197,16 +197,23 @@ class Detector:
         (out,) = self.session.run([self.config.outputs[0].name], {self.config.input.name: batch})
         return out
 
+    def infer_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name (the decoder family picks the ones it needs)."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, {self.config.input.name: batch}), strict=True))
+
     def detect(self, images_bgr: Sequence[np.ndarray]) -> list[list[Detection]]:
-        """Detections per image, in original pixels, best score first."""
+        """Detections per image, in original pixels, best score first (decoded by the config's family)."""
+        from model_store.decoders import decode_outputs  # decoders builds on this module's Candidates
+
         spec = self.config.input
         results: list[list[Detection]] = []
         for start in range(0, len(images_bgr), self.config.max_batch):
             chunk = images_bgr[start : start + self.config.max_batch]
             boxed = [letterbox(img, (spec.width, spec.height), spec.pad_value) for img in chunk]
-            outputs = self.infer(to_model_input([t for t, _, _ in boxed], spec.scale))
-            for image, (_, scale, pad), cands in zip(chunk, boxed,
-                                                     decode(outputs, self.config, self.conf_threshold), strict=True):
+            outputs = self.infer_all(to_model_input([t for t, _, _ in boxed], spec.scale))
+            decoded = decode_outputs(outputs, self.config, self.conf_threshold, max_candidates=1 << 20)
+            for image, (_, scale, pad), cands in zip(chunk, boxed, decoded, strict=True):
                 kept = nms(cands, self.iou_threshold, self.max_detections)
                 boxes = unletterbox(kept.boxes, scale, pad, (image.shape[1], image.shape[0]))
                 results.append(to_detections(Candidates(boxes, kept.scores, kept.class_ids), self.config.class_names))

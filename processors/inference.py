@@ -5,8 +5,14 @@ The runtime hands this stage a micro-batch (it leaves the topic partitions when 
 records past their deadline are closed FAILED DEADLINE_EXCEEDED before the model runs; the rest are
 grouped by model version, stacked into one input per chunk of the version's batch limit, run, and
 decoded by the version's decoder family; only candidates at or above each request's score threshold
-leave, best first and bounded, to keep records small. A version's session is loaded and warmed up
-once, before it serves.
+leave, best first and bounded, to keep records small.
+
+Hot reload: the stage listens to the registry (``on_routing``, called by the model watcher). Versions
+that will take traffic (production, canary, the previous production for an instant rollback, the newest pushed) are
+loaded and warmed up on a background thread while the current ones keep serving, then reported READY
+on `models`; a version that fails to load is reported LOAD_FAILED, routed around, and the old one
+keeps serving. A record for a version still loading waits for that load (never a second one). At
+most ``max_loaded_versions`` sessions stay loaded; the least recently used unneeded one goes first.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +33,7 @@ from infra.settings import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
 from model_store.decoders import DecoderError, decode_outputs
 from model_store.detect import Candidates, to_model_input
+from model_store.routing import Routing
 from model_store.session import SessionError, SessionSettings, create_session
 from processors import metrics as PM
 from processors.params import effective_params
@@ -34,6 +43,9 @@ from stream.serde import epoch_ms
 from stream.topics import LANES, lane_topic
 
 log = logging.getLogger(__name__)
+
+Reporter = Callable[[str, int, str, "str | None"], None]  # (model, version, READY|LOAD_FAILED, reason)
+LOAD_WAIT_S = 120.0
 
 
 @dataclass
@@ -88,13 +100,19 @@ class InferenceStage:
 
     def __init__(self, catalog: ModelCatalog, settings: PipelineSettings,
                  loader: Callable[[ModelVersion], LoadedModel] | None = None,
-                 clock: Callable[[], int] = now_ms):
+                 clock: Callable[[], int] = now_ms, reporter: Reporter | None = None):
         self.catalog = catalog
         self.settings = settings
         self.prefix = settings.stream.topic_prefix
         self._loader = loader or (lambda mv: load_onnx(mv, settings.intra_op_threads))
         self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._loading: dict[tuple[str, int], Future[LoadedModel]] = {}
+        self._last_used: dict[tuple[str, int], float] = {}
+        self._wanted: dict[str, set[int]] = {}
         self._lock = threading.Lock()
+        # One background load at a time: loading competes with serving for the same cores.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self._report = reporter
         self.clock = clock
 
     def input_topics(self) -> list[str]:
@@ -107,11 +125,23 @@ class InferenceStage:
         return self.model(mv.name, mv.version)
 
     def model(self, name: str, version: int) -> LoadedModel:
+        """The loaded version; loads it here if no background load is under way, else waits for that one."""
         key = (name, version)
         with self._lock:
             loaded = self._models.get(key)
-        if loaded is not None:
-            return loaded
+            pending = self._loading.get(key)
+            if loaded is not None:
+                self._last_used[key] = time.monotonic()
+                return loaded
+        if pending is not None:
+            try:
+                return pending.result(timeout=LOAD_WAIT_S)
+            except FutureTimeout as exc:
+                raise TransientError(f"model {name} v{version} still loading after {LOAD_WAIT_S:.0f}s") from exc
+        return self._load(key)
+
+    def _load(self, key: tuple[str, int]) -> LoadedModel:
+        name, version = key
         try:
             mv = self.catalog.get(name, version)
         except ModelNotFound as exc:
@@ -120,12 +150,69 @@ class InferenceStage:
         try:
             loaded = self._loader(mv)
         except SessionError as exc:
+            self._reported(name, version, "LOAD_FAILED", str(exc)[:500])
             raise TransientError(f"model {name} v{version} failed to load: {exc}") from exc
         log.info("model %s v%s ready on %s in %.1fs", name, version, loaded.providers[0], time.perf_counter() - t0)
         PM.MODEL_READY.labels(name, str(version), loaded.providers[0]).set(1)
         with self._lock:
             self._models[key] = loaded
+            self._last_used[key] = time.monotonic()
+        self._reported(name, version, "READY", f"on {loaded.providers[0]} in {time.perf_counter() - t0:.1f}s")
+        self._evict()
         return loaded
+
+    def _reported(self, name: str, version: int, action: str, reason: str | None) -> None:
+        if action == "LOAD_FAILED":
+            PM.MODEL_LOAD_FAILURES.labels(name, str(version)).inc()
+            log.error("model %s v%s failed to load; the versions already loaded keep serving: %s", name, version,
+                      reason)
+        if self.catalog.table is not None:
+            self.catalog.table.mark_failed(name, version, action == "LOAD_FAILED")
+        if self._report is not None:
+            self._report(name, version, action, reason)
+
+    # ---- following the registry ------------------------------------------------------------------------
+    def on_routing(self, routing: Routing) -> None:
+        """The registry changed: load what will take traffic, in the background (the watcher's thread)."""
+        # Production, the canary, the previous production (an instant rollback) and the newest pushed
+        # version (the likely next canary: READY before anyone routes to it).
+        newest = max(routing.versions, default=None)
+        wanted = {v for v in (routing.production, routing.canary, *routing.previous[:1], newest) if v is not None}
+        with self._lock:
+            self._wanted[routing.model] = wanted
+            todo = [(routing.model, v) for v in sorted(wanted, reverse=True)
+                    if (routing.model, v) not in self._models and (routing.model, v) not in self._loading]
+            for key in todo:
+                future = self._pool.submit(self._background_load, key)
+                self._loading[key] = future
+        self._evict()
+
+    def _background_load(self, key: tuple[str, int]) -> LoadedModel:
+        try:
+            return self._load(key)
+        except (InvalidRecord, TransientError) as exc:
+            if not isinstance(exc, TransientError) or "failed to load" not in str(exc):
+                self._reported(key[0], key[1], "LOAD_FAILED", str(exc)[:500])
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+
+    def _evict(self) -> None:
+        limit = max(1, self.settings.lifecycle.max_loaded_versions)
+        with self._lock:
+            if len(self._models) <= limit:
+                return
+            unneeded = sorted((k for k in self._models if k[1] not in self._wanted.get(k[0], set())),
+                              key=lambda k: self._last_used.get(k, 0.0))
+            for key in unneeded[: len(self._models) - limit]:
+                PM.MODEL_READY.labels(key[0], str(key[1]), self._models.pop(key).providers[0]).set(0)
+                self._last_used.pop(key, None)
+                log.info("model %s v%s unloaded (not needed, least recently used)", *key)
+
+    def loaded_versions(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return sorted(self._models)
 
     # ---- records ----------------------------------------------------------------------------------
     def process(self, batch: list[Record]) -> list[Outcome]:

@@ -107,6 +107,7 @@ class ScanStage:
             model = self.catalog.resolve(value["model"]["name"], value["model"].get("version"), value["request_id"])
         except ModelNotFound as exc:
             raise InvalidRecord("MODEL_NOT_FOUND", str(exc)) from exc
+        PM.ROUTED.labels(model.name, str(model.version), self._route_role(value["model"], model.version)).inc()
         params = effective_params(value.get("params"), self.settings, model.config.class_names)
         carried = dict(rec.headers)
 
@@ -147,6 +148,12 @@ class ScanStage:
                            "scan": (t_done - t_scan) * 1000},
         }
         return [Output(lane_topic(self.prefix, rec.lane, "scanned"), value["request_id"], scanned, "ImageScanned")]
+
+    def _route_role(self, selector: dict[str, Any], version: int) -> str:
+        if selector.get("version") is not None:
+            return "pinned"
+        routing = self.catalog.table.routing(selector["name"]) if self.catalog.table is not None else None
+        return "canary" if routing is not None and routing.canary == version else "production"
 
     def _cache_lookup(self, key: CacheKey) -> dict[str, Any] | None:
         assert self.cache is not None

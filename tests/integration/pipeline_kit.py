@@ -43,13 +43,14 @@ TEST_ENV = {"DETECTFLOW_RETRY_DELAY_MS": "1000", "DETECTFLOW_RETRY_MAX_ATTEMPTS"
 
 
 def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: Sequence[str] = ROLES,
-                   extra_env: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
+                   extra_env: Mapping[str, str] | None = None, convert_default: bool = True) -> Iterator[Pipeline]:
     from model_store.convert import convert
 
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
-    convert(settings.models_dir / settings.default_model / "1")
+    if convert_default:  # else the default model comes from the registry
+        convert(settings.models_dir / settings.default_model / "1")
     T.apply(stack.kafka_bootstrap, T.all_topics(prefix))
     sup = Supervisor(roles, log_dir, env=env)
     sup.start_monitor()

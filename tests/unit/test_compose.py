@@ -85,9 +85,9 @@ def test_volumes_declared(compose: dict) -> None:
 
 
 def test_every_pipeline_role_is_a_compose_service(compose: dict) -> None:
-    from infra.roles import ROLES
+    from infra.roles import LIFECYCLE_ROLES, ROLES
 
-    for role in ROLES:
+    for role in (*ROLES, *LIFECYCLE_ROLES):
         svc = compose["services"][role]
         assert svc["command"] == ["detectflow", "run", role]
         assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"

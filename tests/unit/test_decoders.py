@@ -359,3 +359,33 @@ def test_class_id_offset_round_trips_and_defaults_to_zero() -> None:
     data = YOLOV5.to_dict()
     del data["class_id_offset"]
     assert ModelConfig.from_dict(data).class_id_offset == 0
+
+
+class _FixedSession:
+    """An ONNX Runtime stand-in answering every run with fixed outputs (the first image's rows)."""
+
+    def __init__(self, outputs: dict[str, np.ndarray]):
+        self.outputs = outputs
+
+    def get_outputs(self) -> list[object]:
+        return [type("Out", (), {"name": n})() for n in self.outputs]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = next(iter(feeds.values())).shape[0]
+        return [np.repeat(self.outputs[k][:1], n, axis=0) for k in names]
+
+
+@pytest.mark.parametrize("family", ["yolov8", "ssd"])
+def test_detector_decodes_with_the_config_family(family: str) -> None:
+    """The in-process Detector (the release gate's mAP, `detectflow eval`) decodes every family, all outputs."""
+    if family == "yolov8":
+        config, outputs = _config("yolov8", (OutputSpec("output0", ("N", 5, 7), ""),), box_layout="cxcywh_cls"), \
+            {"output0": _yolov8_rows()}
+        want = {1, 0}
+    else:
+        config, outputs = SSD, _ssd_batch()
+        want = {2, 0}
+    detector = Detector(_FixedSession(outputs), config, conf_threshold=0.5)  # type: ignore[arg-type]
+    image = np.zeros((config.input.height, config.input.width, 3), np.uint8)
+    (dets,) = detector.detect([image])
+    assert {d.class_id for d in dets} == want

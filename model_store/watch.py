@@ -1,0 +1,203 @@
+"""Serving follows the registry: the `models` topic folded into a routing table, in a background thread.
+
+Every process that routes or serves (scan, inference, shadow, the monitor, the gateway) runs one
+``ModelWatcher``. It reads the compacted `models` topic from the beginning with no consumer group
+commits (every process needs the whole state, not a share of it), keeps the latest ``Routing`` per
+model, and the latest READY/LOAD_FAILED report per (model, version, instance). ``start`` returns once
+the topic has been read to its end (with a deadline), so a process never routes on a partial state.
+Listeners are called on the watcher thread after each change.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from model_store.routing import REPORT_ACTIONS, STATE_ACTIONS, Routing
+from stream.serde import epoch_ms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    version: int
+    action: str  # READY | LOAD_FAILED
+    instance: str
+    reason: str | None
+    at_ms: int
+
+
+class RoutingTable:
+    """The latest routing state per model and the load reports; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routing: dict[str, Routing] = {}
+        self._reports: dict[tuple[str, int, str], Report] = {}
+        self._local_failures: set[tuple[str, int]] = set()
+
+    def apply(self, event: dict[str, Any]) -> str | None:
+        """Fold one ModelEvent in; returns the model name whose routing changed, if any."""
+        action = event.get("action")
+        name = event["model_name"]
+        with self._lock:
+            if action in STATE_ACTIONS:
+                self._routing[name] = Routing.from_event(event)
+                return name
+            if action in REPORT_ACTIONS:
+                version = int(event["version"])
+                self._reports[(name, version, event["actor"])] = Report(
+                    name, version, action, event["actor"], event.get("reason"), epoch_ms(event["at"]) or 0)
+        return None
+
+    def routing(self, model: str) -> Routing | None:
+        with self._lock:
+            return self._routing.get(model)
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._routing)
+
+    def reports(self, model: str, version: int) -> list[Report]:
+        with self._lock:
+            return [r for (m, v, _), r in self._reports.items() if m == model and v == version]
+
+    def mark_failed(self, model: str, version: int, failed: bool = True) -> None:
+        """This process could not load the version: route around it here (others decide for themselves)."""
+        with self._lock:
+            (self._local_failures.add if failed else self._local_failures.discard)((model, version))
+
+    def unavailable(self, model: str) -> frozenset[int]:
+        """Versions that failed to load: here, or (newest report per instance) in an inference process."""
+        with self._lock:
+            failed = {v for (m, v) in self._local_failures if m == model}
+            latest: dict[int, Report] = {}
+            for (m, v, _), r in self._reports.items():
+                if m == model and (v not in latest or r.at_ms > latest[v].at_ms):
+                    latest[v] = r
+        failed |= {v for v, r in latest.items() if r.action == "LOAD_FAILED"}
+        return frozenset(failed)
+
+    def route(self, model: str, request_id: str) -> int | None:
+        r = self.routing(model)
+        return None if r is None else r.route(request_id, self.unavailable(model))
+
+
+Listener = Callable[[Routing], None]
+
+
+class ModelWatcher:
+    """Consumes `models` into a RoutingTable on a daemon thread."""
+
+    def __init__(self, bootstrap: str, registry_url: str, prefix: str = "", table: RoutingTable | None = None,
+                 *, poll_timeout_s: float = 0.5):
+        self.topic = f"{prefix}models"
+        self.table = table or RoutingTable()
+        self._bootstrap = bootstrap
+        self._registry_url = registry_url
+        self._poll = poll_timeout_s
+        self._listeners: list[Listener] = []
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def start(self, catch_up_s: float = 30.0) -> ModelWatcher:
+        """Start the thread and wait (at most ``catch_up_s``) until the topic has been read to its end."""
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        self._thread.start()
+        if not self._caught_up.wait(catch_up_s):
+            log.warning("models topic %s not read to its end within %.0fs; routing may lag", self.topic, catch_up_s)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+        from stream.serde import AvroSerde, SerdeError
+
+        serde = AvroSerde.from_url(self._registry_url)
+        consumer = Consumer({"bootstrap.servers": self._bootstrap, "group.id": f"models-watch-{uuid.uuid4().hex}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3,
+                             "isolation.level": "read_committed"})
+        try:
+            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+            end = self._end_offset(consumer)
+            if end <= 0:
+                self._caught_up.set()
+            while not self._stop.is_set():
+                msg = consumer.poll(self._poll)
+                if msg is None:
+                    if not self._caught_up.is_set():
+                        end = self._end_offset(consumer)
+                        if end <= 0 or self._position(consumer) >= end:
+                            self._caught_up.set()
+                    continue
+                if msg.error():
+                    log.warning("models topic: %s", msg.error())
+                    continue
+                try:
+                    event = serde.decode(msg.value(), "ModelEvent")
+                except SerdeError as exc:
+                    log.error("models topic offset %s: undecodable event skipped: %s", msg.offset(), exc)
+                    continue
+                changed = self.table.apply(event)
+                if changed is not None and self._caught_up.is_set():
+                    self._notify(changed)
+                if not self._caught_up.is_set() and msg.offset() + 1 >= end:
+                    self._caught_up.set()
+                    for model in self.table.models():
+                        self._notify(model)
+        except KafkaException as exc:
+            log.error("model watcher stopped: %s", exc)
+        finally:
+            consumer.close()
+
+    def _notify(self, model: str) -> None:
+        routing = self.table.routing(model)
+        if routing is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener(routing)
+            except Exception:  # a listener's bug must not stop routing updates for everyone else
+                log.exception("model listener failed for %s", model)
+
+    def _end_offset(self, consumer: Any) -> int:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0)
+        except KafkaException:
+            return -1
+        return int(high)
+
+    @staticmethod
+    def _position(consumer: Any) -> int:
+        positions = consumer.position(consumer.assignment())
+        return max((p.offset for p in positions), default=-1)
+
+
+def wait_for_report(table: RoutingTable, model: str, version: int, *, since_ms: int, timeout_s: float,
+                    poll_s: float = 0.2) -> Report | None:
+    """The first READY/LOAD_FAILED report on (model, version) newer than ``since_ms``, within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fresh = [r for r in table.reports(model, version) if r.at_ms >= since_ms]
+        if fresh:
+            return max(fresh, key=lambda r: (r.action == "LOAD_FAILED", r.at_ms))
+        time.sleep(poll_s)
+    return None
