@@ -18,7 +18,6 @@ written (tenant ``_platform``, which no API tenant can name).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
+from model_store.convert import sha256_file as file_sha256
 from model_store.routing import Routing, RoutingError, report_key
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,6 @@ class GateRefused(RegistryError):
 def valid_model_name(name: str) -> bool:
     return (0 < len(name) <= MODEL_NAME_MAX and (name[0].isalnum())
             and all(c.isalnum() or c in "-_." for c in name) and ".." not in name)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def comparable_config(config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
