@@ -281,3 +281,51 @@ def test_recorder_stores_every_result_postprocess_did_not() -> None:
     assert outs == [[], [], []]
     # c came from postprocess, which stored it before publishing it
     assert [r["request_id"] for r in results.saved] == ["a", "b"]
+
+
+def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_load(catalog: ModelCatalog) -> None:
+    import threading
+    import time
+
+    from model_store.routing import Routing
+    from model_store.session import SessionError
+    from model_store.watch import RoutingTable
+
+    d = catalog.root / "yolov4-tiny" / "3"
+    d.mkdir()
+    for name in (CONFIG_FILE, MODEL_FILE):
+        (d / name).write_bytes((catalog.root / "yolov4-tiny" / "1" / name).read_bytes())
+    release = threading.Event()
+    loads: list[int] = []
+    base = fake_model([])
+
+    def loader(mv: Any) -> LoadedModel:
+        loads.append(mv.version)
+        if mv.version == 3:
+            raise SessionError("cannot open: broken graph")
+        release.wait(10)
+        return base(mv)
+
+    reports: list[tuple[Any, ...]] = []
+    table = RoutingTable()
+    stage = InferenceStage(ModelCatalog(catalog.root, table=table), SETTINGS, loader=loader,
+                           reporter=lambda *a: reports.append(a))
+    routing = Routing("yolov4-tiny").pushed(1).pushed(2)
+    stage.on_routing(routing)  # production 1 and the newest, 2: loaded on the loader thread
+    assert stage.loaded_versions() == []  # on_routing returned while the loads wait
+    release.set()
+    assert stage.model("yolov4-tiny", 2).version.version == 2  # waits for the background load
+    deadline = time.monotonic() + 10
+    while len(stage.loaded_versions()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stage.loaded_versions() == [("yolov4-tiny", 1), ("yolov4-tiny", 2)]
+    assert sorted(loads) == [1, 2]  # one load each, never a second one for the record that waited
+    assert {(r[1], r[2]) for r in reports} == {(1, "READY"), (2, "READY")}
+
+    stage.on_routing(routing.pushed(3))  # the newest version is broken
+    while not any(r[2] == "LOAD_FAILED" for r in reports) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    failed = [r for r in reports if r[2] == "LOAD_FAILED"]
+    assert failed and failed[0][1] == 3 and "broken graph" in failed[0][3]
+    assert table.unavailable("yolov4-tiny") == {3}
+    assert ("yolov4-tiny", 3) not in stage.loaded_versions() and len(stage.loaded_versions()) == 2
