@@ -1,4 +1,4 @@
-"""`detectflow models list|push|promote|canary|shadow|rollback|retire|compare`: the model registry's CLI.
+"""`detectflow models list|push|promote|canary|shadow|rollback|retire|purge|compare`: the registry's CLI.
 
 Every change goes through model_store.registry (compare-and-set in Cassandra, published on the
 compacted `models` topic, audited). promote and canary first wait (``ready_wait_s``) for an inference
@@ -59,10 +59,12 @@ def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rt = ms.add_parser("retire", help="stop offering a version (not production, canary or shadow)")
     rt.add_argument("name")
     rt.add_argument("version", type=int)
+    pg = ms.add_parser("purge", help="delete a model from the registry: files and rows (audited)")
+    pg.add_argument("name")
     cp = ms.add_parser("compare", help="shadow agreement with production (IoU 0.5 per class, score deltas, latency)")
     cp.add_argument("name")
     cp.add_argument("--json", action="store_true")
-    for sp in (ls, ps, pr, ca, sh, rb, rt, cp):
+    for sp in (ls, ps, pr, ca, sh, rb, rt, pg, cp):
         sp.add_argument("--actor", default=None, help="who is acting, for the audit log (default user@host)")
     return p
 
@@ -82,6 +84,10 @@ def run_models(args: argparse.Namespace, stack: StackSettings) -> int:
             return _push(registry, args, settings, stack, actor)
         if action == "compare":
             return _compare(registry, args.name, args.json)
+        if action == "purge":
+            registry.purge(args.name, actor=actor)
+            print(f"{args.name}: purged from the registry")
+            return 0
         if action in ("promote", "canary"):
             if not args.no_wait and not _await_ready(registry, settings, args.name, args.version, args.force):
                 return 1

@@ -100,6 +100,9 @@ class RegistryStore:
             "versions = ?, guardrail = ?, revision = ?, updated_by = ?, updated_at = ? WHERE model_name = ? "
             "IF revision = ?")
         self._models = p("SELECT model_name FROM model_routing")
+        self._delete = [p("DELETE FROM model_versions WHERE model_name = ?"),
+                        p("DELETE FROM model_routing WHERE model_name = ?"),
+                        p("DELETE FROM shadow_agreement WHERE model_name = ?")]
         self._versions = p("SELECT * FROM model_versions WHERE model_name = ?")
         self._version = p("SELECT * FROM model_versions WHERE model_name = ? AND version = ?")
         self._insert_version = p(
@@ -175,6 +178,11 @@ class RegistryStore:
 
     def retire(self, model: str, version: int) -> None:
         self._execute(self._retire, (model, version))
+
+    def delete_model(self, model: str) -> None:
+        """Every row of a model (its versions, routing and shadow agreement); the audit log stays."""
+        for stmt in self._delete:
+            self._execute(stmt, (model,))
 
     # audit
     def audit(self, event: Mapping[str, Any], day: str) -> None:
@@ -261,6 +269,14 @@ class ModelObjects:
         self._put(prefix + "sha256", (sha256 + "\n").encode(), "text/plain")
         for name, doc in docs.items():
             self._put(prefix + f"{name}.json", json.dumps(doc, indent=2, default=str).encode())
+
+    def delete_model(self, model: str) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        doomed = [DeleteObject(o.object_name) for o in self._c.list_objects(self.bucket, prefix=f"{model}/",
+                                                                           recursive=True)]
+        for error in self._c.remove_objects(self.bucket, doomed):
+            raise RegistryError(f"cannot delete {error.name}: {error.message}")
 
     def download(self, model: str, version: int, root: Path) -> Path:
         """``<root>/<model>/<version>/{model.onnx, config.json}``, atomically; the sha256 must match."""
@@ -476,6 +492,15 @@ class Registry:
         state = self._transition(model, lambda r: r.retired(version), "RETIRED", version, actor)
         self.store.retire(model, version)
         return state
+
+    def purge(self, model: str, *, actor: str) -> None:
+        """Remove a model from the registry entirely (files and rows); audited. Serving processes that
+        still hold it keep their loaded copy until they restart; nothing routes to it any more."""
+        if self.store.routing(model) is None and not self.store.versions(model):
+            raise RegistryError(f"model {model!r} is not in the registry")
+        self.objects.delete_model(model)
+        self.store.delete_model(model)
+        self.audit(actor, "models.purged", model)
 
     def republish(self, model: str, *, actor: str) -> Routing:
         """Publish the stored state again (after a publish that failed midway)."""

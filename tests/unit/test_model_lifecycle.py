@@ -118,6 +118,10 @@ class MemoryStore:
     def audit(self, event: dict[str, Any], day: str) -> None:
         self.audits.append(event)
 
+    def delete_model(self, model: str) -> None:
+        self.routes.pop(model, None)
+        self.rows = {k: v for k, v in self.rows.items() if k[0] != model}
+
 
 class MemoryObjects:
     def __init__(self) -> None:
@@ -132,6 +136,10 @@ class MemoryObjects:
 
     def put_version(self, model: str, version: int, model_file: Path, sha: str, docs: dict[str, Any]) -> None:
         self.files[(model, version)] = sha
+
+    def delete_model(self, model: str) -> None:
+        self.configs.pop(model, None)
+        self.files = {k: v for k, v in self.files.items() if k[0] != model}
 
 
 class MemoryEvents:
@@ -184,6 +192,11 @@ def test_registry_push_gate_and_forced_promotion(model_dir: Path) -> None:
     with pytest.raises(RegistryError):
         registry.rollback("det", actor="guardrail", only_canary=3)
     assert registry.rollback("det", actor="guardrail", only_canary=2).canary is None
+    registry.purge("det", actor="carol")
+    assert store.routing("det") is None and store.versions("det") == []
+    assert store.audits[-1]["action"] == "models.purged"
+    with pytest.raises(RegistryError):
+        registry.purge("det", actor="carol")
 
 
 def test_push_refuses_a_config_of_another_model(model_dir: Path) -> None:
