@@ -91,13 +91,13 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                                                                                         stack.cache_dir)))
     assert registry.push(model, work / "v2", actor="test", gate=gate).version == 2
     roles = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
-    try:
-        for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env,
-                                      convert_default=False):
-            running.settings = replace(running.settings, default_model=model)
+    for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env, convert_default=False):
+        running.settings = replace(running.settings, default_model=model)
+        try:
             yield Lifecycle(running, model, env, registry, source, work)
-    finally:
-        registry.purge(model, actor="test")  # the registry is shared by every test run on this stack
+        finally:
+            # The registry is shared by every test run on this stack; purge while the topics still exist.
+            registry.purge(model, actor="test")
 
 
 def _versions(results: list[dict[str, Any]]) -> list[int]:
