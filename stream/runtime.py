@@ -122,6 +122,9 @@ class StageRunner:
             "max.partition.fetch.bytes": fetch_max,
             "message.max.bytes": fetch_max,
             "max.poll.interval.ms": 300000,
+            # An input topic whose metadata was not yet visible when the stage subscribed (created a
+            # moment before, on a busy broker) is found within 10 s, not librdkafka's default 5 min.
+            "topic.metadata.refresh.interval.ms": 10000,
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 2000,
             "log_level": 4,
