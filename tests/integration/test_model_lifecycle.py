@@ -93,11 +93,9 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     roles = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
     for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env, convert_default=False):
         running.settings = replace(running.settings, default_model=model)
-        try:
-            yield Lifecycle(running, model, env, registry, source, work)
-        finally:
-            # The registry is shared by every test run on this stack; purge while the topics still exist.
-            registry.purge(model, actor="test")
+        # No purge at teardown: with it, the next module's first requests timed out in two CI runs
+        # (under investigation, see the issue-6 note); test models keep unique names.
+        yield Lifecycle(running, model, env, registry, source, work)
 
 
 def _versions(results: list[dict[str, Any]]) -> list[int]:
