@@ -82,12 +82,21 @@ class AvroSerde:
         return schema_id
 
     def _ensure_compatibility(self, subject: str) -> None:
+        if self._compatibility(subject) == COMPATIBILITY:
+            return
         try:
-            current = self._registry.get_compatibility(subject)
-        except SchemaRegistryError:
-            current = None
-        if current != COMPATIBILITY:
             self._registry.set_compatibility(subject, COMPATIBILITY)
+        except SchemaRegistryError as exc:
+            # Processes that produce to a new topic at the same moment race to create the subject's
+            # rule; the losers get 409 (Apicurio: "rule already exists"). Fine if the winner set ours.
+            if exc.http_status_code != 409 or self._compatibility(subject) != COMPATIBILITY:
+                raise
+
+    def _compatibility(self, subject: str) -> str | None:
+        try:
+            return self._registry.get_compatibility(subject)
+        except SchemaRegistryError:
+            return None  # no rule on the subject yet
 
     # ---- encode / decode ---------------------------------------------------------------------
     def encode(self, topic: str, event: str, record: dict[str, Any]) -> bytes:

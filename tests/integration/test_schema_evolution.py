@@ -68,3 +68,39 @@ def test_registry_refuses_an_incompatible_change(stack: StackSettings, topic: st
     next(f for f in retyped["fields"] if f["name"] == "tenant")["type"] = "int"
     with pytest.raises(SchemaRegistryError):
         registry.register_schema(subject_for(topic), Schema(json.dumps(retyped), "AVRO"))
+
+
+
+def _first_encodes_at_once(stack: StackSettings, topic: str, processes: int) -> tuple[list[int], list[BaseException]]:
+    """``processes`` serdes (each its own registry client) ask for ``topic``'s schema id at one instant."""
+    import threading
+
+    serdes = [AvroSerde.from_url(stack.registry_url) for _ in range(processes)]
+    start = threading.Barrier(processes)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def first_encode(serde: AvroSerde) -> None:
+        start.wait(timeout=30)
+        try:
+            ids.append(serde.schema_id(topic, "ImageSubmitted"))
+        except BaseException as exc:  # collected and asserted by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_encode, args=(s,)) for s in serdes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return ids, errors
+
+
+def test_processes_registering_a_new_subject_at_once_all_succeed(stack: StackSettings) -> None:
+    """Every stage registers its output schema on first use; on a fresh topic several processes do it
+    at the same moment (they race to set the subject's compatibility rule), and none may fail."""
+    for round_ in range(3):
+        topic = new_prefix() + f"race{round_}"
+        ids, errors = _first_encodes_at_once(stack, topic, 8)
+        assert not errors, errors[:2]
+        assert len(ids) == 8 and len(set(ids)) == 1, ids
+        assert SchemaRegistryClient({"url": stack.registry_url}).get_compatibility(subject_for(topic)) == COMPATIBILITY

@@ -193,6 +193,32 @@ def test_compatibility_is_left_alone_when_already_set() -> None:
     assert registry.calls["set_compatibility"] == 0
 
 
+class RacingRegistry(FakeRegistry):
+    """Another process sets the subject's rule between our read and our write (Apicurio: 409)."""
+
+    def __init__(self, winner_sets: str):
+        super().__init__()
+        self.winner_sets = winner_sets
+
+    def set_compatibility(self, subject: str, level: str) -> dict[str, str]:
+        self.calls["set_compatibility"] += 1
+        self.compat[subject] = self.winner_sets
+        raise SchemaRegistryError(409, 0, "A rule named 'COMPATIBILITY' already exists.")
+
+
+def test_losing_the_race_to_set_the_rule_is_fine_when_the_winner_set_ours() -> None:
+    registry = RacingRegistry(winner_sets=COMPATIBILITY)
+    data = AvroSerde(registry).encode("r", "ImageSubmitted", _submission())  # type: ignore[arg-type]
+    assert data[0] == MAGIC and registry.subjects == {"r-value": [registry.next_id - 1]}
+
+
+def test_losing_the_race_to_another_rule_is_an_error() -> None:
+    registry = RacingRegistry(winner_sets="NONE")
+    with pytest.raises(SerdeError, match="already exists"):
+        AvroSerde(registry).encode("r", "ImageSubmitted", _submission())  # type: ignore[arg-type]
+    assert registry.calls["register_schema"] == 0
+
+
 def test_a_record_that_does_not_fit_its_schema_is_a_serde_error() -> None:
     serde = AvroSerde(FakeRegistry())  # type: ignore[arg-type]
     broken = _submission()
