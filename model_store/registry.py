@@ -159,6 +159,9 @@ class RegistryStore:
     def models(self) -> list[str]:
         return sorted(r.model_name for r in self._execute(self._models, ()))
 
+    def close(self) -> None:
+        self._s.cluster.shutdown()
+
     # versions
     def versions(self, model: str) -> list[VersionInfo]:
         return sorted((_version_info(r) for r in self._execute(self._versions, (model,))), key=lambda v: v.version)
@@ -501,6 +504,9 @@ class Registry:
         self.objects.delete_model(model)
         self.store.delete_model(model)
         self.audit(actor, "models.purged", model)
+
+    def close(self) -> None:
+        self.store.close()
 
     def republish(self, model: str, *, actor: str) -> Routing:
         """Publish the stored state again (after a publish that failed midway)."""

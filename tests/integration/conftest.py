@@ -28,9 +28,11 @@ def stack() -> Iterator[StackSettings]:
     before = {h.name for h in manager.status(settings) if h.running}
     manager.up(settings)
     yield settings
+    from model_kit import purge_test_models
     from stream_kit import close_readers, delete_test_topics
 
     close_readers()
+    print(f"purged test models: {purge_test_models()}")
     delete_test_topics(settings)
     started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
     if started_here:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,23 @@ def corrupt(src: Path, dst: Path) -> Path:
     (dst / MODEL_FILE).write_bytes(data[: len(data) // 3])
     shutil.copy(src / CONFIG_FILE, dst / CONFIG_FILE)
     return dst
+
+
+TEST_MODEL = re.compile(r"lc-it[0-9a-f]{8}")  # "lc-" + a test prefix (stream_kit.new_prefix)
+
+
+def purge_test_models() -> list[str]:
+    """Remove the lifecycle tests' models (this session's and any a killed run left) from the dev
+    registry. Called once at the session's end: a purge at the lifecycle module's teardown was
+    followed by timeouts of the next module's first requests in two CI runs."""
+    from infra.settings import PipelineSettings
+    from model_store.registry import connect_registry
+
+    registry = connect_registry(PipelineSettings.from_env())
+    try:
+        doomed = [m for m in registry.store.models() if TEST_MODEL.fullmatch(m)]
+        for model in doomed:
+            registry.purge(model, actor="tests")
+        return doomed
+    finally:
+        registry.close()

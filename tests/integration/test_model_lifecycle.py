@@ -93,8 +93,8 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     roles = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
     for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env, convert_default=False):
         running.settings = replace(running.settings, default_model=model)
-        # No purge at teardown: with it, the next module's first requests timed out in two CI runs
-        # (under investigation, see the issue-6 note); test models keep unique names.
+        # Purged at the session's end (conftest), not here: a purge at this teardown was followed by
+        # timeouts of the next module's first requests in two CI runs (cause not found).
         yield Lifecycle(running, model, env, registry, source, work)
 
 
