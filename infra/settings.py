@@ -207,6 +207,10 @@ class StreamSettings:
     lane_check_interval_ms: int = 100
     metrics_port: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
+    # The bound of a stage consumer's local queue of pre-fetched records (librdkafka's
+    # queued.max.messages.kbytes; its default, 64 MiB, held ~120 tensors in inference's memory). A
+    # record larger than the bound is still fetched, one at a time.
+    prefetch_kbytes: int = 8192
     # Producer compression (lz4 shrinks the letterboxed tensors' padding; JPEG/PNG bytes do not
     # shrink). Measured with `detectflow bench pipeline`: no CPU difference against "none" here.
     compression: str = "lz4"
@@ -237,6 +241,7 @@ class StreamSettings:
             flush_timeout_s=num("FLUSH_TIMEOUT_S", 30.0),
             lane_check_interval_ms=int(num("LANE_CHECK_INTERVAL_MS", 100)),
             max_message_bytes=int(num("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
+            prefetch_kbytes=int(num("PREFETCH_KBYTES", 8192)),
             instance_id=_get(env, "INSTANCE_ID", ""),
             retry_max_attempts=int(num("RETRY_MAX_ATTEMPTS", 5)),
             retry_delay_ms=int(num("RETRY_DELAY_MS", 2000)),

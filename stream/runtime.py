@@ -121,6 +121,7 @@ class StageRunner:
             "fetch.max.bytes": max(fetch_max, 52428800),
             "max.partition.fetch.bytes": fetch_max,
             "message.max.bytes": fetch_max,
+            "queued.max.messages.kbytes": settings.prefetch_kbytes,
             "max.poll.interval.ms": 300000,
             # An input topic whose metadata was not yet visible when the stage subscribed (created a
             # moment before, on a busy broker) is found within 10 s, not librdkafka's default 5 min.
