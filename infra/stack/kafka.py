@@ -176,6 +176,10 @@ transaction.state.log.num.partitions=10
 auto.create.topics.enable=true
 num.partitions=3
 group.initial.rebalance.delay.ms=0
+# Kafka 4's group coordinator holds each offset commit up to 5 ms to batch its log writes. Every
+# stage commits (or commits in its transaction) after every batch and before its next poll, so that
+# was 5 ms more per batch loop: a sync commit took 7.6 ms with the default, 2.1 ms with 0.
+group.coordinator.append.linger.ms=0
 
 # Images travel inline up to settings.kafka_max_message_bytes.
 message.max.bytes={max_bytes}
