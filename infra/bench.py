@@ -237,7 +237,8 @@ def _detect(client: Any, data: bytes, lane: str, timeout_s: float) -> dict[str, 
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a same-run baseline")
-    p.add_argument("target", choices=["pipeline", "sync"])
+    p.add_argument("target", choices=["pipeline", "sync", "hop"],
+                   help="hop: one stage-to-stage hop on the broker (produce+flush, poll, sync commit)")
     p.add_argument("--images", type=int, default=112, help="batch-lane requests")
     p.add_argument("--online", type=int, default=40, help="online-lane requests, one at a time")
     p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")

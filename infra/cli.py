@@ -135,6 +135,10 @@ def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
 def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.bench import run_bench
 
+    if args.target == "hop":
+        from infra.bench_hop import run_bench_hop
+
+        return run_bench_hop(settings)
     if args.target == "sync":
         from infra.bench_sync import parse_levels, run_bench_sync
 
