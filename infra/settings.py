@@ -208,7 +208,7 @@ class StreamSettings:
     metrics_port: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
     # The bound of a stage consumer's local queue of pre-fetched records (librdkafka's
-    # queued.max.messages.kbytes; its default, 64 MiB, held ~120 tensors in inference's memory). A
+    # queued.max.messages.kbytes; its default, 64 MiB, can hold ~120 tensors in inference's memory). A
     # record larger than the bound is still fetched, one at a time.
     prefetch_kbytes: int = 8192
     # Producer compression (lz4 shrinks the letterboxed tensors' padding; JPEG/PNG bytes do not
