@@ -61,6 +61,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     settings = app[SETTINGS]
     loop = asyncio.get_running_loop()
+    # Discovery and the first key load block (bounded by DETECTFLOW_OIDC_TIMEOUT_S); no keys, no start. First,
+    # so that a bad auth configuration fails before any backend is touched.
+    auth = await loop.run_in_executor(None, Authenticator.from_settings, settings)
     session = await loop.run_in_executor(None, connect, settings.pipeline.stream)
     p = settings.pipeline
     store = GatewayStore(session, result_ttl_s=p.result_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s,
@@ -69,10 +72,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     bus = Bus(settings)
     await bus.start()
     objects = GatewayObjects(settings)
-    auth = Authenticator.from_files(jwks_file=settings.jwks_file, hs256_secret_file=settings.hs256_secret_file,
-                                    allow_hs256=settings.allow_hs256, issuer=settings.issuer,
-                                    audience=settings.audience, tenant_claim=settings.tenant_claim,
-                                    leeway_s=settings.clock_skew_s)
     gw = Gateway(settings=settings, auth=auth, bus=bus, store=store, objects=objects,
                  buckets=TokenBuckets(settings.rate_per_s, settings.rate_burst),
                  quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_add),

@@ -95,6 +95,9 @@ def _problem_schema() -> Schema:
         "image_code": _str("IMAGE_REJECTED: why the image was refused (e.g. UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, "
                            "TRUNCATED_IMAGE, VIRUS_DETECTED)."),
         "failure_code": _str("PIPELINE_FAILED: the pipeline's error code."),
+        "reason": _str("INVALID_TOKEN: why the token was refused (expired, not_yet_valid, issued_in_future, "
+                       "lifetime_too_long, wrong_issuer, wrong_audience, algorithm_not_accepted, unknown_key, "
+                       "bad_signature, missing_claim, invalid_tenant, malformed, rejected)."),
         "request_id": {**UUID, "description": "IMAGE_REJECTED / PIPELINE_FAILED: the request that ended so."},
         "checks": {"type": "object", "additionalProperties": {"type": "string"},
                    "description": "UNAVAILABLE from /readyz: `ok` or `unavailable: <reason>` per backing service."},
@@ -576,7 +579,9 @@ def spec(settings: GatewaySettings) -> dict[str, Any]:
             "title": "detectflow",
             "version": _version(),
             "description": (
-                "Object detection over HTTP. Calls need a bearer JWT (RS256) carrying the tenant and the scopes "
+                "Object detection over HTTP. Calls need a bearer JWT (RS256, from the configured OpenID provider or "
+                "signed by a key of the configured JWKS; HS256 only in development mode) carrying the tenant and "
+                "the scopes "
                 f"({', '.join(SCOPES)}; admin implies the others). Errors are RFC 9457 problems with a stable "
                 "`code` (see the Problem schema); an unsupported method answers 405 METHOD_NOT_ALLOWED with Allow. "
                 f"Each tenant may make {settings.rate_per_s:g} calls per second (bursts of {settings.rate_burst}) "
@@ -594,7 +599,11 @@ def spec(settings: GatewaySettings) -> dict[str, Any]:
                  {"name": "operations", "description": "Health, metrics and this document."}],
         "paths": _paths(settings),
         "components": {
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "An RS256 JWT access token with `iss`, `aud`, `sub`, `iat` and `exp` (lifetime at most "
+                               f"{settings.max_token_lifetime_s} s), the tenant claim `{settings.tenant_claim}` and "
+                               "`scope`; refusals are 401 INVALID_TOKEN with a `reason`."}},
             "schemas": {"Problem": _problem_schema(), **_detection_schemas(), **_request_schemas(settings),
                         **_resource_schemas(settings)},
             "parameters": _parameters(settings),

@@ -272,7 +272,7 @@ class Measured:
 def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVELS,
                    requests: int = DEFAULT_REQUESTS, baseline_repeats: int = 2, timeout_ms: int = 30_000,
                    ready_deadline_s: float = 180.0) -> int:
-    from gateway.auth import ensure_dev_keys, mint
+    from gateway.devkeys import ensure_dev_keys, mint
     from infra.roles import SERVICES
     from infra.supervisor import Supervisor
     from model_store.convert import convert
@@ -286,6 +286,8 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     gw_port = base_port + len(SERVICES)
     env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port),
            "DETECTFLOW_GATEWAY_PORT": str(gw_port), "DETECTFLOW_RATE_PER_S": "100000",
+           # The benchmark's own gateway trusts the dev keys it mints its token with.
+           "DETECTFLOW_AUTH_DEV": "true",
            "DETECTFLOW_RATE_BURST": "100000", "DETECTFLOW_MAX_INFLIGHT": str(max(256, 4 * max(levels)))}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))

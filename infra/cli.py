@@ -100,10 +100,20 @@ def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _token(args: argparse.Namespace, settings: StackSettings) -> int:
-    from gateway.auth import SCOPES, ensure_dev_keys, mint
+    from gateway.auth import SCOPES
+    from gateway.devkeys import ensure_dev_keys, mint
     from infra.settings import GatewaySettings
 
     gw = GatewaySettings.from_env()
+    # Dev tokens are signed with keys made on this machine; only a dev-mode gateway trusts them.
+    if not gw.auth_dev:
+        print("detectflow token: development tokens need DETECTFLOW_AUTH_DEV=true (a gateway outside dev mode "
+              "accepts only its identity provider's tokens; see docs/security.md)", file=sys.stderr)
+        return 2
+    if not 0 < args.ttl <= gw.max_token_lifetime_s:
+        print(f"detectflow token: --ttl must be between 1 and {gw.max_token_lifetime_s} s "
+              "(DETECTFLOW_JWT_MAX_LIFETIME_S)", file=sys.stderr)
+        return 2
     try:
         print(mint(ensure_dev_keys(settings.secrets_dir), tenant=args.tenant, scopes=args.scope or SCOPES[:2],
                    subject=args.subject, ttl_s=args.ttl, issuer=gw.issuer, audience=gw.audience,
@@ -194,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--score", type=float, default=None, help="score threshold (default: the pipeline's)")
     dt.set_defaults(func=_detect)
 
-    tk = sub.add_parser("token", help="mint a development JWT for the local gateway (signed with the dev keys)")
+    tk = sub.add_parser("token", help="mint a development JWT for a dev-mode gateway (DETECTFLOW_AUTH_DEV=true)")
     tk.add_argument("--tenant", required=True)
     tk.add_argument("--scope", action="append", choices=["detect:write", "results:read", "admin"],
                     help="repeat for several (default: detect:write and results:read)")
     tk.add_argument("--subject", default=None, help="the sub claim (default dev:<tenant>)")
-    tk.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    tk.add_argument("--ttl", type=int, default=3600,
+                    help="seconds until it expires (at most DETECTFLOW_JWT_MAX_LIFETIME_S)")
     tk.add_argument("--alg", choices=["RS256", "HS256"], default="RS256")
     tk.set_defaults(func=_token)
 

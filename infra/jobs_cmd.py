@@ -163,10 +163,14 @@ async def _submit(args: argparse.Namespace, token: str) -> int:
 
 
 def run_jobs(args: argparse.Namespace, settings: StackSettings) -> int:
-    from gateway.auth import ensure_dev_keys, mint
+    from gateway.devkeys import ensure_dev_keys, mint
     from infra.settings import GatewaySettings
 
     gw = GatewaySettings.from_env()
+    if args.token is None and not gw.auth_dev:
+        print("detectflow jobs: pass --token (or set DETECTFLOW_AUTH_DEV=true to sign one with the dev keys)",
+              file=sys.stderr)
+        return 2
     token = args.token or mint(ensure_dev_keys(settings.secrets_dir), tenant=args.tenant,
                                scopes=["detect:write", "results:read"], issuer=gw.issuer, audience=gw.audience,
                                tenant_claim=gw.tenant_claim)

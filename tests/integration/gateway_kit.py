@@ -12,12 +12,13 @@ from typing import Any
 import requests
 from pipeline_kit import Pipeline, start_pipeline
 
-from gateway.auth import DevKeys, ensure_dev_keys, mint
+from gateway.devkeys import DevKeys, ensure_dev_keys, mint
 from infra.roles import SERVICES
 from infra.settings import StackSettings
 
-# Test gateways: generous limits (tests of the limits start their own gateway), long sync deadlines.
-GATEWAY_ENV = {"DETECTFLOW_RATE_PER_S": "100000", "DETECTFLOW_RATE_BURST": "100000",
+# Test gateways: dev auth mode (the tests mint dev tokens), generous limits (tests of the limits start their
+# own gateway), long sync deadlines.
+GATEWAY_ENV = {"DETECTFLOW_AUTH_DEV": "true", "DETECTFLOW_RATE_PER_S": "100000", "DETECTFLOW_RATE_BURST": "100000",
                "DETECTFLOW_SYNC_TIMEOUT_MAX_S": "180", "DETECTFLOW_SYNC_TIMEOUT_S": "60",
                "DETECTFLOW_MAX_INFLIGHT": "512", "DETECTFLOW_MAX_ONLINE_LAG": "100000"}
 
