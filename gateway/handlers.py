@@ -56,7 +56,7 @@ def endpoint(action: str, scope: str) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def inner(request: web.Request) -> web.StreamResponse:
             gw = request.app[GATEWAY]
-            principal = gw.auth.authenticate(request.headers.get("Authorization"))  # unauthenticated: not audited
+            principal = await gw.auth.authenticate(request.headers.get("Authorization"))  # unauthenticated: not audited
             request["principal"] = principal
             audit: dict[str, Any] = {"resource": request.match_info.get("id"), "request_id": None, "detail": None}
             request["audit"] = audit
@@ -211,7 +211,8 @@ async def detect(request: web.Request) -> web.StreamResponse:
     key = f"{who.tenant}/{sha}" if sha is not None else image.key
     assert key is not None
     if image.data is None:
-        size = await gw.objects.size(key)
+        size = await (gw.objects.verified_upload_size(key) if _signed_upload(who.tenant, key)
+                      else gw.objects.size(key))
         if size > gw.settings.pipeline.image_max_bytes:
             raise Problem("IMAGE_REJECTED", f"the object has {size} bytes", image_code="IMAGE_TOO_LARGE")
     request_id = str(uuid.uuid4())
@@ -318,6 +319,23 @@ async def get_request(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------------------------- uploads
 
 
+def _signed_upload(tenant: str, key: str) -> bool:
+    """Keys under ``<tenant>/uploads/`` are written only through the gateway's pre-signed URLs."""
+    return key.startswith(f"{tenant}/uploads/")
+
+
+async def _verify_uploads(gw: Gateway, keys: list[str]) -> None:
+    """Every existing upload a job names must be the one the gateway signed (UPLOAD_MISMATCH otherwise); a
+    missing one becomes that item's REJECTED result (OBJECT_NOT_FOUND) as before."""
+    async def one(key: str) -> None:
+        try:
+            await gw.objects.verified_upload_size(key)
+        except Problem as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+    await asyncio.gather(*(one(k) for k in dict.fromkeys(keys)))
+
+
 @endpoint("uploads.create", "detect:write")
 async def create_uploads(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
@@ -361,6 +379,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     params = parse_body_params(body, gw.settings, _class_names(gw))
     _check_model(gw, params.model, params.version)
     keys = [object_key(who.tenant, item) for item in items]
+    await _verify_uploads(gw, [k for k in keys if _signed_upload(who.tenant, k)])
     job_id = str(uuid.uuid4())
     idem = _idempotency_key(request)
     fingerprint = _fingerprint("jobs", params.canonical(), *keys)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import hashlib
+import hmac
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import urllib3
@@ -22,15 +25,39 @@ T = TypeVar("T")
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
 
 
+@dataclass(frozen=True)
+class UploadGrant:
+    """What a pre-signed upload URL allows: one object, one content type, one exact length."""
+
+    key: str
+    content_type: str
+    length: int
+
+
+def upload_marker(secret: bytes, grant: UploadGrant) -> str:
+    """The marker metadata value a pre-signed upload must carry: its signed length and a MAC over the grant.
+
+    MinIO enforces the signed headers on the PUT itself; the marker lets the gateway check, before it uses
+    an upload, that the object there is what it signed for (not a copy, not another writer's object).
+    """
+    mac = hmac.new(secret, f"detectflow-upload\n{grant.key}\n{grant.content_type}\n{grant.length}".encode(),
+                   hashlib.sha256).hexdigest()
+    return f"{grant.length}.{mac}"
+
+
 class GatewayObjects:
     def __init__(self, settings: GatewaySettings, *, threads: int = 16):
         p = settings.pipeline
-        self._creds = p.minio_credentials()
+        # Two keys (infra/stack/minio_access.py): pre-signed URLs are signed with one that can only put
+        # uploads, so a URL holder can never read or copy anything; the gateway's own calls use the other.
+        own = p.minio_credentials("gateway")
+        self._signer = p.minio_credentials("gateway-signer")
+        self._marker_secret = hashlib.sha256(b"detectflow-upload-marker\n" + self._signer.secret_key.encode()).digest()
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=20.0), maxsize=threads,
                                    retries=urllib3.Retry(total=1, backoff_factor=0.2,
                                                          status_forcelist=[500, 502, 503, 504]))
-        self.client = Minio(p.minio_endpoint, access_key=self._creds.access_key, secret_key=self._creds.secret_key,
-                            secure=False, http_client=http)
+        self.client = Minio(p.minio_endpoint, access_key=own.access_key, secret_key=own.secret_key,
+                            secure=False, http_client=http, region=settings.minio_region)
         self.bucket = p.uploads_bucket
         self.settings = settings
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-minio")
@@ -58,6 +85,20 @@ class GatewayObjects:
         stat = await self._run(lambda: self.client.stat_object(self.bucket, key))
         return int(stat.size or 0)
 
+    async def verified_upload_size(self, key: str) -> int:
+        """The size of a pre-signed upload, after checking that the object is the one the gateway signed for:
+        its marker names this key, its type and its size. UPLOAD_MISMATCH otherwise (the caller audits it)."""
+        stat = await self._run(lambda: self.client.stat_object(self.bucket, key))
+        size = int(stat.size or 0)
+        meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        marker = meta.get(f"x-amz-meta-{SUBMITTED_MARK}", "")
+        content_type = (stat.content_type or "").split(";")[0].strip().lower()
+        expected = upload_marker(self._marker_secret, UploadGrant(key, content_type, size))
+        if not hmac.compare_digest(marker.encode(), expected.encode()):
+            raise Problem("UPLOAD_MISMATCH", "the object at this upload id is not the upload this gateway signed "
+                                             "(size, type or marker differ)")
+        return size
+
     async def exists(self, key: str) -> bool:
         try:
             await self.size(key)
@@ -78,11 +119,12 @@ class GatewayObjects:
         """(url, headers the client must send, expiry epoch seconds)."""
         now = dt.datetime.now(dt.UTC)
         ttl = self.settings.upload_url_ttl_s
+        marker = upload_marker(self._marker_secret, UploadGrant(key, content_type, content_length))
         headers = {"Content-Type": content_type, "Content-Length": str(content_length),
-                   f"x-amz-meta-{SUBMITTED_MARK}": "true"}
+                   f"x-amz-meta-{SUBMITTED_MARK}": marker}
         url = presign_put(endpoint=self.settings.public_minio_endpoint, secure=False,
-                          region=self.settings.minio_region, access_key=self._creds.access_key,
-                          secret_key=self._creds.secret_key, bucket=self.bucket, key=key, expires_s=ttl,
+                          region=self.settings.minio_region, access_key=self._signer.access_key,
+                          secret_key=self._signer.secret_key, bucket=self.bucket, key=key, expires_s=ttl,
                           headers=headers, now=now)
         return url, headers, int(now.timestamp()) + ttl
 

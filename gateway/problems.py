@@ -24,6 +24,7 @@ CODES: dict[str, tuple[int, str]] = {
     "UNSUPPORTED_MEDIA_TYPE": (415, "The body is not a supported image or request type"),
     "IDEMPOTENCY_KEY_REUSED": (422, "The Idempotency-Key was used with a different request"),
     "IMAGE_REJECTED": (422, "The image was rejected"),
+    "UPLOAD_MISMATCH": (422, "The uploaded object is not the upload that was signed"),
     "TOO_MANY_ITEMS": (422, "Too many items in one job"),
     "RATE_LIMITED": (429, "Too many requests"),
     "QUOTA_EXCEEDED": (429, "The daily quota is used up"),

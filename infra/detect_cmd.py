@@ -24,7 +24,7 @@ def make_client(settings: PipelineSettings, tenant: str) -> DetectClient:
     def upload(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
         nonlocal store
         if store is None:
-            store = ObjectStore(minio_client(settings))
+            store = ObjectStore(minio_client(settings, "client"))
         # Marked as submitted, so the MinIO bridge does not turn this upload into a second request.
         store.put(settings.uploads_bucket, key, data, content_type, metadata={"detectflow-submitted": "true"})
         return settings.uploads_bucket, key

@@ -32,7 +32,7 @@ def instance_name(role: str, settings: PipelineSettings) -> str:
     return f"{role}@{settings.stream.instance_id or socket.gethostname()}:{os.getpid()}"
 
 
-def catalog(settings: PipelineSettings, *, watch: bool, listeners: tuple[Any, ...] = ()) -> Any:
+def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tuple[Any, ...] = ()) -> Any:
     """The role's model catalog: version folders fetched from the registry on first use; with ``watch``,
     routed by the registry's `models` topic (read to its end before this returns)."""
     from model_store.catalog import ModelCatalog
@@ -40,7 +40,7 @@ def catalog(settings: PipelineSettings, *, watch: bool, listeners: tuple[Any, ..
     from model_store.watch import ModelWatcher
     from processors.objects import minio_client
 
-    objects = ModelObjects(minio_client(settings), settings.lifecycle.models_bucket)
+    objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     fetch = fetcher(objects, settings.models_dir)
     if not watch:
         return ModelCatalog(settings.models_dir, fetch=fetch)
@@ -81,18 +81,20 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from processors.scanner import ClamdScanner
 
         scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
-        return ScanStage(ObjectStore(minio_client(settings)), scanner, catalog(settings, watch=True),
+        return ScanStage(ObjectStore(minio_client(settings, role)), scanner, catalog(settings, role, watch=True),
                          _results(settings), settings), eos
     if role == "preprocess":
         from processors.objects import ObjectStore, minio_client
         from processors.preprocess import PreprocessStage
 
-        return PreprocessStage(ObjectStore(minio_client(settings)), catalog(settings, watch=False), settings), eos
+        return PreprocessStage(ObjectStore(minio_client(settings, role)), catalog(settings, role, watch=False),
+                               settings), eos
     if role == "inference":
         from processors.inference import InferenceStage
 
         holder: list[InferenceStage] = []
-        cat = catalog(settings, watch=True, listeners=(lambda routing: holder and holder[0].on_routing(routing),))
+        cat = catalog(settings, role, watch=True,
+                      listeners=(lambda routing: holder and holder[0].on_routing(routing),))
         stage = InferenceStage(cat, settings, reporter=_reporter(role, settings))
         holder.append(stage)
         loaded = stage.warm_up()  # load -> warm-up -> only then consume
@@ -100,20 +102,22 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
             routing = cat.table.routing(model)
             if routing is not None:
                 stage.on_routing(routing)
-        log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
-                 ", ".join(loaded.providers))
+        if loaded is not None:
+            log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
+                     ", ".join(loaded.providers))
         return stage, {**txn, "max_batch": settings.inference_max_batch,
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
         from processors.postprocess import PostprocessStage
 
-        return PostprocessStage(catalog(settings, watch=False), _results(settings), settings), eos
+        return PostprocessStage(catalog(settings, role, watch=False), _results(settings), settings), eos
     if role == "shadow":
         from processors.shadow import ShadowStage
 
         holder_s: list[ShadowStage] = []
-        cat = catalog(settings, watch=True, listeners=(lambda routing: holder_s and holder_s[0].on_routing(routing),))
+        cat = catalog(settings, role, watch=True,
+                      listeners=(lambda routing: holder_s and holder_s[0].on_routing(routing),))
         shadow = ShadowStage(cat, settings)
         holder_s.append(shadow)
         for model in cat.table.models():
@@ -127,8 +131,8 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from model_store.registry import connect_registry
         from processors.monitor import MonitorStage
 
-        registry = connect_registry(settings)
-        return MonitorStage(catalog(settings, watch=True).table, registry, settings), {}
+        registry = connect_registry(settings, minio_role=role)
+        return MonitorStage(catalog(settings, role, watch=True).table, registry, settings), {}
     if role == "recorder":
         from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
@@ -152,12 +156,16 @@ def run_role(role: str, settings: PipelineSettings) -> None:
 
 def run_gateway() -> None:
     from gateway.app import run_gateway as serve
-    from gateway.auth import ensure_dev_keys
+    from gateway.devkeys import ensure_dev_keys
     from infra.settings import GatewaySettings, StackSettings
 
     settings = GatewaySettings.from_env()
+    settings.require_auth_source()  # refused here, naming the variables, rather than deep in the app's start
     secrets_dir = StackSettings.from_env().secrets_dir
-    if settings.jwks_file is not None and settings.jwks_file.parent == secrets_dir:
-        ensure_dev_keys(secrets_dir)  # the local stack's development keys (`detectflow token` signs with them)
+    # Only in dev mode, never silently: the local stack's development keys (`detectflow token` signs with them).
+    if settings.auth_dev and settings.jwks_file is not None and settings.jwks_file.parent == secrets_dir:
+        ensure_dev_keys(secrets_dir)
+        log.warning("gateway: development auth mode (DETECTFLOW_AUTH_DEV=true): tokens signed with the dev keys "
+                    "in %s are accepted", secrets_dir)
     log.info("gateway: serving on http://%s:%s", settings.host, settings.port)
     serve(settings)

@@ -86,6 +86,9 @@ class StackSettings:
     clamd_stream_max_bytes: int = 32 * 1024 * 1024
     start_timeout_s: float = 240.0
     versions: Versions = field(default_factory=Versions)
+    # The local model repository (converted models, the registry's fetch cache); default <home>/models.
+    # The test suite points it at its own folder so that it never serves or changes a user's versions.
+    models_root: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackSettings:
@@ -106,6 +109,8 @@ class StackSettings:
             registry_heap=_heap(env, "REGISTRY_HEAP", "192m"),
             cassandra_heap=_heap(env, "CASSANDRA_HEAP", "768m"),
             start_timeout_s=float(_get(env, "START_TIMEOUT_S", "240")),
+            models_root=Path(env[ENV_PREFIX + "MODELS_DIR"]).expanduser() if env.get(ENV_PREFIX + "MODELS_DIR")
+            else None,
         )
 
     # Layout of the state directory: everything the stack downloads, builds and
@@ -140,7 +145,7 @@ class StackSettings:
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.models_root if self.models_root is not None else self.home / "models"
 
     @property
     def samples_dir(self) -> Path:
@@ -160,7 +165,13 @@ class StackSettings:
         return f"{self.host}:{self.minio_port}"
 
     def minio_credentials(self) -> MinioCredentials:
+        """MinIO's root credentials: only `detectflow stack` (and the test suite, as the operator) uses them."""
         return MinioCredentials.load_or_create(self.secrets_dir / "minio.json")
+
+    @property
+    def minio_roles_dir(self) -> Path:
+        """One credentials file per MinIO role (infra/stack/minio_access.py), made by `stack up`."""
+        return self.secrets_dir / "minio"
 
 
 @dataclass(frozen=True)
@@ -171,13 +182,21 @@ class MinioCredentials:
     secret_key: str = field(repr=False)
 
     @classmethod
-    def load_or_create(cls, path: Path) -> MinioCredentials:
-        if path.exists():
+    def load(cls, path: Path) -> MinioCredentials:
+        try:
             data = json.loads(path.read_text())
             return cls(access_key=data["access_key"], secret_key=data["secret_key"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise SettingsError(f"cannot read MinIO credentials {path} ({type(exc).__name__}); "
+                                "`detectflow stack up` creates them") from exc
+
+    @classmethod
+    def load_or_create(cls, path: Path, access_key: str | None = None) -> MinioCredentials:
+        if path.exists():
+            return cls.load(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.parent.chmod(0o700)
-        creds = cls(access_key="detectflow-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(32))
+        creds = cls(access_key=access_key or "detectflow-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(32))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"access_key": creds.access_key, "secret_key": creds.secret_key}, fh)
@@ -309,7 +328,8 @@ class PipelineSettings:
     stream: StreamSettings
     models_dir: Path
     minio_endpoint: str = "127.0.0.1:9000"
-    minio_secrets_file: Path | None = None  # read on use; never part of repr
+    # One credentials file per MinIO role (<dir>/<role>.json, made by `stack up`): read on use, never in repr.
+    minio_secrets_dir: Path | None = None
     clamd_host: str = "127.0.0.1"
     clamd_port: int = 3310
     clamd_timeout_s: float = 30.0
@@ -364,7 +384,7 @@ class PipelineSettings:
             stream=StreamSettings.from_env(env),
             models_dir=Path(_get(env, "MODELS_DIR", str(stack.models_dir))).expanduser(),
             minio_endpoint=_get(env, "MINIO_ENDPOINT", stack.minio_endpoint),
-            minio_secrets_file=Path(_get(env, "MINIO_SECRETS_FILE", str(stack.secrets_dir / "minio.json"))),
+            minio_secrets_dir=Path(_get(env, "MINIO_SECRETS_DIR", str(stack.minio_roles_dir))),
             clamd_host=_get(env, "CLAMD_HOST", stack.host),
             clamd_port=stack.clamd_port,
             clamd_timeout_s=num("CLAMD_TIMEOUT_S", 30.0),
@@ -391,10 +411,13 @@ class PipelineSettings:
     def exactly_once_lanes(self) -> frozenset[str]:
         return frozenset({"batch", "online"} if self.online_exactly_once else {"batch"})
 
-    def minio_credentials(self) -> MinioCredentials:
-        if self.minio_secrets_file is None:
-            raise SettingsError("no MinIO credentials file configured")
-        return MinioCredentials.load_or_create(self.minio_secrets_file)
+    def minio_credentials(self, role: str) -> MinioCredentials:
+        """The credentials of one MinIO role (its user's policy grants only what that role does)."""
+        if self.minio_secrets_dir is None:
+            raise SettingsError("no MinIO credentials directory configured (DETECTFLOW_MINIO_SECRETS_DIR)")
+        if not role.replace("-", "").isalnum():
+            raise SettingsError(f"invalid MinIO role {role!r}")
+        return MinioCredentials.load(self.minio_secrets_dir / f"{role}.json")
 
 
 @dataclass(frozen=True)
@@ -407,14 +430,26 @@ class GatewaySettings:
     # Where the gateway's URLs point clients (Location headers); pre-signed URLs use public_minio_endpoint.
     public_minio_endpoint: str = "127.0.0.1:9000"
     minio_region: str = "us-east-1"
-    # Auth: RS256 keys from a JWKS file; HS256 (a shared secret file) only when allowed (development).
+    # Auth (docs/security.md): RS256 keys from an OpenID provider (oidc_issuer, by discovery) or from a
+    # JWKS file. auth_dev turns on the development mode: the local dev keys and, if allowed, HS256.
+    auth_dev: bool = False
+    oidc_issuer: str | None = None
     jwks_file: Path | None = None
     hs256_secret_file: Path | None = None
-    allow_hs256: bool = True
+    allow_hs256: bool = False
     issuer: str = "detectflow"
     audience: str = "detectflow-api"
     tenant_claim: str = "tenant"
     clock_skew_s: int = 30
+    # exp - iat may not exceed this: a leaked long-lived token would otherwise outlive any key rotation.
+    max_token_lifetime_s: int = 24 * 3600
+    # Key reloads: on an unknown kid at most once per jwks_refresh_min_s; at least every jwks_max_age_s.
+    jwks_refresh_min_s: float = 30.0
+    jwks_max_age_s: float = 3600.0
+    # Fetches from the provider (discovery, JWKS): total deadline, size bound, CA bundle (else the system's).
+    idp_timeout_s: float = 5.0
+    idp_max_bytes: int = 256 * 1024
+    idp_ca_bundle: Path | None = None
     # Sync calls wait for their reply this long by default, at most sync_timeout_max_s.
     sync_timeout_s: float = 10.0
     sync_timeout_max_s: float = 60.0
@@ -453,10 +488,7 @@ class GatewaySettings:
             host=_get(env, "GATEWAY_HOST", stack.host),
             port=_port(env, "GATEWAY_PORT", 8080),
             public_minio_endpoint=_get(env, "PUBLIC_MINIO_ENDPOINT", pipeline.minio_endpoint),
-            jwks_file=path("JWKS_FILE", stack.secrets_dir / "jwks.json"),
-            hs256_secret_file=path("HS256_SECRET_FILE", stack.secrets_dir / "jwt-hs256.key"),
-            allow_hs256=_get(env, "ALLOW_HS256", "true").lower() in ("1", "true", "yes"),
-            issuer=_get(env, "JWT_ISSUER", "detectflow"),
+            **cls._auth_from_env(env, stack),
             audience=_get(env, "JWT_AUDIENCE", "detectflow-api"),
             tenant_claim=_get(env, "JWT_TENANT_CLAIM", "tenant"),
             sync_timeout_s=num("SYNC_TIMEOUT_S", 10.0),
@@ -472,3 +504,84 @@ class GatewaySettings:
             job_max_items=int(num("JOB_MAX_ITEMS", 10_000)),
             reply_partition=int(num("REPLY_PARTITION", -1)),
         )
+
+    @classmethod
+    def _auth_from_env(cls, env: Mapping[str, str], stack: StackSettings) -> dict[str, object]:
+        def flag(name: str, default: bool) -> bool:
+            raw = _get(env, name, "true" if default else "false").strip().lower()
+            if raw not in ("1", "true", "yes", "0", "false", "no"):
+                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} must be true or false")
+            return raw in ("1", "true", "yes")
+
+        def positive(name: str, default: float) -> float:
+            value = _num(env, name, default)
+            if not value > 0:
+                raise SettingsError(f"{ENV_PREFIX}{name}={value:g} must be positive")
+            return value
+
+        def optional_path(name: str) -> Path | None:
+            raw = _get(env, name, "").strip()
+            return Path(raw).expanduser() if raw else None
+
+        dev = flag("AUTH_DEV", False)
+        oidc_issuer = _get(env, "OIDC_ISSUER", "").strip() or None
+        if oidc_issuer is not None and (why := cls.idp_url_problem(oidc_issuer)):
+            raise SettingsError(f"{ENV_PREFIX}OIDC_ISSUER={oidc_issuer!r}: {why}")
+        jwks_file = optional_path("JWKS_FILE")
+        if oidc_issuer is not None and jwks_file is not None:
+            raise SettingsError(f"set {ENV_PREFIX}OIDC_ISSUER or {ENV_PREFIX}JWKS_FILE, not both")
+        if dev and oidc_issuer is None and jwks_file is None:
+            jwks_file = stack.secrets_dir / "jwks.json"  # the dev keys (gateway/devkeys.py)
+        # HS256 is a shared secret: anyone who can verify can also mint. Development only.
+        allow_hs256 = flag("ALLOW_HS256", dev)
+        if allow_hs256 and not dev:
+            raise SettingsError(f"{ENV_PREFIX}ALLOW_HS256=true needs {ENV_PREFIX}AUTH_DEV=true (HS256 is for "
+                                "development only)")
+        ca_bundle = optional_path("OIDC_CA_BUNDLE")
+        if ca_bundle is not None and not ca_bundle.is_file():
+            raise SettingsError(f"{ENV_PREFIX}OIDC_CA_BUNDLE={str(ca_bundle)!r} is not a file")
+        return {
+            "auth_dev": dev,
+            "oidc_issuer": oidc_issuer,
+            "jwks_file": jwks_file,
+            "hs256_secret_file": (optional_path("HS256_SECRET_FILE") or stack.secrets_dir / "jwt-hs256.key"
+                                  if allow_hs256 else None),
+            "allow_hs256": allow_hs256,
+            # Tokens from the provider carry its issuer URL as iss.
+            "issuer": _get(env, "JWT_ISSUER", oidc_issuer or "detectflow"),
+            "clock_skew_s": int(_num(env, "JWT_CLOCK_SKEW_S", 30)),
+            "max_token_lifetime_s": int(positive("JWT_MAX_LIFETIME_S", 24 * 3600)),
+            "jwks_refresh_min_s": _num(env, "JWKS_REFRESH_MIN_S", 30.0),
+            "jwks_max_age_s": positive("JWKS_MAX_AGE_S", 3600.0),
+            "idp_timeout_s": positive("OIDC_TIMEOUT_S", 5.0),
+            "idp_max_bytes": int(positive("OIDC_MAX_BYTES", 256 * 1024)),
+            "idp_ca_bundle": ca_bundle,
+        }
+
+    @staticmethod
+    def idp_url_problem(url: str) -> str | None:
+        """Why the gateway will not fetch keys from ``url``, or None when it may."""
+        import ipaddress
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if not parts.hostname:
+            return "not an absolute URL"
+        if parts.scheme == "https":
+            return None
+        if parts.scheme != "http":
+            return "only https (or http to a loopback host) is allowed"
+        # Plain http would let anyone on the path swap the keys, and so mint any token. On a loopback host
+        # nothing is on the path: that is a provider on this machine (a test, a sidecar), so http is allowed.
+        try:
+            loopback = parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = False
+        return None if loopback else "plain http is only allowed to a loopback host; use https"
+
+    def require_auth_source(self) -> None:
+        """The gateway refuses to start with no way to verify tokens (it never creates keys on its own)."""
+        if self.oidc_issuer is None and self.jwks_file is None:
+            raise SettingsError(
+                f"the gateway needs {ENV_PREFIX}OIDC_ISSUER (an OpenID provider's issuer URL) or {ENV_PREFIX}"
+                f"JWKS_FILE (a JWKS file of RS256 keys); for local development set {ENV_PREFIX}AUTH_DEV=true")

@@ -3,11 +3,13 @@
 Layout (Triton's): ``<root>/<model name>/<integer version>/{config.json, model.onnx}``. A version
 folder is servable when both files exist.
 
-With a routing table (``model_store.watch``, fed by the registry's `models` topic) the table decides:
-a request's version is its pin (one of the registry's servable versions) or its route (production,
-or the canary for its share of request-id hashes), and missing version folders are fetched from the
-registry on first use (``fetch``). Without one (a bare local repository: unit tests, `detectflow
-detect` on a converted model) the production version of a model is its highest local version.
+A request's version is decided by the registry, never by what happens to be on disk. With a routing
+table (``model_store.watch``, fed by the registry's `models` topic) a request's version is its pin (one
+of the registry's servable versions) or its route (production, or the canary for its share of
+request-id hashes); missing version folders are fetched from the registry on first use (``fetch``).
+A model the table has no routing for serves nothing: the local folder may hold a version that was
+pushed but never promoted, or retired. Without a table (the stages that run a version already chosen
+upstream, offline tools) only pinned versions resolve.
 """
 
 from __future__ import annotations
@@ -63,34 +65,31 @@ class ModelCatalog:
 
     def resolve(self, name: str, version: int | None = None, request_id: str | None = None) -> ModelVersion:
         """The version that serves a request. ``request_id`` is the routing key (canary splits hash it)."""
-        routing = self.table.routing(name) if self.table is not None and _safe_name(name) else None
-        if routing is not None:
-            if version is not None and version not in routing.versions:
-                raise ModelNotFound(f"model {name!r} has no servable version {version}")
-            chosen = version if version is not None else self.table.route(name, request_id or "")  # type: ignore[union-attr]
-            if chosen is None:
+        self.check(name, version)
+        if version is None:
+            version = self.table.route(name, request_id or "")  # type: ignore[union-attr]  # check() proved a table
+            if version is None:
                 raise ModelNotFound(f"model {name!r} has no production version")
-            return self.get(name, chosen)
-        available = self.versions(name)
-        if not available:
-            raise ModelNotFound(f"model {name!r} has no servable version")
-        chosen = available[-1] if version is None else version
-        if chosen not in available:
+        elif self.table is None and version not in self.versions(name) and self._fetch is None:
             raise ModelNotFound(f"model {name!r} has no servable version {version}")
-        return self.get(name, chosen)
+        return self.get(name, version)
 
     def check(self, name: str, version: int | None) -> None:
         """Raise ModelNotFound unless (name, version) could serve; reads no model files (the gateway's check)."""
-        routing = self.table.routing(name) if self.table is not None and _safe_name(name) else None
-        if routing is not None:
-            if version is not None and version not in routing.versions:
-                raise ModelNotFound(f"model {name!r} has no servable version {version}")
-            if version is None and routing.production is None:
-                raise ModelNotFound(f"model {name!r} has no production version")
+        if not _safe_name(name):
+            raise ModelNotFound(f"invalid model name {name!r}")
+        if self.table is None:
+            if version is None:
+                raise ModelNotFound(f"model {name!r}: no routing table here, so only a pinned version resolves")
             return
-        available = self.versions(name)
-        if not available or (version is not None and version not in available):
-            raise ModelNotFound(f"model {name!r} has no servable version" + (f" {version}" if version else ""))
+        routing = self.table.routing(name)
+        if routing is None:
+            raise ModelNotFound(f"model {name!r} has no production version (push it and promote it: "
+                                "`detectflow models push`, `detectflow models promote`)")
+        if version is not None and version not in routing.versions:
+            raise ModelNotFound(f"model {name!r} has no servable version {version}")
+        if version is None and routing.production is None:
+            raise ModelNotFound(f"model {name!r} has no production version")
 
     def get(self, name: str, version: int) -> ModelVersion:
         key = (name, version)

@@ -568,12 +568,13 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     return fetch
 
 
-def connect_registry(settings: Any) -> Registry:
-    """The registry on the local stack (``settings``: infra.settings.PipelineSettings)."""
+def connect_registry(settings: Any, minio_role: str = "registry") -> Registry:
+    """The registry on the local stack (``settings``: infra.settings.PipelineSettings); only the ``registry``
+    MinIO role may write model files."""
     from processors.objects import minio_client
     from stream.cassandra import connect
 
-    objects = ModelObjects(minio_client(settings), settings.lifecycle.models_bucket)
+    objects = ModelObjects(minio_client(settings, minio_role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()
     return Registry(RegistryStore(connect(settings.stream)), objects,
                     ModelEventLog(settings.stream.bootstrap, settings.stream.registry_url,

@@ -119,9 +119,14 @@ class InferenceStage:
         return [lane_topic(self.prefix, lane, "preprocessed") for lane in LANES]
 
     # ---- models ---------------------------------------------------------------------------------
-    def warm_up(self, name: str | None = None) -> LoadedModel:
-        """Load the production version of ``name`` (default model) before consuming."""
-        mv = self.catalog.resolve(name or self.settings.default_model)
+    def warm_up(self, name: str | None = None) -> LoadedModel | None:
+        """Load the production version of ``name`` (default model) before consuming; None while the registry
+        has no production version of it (requests for it are refused upstream until one is promoted)."""
+        try:
+            mv = self.catalog.resolve(name or self.settings.default_model)
+        except ModelNotFound as exc:
+            log.warning("inference: nothing to warm up: %s", exc)
+            return None
         return self.model(mv.name, mv.version)
 
     def model(self, name: str, version: int) -> LoadedModel:

@@ -16,8 +16,9 @@ from stream.errors import InvalidRecord, TransientError
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
 
 
-def minio_client(settings: PipelineSettings) -> Minio:
-    creds = settings.minio_credentials()
+def minio_client(settings: PipelineSettings, role: str) -> Minio:
+    """A client holding ``role``'s key (infra/stack/minio_access.py says what each role may do)."""
+    creds = settings.minio_credentials(role)
     # Bounded waits: a MinIO that hangs must become a transient failure, not a stuck stage.
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=30.0), maxsize=8,
                                retries=urllib3.Retry(total=2, backoff_factor=0.2,

@@ -145,7 +145,7 @@ class BridgeStage:
             objects = parse_notification(rec.value)
             outs: list[Output] = []
             for obj in objects:
-                if obj.bucket not in self.buckets or (obj.meta(SUBMITTED_MARK) or "").lower() == "true":
+                if obj.bucket not in self.buckets or obj.meta(SUBMITTED_MARK):  # the gateway submits these itself
                     continue
                 submission = to_submission(obj, submitted_at=self.clock())
                 source = f"{rec.topic}:{rec.partition}:{rec.offset}"

@@ -100,7 +100,10 @@ class MinioService(Service):
         return http_ok(f"{self.address}/minio/health/ready")
 
     def after_start(self, log: Callable[[str], None]) -> None:
+        from infra.stack.minio_access import ensure_role_users
+
         ensure_buckets(self.settings)
+        ensure_role_users(self.settings, log)
 
 
 def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import StackSettings
+from infra.settings import PipelineSettings, StackSettings
 from infra.stack import manager
 
 
@@ -27,13 +27,15 @@ def stack() -> Iterator[StackSettings]:
     settings = StackSettings.from_env()
     before = {h.name for h in manager.status(settings) if h.running}
     manager.up(settings)
+    from model_kit import drop_suite_state, reset_suite_registry
+
+    reset_suite_registry(settings)
     yield settings
-    from model_kit import purge_test_models
     from stream_kit import close_readers, delete_test_topics
 
     close_readers()
-    print(f"purged test models: {purge_test_models()}")
     delete_test_topics(settings)
+    drop_suite_state(PipelineSettings.from_env())
     started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
     if started_here:
         manager.down(settings, started_here)

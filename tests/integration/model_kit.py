@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
+from object_kit import root_minio
 from onnx import TensorProto, helper, numpy_helper
 
+from infra.settings import PipelineSettings, StackSettings
 from model_store.config import CONFIG_FILE, MODEL_FILE
 
 
@@ -69,21 +70,52 @@ def corrupt(src: Path, dst: Path) -> Path:
     return dst
 
 
-TEST_MODEL = re.compile(r"lc-it[0-9a-f]{8}")  # "lc-" + a test prefix (stream_kit.new_prefix)
+SUITE_POLICY = "-suite-models"
 
 
-def purge_test_models() -> list[str]:
-    """Remove the lifecycle tests' models (this session's and any a killed run left) from the dev
-    registry. Called once at the session's end: a purge at the lifecycle module's teardown was
-    followed by timeouts of the next module's first requests in two CI runs."""
-    from infra.settings import PipelineSettings
+def reset_suite_registry(stack: StackSettings) -> None:
+    """The suite's registry (its keyspace and models bucket, never a user's) emptied, then the default model
+    pushed through the release gate: v1 is production, as after `make demo` on a fresh machine."""
+    from infra.stack.minio_access import grant_area
+    from model_store.evalset import ensure_eval_set
+    from model_store.gate import gate_runner
     from model_store.registry import connect_registry
 
-    registry = connect_registry(PipelineSettings.from_env())
+    settings = PipelineSettings.from_env()
+    drop_suite_state(settings)
+    # The roles get the same rights on the suite's models bucket as on the stack's (an extra policy each).
+    root_minio(stack).make_bucket(settings.lifecycle.models_bucket)
+    grant_area(stack, "models", settings.lifecycle.models_bucket, SUITE_POLICY)
+    registry = connect_registry(settings)
     try:
-        doomed = [m for m in registry.store.models() if TEST_MODEL.fullmatch(m)]
-        for model in doomed:
-            registry.purge(model, actor="tests")
-        return doomed
+        source = stack.models_dir / settings.default_model / "1"
+        outcome = registry.push(settings.default_model, source, actor="tests",
+                                gate=gate_runner(settings.lifecycle, ensure_eval_set(stack)))
+        assert (outcome.version, outcome.gate_status) == (1, "PASSED"), outcome
     finally:
         registry.close()
+
+
+def drop_suite_state(settings: PipelineSettings) -> None:
+    """Drop the suite's keyspace and models bucket (what a killed run left, or what this run made)."""
+    from cassandra.cluster import Cluster
+    from minio.deleteobjects import DeleteObject
+
+    from infra.stack.minio_access import revoke_area
+
+    assert settings.stream.keyspace != "detectflow" and settings.lifecycle.models_bucket != "models", \
+        "the suite's own state must be configured (tests/conftest.py) before anything is dropped"
+    cluster = Cluster(list(settings.stream.cassandra_hosts), port=settings.stream.cassandra_port,
+                      protocol_version=5, connect_timeout=10)
+    try:
+        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {settings.stream.keyspace}", timeout=60)
+    finally:
+        cluster.shutdown()
+    client = root_minio(StackSettings.from_env())
+    bucket = settings.lifecycle.models_bucket
+    if client.bucket_exists(bucket):
+        doomed = [DeleteObject(o.object_name) for o in client.list_objects(bucket, recursive=True)]
+        errors = list(client.remove_objects(bucket, doomed))
+        assert not errors, errors
+        client.remove_bucket(bucket)
+    revoke_area(StackSettings.from_env(), SUITE_POLICY)

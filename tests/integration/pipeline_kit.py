@@ -49,9 +49,16 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
-    if convert_default:  # else the default model comes from the registry
-        convert(settings.models_dir / settings.default_model / "1")
     T.apply(stack.kafka_bootstrap, T.all_topics(prefix))
+    if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix
+        from model_store.registry import connect_registry
+
+        convert(settings.models_dir / settings.default_model / "1")
+        registry = connect_registry(settings)
+        try:
+            assert registry.republish(settings.default_model, actor="tests").production == 1
+        finally:
+            registry.close()
     sup = Supervisor(roles, log_dir, env=env)
     sup.start_monitor()
     try:

@@ -34,14 +34,23 @@ def new_prefix() -> str:
 
 
 def delete_test_topics(stack: StackSettings) -> None:
-    """Delete every topic made under this session's prefixes (an idle topic still costs the broker)."""
+    """Delete every topic and consumer group made under this session's prefixes (an idle topic still costs
+    the broker; a group's offsets would stay for the broker's offsets retention)."""
     if _PREFIXES:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
+        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
         try:
-            existing = AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).list_topics(timeout=10).topics
+            existing = admin.list_topics(timeout=10).topics
             T.delete(stack.kafka_bootstrap, [t for t in existing if t.startswith(tuple(_PREFIXES))])
+            listed = admin.list_consumer_groups(request_timeout=10).result(timeout=15)
+            groups = [g.group_id for g in listed.valid if g.group_id.startswith(tuple(_PREFIXES))]
+            for group, future in (admin.delete_consumer_groups(groups, request_timeout=10).items() if groups else ()):
+                try:
+                    future.result(timeout=15)
+                except KafkaException as exc:  # a group still closing: its offsets expire with the retention
+                    print(f"could not delete consumer group {group}: {exc}")
         except (KafkaException, T.TopicError) as exc:  # cleanup only: never fail the session for it
             print(f"could not delete test topics: {exc}")
         _PREFIXES.clear()

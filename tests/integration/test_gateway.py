@@ -23,6 +23,7 @@ import schemathesis
 from gateway_kit import Gateway, start_stack_with_gateway
 from hypothesis import HealthCheck, given, settings
 from imaging_fixtures import minimal_pdf, png_header_bomb
+from object_kit import root_minio
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -35,7 +36,6 @@ from infra.jobs_cmd import JobsClient
 from infra.settings import StackSettings
 from model_store.detect import Detector
 from processors.imaging import ImageLimits, prepare
-from processors.objects import minio_client
 from stream.serde import AvroSerde
 
 PROBLEM = "application/problem+json"
@@ -269,7 +269,7 @@ def test_tenants_cannot_read_list_or_delete_each_others_data(gw: Gateway, stack:
     assert r.status_code == 404, r.text
     # A still has everything.
     assert gw.call("GET", f"/v1/requests/{rid}", a).json()["status"] == "OK"
-    assert minio_client(gw.pipeline.settings).stat_object("uploads", f"{a}/{sha}").size == len(data)
+    assert root_minio(gw.pipeline.stack).stat_object("uploads", f"{a}/{sha}").size == len(data)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -376,7 +376,7 @@ def test_delete_image_removes_object_results_and_cache(gw: Gateway, sample_image
     from minio.error import S3Error
 
     with pytest.raises(S3Error):
-        minio_client(gw.pipeline.settings).stat_object("uploads", f"{t}/{sha}")
+        root_minio(gw.pipeline.stack).stat_object("uploads", f"{t}/{sha}")
     assert gw.call("DELETE", f"/v1/images/{sha}", t).status_code == 404
     fresh = gw.detect(t, data).json()  # the cache went with it: the model runs again
     assert fresh["cache_hit"] is False and fresh["status"] == "OK"

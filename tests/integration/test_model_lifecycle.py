@@ -4,7 +4,8 @@ guardrail rolling back a slow canary.
 
 One pipeline (every role, shadow and monitor included) serves a model pushed under a test-only name,
 on a fresh topic prefix and a fresh local model cache; the tests run in file order on one registry
-history: v1 = the converted FP32 model, v2 = its static INT8 quantization, v3 = a slow FP32 variant.
+history: v1 = the converted FP32 model, v2 = its static INT8 quantization, v3 = v1 in other bytes (the
+shadow), v4 = a slow FP32 variant.
 """
 
 from __future__ import annotations
@@ -93,8 +94,7 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     roles = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
     for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env, convert_default=False):
         running.settings = replace(running.settings, default_model=model)
-        # Purged at the session's end (conftest), not here: a purge at this teardown was followed by
-        # timeouts of the next module's first requests in two CI runs (cause not found).
+        # The suite's registry (keyspace, bucket) is dropped at the session's end (conftest).
         yield Lifecycle(running, model, env, registry, source, work)
 
 
@@ -188,7 +188,14 @@ def test_gate_refuses_broken_models_while_serving_goes_on(lc: Lifecycle) -> None
 
 
 def test_shadow_writes_its_own_topic_and_agreement_is_reported(lc: Lifecycle) -> None:
-    lc.cli("shadow", lc.model, "2")
+    import model_kit
+
+    # The shadow is v1's graph in other bytes, so a correct pipeline reports full agreement whatever the
+    # onnxruntime/numpy versions (an INT8 shadow's agreement is a property of the quantizer, not of this code).
+    twin = model_kit.variant(lc.source, lc.work / "twin", tag="shadow-twin")
+    lc.cli("push", lc.model, str(twin))
+    twin_version = max(v.version for v in lc.registry.store.versions(lc.model))
+    lc.cli("shadow", lc.model, str(twin_version))
     results = lc.detect_many(16, tenant="shadowed", params_of=lambda i: {"score_threshold": 0.25 + i * 1e-4})
     assert set(_versions(results)) == {1}  # the shadow never answers a request
     deadline = time.monotonic() + 120
@@ -198,12 +205,13 @@ def test_shadow_writes_its_own_topic_and_agreement_is_reported(lc: Lifecycle) ->
         if pairs and pairs[0].get("images", 0) >= 16:
             break
         time.sleep(0.5)
-    assert pairs and pairs[0]["production_version"] == 1 and pairs[0]["shadow_version"] == 2, pairs
+    assert pairs and pairs[0]["production_version"] == 1 and pairs[0]["shadow_version"] == twin_version, pairs
     pair = pairs[0]
     assert pair["images"] >= 16
-    # v2 is v1 quantized to INT8: most detections agree, with small score deltas.
-    assert pair["agreement"] >= 0.7, pair
-    assert pair["mean_abs_score_delta"] < 0.1, pair
+    # Same graph, same weights: the two sides differ only by float reordering between batch shapes
+    # (~1e-6 on a score), so every detection pairs up at IoU 0.5 (a box at the threshold may flip: 5%).
+    assert pair["agreement"] >= 0.95, pair
+    assert pair["mean_abs_score_delta"] < 0.01, pair
     assert pair["production_ms_mean"] > 0 and pair["shadow_ms_mean"] > 0
     text = lc.cli("compare", lc.model).stdout
     assert "agreement" in text and "person" in text

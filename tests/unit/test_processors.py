@@ -14,6 +14,8 @@ from infra.settings import PipelineSettings, StreamSettings
 from model_store.catalog import ModelCatalog
 from model_store.config import CONFIG_FILE, MODEL_FILE
 from model_store.detect import letterbox
+from model_store.routing import Routing
+from model_store.watch import RoutingTable
 from processors.inference import InferenceStage, LoadedModel
 from processors.params import CacheKey, effective_params
 from processors.postprocess import PostprocessStage
@@ -38,7 +40,11 @@ def catalog(tmp_path: Path) -> ModelCatalog:
         d.mkdir(parents=True)
         (d / CONFIG_FILE).write_text((src / CONFIG_FILE).read_text())
         (d / MODEL_FILE).write_bytes(b"not a real model: the fakes never open it")
-    return ModelCatalog(tmp_path)
+    # The registry's state: v1 pushed, then v2 pushed and promoted.
+    routing = Routing("yolov4-tiny").pushed(1).pushed(2).promoted(2)
+    table = RoutingTable()
+    table.apply({"action": "PROMOTED", "model_name": "yolov4-tiny", **routing.event_fields()})
+    return ModelCatalog(tmp_path, table=table)
 
 
 class FakeObjects:
@@ -113,7 +119,7 @@ def test_scan_passes_clean_bytes_inline_with_the_resolved_version(catalog: Model
     assert o.topic == "u.detect.online.scanned" and o.event == "ImageScanned"
     assert o.value["sha256"] == hashlib.sha256(b"clean image").hexdigest()
     assert o.value["image"]["data"] == b"clean image"
-    assert o.value["context"]["model"] == {"name": "yolov4-tiny", "version": 2}  # highest servable
+    assert o.value["context"]["model"] == {"name": "yolov4-tiny", "version": 2}  # production
 
 
 def test_scan_rejects_infected_and_quarantines(catalog: ModelCatalog) -> None:
@@ -287,9 +293,7 @@ def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_loa
     import threading
     import time
 
-    from model_store.routing import Routing
     from model_store.session import SessionError
-    from model_store.watch import RoutingTable
 
     d = catalog.root / "yolov4-tiny" / "3"
     d.mkdir()

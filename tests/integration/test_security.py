@@ -1,0 +1,127 @@
+"""Attacks on the stack as it ships: each one is refused by the service that owns the data.
+
+The copy-source attack (issue: a pre-signed upload PUT carrying ``x-amz-copy-source`` copied another
+tenant's image into the attacker's upload) and the least-privilege MinIO roles behind its fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+from gateway_kit import Gateway, start_stack_with_gateway
+from minio import Minio
+from minio.error import S3Error
+from object_kit import root_minio
+
+from infra.settings import PipelineSettings, StackSettings
+from infra.stack.minio_access import ROLE_RIGHTS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gw(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway alone (no pipeline): every attack here is refused before anything is submitted."""
+    yield from start_stack_with_gateway(stack, f"sec{uuid.uuid4().hex[:6]}.", tmp_path_factory.mktemp("sec-logs"),
+                                        roles=("gateway",))
+
+
+def _grant(gw: Gateway, tenant: str, length: int) -> dict[str, str]:
+    r = gw.call("POST", "/v1/uploads", tenant,
+                json={"files": [{"content_type": "image/jpeg", "content_length": length}]})
+    assert r.status_code == 201, r.text
+    return r.json()["uploads"][0]
+
+
+def test_copy_source_through_an_upload_url_is_refused_for_any_source(gw: Gateway, stack: StackSettings,
+                                                                      sample_jpeg: bytes) -> None:
+    victim, attacker = f"victim-{uuid.uuid4().hex[:8]}", f"attacker-{uuid.uuid4().hex[:8]}"
+    sha = hashlib.sha256(sample_jpeg).hexdigest()
+    root = root_minio(stack)
+    # Images as the gateway stores them: the victim's, and one of the attacker's own.
+    for tenant in (victim, attacker):
+        root.put_object("uploads", f"{tenant}/{sha}", io.BytesIO(sample_jpeg), len(sample_jpeg),
+                        content_type="image/jpeg", metadata={"detectflow-submitted": "true"})
+    sources = {"another tenant's image": f"/uploads/{victim}/{sha}",
+               "the same tenant's image": f"/uploads/{attacker}/{sha}",
+               "an object that does not exist": f"/uploads/{victim}/{'0' * 64}"}
+    for what, source in sources.items():
+        up = _grant(gw, attacker, 1)
+        r = requests.put(up["url"], data=b"x", headers={**up["headers"], "x-amz-copy-source": source}, timeout=30)
+        # 403 whatever the source: no copy, and no existence oracle (a 404 would say what exists).
+        assert r.status_code == 403 and "AccessDenied" in r.text, (what, r.status_code, r.text[:300])
+        detect = gw.call("POST", "/v1/detect", attacker, json={"image": {"upload_id": up["upload_id"]}})
+        assert detect.status_code == 404 and detect.json()["code"] == "NOT_FOUND", (what, detect.text)
+
+
+def test_an_upload_that_is_not_the_signed_one_is_refused_and_audited(gw: Gateway, stack: StackSettings,
+                                                                       sample_jpeg: bytes) -> None:
+    tenant = f"mismatch-{uuid.uuid4().hex[:8]}"
+    up = _grant(gw, tenant, len(sample_jpeg))
+    key = f"{tenant}/uploads/{up['upload_id']}"
+    # Another writer puts an object at the upload's key with the old marker (the gateway signed another one).
+    root_minio(stack).put_object("uploads", key, io.BytesIO(sample_jpeg), len(sample_jpeg), content_type="image/jpeg",
+                                 metadata={"detectflow-submitted": "true"})
+    r = gw.call("POST", "/v1/detect", tenant, json={"image": {"upload_id": up["upload_id"]}})
+    assert r.status_code == 422 and r.json()["code"] == "UPLOAD_MISMATCH", r.text
+    job = gw.call("POST", "/v1/jobs", tenant, json={"items": [{"upload_id": up["upload_id"]}]})
+    assert job.status_code == 422 and job.json()["code"] == "UPLOAD_MISMATCH", job.text
+    deadline = time.monotonic() + 30  # audit events are written off the request path
+    refused: list[dict[str, object]] = []
+    while len(refused) < 2 and time.monotonic() < deadline:
+        audit = gw.call("GET", "/v1/audit", tenant, headers=gw.auth(tenant, ("admin",)))
+        assert audit.status_code == 200, audit.text
+        refused = [e for e in audit.json()["events"] if e.get("detail") == "UPLOAD_MISMATCH"]
+        time.sleep(0.2)
+    assert {(e["action"], e["status"]) for e in refused} == {("detect", 422), ("jobs.create", 422)}, refused
+
+
+def test_the_signed_upload_is_accepted(gw: Gateway, sample_jpeg: bytes) -> None:
+    tenant = f"honest-{uuid.uuid4().hex[:8]}"
+    up = _grant(gw, tenant, len(sample_jpeg))
+    assert requests.put(up["url"], data=sample_jpeg, headers=up["headers"], timeout=30).status_code == 200
+    # No pipeline runs here: the call passes the upload check and waits for a result that cannot come.
+    r = gw.call("POST", "/v1/detect", tenant, json={"image": {"upload_id": up["upload_id"]}},
+                params={"timeout_ms": 1})
+    assert r.status_code == 202, r.text
+
+
+def _client(stack: StackSettings, role: str) -> Minio:
+    creds = PipelineSettings.from_env().minio_credentials(role)
+    return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+
+
+def _denied(call: object) -> bool:
+    try:
+        call()  # type: ignore[operator]
+    except S3Error as exc:
+        return exc.code == "AccessDenied"
+    return False
+
+
+def test_each_minio_role_can_do_only_what_it_does(stack: StackSettings, sample_jpeg: bytes) -> None:
+    key = f"roles-{uuid.uuid4().hex[:8]}/img"
+    root = root_minio(stack)
+    root.put_object("uploads", key, io.BytesIO(sample_jpeg), len(sample_jpeg))
+    try:
+        for role in ROLE_RIGHTS:
+            c = _client(stack, role)
+            can_read_uploads = "s3:GetObject" in ROLE_RIGHTS[role].get("uploads", ())
+            assert _denied(lambda c=c: c.stat_object("uploads", key)) is not can_read_uploads, role
+            can_write_models = "s3:PutObject" in ROLE_RIGHTS[role].get("models", ())
+            probe = f"probe-{role}"
+            put = _denied(lambda c=c, probe=probe: c.put_object("models", probe, io.BytesIO(b"x"), 1))
+            assert put is not can_write_models, role
+            assert _denied(lambda c=c: c.list_buckets()), role  # nobody but root lists buckets
+        assert _denied(lambda: _client(stack, "gateway-signer").get_object("uploads", key))
+        assert _denied(lambda: _client(stack, "preprocess").remove_object("uploads", key))
+        assert _denied(lambda: _client(stack, "gateway").get_object("models", "yolov4-tiny/config.json"))
+    finally:
+        root.remove_object("uploads", key)
+        root.remove_object("models", "probe-registry")
