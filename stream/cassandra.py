@@ -1,36 +1,78 @@
-"""Cassandra connection and the idempotent schema migrations in schemas/cql/."""
+"""Cassandra connections (authenticated, TLS only) and the idempotent schema migrations in schemas/cql/.
+
+Every process logs in as its own role (infra/stack/cassandra_access.py grants each role the tables it uses)
+and verifies the node's certificate against the project CA. Migrations need the admin role: `stack up`
+applies them, never a pipeline process.
+"""
 
 from __future__ import annotations
 
 import calendar
 import datetime as dt
 import logging
+import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
+from cassandra import AuthenticationFailed, DriverException
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import DCAwareRoundRobinPolicy
 
-from infra.settings import StreamSettings
+from infra.settings import CassandraCredentials, SettingsError, StreamSettings
 from schemas import SCHEMA_DIR
-from stream.errors import TransientError
+from stream.errors import StreamError, TransientError
 
 CQL_DIR = SCHEMA_DIR / "cql"
 
 logging.getLogger("cassandra").setLevel(logging.ERROR)
 
 
-def connect(settings: StreamSettings, *, timeout_s: float = 10.0) -> Session:
-    """A session on the keyspace, with schemas/cql applied (idempotent). TransientError if unreachable."""
-    profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(), request_timeout=timeout_s)
-    cluster = Cluster(list(settings.cassandra_hosts), port=settings.cassandra_port, connect_timeout=timeout_s,
-                      execution_profiles={EXEC_PROFILE_DEFAULT: profile}, protocol_version=5)
+class CassandraLoginRefused(StreamError):
+    """The node refused this role's credentials: a configuration error (retrying will not help)."""
+
+
+def tls_context(ca_file: Path) -> ssl.SSLContext:
+    """TLS 1.2+ that accepts only a certificate chaining to ``ca_file`` and naming the address dialled
+    (the driver passes each node's address as server_hostname)."""
     try:
-        session = cluster.connect()
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"cannot read the CA certificate {ca_file} ({type(exc).__name__}); "
+                            "`detectflow stack up` creates it") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def open_session(hosts: Sequence[str], port: int, credentials: CassandraCredentials, ca_file: Path, *,
+                 timeout_s: float = 10.0) -> Session:
+    """A session (no keyspace) as ``credentials`` over verified TLS. TransientError if no node answers,
+    CassandraLoginRefused if the credentials are refused."""
+    profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(), request_timeout=timeout_s)
+    cluster = Cluster(list(hosts), port=port, connect_timeout=timeout_s, protocol_version=5,
+                      execution_profiles={EXEC_PROFILE_DEFAULT: profile}, ssl_context=tls_context(ca_file),
+                      auth_provider=PlainTextAuthProvider(credentials.username, credentials.password))
+    try:
+        return cluster.connect()
     except NoHostAvailable as exc:
         cluster.shutdown()
+        if exc.errors and all(isinstance(e, AuthenticationFailed) for e in exc.errors.values()):
+            raise CassandraLoginRefused(f"cassandra refused the login of {credentials.username!r}") from exc
         raise TransientError(f"cassandra unreachable: {exc}") from exc
-    apply_migrations(session, settings.keyspace)
-    session.set_keyspace(settings.keyspace)
+
+
+def connect(settings: StreamSettings, role: str, *, timeout_s: float = 10.0) -> Session:
+    """A session on the keyspace as ``role`` (its credentials file under settings.cassandra_secrets_dir).
+    The schema is not touched here: `stack up` applies schemas/cql as the admin role."""
+    if settings.cassandra_ca_file is None:
+        raise SettingsError("no CA certificate configured for Cassandra (DETECTFLOW_CASSANDRA_CA_FILE)")
+    session = open_session(settings.cassandra_hosts, settings.cassandra_port, settings.cassandra_credentials(role),
+                           settings.cassandra_ca_file, timeout_s=timeout_s)
+    try:
+        session.set_keyspace(settings.keyspace)
+    except DriverException:
+        session.cluster.shutdown()
+        raise
     return session
 
 

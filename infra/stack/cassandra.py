@@ -4,15 +4,21 @@
 ``command`` is what ``bin/cassandra`` would run, reduced to a small-footprint dev node:
 a single node owning every token, loopback only, JMX off, caches and memtables sized
 for a 2-core machine that also runs Kafka, the registry, MinIO and clamd.
+
+Clients must log in (PasswordAuthenticator, per-role grants by CassandraAuthorizer: cassandra_access.py)
+and the native port speaks TLS only, with a certificate from the project CA (pki.py).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from infra.settings import CassandraCredentials
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
+from infra.stack.pki import Leaf, Pki, issue
 
 POM = Path(__file__).resolve().parent.parent / "maven" / "cassandra-pom.xml"
 MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
@@ -131,8 +137,14 @@ class CassandraService(Service):
     def prepare(self, log: Callable[[str], None]) -> None:
         for d in (self.conf, self.triggers_dir, self.tmp_dir, *self._storage_dirs().values()):
             d.mkdir(parents=True, exist_ok=True)
+        self.certificate()
         (self.conf / "cassandra.yaml").write_text(self.render_yaml())
         (self.conf / "logback.xml").write_text(self.render_logback())
+
+    def certificate(self) -> Leaf:
+        """The node's TLS certificate (made or renewed as needed); Cassandra re-reads a renewed one on its own."""
+        return issue(Pki(self.settings.tls_dir), "cassandra", sans=tuple(dict.fromkeys(("localhost", "127.0.0.1",
+                                                                                           self.settings.host))))
 
     def _storage_dirs(self) -> dict[str, Path]:
         return {
@@ -147,6 +159,7 @@ class CassandraService(Service):
         """cassandra.yaml in 5.0 key names; the loader rejects unknown keys and unit-less sizes."""
         s = self.settings
         dirs = self._storage_dirs()
+        leaf = Pki(s.tls_dir).leaf("cassandra")
         return f"""\
 # Written by infra/stack/cassandra.py on every start; edit that file, not this one.
 cluster_name: detectflow
@@ -166,10 +179,24 @@ start_native_transport: true
 # A fresh cluster, never mixed with 4.x nodes: enables the 5.0 storage features (TTLs past 2038).
 storage_compatibility_mode: NONE
 
-authenticator: AllowAllAuthenticator
-authorizer: AllowAllAuthorizer
+# Every client logs in as its role; each role is granted only the tables it uses (cassandra_access.py).
+authenticator: PasswordAuthenticator
+authorizer: CassandraAuthorizer
 role_manager: CassandraRoleManager
 network_authorizer: AllowAllNetworkAuthorizer
+
+# The native port speaks TLS only. The keystore is one unencrypted PEM (PKCS#8 key + chain, 0600) from the
+# project CA (renewed by `stack up` before it expires; a restart of the node picks a renewed one up).
+# Node-to-node encryption (server_encryption_options) is moot: one node, its storage port on loopback.
+client_encryption_options:
+  enabled: true
+  optional: false
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+  keystore: {leaf.bundle}
+  truststore: {Pki(s.tls_dir).ca_cert}
+  require_client_auth: false
+  accepted_protocols: [TLSv1.2, TLSv1.3]
 
 data_file_directories:
   - {dirs["data_file_directories"]}
@@ -271,10 +298,24 @@ auto_snapshot: false
         # driver from logging connection errors on every poll while the node boots.
         if not tcp_open(host, port, timeout_s=1.0):
             return False, f"CQL port {port} closed"
+        from infra.settings import SettingsError
+        from infra.stack.cassandra_access import admin_credentials
+
         try:
-            return True, f"Cassandra {query_release_version(host, port)}"
-        except StackError as exc:
+            admin = admin_credentials(self.settings)
+        except SettingsError:
+            admin = None  # before the first after_start: the node is healthy once it asks for a login
+        try:
+            return True, f"Cassandra {query_release_version(host, port, self.settings.tls_ca_file, admin)}"
+        except LoginRequired as exc:
+            return True, f"CQL over TLS, {exc}"
+        except (StackError, SettingsError) as exc:
             return False, str(exc)
+
+    def after_start(self, log: Callable[[str], None]) -> None:
+        from infra.stack.cassandra_access import ensure_access
+
+        ensure_access(self.settings, time.monotonic() + self.settings.start_timeout_s, log)
 
 
 def _young_generation_mib(heap: str) -> int:
@@ -322,22 +363,36 @@ def _effective_capabilities() -> int:
     return 0
 
 
-def query_release_version(host: str, port: int, timeout_s: float = 3.0) -> str:
-    """``SELECT release_version FROM system.local`` over one bare driver connection.
+class LoginRequired(StackError):
+    """The node serves the native protocol over TLS and asks for a login that the probe cannot give."""
+
+
+def query_release_version(host: str, port: int, ca_file: Path, credentials: CassandraCredentials | None,
+                          timeout_s: float = 3.0) -> str:
+    """``SELECT release_version FROM system.local`` over one bare driver connection (TLS verified against
+    ``ca_file``, logged in with ``credentials``). LoginRequired when the node answers but has no login for us.
 
     A full ``Cluster`` would also fetch schema and token metadata and open a pool; a
     health probe needs a single round trip.
     """
-    from cassandra import DriverException, OperationTimedOut, ProtocolVersion
+    from cassandra import AuthenticationFailed, DriverException, OperationTimedOut, ProtocolVersion
+    from cassandra.auth import PlainTextAuthenticator
     from cassandra.cluster import DefaultConnection
     from cassandra.connection import ConnectionException, DefaultEndPoint
     from cassandra.protocol import QueryMessage, ResultMessage
     from cassandra.query import ConsistencyLevel
 
+    from stream.cassandra import tls_context
+
     DefaultConnection.initialize_reactor()  # idempotent; a Cluster would do it for us
+    authenticator = None if credentials is None else PlainTextAuthenticator(credentials.username,
+                                                                            credentials.password)
     try:
-        conn = DefaultConnection.factory(DefaultEndPoint(host, port), timeout_s,
-                                         protocol_version=ProtocolVersion.V5)
+        conn = DefaultConnection.factory(DefaultEndPoint(host, port), timeout_s, protocol_version=ProtocolVersion.V5,
+                                         ssl_context=tls_context(ca_file), authenticator=authenticator)
+    except AuthenticationFailed as exc:
+        who = "no admin login yet" if credentials is None else f"login of {credentials.username} refused"
+        raise LoginRequired(who) from exc
     except (ConnectionException, OperationTimedOut, DriverException, OSError) as exc:
         raise StackError(f"CQL connect failed: {exc}") from exc
     try:

@@ -7,11 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 from cassandra import ProtocolVersion
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import RoundRobinPolicy
 
 from infra.settings import StackSettings
 from infra.stack import manager
+from infra.stack.cassandra_access import admin_credentials
+from stream.cassandra import tls_context
 
 TABLE_DDL = """
 CREATE TABLE {ks}.results (
@@ -24,10 +27,14 @@ CREATE TABLE {ks}.results (
 
 
 def _connect(settings: StackSettings) -> Cluster:
+    # As the operator (the admin role: these tests make and drop keyspaces), over verified TLS.
     # One local node: a plain round robin avoids the driver's DC-aware warnings.
     profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy(), request_timeout=20.0)
+    admin = admin_credentials(settings)
     return Cluster([settings.host], port=settings.cassandra_port, protocol_version=ProtocolVersion.V5,
-                   execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=5.0)
+                   execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=5.0,
+                   auth_provider=PlainTextAuthProvider(admin.username, admin.password),
+                   ssl_context=tls_context(settings.tls_ca_file))
 
 
 @pytest.fixture(scope="module")

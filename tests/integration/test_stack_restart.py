@@ -6,11 +6,12 @@ import io
 import secrets
 
 import pytest
-from cassandra.cluster import Cluster
+from cassandra.cluster import Cluster, Session
 from minio import Minio
 
 from infra.settings import StackSettings
 from infra.stack import manager
+from infra.stack.cassandra_access import admin_session
 
 
 def _minio(stack: StackSettings) -> Minio:
@@ -18,9 +19,9 @@ def _minio(stack: StackSettings) -> Minio:
     return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
 
 
-def _session(stack: StackSettings):  # type: ignore[no-untyped-def]
-    cluster = Cluster(["127.0.0.1"], port=stack.cassandra_port, connect_timeout=10)
-    return cluster, cluster.connect()
+def _session(stack: StackSettings) -> tuple[Cluster, Session]:
+    session = admin_session(stack)  # as the operator: this test makes its own keyspace
+    return session.cluster, session
 
 
 def test_second_up_is_a_no_op(stack: StackSettings) -> None:
