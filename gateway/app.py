@@ -19,7 +19,7 @@ from gateway.limits import DailyQuota, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
-from infra.settings import GatewaySettings
+from infra.settings import GatewaySettings, kafka_client
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _catalog(settings: GatewaySettings) -> Any:
     from model_store.watch import ModelWatcher
 
     p = settings.pipeline
-    watcher = ModelWatcher(p.stream.bootstrap, p.stream.registry_url, p.stream.topic_prefix)
+    watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix)
     watcher.start(p.lifecycle.watch_catch_up_s)
     return ModelCatalog(p.models_dir, table=watcher.table)
 
@@ -64,7 +64,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # Discovery and the first key load block (bounded by DETECTFLOW_OIDC_TIMEOUT_S); no keys, no start. First,
     # so that a bad auth configuration fails before any backend is touched.
     auth = await loop.run_in_executor(None, Authenticator.from_settings, settings)
-    session = await loop.run_in_executor(None, connect, settings.pipeline.stream)
+    session = await loop.run_in_executor(None, connect, settings.pipeline.stream, "gateway")
     p = settings.pipeline
     store = GatewayStore(session, result_ttl_s=p.result_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s,
                          audit_ttl_s=settings.audit_ttl_s)
@@ -137,6 +137,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/v1/jobs/{id}", h.get_job)
     app.router.add_get("/v1/jobs/{id}/results", h.job_results)
     app.router.add_delete("/v1/images/{id}", h.delete_image)
+    app.router.add_delete("/v1/tenants/{tenant}/data", h.erase_tenant)
+    app.router.add_get("/v1/tenants/{tenant}/policy", h.get_policy)
+    app.router.add_put("/v1/tenants/{tenant}/policy", h.put_policy)
     app.router.add_get("/v1/audit", h.audit_events)
     app.router.add_get("/openapi.json", h.openapi)
     app.router.add_get("/livez", h.livez)

@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from gateway import metrics as GM
 from gateway.problems import Problem
-from infra.settings import GatewaySettings
+from infra.settings import GatewaySettings, kafka_client
 from stream.reply import ReplyRouter
 from stream.serde import AvroSerde, SerdeError
 from stream.topics import STAGE_INPUTS, lane_topic, replies_topic
@@ -34,10 +34,10 @@ class Bus:
         self.prefix = stream.topic_prefix
         self.serde = serde or AvroSerde.from_url(stream.registry_url)
         self.producer = Producer({
-            "bootstrap.servers": stream.bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 1,
+            **kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 1,
             "compression.type": stream.compression, "message.max.bytes": stream.max_message_bytes + 64 * 1024,
             "message.timeout.ms": 15000, "queue.buffering.max.messages": 200_000, "log_level": 3})
-        self.admin = AdminClient({"bootstrap.servers": stream.bootstrap, "log_level": 3})
+        self.admin = AdminClient({**kafka_client(stream), "log_level": 3})
         partition = settings.reply_partition if settings.reply_partition >= 0 else random.randrange(16)  # noqa: S311
         self.router = ReplyRouter(stream, self.serde, replies_topic(self.prefix), partition)
         self.online_lag = 0

@@ -188,6 +188,8 @@ async def _await_stored(gw: Gateway, tenant: str, request_id: str, deadline: flo
     while True:
         row = await gw.store.get_request(tenant, request_id)
         if row is not None and row.result is not None:
+            if await _row_hidden(gw, tenant, row):
+                raise Problem("NOT_FOUND", "no such request")
             return row.result
         if time.time() >= deadline:
             return None
@@ -286,12 +288,34 @@ async def detect(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------------------------- reads
 
 
-def _hidden(deleted_at: int | None, submitted_at: int | None, completed_at: int | None) -> bool:
-    """A result of an image deleted after the request was made is never served."""
-    if deleted_at is None:
+async def _row_hidden(gw: Gateway, tenant: str, row: Any) -> bool:
+    """A request of an image deleted after the request was made (or of an erased tenant) is never served."""
+    from processors.governance import hidden
+
+    sha = row.image_sha256 or (row.result or {}).get("image_sha256")
+    if not sha:
         return False
-    at = submitted_at if submitted_at is not None else completed_at
-    return at is None or at <= deleted_at
+    deleted = (await gw.store.deleted_at_many(tenant, [sha])).get(sha)
+    return hidden(deleted, row.submitted_at, row.completed_at)
+
+
+async def _unless_deleted(gw: Gateway, tenant: str, rows: list[tuple[str, dict[str, Any]]]
+                          ) -> list[tuple[str, dict[str, Any]]]:
+    """A page's results with those of deleted images replaced by their IMAGE_DELETED stub (one query)."""
+    from processors.governance import deleted_result, hidden
+    from stream.serde import epoch_ms
+
+    shas = [r["image_sha256"] for _, r in rows if r.get("image_sha256")]
+    if not shas:
+        return rows
+    deleted = await gw.store.deleted_at_many(tenant, shas)
+    out = []
+    for rid, r in rows:
+        sha = r.get("image_sha256")
+        if sha and hidden(deleted.get(sha), epoch_ms(r.get("submitted_at")), epoch_ms(r.get("completed_at"))):
+            r = deleted_result(r)
+        out.append((rid, r))
+    return out
 
 
 @endpoint("requests.read", "results:read")
@@ -304,8 +328,7 @@ async def get_request(request: web.Request) -> web.StreamResponse:
     row = await gw.store.get_request(who.tenant, rid)
     if row is None:
         raise Problem("NOT_FOUND", "no such request")
-    sha = row.image_sha256 or (row.result or {}).get("image_sha256")
-    if sha and _hidden(await gw.store.deleted_at(who.tenant, sha), row.submitted_at, row.completed_at):
+    if await _row_hidden(gw, who.tenant, row):
         raise Problem("NOT_FOUND", "no such request")
     request["audit"]["request_id"] = rid
     if row.result is None:
@@ -379,7 +402,9 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     params = parse_body_params(body, gw.settings, _class_names(gw))
     _check_model(gw, params.model, params.version)
     keys = [object_key(who.tenant, item) for item in items]
-    await _verify_uploads(gw, [k for k in keys if _signed_upload(who.tenant, k)])
+    signed = [k for k in keys if _signed_upload(who.tenant, k)]
+    await _verify_uploads(gw, signed)
+    await asyncio.gather(*(gw.objects.claim_upload(k) for k in dict.fromkeys(signed)))  # no longer "unclaimed"
     job_id = str(uuid.uuid4())
     idem = _idempotency_key(request)
     fingerprint = _fingerprint("jobs", params.canonical(), *keys)
@@ -458,7 +483,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
-    rows = await gw.store.job_results_page(who.tenant, job_id, after, size + 1)
+    rows = await _unless_deleted(gw, who.tenant, await gw.store.job_results_page(who.tenant, job_id, after, size + 1))
     page, more = rows[:size], len(rows) > size
     items = [coco_view(r) if fmt == "coco" else result_view(r) for _rid, r in page]
     next_token = page_token(page[-1][0]) if more and page else None
@@ -500,6 +525,77 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     await gw.store.delete_image_rows(who.tenant, sha)
     return _json({"image_id": sha, "deleted_at": iso(now), "requests_deleted": len(request_ids),
                   "objects_deleted": len(removed)})
+
+
+# ---------------------------------------------------------------------------------------------- tenants
+
+
+def _own_tenant(request: web.Request, who: Principal) -> str:
+    """An admin acts on its own tenant only (the tenant comes from the token); another is 404, never 403."""
+    tenant = request.match_info["tenant"]
+    if tenant != who.tenant:
+        raise Problem("NOT_FOUND", "no such tenant")
+    request["audit"]["resource"] = tenant
+    return tenant
+
+
+@endpoint("tenants.erase", "admin")
+async def erase_tenant(request: web.Request) -> web.StreamResponse:
+    """Erase everything the tenant has: objects under its prefix in every bucket, its rows in every
+    tenant-keyed table; the erasure's tombstone and the audit log stay (the record that it happened)."""
+    gw, who = _gw(request)
+    tenant = _own_tenant(request, who)
+    now = now_ms()
+    p = gw.settings.pipeline
+    objects = await gw.objects.erase_prefix(f"{tenant}/", (p.uploads_bucket, p.quarantine_bucket, p.review_bucket,
+                                                           "derived"))
+    rows = await gw.store.erase_tenant(tenant, who.subject, now)
+    request["audit"]["detail"] = f"erased rows={sum(rows.values())} objects={sum(objects.values())}"
+    return _json({"tenant": tenant, "erased_at": iso(now), "rows_deleted": rows, "objects_deleted": objects})
+
+
+def _policy_body(body: dict[str, Any], classes: tuple[str, ...] | None) -> dict[str, Any]:
+    from infra.settings import REVIEW_RETENTION_DAYS
+
+    out: dict[str, Any] = {}
+    for name in ("hidden_classes", "review_classes"):
+        value = body.get(name, [])
+        if not isinstance(value, list) or len(value) > 1000 or not all(
+                isinstance(c, str) and 0 < len(c) <= 100 for c in value):
+            raise Problem("INVALID_PARAMS", f"{name} must be a list of class names", param=name)
+        unknown = sorted(set(value) - set(classes)) if classes is not None else []
+        if unknown:
+            raise Problem("INVALID_PARAMS", f"unknown classes: {', '.join(unknown[:5])}", param=name)
+        out[name] = sorted(set(value))
+    days = body.get("review_retention_days")
+    if days is not None and (isinstance(days, bool) or days not in REVIEW_RETENTION_DAYS):
+        raise Problem("INVALID_PARAMS", f"review_retention_days must be one of {list(REVIEW_RETENTION_DAYS)}",
+                      param="review_retention_days")
+    out["review_retention_days"] = days
+    return out
+
+
+def _policy_view(tenant: str, policy: dict[str, Any] | None, cache_s: float) -> dict[str, Any]:
+    policy = policy or {"hidden_classes": [], "review_classes": [], "review_retention_days": None, "revision": 0,
+                        "updated_by": None, "updated_at": None}
+    return {"tenant": tenant, **policy, "updated_at": iso(policy["updated_at"]), "applies_within_s": cache_s}
+
+
+@endpoint("tenants.policy.read", "admin")
+async def get_policy(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    tenant = _own_tenant(request, who)
+    return _json(_policy_view(tenant, await gw.store.get_policy(tenant), gw.settings.pipeline.policy_cache_s))
+
+
+@endpoint("tenants.policy.write", "admin")
+async def put_policy(request: web.Request) -> web.StreamResponse:
+    gw, who = _gw(request)
+    tenant = _own_tenant(request, who)
+    body = _policy_body(await read_json(request), _class_names(gw))
+    revision = await gw.store.put_policy(tenant, subject=who.subject, at_ms=now_ms(), **body)
+    request["audit"]["detail"] = f"revision={revision}"
+    return _json(_policy_view(tenant, await gw.store.get_policy(tenant), gw.settings.pipeline.policy_cache_s))
 
 
 # ---------------------------------------------------------------------------------------------- audit

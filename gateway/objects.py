@@ -19,6 +19,7 @@ from minio.error import MinioException, S3Error
 from gateway.presign import presign_put
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
+from infra.stack.minio import UNCLAIMED_TAG
 from stream.bridge import SUBMITTED_MARK
 
 T = TypeVar("T")
@@ -111,6 +112,37 @@ class GatewayObjects:
     async def remove(self, key: str) -> None:
         await self._run(lambda: self.client.remove_object(self.bucket, key))
 
+    async def claim_upload(self, key: str) -> None:
+        """A job names this upload: drop its unclaimed tag, so the bucket's retention (not the short unclaimed
+        expiry) applies. Idempotent; a missing upload is left to the pipeline (OBJECT_NOT_FOUND)."""
+        try:
+            await self._run(lambda: self.client.delete_object_tags(self.bucket, key))
+        except Problem as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+
+    async def erase_prefix(self, prefix: str, buckets: tuple[str, ...]) -> dict[str, int]:
+        """Remove every object under ``prefix`` in each bucket; bucket -> objects removed."""
+        from minio.deleteobjects import DeleteObject
+
+        def erase(bucket: str) -> int:
+            names = [o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)]
+            for start in range(0, len(names), 1000):
+                errors = list(self.client.remove_objects(bucket, [DeleteObject(n) for n in names[start:start + 1000]]))
+                if errors:
+                    raise Problem("UNAVAILABLE", f"could not remove {len(errors)} objects from {bucket}")
+            return len(names)
+
+        counts = {}
+        for bucket in buckets:
+            try:
+                counts[bucket] = await self._run(lambda b=bucket: erase(b))  # type: ignore[misc]
+            except Problem as exc:
+                if exc.code != "NOT_FOUND":  # no such bucket: nothing to erase there
+                    raise
+                counts[bucket] = 0
+        return counts
+
     async def ping(self) -> None:
         if not await self._run(lambda: self.client.bucket_exists(self.bucket)):
             raise Problem("UNAVAILABLE", f"bucket {self.bucket} is missing")
@@ -121,7 +153,10 @@ class GatewayObjects:
         ttl = self.settings.upload_url_ttl_s
         marker = upload_marker(self._marker_secret, UploadGrant(key, content_type, content_length))
         headers = {"Content-Type": content_type, "Content-Length": str(content_length),
-                   f"x-amz-meta-{SUBMITTED_MARK}": marker}
+                   f"x-amz-meta-{SUBMITTED_MARK}": marker,
+                   # Signed: the upload carries it, and the uploads bucket's lifecycle rule expires it unless a
+                   # job claims it (claim_upload) within DETECTFLOW_UNCLAIMED_UPLOAD_DAYS.
+                   "x-amz-tagging": "=".join(UNCLAIMED_TAG)}
         url = presign_put(endpoint=self.settings.public_minio_endpoint, secure=False,
                           region=self.settings.minio_region, access_key=self._signer.access_key,
                           secret_key=self._signer.secret_key, bucket=self.bucket, key=key, expires_s=ttl,

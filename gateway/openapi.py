@@ -24,7 +24,7 @@ from gateway.inputs import (
 )
 from gateway.problems import CODES, PROBLEM_TYPE_BASE
 from gateway.problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
-from infra.settings import GatewaySettings
+from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings
 from stream.bridge import SUBMITTED_MARK
 
 Schema = dict[str, Any]
@@ -130,6 +130,7 @@ def _detection_schemas() -> dict[str, Schema]:
         "timings_ms": {"type": "object", "additionalProperties": {"type": "number"},
                        "description": "Milliseconds per pipeline stage."},
         "cache_hit": {"type": "boolean", "description": "Answered from the result cache without running the model."},
+        "review": {"type": "boolean", "description": "The tenant's content policy flagged the image for review."},
         "job_id": {**_nullable(UUID), "description": "The batch job of the request, if any."},
         "error": {**error, "description": "Why the request was REJECTED or FAILED; null when OK."},
         "completed_at": _nullable(TIMESTAMP),
@@ -298,6 +299,33 @@ def _resource_schemas(settings: GatewaySettings) -> dict[str, Schema]:
         "AuditPage": _obj({"tenant": {"type": "string"}, "day": _str("The UTC day, YYYY-MM-DD."),
                            "events": {"type": "array", "items": _ref("AuditEvent"), "maxItems": AUDIT_LIMIT_MAX,
                                       "description": "Newest first."}}, ["tenant", "day", "events"]),
+        "TenantErasure": _obj({
+            "tenant": {"type": "string"}, "erased_at": TIMESTAMP,
+            "rows_deleted": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                             "description": "Rows (partitions) deleted per table."},
+            "objects_deleted": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                                "description": "Objects removed per bucket."},
+        }, ["tenant", "erased_at", "rows_deleted", "objects_deleted"]),
+        "TenantPolicyRequest": _obj({
+            "hidden_classes": {"type": "array", "items": _str("A class name."), "maxItems": 1000, "uniqueItems": True,
+                               "description": "Classes never returned for this tenant."},
+            "review_classes": {"type": "array", "items": _str("A class name."), "maxItems": 1000, "uniqueItems": True,
+                               "description": "Classes whose presence flags the image for review."},
+            "review_retention_days": {**_nullable({"type": "integer", "enum": list(REVIEW_RETENTION_DAYS)}),
+                                      "description": "Days a flagged image's review copy is kept; null: the "
+                                                     "deployment's default."},
+        }, [], description="The tenant's content policy (replaces the current one)."),
+        "TenantPolicy": _obj({
+            "tenant": {"type": "string"},
+            "hidden_classes": {"type": "array", "items": {"type": "string"}},
+            "review_classes": {"type": "array", "items": {"type": "string"}},
+            "review_retention_days": _nullable({"type": "integer"}),
+            "revision": _int("Changes so far (0: never set).", minimum=0),
+            "updated_by": _nullable(_str("Who made the last change.")),
+            "updated_at": _nullable(TIMESTAMP),
+            "applies_within_s": {"type": "number", "description": "A change applies everywhere within this time."},
+        }, ["tenant", "hidden_classes", "review_classes", "review_retention_days", "revision", "updated_by",
+            "updated_at", "applies_within_s"]),
         "Live": _obj({"status": {"type": "string", "const": "live"}}, ["status"]),
         "Ready": _obj({"status": {"type": "string", "const": "ready"},
                        "checks": {"type": "object", "additionalProperties": {"type": "string", "const": "ok"}}},
@@ -427,6 +455,8 @@ def _parameters(settings: GatewaySettings) -> dict[str, Schema]:
         "RequestId": path({"type": "string", "pattern": ID_RE.pattern}, "A request id."),
         "JobId": path({"type": "string", "pattern": ID_RE.pattern}, "A job id."),
         "ImageId": path({"type": "string", "pattern": SHA256_RE.pattern}, "The sha256 (hex) of the image bytes."),
+        "Tenant": {"name": "tenant", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "The caller's own tenant (another tenant is 404)."},
     }
 
 
@@ -546,6 +576,26 @@ def _paths(settings: GatewaySettings) -> dict[str, Schema]:
             {"200": _json_response("What was deleted.", _ref("DeleteResult"), rate),
              **_errors(401, 403, 404, 429, 503)},
             scope="detect:write", parameters=[_ref("ImageId", "parameters")])},
+        "/v1/tenants/{tenant}/data": {"delete": _op(
+            "eraseTenant", "tenants", "Erase everything of the tenant",
+            "Removes every object under the tenant's prefix in every bucket and every row of the tenant in every "
+            "tenant-keyed table; work still in flight is never stored. The audit log keeps the erasure.",
+            {"200": _json_response("What was erased.", _ref("TenantErasure"), rate),
+             **_errors(401, 403, 404, 429, 503)},
+            scope="admin", parameters=[_ref("Tenant", "parameters")])},
+        "/v1/tenants/{tenant}/policy": {
+            "get": _op("getTenantPolicy", "tenants", "Read the tenant's content policy",
+                       "Hidden classes, review classes and the review copies' retention.",
+                       {"200": _json_response("The policy.", _ref("TenantPolicy"), rate),
+                        **_errors(401, 403, 404, 429, 503)},
+                       scope="admin", parameters=[_ref("Tenant", "parameters")]),
+            "put": _op("putTenantPolicy", "tenants", "Replace the tenant's content policy",
+                       f"Applies to every result made or served from the cache after at most "
+                       f"{settings.pipeline.policy_cache_s:g} s (the stages' policy cache). Audited.",
+                       {"200": _json_response("The new policy.", _ref("TenantPolicy"), rate),
+                        **_errors(400, 401, 403, 404, 413, 429, 503)},
+                       scope="admin", parameters=[_ref("Tenant", "parameters")],
+                       body=_json_body(_ref("TenantPolicyRequest")))},
         "/v1/audit": {"get": _op(
             "listAuditEvents", "audit", "Read the tenant's audit log",
             "One event per authenticated call of the tenant, newest first, for one UTC day.",
@@ -595,6 +645,7 @@ def spec(settings: GatewaySettings) -> dict[str, Any]:
                  {"name": "uploads", "description": "Pre-signed uploads for large images and jobs."},
                  {"name": "jobs", "description": "Batch jobs."},
                  {"name": "images", "description": "Image deletion."},
+                 {"name": "tenants", "description": "Tenant erasure and content policy (admin)."},
                  {"name": "audit", "description": "The tenant's audit log."},
                  {"name": "operations", "description": "Health, metrics and this document."}],
         "paths": _paths(settings),

@@ -95,6 +95,17 @@ class GatewayStore:
         self._put_tombstone = p(
             "INSERT INTO image_tombstones (tenant, image_sha256, deleted_at, subject) VALUES (?, ?, ?, ?) USING TTL ?")
         self._get_tombstone = p("SELECT deleted_at FROM image_tombstones WHERE tenant = ? AND image_sha256 = ?")
+        self._get_tombstones = p(
+            "SELECT image_sha256, deleted_at FROM image_tombstones WHERE tenant = ? AND image_sha256 IN ?")
+        self._supersede_job_result = p(
+            "INSERT INTO job_results (tenant, job_id, request_id, status, error_code, result, completed_at) "
+            "VALUES (?, ?, ?, 'REJECTED', 'IMAGE_DELETED', ?, ?) USING TTL ?")
+        self._get_policy = p(
+            "SELECT hidden_classes, review_classes, review_retention_days, revision, updated_by, updated_at "
+            "FROM tenant_policies WHERE tenant = ?")
+        self._put_policy = p(
+            "INSERT INTO tenant_policies (tenant, hidden_classes, review_classes, review_retention_days, revision, "
+            "updated_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
         self._quota_get = p("SELECT images FROM quota_usage WHERE tenant = ? AND day = ?")
         self._quota_add = p("UPDATE quota_usage SET images = images + ? WHERE tenant = ? AND day = ?")
         self._audit = p(
@@ -145,8 +156,15 @@ class GatewayStore:
     # ---- requests ------------------------------------------------------------------------------------
     async def put_request(self, tenant: str, request_id: str, *, lane: str, image_sha256: str | None,
                           source: str | None, model_name: str, submitted_at: int, job_id: str | None = None) -> None:
-        await self._execute(self._put_request, (self._result_ttl, job_id, lane, image_sha256, source, model_name,
-                                                from_ms(submitted_at), tenant, request_id))
+        from cassandra.query import UNSET_VALUE
+
+        # An unknown value (a job item's hash) is left unset, not written as null: the pipeline's write of the
+        # same column carries the older submission timestamp (processors/results.py) and must not lose to it.
+        def keep(value: Any) -> Any:
+            return UNSET_VALUE if value is None else value
+
+        await self._execute(self._put_request, (self._result_ttl, keep(job_id), lane, keep(image_sha256),
+                                                keep(source), model_name, from_ms(submitted_at), tenant, request_id))
 
     async def put_requests(self, tenant: str, rows: Sequence[Mapping[str, Any]], *, concurrency: int = 64) -> None:
         """Many request rows (a job's items), with a bound on statements in flight."""
@@ -231,10 +249,30 @@ class GatewayStore:
         rows = await self._execute(self._get_tombstone, (tenant, sha256))
         return to_ms(rows[0].deleted_at) if rows else None
 
-    async def delete_request(self, tenant: str, row: RequestRow) -> None:
+    async def deleted_at_many(self, tenant: str, shas: Sequence[str]) -> dict[str, int]:
+        """sha256 -> when it was deleted, for those of ``shas`` that were (the tenant's erasure covers all):
+        one query, whatever the number of images."""
+        from processors.governance import ERASED
+
+        rows = await self._execute(self._get_tombstones, (tenant, sorted({*shas, ERASED})))
+        found = {r.image_sha256: to_ms(r.deleted_at) for r in rows}
+        erased = found.pop(ERASED, None)
+        return {sha: max(t for t in (found.get(sha), erased) if t is not None)
+                for sha in shas if found.get(sha) is not None or erased is not None}
+
+    async def delete_request(self, tenant: str, row: RequestRow, deleted_at: int | None = None) -> None:
+        """Remove a request row. A job item's result becomes the IMAGE_DELETED stub instead of vanishing, so
+        the job's count still reaches its total; written now, it outlives any late write of the request's
+        own result (those carry the older submission time, processors/results.py)."""
         await self._execute(self._delete_request, (tenant, row.request_id))
         if row.job_id:
-            await self._execute(self._delete_job_result, (tenant, row.job_id, row.request_id))
+            from processors.governance import deleted_result
+            from processors.results import result_json
+
+            stub = deleted_result({"request_id": row.request_id, "tenant": tenant, "job_id": row.job_id,
+                                   "lane": row.lane or "BATCH", "timings_ms": {}, "submitted_at": row.submitted_at})
+            await self._execute(self._supersede_job_result, (tenant, row.job_id, row.request_id, result_json(stub),
+                                                             from_ms(stub["completed_at"]), self._result_ttl))
 
     async def delete_image_rows(self, tenant: str, sha256: str) -> None:
         await asyncio.gather(self._execute(self._delete_image_cache, (tenant, sha256)),
@@ -260,3 +298,69 @@ class GatewayStore:
         return [{"event_time": to_ms(r.event_time), "subject": r.subject, "action": r.action,
                  "resource": r.resource, "outcome": r.outcome, "status": r.status, "request_id": r.request_id,
                  "detail": r.detail} for r in rows]
+
+    # ---- content policy ------------------------------------------------------------------------------
+    async def get_policy(self, tenant: str) -> dict[str, Any] | None:
+        rows = await self._execute(self._get_policy, (tenant,))
+        if not rows:
+            return None
+        r = rows[0]
+        return {"hidden_classes": sorted(r.hidden_classes or ()), "review_classes": sorted(r.review_classes or ()),
+                "review_retention_days": r.review_retention_days, "revision": int(r.revision or 0),
+                "updated_by": r.updated_by, "updated_at": to_ms(r.updated_at)}
+
+    async def put_policy(self, tenant: str, *, hidden_classes: Sequence[str], review_classes: Sequence[str],
+                         review_retention_days: int | None, subject: str, at_ms: int) -> int:
+        """Replace the tenant's policy; returns its new revision."""
+        old = await self.get_policy(tenant)
+        revision = (old["revision"] if old else 0) + 1
+        await self._execute(self._put_policy, (tenant, set(hidden_classes), set(review_classes),
+                                               review_retention_days, revision, subject, from_ms(at_ms)))
+        return revision
+
+    # ---- tenant erasure ------------------------------------------------------------------------------
+    async def erase_tenant(self, tenant: str, subject: str, at_ms: int, *, concurrency: int = 32) -> dict[str, int]:
+        """Delete every row of ``tenant`` in every tenant-keyed table; table -> rows (partitions) deleted.
+
+        Cassandra cannot list a tenant's partitions when the tenant is only part of the partition key, so
+        each table is scanned with ALLOW FILTERING (cost: a read of the whole table, once per erasure).
+        The erasure is marked with an image tombstone of every image (processors/governance.py ERASED),
+        written first, so that work of the tenant still in flight is never stored; the audit log is kept.
+        """
+        from processors.governance import ERASED
+
+        await self.tombstone(tenant, ERASED, subject, at_ms)
+        sem = asyncio.Semaphore(concurrency)
+        counts: dict[str, int] = {}
+        for table, keys in ERASABLE_TABLES.items():
+            # Table and column names come from ERASABLE_TABLES (constants), values are bound.
+            select = self._session.prepare(
+                f"SELECT {', '.join(keys or ('tenant',))} FROM {table} WHERE tenant = ? ALLOW FILTERING")  # noqa: S608
+            where = " AND ".join(f"{k} = ?" for k in ("tenant", *keys))
+            delete = self._session.prepare(f"DELETE FROM {table} WHERE {where}")  # noqa: S608
+            found = {tuple(getattr(r, k) for k in keys) for r in await self._all(select, (tenant,))}
+            if table == "image_tombstones":
+                found.discard((ERASED,))  # the erasure's own marker stays
+
+            async def one(key: tuple[Any, ...], stmt: Any = delete) -> None:
+                async with sem:
+                    await self._execute(stmt, (tenant, *key))
+
+            await asyncio.gather(*(one(k) for k in found))
+            counts[table] = len(found)
+        return counts
+
+
+# Every table keyed by tenant, with the rest of its partition key (schemas/cql/*.cql); audit_log is kept
+# (the record of the erasure itself and of who did what before it).
+ERASABLE_TABLES: dict[str, tuple[str, ...]] = {
+    "requests": ("request_id",),
+    "job_results": ("job_id",),
+    "jobs": ("job_id",),
+    "image_cache": ("image_sha256",),
+    "image_requests": ("image_sha256",),
+    "image_tombstones": ("image_sha256",),
+    "idempotency_keys": ("idempotency_key",),
+    "quota_usage": ("day",),
+    "tenant_policies": (),
+}

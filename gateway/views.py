@@ -35,6 +35,7 @@ def result_view(r: Mapping[str, Any]) -> dict[str, Any]:
         } for d in r.get("detections") or []],
         "timings_ms": {k: round(float(v), 3) for k, v in (r.get("timings_ms") or {}).items()},
         "cache_hit": bool(r.get("cache_hit")),
+        "review": bool(r.get("review")),
         "job_id": r.get("job_id"),
         "error": error,
         "completed_at": iso(completed),

@@ -42,3 +42,8 @@ SHADOW_UNPAIRED = Counter("detectflow_shadow_unpaired_total",
                           "Results dropped from the pairing buffer before their other half arrived", ["model"])
 SHADOW_SKIPPED = Counter("detectflow_shadow_skipped_total",
                          "Records the shadow could not run (never affects a request)", ["reason"])
+# Governance (processors/governance.py): results of deleted images superseded by IMAGE_DELETED, per stage;
+# images a tenant's content policy flagged for review.
+DELETED_DROPPED = Counter("detectflow_deleted_image_results_total",
+                          "Results of images deleted before they were stored, ended as IMAGE_DELETED", ["stage"])
+FLAGGED = Counter("detectflow_review_flagged_total", "Images flagged for review by a tenant's content policy")

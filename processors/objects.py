@@ -62,6 +62,40 @@ class ObjectStore:
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
 
+    def remove(self, bucket: str, key: str) -> None:
+        """Delete an object; a missing one is not an error (S3 semantics), so a redelivery is harmless."""
+        try:
+            self._client.remove_object(bucket, key)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
+
+    def review_copy(self, dest_bucket: str, dest_key: str, *, retention_days: int, data: bytes | None = None,
+                    source: tuple[str, str] | None = None) -> bool:
+        """Copy a flagged image to the review bucket (server-side from its object, or its bytes), tagged with
+        its retention for the bucket's lifecycle rules. Idempotent (same key). False when the source is gone."""
+        from minio.commonconfig import REPLACE, Tags
+
+        from infra.stack.minio import RETENTION_TAG
+
+        tags = Tags.new_object_tags()
+        tags[RETENTION_TAG] = str(retention_days)
+        try:
+            if source is not None:
+                try:
+                    self._client.copy_object(dest_bucket, dest_key, CopySource(*source), tags=tags,
+                                             tagging_directive=REPLACE)
+                except S3Error as exc:
+                    if exc.code in _MISSING:
+                        return False
+                    raise
+            elif data is not None:
+                self._client.put_object(dest_bucket, dest_key, io.BytesIO(data), len(data), tags=tags)
+            else:
+                return False
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
+        return True
+
     def quarantine(self, dest_bucket: str, dest_key: str, *, data: bytes | None = None,
                    source: tuple[str, str] | None = None, metadata: dict[str, Any] | None = None) -> None:
         """Move an infected object out of reach (copy, then delete the original), or store inline bytes there.

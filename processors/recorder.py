@@ -4,7 +4,9 @@ postprocess stores its own results (OK, not from the cache) before publishing th
 other stages close (REJECTED by scan or preprocess, FAILED after retries, DEADLINE_EXCEEDED, cache
 hits) reach Cassandra through this sink, with the same idempotent upserts, so `GET
 /v1/requests/{id}` and job pages see every outcome. Once a batch is stored, the job tracker
-(processors/jobs.py) announces the jobs it completed on `jobs.events`.
+(processors/jobs.py) announces the jobs it completed on `jobs.events`. A result of an image deleted
+before it is stored (processors/governance.py) is stored as REJECTED IMAGE_DELETED instead, so its
+request and its job still end.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from processors.governance import Tombstones, store_unless_deleted
 from processors.jobs import JobTracker
 from stream.errors import TransientError
 from stream.records import Failure, Outcome, Output, Record
@@ -19,7 +22,7 @@ from stream.topics import detections_topic
 
 
 class Results(Protocol):
-    def save_results(self, results: Sequence[Mapping[str, Any]]) -> None: ...
+    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False) -> None: ...
 
 
 def stored_by_postprocess(result: Mapping[str, Any]) -> bool:
@@ -32,10 +35,12 @@ class RecorderStage:
     input_event = "DetectionResult"
     emits_terminal_results = False
 
-    def __init__(self, results: Results, prefix: str = "", jobs: JobTracker | None = None):
+    def __init__(self, results: Results, prefix: str = "", jobs: JobTracker | None = None,
+                 governance: Tombstones | None = None):
         self.results = results
         self.prefix = prefix
         self.jobs = jobs
+        self.governance = governance
 
     def input_topics(self) -> list[str]:
         return [detections_topic(self.prefix)]
@@ -43,7 +48,9 @@ class RecorderStage:
     def process(self, batch: list[Record]) -> list[Outcome]:
         todo = [rec.value for rec in batch if not stored_by_postprocess(rec.value)]
         try:
-            if todo:
+            if todo and self.governance is not None:
+                store_unless_deleted(self.results, self.governance, todo)
+            elif todo:
                 self.results.save_results(todo)
             done = self.jobs.completed([rec.value for rec in batch]) if self.jobs is not None else {}
         except TransientError as exc:

@@ -18,6 +18,17 @@ def result_json(result: Mapping[str, Any]) -> str:
                       separators=(",", ":"))
 
 
+def write_time_us(result: Mapping[str, Any]) -> int:
+    """The write timestamp of a result's rows: its request's submission time (microseconds).
+
+    A deletion (DELETE /v1/images/{sha}, a tenant erasure) removes rows at the time it runs, so a late write
+    of a request submitted before it carries an older timestamp and stays shadowed: it can never recreate a
+    deleted row, whatever order the writes arrive in. Without a submission time: now.
+    """
+    ms = epoch_ms(result.get("submitted_at"))
+    return (ms if ms else int(dt.datetime.now(dt.UTC).timestamp() * 1000)) * 1000
+
+
 def _ts(value: Any) -> dt.datetime | None:
     ms = epoch_ms(value)
     return None if ms is None else dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
@@ -28,21 +39,23 @@ class ResultStore:
 
     def __init__(self, session: Any, *, result_ttl_s: int, cache_ttl_s: int, timeout_s: float = 10.0):
         self._session = session
+        self.session = session  # shared with the stage's other Cassandra readers (processors/governance.py)
         self._timeout = timeout_s
         self._result_ttl = result_ttl_s
         self._cache_ttl = cache_ttl_s
         self._put_request = session.prepare(
-            "UPDATE requests USING TTL ? SET status = ?, model_name = ?, model_version = ?, error_code = ?, "
-            "cache_hit = ?, result = ?, completed_at = ?, job_id = ?, lane = ?, image_sha256 = ? "
+            "UPDATE requests USING TTL ? AND TIMESTAMP ? SET status = ?, model_name = ?, model_version = ?, "
+            "error_code = ?, cache_hit = ?, result = ?, completed_at = ?, job_id = ?, lane = ?, image_sha256 = ? "
             "WHERE tenant = ? AND request_id = ?")
         self._put_job = session.prepare(
             "INSERT INTO job_results (tenant, job_id, request_id, status, error_code, result, completed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?")
         self._put_image = session.prepare(
-            "INSERT INTO image_requests (tenant, image_sha256, request_id) VALUES (?, ?, ?) USING TTL ?")
+            "INSERT INTO image_requests (tenant, image_sha256, request_id) VALUES (?, ?, ?) "
+            "USING TTL ? AND TIMESTAMP ?")
         self._put_cache = session.prepare(
             "INSERT INTO image_cache (tenant, image_sha256, model_name, model_version, params_hash, result, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?")
         self._get_cache = session.prepare(
             "SELECT result FROM image_cache WHERE tenant = ? AND image_sha256 = ? AND model_name = ? "
             "AND model_version = ? AND params_hash = ?")
@@ -58,26 +71,42 @@ class ResultStore:
         except (DriverException, NoHostAvailable, OSError) as exc:
             raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
 
-    def save_results(self, results: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert each result into requests (+ job_results, image_requests). Safe to repeat."""
+    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False) -> None:
+        """Upsert each result into requests (+ job_results, image_requests). Safe to repeat. ``supersede``
+        writes one microsecond later than the result's own write time: it replaces a result already stored
+        for the same request (an IMAGE_DELETED result replacing the one stored a moment before)."""
+        from cassandra.query import UNSET_VALUE
+
+        def keep(value: Any) -> Any:  # a value the result lacks leaves the gateway's column as it is
+            return UNSET_VALUE if value is None else value
+
         stmts: list[tuple[Any, tuple[Any, ...]]] = []
         for r in results:
             text = result_json(r)
             done = _ts(r.get("completed_at"))
+            at = write_time_us(r) + (1 if supersede else 0)
             stmts.append((self._put_request, (
-                self._result_ttl, r["status"], r.get("model_name"), r.get("model_version"), r.get("error_code"),
-                bool(r.get("cache_hit")), text, done, r.get("job_id"), r.get("lane"), r.get("image_sha256"),
-                r["tenant"], r["request_id"])))
+                self._result_ttl, at, r["status"], keep(r.get("model_name")), r.get("model_version"),
+                r.get("error_code"), bool(r.get("cache_hit")), text, done, keep(r.get("job_id")), r.get("lane"),
+                keep(r.get("image_sha256")), r["tenant"], r["request_id"])))
             if r.get("job_id"):
                 stmts.append((self._put_job, (r["tenant"], r["job_id"], r["request_id"], r["status"],
-                                              r.get("error_code"), text, done, self._result_ttl)))
+                                              r.get("error_code"), text, done, self._result_ttl, at)))
             if r.get("image_sha256"):
-                stmts.append((self._put_image, (r["tenant"], r["image_sha256"], r["request_id"], self._result_ttl)))
+                stmts.append((self._put_image, (r["tenant"], r["image_sha256"], r["request_id"], self._result_ttl,
+                                                at)))
         self._run(stmts)
+
+    def index_images(self, entries: Sequence[tuple[str, str, str, int | None]]) -> None:
+        """(tenant, sha256, request id, submitted_at ms): scan's index of every request past it, so a deletion
+        finds (and removes the upload of) requests still in flight. Same row and write time as save_results."""
+        self._run([(self._put_image, (tenant, sha, rid, self._result_ttl,
+                                      write_time_us({"submitted_at": submitted})))
+                   for tenant, sha, rid, submitted in entries])
 
     def cache_put(self, entries: Sequence[tuple[CacheKey, Mapping[str, Any]]]) -> None:
         self._run([(self._put_cache, (k.tenant, k.image_sha256, k.model_name, k.model_version, k.params_hash,
-                                      result_json(r), _ts(r.get("completed_at")), self._cache_ttl))
+                                      result_json(r), _ts(r.get("completed_at")), self._cache_ttl, write_time_us(r)))
                    for k, r in entries])
 
     def cache_get(self, key: CacheKey) -> dict[str, Any] | None:

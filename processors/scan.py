@@ -5,6 +5,13 @@ sha256; resolve the model version; answer from the result cache when the same te
 result for these bytes, model version and params; otherwise scan with clamd (INSTREAM). Infected:
 the object is moved to the quarantine bucket and the request closes REJECTED VIRUS_DETECTED.
 clamd unreachable: TransientError, so the runtime backs off and retries; nothing unscanned goes on.
+
+After the batch (processors/governance.py): the batch's requests are indexed by image
+(image_requests), then the tombstones are read fresh (one query per tenant per 8 images): a request of
+an image deleted after it was submitted ends REJECTED IMAGE_DELETED (its upload removed) before
+preprocess and the model run. Index first, check second: a deletion either is seen here or finds the
+request in the index and removes its upload and rows itself; cache hits get the tenant's
+content policy applied here, as postprocess applies it to fresh results (the cache is served before it).
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from typing import Any, Protocol
 from infra.settings import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from processors import metrics as PM
+from processors.governance import IMAGE_DELETED, apply_policy, deleted_at_of, deleted_result, hidden
 from processors.params import CacheKey, effective_params
+from processors.postprocess import Governance, flag_for_review
 from processors.scanner import ScanVerdict
 from stream.errors import InvalidRecord, TransientError
-from stream.records import Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
+from stream.records import Failure, Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
+from stream.serde import epoch_ms
 from stream.topics import LANES, lane_topic
 
 log = logging.getLogger(__name__)
@@ -31,6 +41,9 @@ class Objects(Protocol):
     def get(self, bucket: str, key: str, max_bytes: int) -> bytes: ...
     def quarantine(self, dest_bucket: str, dest_key: str, *, data: bytes | None = None,
                    source: tuple[str, str] | None = None, metadata: dict[str, Any] | None = None) -> None: ...
+    def remove(self, bucket: str, key: str) -> None: ...
+    def review_copy(self, dest_bucket: str, dest_key: str, *, retention_days: int, data: bytes | None = None,
+                    source: tuple[str, str] | None = None) -> bool: ...
 
 
 class Scanner(Protocol):
@@ -41,6 +54,7 @@ class Scanner(Protocol):
 
 class Cache(Protocol):
     def cache_get(self, key: CacheKey) -> dict[str, Any] | None: ...
+    def index_images(self, entries: list[tuple[str, str, str, int | None]]) -> None: ...
 
 
 def image_bytes(image: Mapping[str, Any], tenant: str, objects: Objects, settings: PipelineSettings) -> bytes:
@@ -68,7 +82,7 @@ def cached_result(cached: Mapping[str, Any], value: Mapping[str, Any], lane: str
     """A cache entry re-issued for this request: the detections and model of the entry, this request's ids."""
     return {**cached, "request_id": value["request_id"], "tenant": value["tenant"], "job_id": value.get("job_id"),
             "lane": lane.upper(), "cache_hit": True, "timings_ms": {"cache_lookup": waited_ms},
-            "completed_at": now_ms()}
+            "submitted_at": epoch_ms(value.get("submitted_at")), "review": False, "completed_at": now_ms()}
 
 
 class ScanStage:
@@ -77,19 +91,75 @@ class ScanStage:
     emits_terminal_results = True
 
     def __init__(self, objects: Objects, scanner: Scanner, catalog: ModelCatalog, cache: Cache | None,
-                 settings: PipelineSettings):
+                 settings: PipelineSettings, governance: Governance | None = None):
         self.objects = objects
         self.scanner = scanner
         self.catalog = catalog
         self.cache = cache
         self.settings = settings
+        self.governance = governance
         self.prefix = settings.stream.topic_prefix
+        self._hit_bytes: dict[str, bytes] = {}  # this batch's inline bytes of cache hits (for a review copy)
 
     def input_topics(self) -> list[str]:
         return [lane_topic(self.prefix, lane, "submitted") for lane in LANES]
 
     def process(self, batch: list[Record]) -> list[Outcome]:
-        return per_record(batch, self._one)
+        self._hit_bytes.clear()
+        outcomes = per_record(batch, self._one)
+        if self.governance is None:
+            return outcomes
+        try:
+            return self._govern(batch, outcomes)
+        except TransientError as exc:
+            return [Failure(exc) for _ in batch]
+        finally:
+            self._hit_bytes.clear()
+
+    def _govern(self, batch: list[Record], outcomes: list[Outcome]) -> list[Outcome]:
+        """Cancel the requests of deleted images; apply the tenant's policy to cache hits."""
+        assert self.governance is not None
+        subjects: list[tuple[int, dict[str, Any], bool]] = []  # (index, tenant/sha/submitted_at, cache hit)
+        for i, out in enumerate(outcomes):
+            if isinstance(out, Failure) or not out:
+                continue
+            first = out[0]
+            if first.event == "ImageScanned" and isinstance(first.value, dict):
+                ctx = first.value["context"]
+                subjects.append((i, {"tenant": ctx["tenant"], "sha": first.value["sha256"],
+                                     "submitted_at": ctx.get("submitted_at")}, False))
+            elif first.event == "DetectionResult" and isinstance(first.value, dict) and first.value.get("cache_hit"):
+                v = first.value
+                subjects.append((i, {"tenant": v["tenant"], "sha": v.get("image_sha256"),
+                                     "submitted_at": v.get("submitted_at")}, True))
+        if not subjects:
+            return outcomes
+        if self.cache is not None:
+            self.cache.index_images([(s["tenant"], s["sha"], batch[i].value["request_id"],
+                                      epoch_ms(s["submitted_at"])) for i, s, _ in subjects if s["sha"]])
+        stones = self.governance.tombstones([(s["tenant"], s["sha"]) for _, s, _ in subjects])
+        hits = {s["tenant"] for _, s, hit in subjects if hit}
+        policies = self.governance.policies(hits) if hits else {}
+        for i, s, hit in subjects:
+            rec = batch[i]
+            carried = dict(rec.headers)
+            if hidden(deleted_at_of(stones, s["tenant"], s["sha"]), epoch_ms(s["submitted_at"])):
+                image = rec.value["image"]
+                if "data" not in image and image.get("bucket") == self.settings.uploads_bucket:
+                    self.objects.remove(image["bucket"], image["key"])  # the upload of a deleted image
+                result = deleted_result(terminal_result(key=rec.key, value=rec.value, lane=rec.lane,
+                                                        status="REJECTED", code=IMAGE_DELETED, message=""))
+                PM.DELETED_DROPPED.labels(self.name).inc()
+                outcomes[i] = result_outputs(self.prefix, result, carried)
+            elif hit:
+                first = outcomes[i][0]  # type: ignore[index]
+                policy = policies[s["tenant"]]
+                applied = apply_policy(first.value, policy)  # type: ignore[arg-type]
+                extra = [flag_for_review(applied.result, applied.flagged, policy, self.objects, self.settings,
+                                         data=self._hit_bytes.get(rec.value["request_id"]),
+                                         source=rec.value["image"])] if applied.flagged else []
+                outcomes[i] = result_outputs(self.prefix, applied.result, carried) + extra
+        return outcomes
 
     def _one(self, rec: Record) -> list[Output]:
         value = rec.value
@@ -116,6 +186,8 @@ class ScanStage:
             cached = self._cache_lookup(key)
             if cached is not None:
                 PM.CACHE.labels("hit").inc()
+                if "data" in value["image"]:
+                    self._hit_bytes[value["request_id"]] = data
                 return result_outputs(self.prefix, cached_result(cached, value, rec.lane,
                                                                  (time.perf_counter() - t_fetch) * 1000), carried)
             PM.CACHE.labels("miss").inc()
