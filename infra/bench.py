@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import PipelineSettings, StackSettings
+from infra.settings import PipelineSettings, StackSettings, kafka_client
+from infra.stack.kafka_access import deprovision, provision
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -135,7 +136,6 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     from infra.supervisor import Supervisor
     from model_store.convert import convert
     from model_store.samples import ensure_samples
-    from stream import topics as T
 
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     base_port = free_port_block(len(ROLES))
@@ -146,7 +146,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     convert(model_dir)
     paths = ensure_samples(stack.samples_dir, stack.cache_dir)
     datas = [p.read_bytes() for p in paths]
-    T.apply(settings.stream.bootstrap, T.all_topics(prefix))
+    provision(kafka_client(settings.stream), prefix)
     sup = Supervisor(ROLES, stack.log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(ROLES)}
     sup.start_monitor()
@@ -193,7 +193,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         rss = {role: peak_rss_mib(pid) for role, pid in sup.pids().items()}
     finally:
         sup.stop()
-        T.delete(settings.stream.bootstrap, [spec.name for spec in T.all_topics(prefix)])
+        deprovision(kafka_client(settings.stream), prefix)
 
     n_runs = metric_sum(after, "detectflow_inference_batch_size_count") - metric_sum(
         before, "detectflow_inference_batch_size_count")

@@ -29,13 +29,15 @@ def broker_setting(admin: AdminClient, name: str) -> str:
 
 
 def run_bench_hop(stack: StackSettings, *, rounds: int = 50, warmup: int = 5) -> int:
-    bootstrap = stack.kafka_bootstrap
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from infra.settings import StreamSettings, kafka_client
+
+    kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
+    admin = AdminClient(kafka)
     topic = f"bench-hop-{uuid.uuid4().hex[:8]}"
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+    producer = Producer({**kafka, "acks": "all", "enable.idempotence": True,
                          "linger.ms": 2, "compression.type": "lz4", "message.max.bytes": 2 * 1024 * 1024})
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "enable.auto.commit": False,
+    consumer = Consumer({**kafka, "group.id": topic, "enable.auto.commit": False,
                          "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
     consumer.subscribe([topic])
     linger = broker_setting(admin, "group.coordinator.append.linger.ms")

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings
+from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
+from infra.stack.kafka_access import deprovision, provision
 
 DEFAULT_LEVELS = (1, 4, 16, 64)
 DEFAULT_REQUESTS = 40
@@ -310,7 +311,8 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     target = Target(f"http://{gw.host}:{gw_port}", token, timeout_ms)
     log_dir = stack.log_dir / "bench-sync"
 
-    T.apply(settings.stream.bootstrap, T.all_topics(prefix, max_message_bytes=settings.stream.max_message_bytes))
+    provision(kafka_client(settings.stream), prefix,
+              T.all_topics(prefix, max_message_bytes=settings.stream.max_message_bytes))
     sup = Supervisor(SERVICES, log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(SERVICES)}
     sup.start_monitor()
@@ -319,7 +321,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
                                         levels, bases, model_dir, baseline_repeats, ready_deadline_s))
     finally:
         sup.stop()
-        T.delete(settings.stream.bootstrap, [spec.name for spec in T.all_topics(prefix)])
+        deprovision(kafka_client(settings.stream), prefix)
 
     _report(measured, len(bases), baseline_repeats, timeout_ms, tenant, log_dir)
     return 0 if all(stats.error_rate == 0 for stats, _ in measured.levels) else 1

@@ -14,6 +14,15 @@ from infra.stack import manager
 from infra.stack.base import StackError
 
 
+def _certs(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.stack.pki import Pki, rotate
+
+    leaves = rotate(Pki(settings.tls_dir), new_ca=args.ca)
+    print(f"re-issued {len(leaves)} certificates ({', '.join(leaves)})" + (" under a new CA" if args.ca else ""))
+    print("services read them at start: `detectflow stack down && detectflow stack up` (no data is touched)")
+    return 0
+
+
 def _stack(args: argparse.Namespace, settings: StackSettings) -> int:
     names = args.services or None
     if args.action == "up":
@@ -57,13 +66,17 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
     from stream import topics
 
     stream = StreamSettings.from_env()
-    specs = topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes)
+    specs = topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes,
+                              raw_retention_hours=stream.raw_retention_hours)
     if args.action == "list":
         for spec in specs:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
             print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
         return 0
-    actions = topics.apply(stream.bootstrap, specs)
+    from infra.settings import kafka_client
+    from infra.stack.kafka_access import provision
+
+    actions = provision(kafka_client(stream), stream.topic_prefix, specs)
     for spec in specs:
         print(f"{spec.name:<42} {actions.get(spec.name, 'unchanged')}")
     return 0
@@ -187,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("topics", help="the topics detectflow uses")
     tp.add_argument("action", choices=["apply", "list"], help="apply: create/grow/configure idempotently")
     tp.set_defaults(func=_topics)
+
+    ct = sub.add_parser("certs", help="the project CA and the services' TLS certificates")
+    ct.add_argument("action", choices=("rotate",))
+    ct.add_argument("--ca", action="store_true", help="make a new CA first (clients must get the new ca.crt)")
+    ct.set_defaults(func=_certs)
 
     rn = sub.add_parser("run", help="run a pipeline role or the gateway until SIGTERM")
     from infra.roles import SERVICES

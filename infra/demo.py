@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 
-from infra.settings import PipelineSettings, StackSettings
+from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
+from infra.stack.kafka_access import provision
 
 
 def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings) -> None:
@@ -44,9 +45,11 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
         t0 = time.monotonic()
         manager.up(settings)
         print(manager.format_status(manager.status(settings)))
-        print(f"stack healthy in {time.monotonic() - t0:.1f}s\n")
+        print(f"stack healthy in {time.monotonic() - t0:.1f}s")
+        print(f"secured: Kafka SASL_SSL (SCRAM per role, ACLs), Cassandra TLS + a login per role, MinIO a user "
+              f"per role; credentials and certificates in {settings.secrets_dir} (0600; docs/security.md)\n")
     prefix = pipeline.stream.topic_prefix
-    created = [n for n, a in topics.apply(pipeline.stream.bootstrap, topics.all_topics(prefix)).items()
+    created = [n for n, a in provision(kafka_client(pipeline.stream), prefix, topics.all_topics(prefix)).items()
                if a == "created"]
     if created:
         print(f"created {len(created)} topics")

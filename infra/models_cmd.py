@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.settings import PipelineSettings, StackSettings
+from infra.settings import PipelineSettings, StackSettings, kafka_client
 
 
 def actor_name() -> str:
@@ -138,7 +138,8 @@ def _await_ready(registry: Any, settings: PipelineSettings, model: str, version:
     info = registry.store.version(model, version)
     if info is None:
         return True  # the command itself says why
-    watcher = ModelWatcher(settings.stream.bootstrap, settings.stream.registry_url, settings.stream.topic_prefix)
+    watcher = ModelWatcher(kafka_client(settings.stream, "registry"), settings.stream.registry_url,
+                           settings.stream.topic_prefix)
     watcher.start(settings.lifecycle.watch_catch_up_s)
     try:
         t0 = time.monotonic()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from infra.settings import PipelineSettings
+from infra.settings import PipelineSettings, kafka_client
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -17,12 +17,19 @@ SERVICES = (*ROLES, *LIFECYCLE_ROLES, "gateway")
 log = logging.getLogger(__name__)
 
 
-def _results(settings: PipelineSettings, session: Any = None) -> Any:
+def _results(settings: PipelineSettings, role: str, session: Any = None) -> Any:
     from processors.results import ResultStore
     from stream.cassandra import connect
 
-    return ResultStore(session or connect(settings.stream), result_ttl_s=settings.result_ttl_s,
+    return ResultStore(session or connect(settings.stream, role), result_ttl_s=settings.result_ttl_s,
                        cache_ttl_s=settings.cache_ttl_s)
+
+
+def _governance(settings: PipelineSettings, results: Any) -> Any:
+    """Tombstones and tenant policies (processors/governance.py), on the result store's session."""
+    from processors.governance import Governance
+
+    return Governance(results.session, policy_cache_s=settings.policy_cache_s)
 
 
 def instance_name(role: str, settings: PipelineSettings) -> str:
@@ -44,7 +51,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
     fetch = fetcher(objects, settings.models_dir)
     if not watch:
         return ModelCatalog(settings.models_dir, fetch=fetch)
-    watcher = ModelWatcher(settings.stream.bootstrap, settings.stream.registry_url, settings.stream.topic_prefix)
+    watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix)
     for listener in listeners:
         watcher.add_listener(listener)
     watcher.start(settings.lifecycle.watch_catch_up_s)
@@ -54,7 +61,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
 def _reporter(role: str, settings: PipelineSettings) -> Any:
     from model_store.registry import ModelEventLog
 
-    events = ModelEventLog(settings.stream.bootstrap, settings.stream.registry_url, settings.stream.topic_prefix)
+    events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix)
     instance = instance_name(role, settings)
 
     def report(model: str, version: int, action: str, reason: str | None) -> None:
@@ -74,15 +81,16 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from stream.bridge import BridgeStage, CassandraClaims
         from stream.cassandra import connect
 
-        return BridgeStage(CassandraClaims(connect(stream)), prefix=stream.topic_prefix), {"exactly_once": True}
+        return BridgeStage(CassandraClaims(connect(stream, role)), prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
         from processors.objects import ObjectStore, minio_client
         from processors.scan import ScanStage
         from processors.scanner import ClamdScanner
 
         scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
+        results = _results(settings, role)
         return ScanStage(ObjectStore(minio_client(settings, role)), scanner, catalog(settings, role, watch=True),
-                         _results(settings), settings), eos
+                         results, settings, _governance(settings, results)), eos
     if role == "preprocess":
         from processors.objects import ObjectStore, minio_client
         from processors.preprocess import PreprocessStage
@@ -109,9 +117,12 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
+        from processors.objects import ObjectStore, minio_client
         from processors.postprocess import PostprocessStage
 
-        return PostprocessStage(catalog(settings, role, watch=False), _results(settings), settings), eos
+        results = _results(settings, role)
+        return PostprocessStage(catalog(settings, role, watch=False), results, settings,
+                                _governance(settings, results), ObjectStore(minio_client(settings, role))), eos
     if role == "shadow":
         from processors.shadow import ShadowStage
 
@@ -131,16 +142,17 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from model_store.registry import connect_registry
         from processors.monitor import MonitorStage
 
-        registry = connect_registry(settings, minio_role=role)
+        registry = connect_registry(settings, role=role)
         return MonitorStage(catalog(settings, role, watch=True).table, registry, settings), {}
     if role == "recorder":
         from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
         from stream.cassandra import connect
 
-        session = connect(stream)
+        session = connect(stream, role)
         jobs = JobTracker(CassandraJobs(session), stream.topic_prefix)
-        return RecorderStage(_results(settings, session), stream.topic_prefix, jobs), {}
+        results = _results(settings, role, session)
+        return RecorderStage(results, stream.topic_prefix, jobs, _governance(settings, results)), {}
     raise ValueError(f"unknown role {role!r}; one of {', '.join((*ROLES, *LIFECYCLE_ROLES))}")
 
 
@@ -148,18 +160,26 @@ def run_role(role: str, settings: PipelineSettings) -> None:
     if role == "gateway":
         run_gateway()
         return
+    from dataclasses import replace
+
     from stream.runtime import run_stage
 
+    # Each role is its own Kafka principal (its ACLs: infra/stack/kafka_access.py).
+    settings = replace(settings, stream=replace(settings.stream, kafka_user=role))
     stage, options = build(role, settings)
     run_stage(stage, settings.stream, **options)
 
 
 def run_gateway() -> None:
+    from dataclasses import replace
+
     from gateway.app import run_gateway as serve
     from gateway.devkeys import ensure_dev_keys
     from infra.settings import GatewaySettings, StackSettings
 
     settings = GatewaySettings.from_env()
+    stream = replace(settings.pipeline.stream, kafka_user="gateway")  # its own Kafka principal
+    settings = replace(settings, pipeline=replace(settings.pipeline, stream=stream))
     settings.require_auth_source()  # refused here, naming the variables, rather than deep in the app's start
     secrets_dir = StackSettings.from_env().secrets_dir
     # Only in dev mode, never silently: the local stack's development keys (`detectflow token` signs with them).

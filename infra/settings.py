@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 ENV_PREFIX = "DETECTFLOW_"
 
@@ -44,6 +44,21 @@ def _num(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
 
 
+def _days(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number of days >= 1 (S3 lifecycle rules count in days)."""
+    value = _num(env, name, default)
+    if value != int(value) or value < 1:
+        raise SettingsError(f"{ENV_PREFIX}{name}={value:g} must be a whole number of days, at least 1")
+    return int(value)
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _num(env, name, default)
+    if not value > 0:
+        raise SettingsError(f"{ENV_PREFIX}{name}={value:g} must be positive")
+    return value
+
+
 def _heap(env: Mapping[str, str], name: str, default: str) -> str:
     raw = _get(env, name, default).strip().lower()
     if not raw[:-1].isdigit() or raw[-1] not in "mg":
@@ -70,6 +85,8 @@ class StackSettings:
     host: str = "127.0.0.1"
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+    # The broker's mutual-TLS listener (inter-broker traffic and the stack's own admin bootstrap).
+    kafka_internal_port: int = 9094
     registry_port: int = 8081
     # Apicurio's management interface (health): its readiness covers the kafkasql journal replay.
     registry_management_port: int = 8082
@@ -89,6 +106,12 @@ class StackSettings:
     # The local model repository (converted models, the registry's fetch cache); default <home>/models.
     # The test suite points it at its own folder so that it never serves or changes a user's versions.
     models_root: Path | None = None
+    # Bucket lifecycle (ILM) rules `stack up` sets (infra/stack/minio.py, docs/security.md): whole days.
+    uploads_retention_days: int = 7
+    quarantine_retention_days: int = 30
+    # Pre-signed uploads carry a tag until a job claims them; unclaimed ones expire after this many days
+    # (must exceed the URL's life plus a grace period: GatewaySettings refuses a longer URL life).
+    unclaimed_upload_days: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackSettings:
@@ -97,6 +120,7 @@ class StackSettings:
         return cls(
             home=home.resolve(),
             kafka_port=_port(env, "KAFKA_PORT", 9092),
+            kafka_internal_port=_port(env, "KAFKA_INTERNAL_PORT", 9094),
             kafka_controller_port=_port(env, "KAFKA_CONTROLLER_PORT", 9093),
             registry_port=_port(env, "REGISTRY_PORT", 8081),
             registry_management_port=_port(env, "REGISTRY_MANAGEMENT_PORT", 8082),
@@ -111,6 +135,9 @@ class StackSettings:
             start_timeout_s=float(_get(env, "START_TIMEOUT_S", "240")),
             models_root=Path(env[ENV_PREFIX + "MODELS_DIR"]).expanduser() if env.get(ENV_PREFIX + "MODELS_DIR")
             else None,
+            uploads_retention_days=_days(env, "UPLOADS_RETENTION_DAYS", 7),
+            quarantine_retention_days=_days(env, "QUARANTINE_RETENTION_DAYS", 30),
+            unclaimed_upload_days=_days(env, "UNCLAIMED_UPLOAD_DAYS", 1),
         )
 
     # Layout of the state directory: everything the stack downloads, builds and
@@ -169,9 +196,29 @@ class StackSettings:
         return MinioCredentials.load_or_create(self.secrets_dir / "minio.json")
 
     @property
+    def tls_dir(self) -> Path:
+        """The project CA and every service's certificate (infra/stack/pki.py), made by `stack up`."""
+        return self.secrets_dir / "tls"
+
+    @property
+    def kafka_users_dir(self) -> Path:
+        """One SCRAM credentials file per Kafka principal (infra/stack/kafka_access.py), made by `stack up`."""
+        return self.secrets_dir / "kafka"
+
+    @property
     def minio_roles_dir(self) -> Path:
         """One credentials file per MinIO role (infra/stack/minio_access.py), made by `stack up`."""
         return self.secrets_dir / "minio"
+
+    @property
+    def cassandra_roles_dir(self) -> Path:
+        """One credentials file per Cassandra role (infra/stack/cassandra_access.py), made by `stack up`."""
+        return self.secrets_dir / "cassandra"
+
+    @property
+    def tls_ca_file(self) -> Path:
+        """The project CA's certificate (infra/stack/pki.py): clients verify the services' certificates with it."""
+        return self.tls_dir / "ca.crt"
 
 
 @dataclass(frozen=True)
@@ -204,14 +251,67 @@ class MinioCredentials:
 
 
 @dataclass(frozen=True)
+class CassandraCredentials:
+    """One Cassandra role's login (infra/stack/cassandra_access.py), generated once and kept 0600."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def load(cls, path: Path) -> CassandraCredentials:
+        try:
+            data = json.loads(path.read_text())
+            return cls(username=data["username"], password=data["password"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise SettingsError(f"cannot read Cassandra credentials {path} ({type(exc).__name__}); "
+                                "`detectflow stack up` creates them") from exc
+
+    @classmethod
+    def load_or_create(cls, path: Path, username: str) -> CassandraCredentials:
+        if path.exists():
+            return cls.load(path)
+        return cls.create(path, username)
+
+    @classmethod
+    def create(cls, path: Path, username: str) -> CassandraCredentials:
+        """New credentials written over ``path`` (0600, atomically): a new password for ``username``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
+        creds = cls(username=username, password=secrets.token_urlsafe(32))
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"username": creds.username, "password": creds.password}, fh)
+        os.replace(tmp, path)
+        return creds
+
+
+def _path(env: Mapping[str, str], name: str, default: Path) -> Path:
+    raw = _get(env, name, str(default)).strip()
+    if not raw:
+        raise SettingsError(f"{ENV_PREFIX}{name} is empty; unset it for the default ({default})")
+    return Path(raw).expanduser()
+
+
+@dataclass(frozen=True)
 class StreamSettings:
     """Settings of a stream-runtime process (a pipeline stage, the bridge)."""
 
     bootstrap: str = "127.0.0.1:9092"
     registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    # Kafka: SASL_SSL with SCRAM-SHA-512 as this principal (a pipeline role, `admin` for operator tools);
+    # its password is read on use from <kafka_users_dir>/<kafka_user>.json, never part of repr.
+    kafka_user: str = "admin"
+    kafka_users_dir: Path | None = None
+    tls_ca_file: Path | None = None
     cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
     cassandra_port: int = 9042
     keyspace: str = "detectflow"
+    # Cassandra accepts only authenticated TLS clients: each process logs in as its role with the credentials in
+    # <cassandra_secrets_dir>/<role>.json (made by `stack up`, read on use, never in repr) and verifies the
+    # node's certificate against cassandra_ca_file. None: not configured (connect refuses, naming the variable).
+    cassandra_secrets_dir: Path | None = None
+    cassandra_ca_file: Path | None = None
     # A batch leaves the poll when it has max_batch records or max_wait_ms passed.
     max_batch: int = 64
     max_wait_ms: int = 50
@@ -233,6 +333,9 @@ class StreamSettings:
     # Producer compression (lz4 shrinks the letterboxed tensors' padding; JPEG/PNG bytes do not
     # shrink). Measured with `detectflow bench pipeline`: no CPU difference against "none" here.
     compression: str = "lz4"
+    # Topics that hold image bytes or tensors (the lanes, their retry and DLQ topics) keep records at most
+    # this long (`detectflow topics apply` sets retention.ms). Must exceed the longest backlog a lane may hold.
+    raw_retention_hours: float = 6.0
     topic_prefix: str = ""
     # Stable per deployment slot (e.g. a pod name): the transactional id of exactly-once stages
     # derives from it, so a restarted instance fences its predecessor. Empty: random per process.
@@ -248,10 +351,15 @@ class StreamSettings:
 
         return cls(
             bootstrap=_get(env, "KAFKA_BOOTSTRAP", stack.kafka_bootstrap),
+            kafka_user=_get(env, "KAFKA_USER", "admin"),
+            kafka_users_dir=Path(_get(env, "KAFKA_USERS_DIR", str(stack.kafka_users_dir))),
+            tls_ca_file=Path(_get(env, "TLS_CA_FILE", str(stack.tls_dir / "ca.crt"))),
             registry_url=_get(env, "REGISTRY_URL", stack.registry_url),
             cassandra_hosts=tuple(_get(env, "CASSANDRA_HOSTS", stack.host).split(",")),
             cassandra_port=stack.cassandra_port,
             keyspace=_get(env, "CASSANDRA_KEYSPACE", "detectflow"),
+            cassandra_secrets_dir=_path(env, "CASSANDRA_SECRETS_DIR", stack.cassandra_roles_dir),
+            cassandra_ca_file=_path(env, "CASSANDRA_CA_FILE", stack.tls_ca_file),
             max_batch=int(num("MAX_BATCH", 64)),
             max_wait_ms=int(num("MAX_WAIT_MS", 50)),
             backoff_attempts=int(num("BACKOFF_ATTEMPTS", 3)),
@@ -267,7 +375,35 @@ class StreamSettings:
             metrics_port=int(num("METRICS_PORT", 0)),
             topic_prefix=_get(env, "TOPIC_PREFIX", ""),
             compression=_get(env, "COMPRESSION", "lz4"),
+            raw_retention_hours=_positive(env, "RAW_RETENTION_HOURS", 6.0),
         )
+
+    def cassandra_credentials(self, role: str) -> CassandraCredentials:
+        """The login of one Cassandra role (its grants cover only the tables that role uses)."""
+        if self.cassandra_secrets_dir is None:
+            raise SettingsError(f"no Cassandra credentials directory configured ({ENV_PREFIX}CASSANDRA_SECRETS_DIR)")
+        if not role.replace("-", "").isalnum():
+            raise SettingsError(f"invalid Cassandra role {role!r}")
+        return CassandraCredentials.load(self.cassandra_secrets_dir / f"{role}.json")
+
+
+def kafka_client(settings: StreamSettings, user: str | None = None) -> dict[str, Any]:
+    """The librdkafka settings every client starts from: the brokers, TLS verified against the project
+    CA, and SCRAM-SHA-512 as ``user`` (default: the settings' principal)."""
+    name = user or settings.kafka_user
+    if settings.kafka_users_dir is None or settings.tls_ca_file is None:
+        raise SettingsError("Kafka needs DETECTFLOW_KAFKA_USERS_DIR and DETECTFLOW_TLS_CA_FILE")
+    if not name.replace("-", "").isalnum():
+        raise SettingsError(f"invalid Kafka principal {name!r}")
+    path = settings.kafka_users_dir / f"{name}.json"
+    try:
+        password = json.loads(path.read_text())["password"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SettingsError(f"cannot read Kafka credentials {path} ({type(exc).__name__}); "
+                            "`detectflow stack up` creates them") from exc
+    return {"bootstrap.servers": settings.bootstrap, "security.protocol": "SASL_SSL",
+            "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": name, "sasl.password": password,
+            "ssl.ca.location": str(settings.tls_ca_file)}
 
 
 @dataclass(frozen=True)
@@ -321,6 +457,18 @@ class LifecycleSettings:
         )
 
 
+# The review copies' lifetimes the review bucket has lifecycle rules for (infra/stack/minio.py): a tenant
+# policy's override, and DETECTFLOW_REVIEW_RETENTION_DAYS, must be one of them.
+REVIEW_RETENTION_DAYS = (7, 30, 90, 365)
+
+
+def _review_days(env: Mapping[str, str]) -> int:
+    value = _num(env, "REVIEW_RETENTION_DAYS", 30)
+    if value not in REVIEW_RETENTION_DAYS:
+        raise SettingsError(f"{ENV_PREFIX}REVIEW_RETENTION_DAYS={value:g} must be one of {REVIEW_RETENTION_DAYS}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """Settings of the detection pipeline's roles (scan, preprocess, inference, postprocess, recorder)."""
@@ -364,6 +512,12 @@ class PipelineSettings:
     max_detections_limit: int = 300
     cache_ttl_s: int = 7 * 24 * 3600
     result_ttl_s: int = 30 * 24 * 3600
+    # Content policy (processors/governance.py, docs/security.md): policies are cached in-process this long,
+    # so a policy change applies within it. (Tombstones are never cached: they are read per batch.)
+    policy_cache_s: float = 10.0
+    review_bucket: str = "review"
+    # How long a review copy is kept unless the tenant's policy overrides it; one of REVIEW_RETENTION_DAYS.
+    review_retention_days: int = 30
     # The pipeline stages deliver the batch lane in Kafka transactions, so a crash never duplicates an
     # output for read_committed consumers (job counts stay exact). The online lane is at-least-once by
     # default (a transaction per hop costs it ~15-25 ms here); consumers dedupe by request id and the
@@ -402,6 +556,8 @@ class PipelineSettings:
             nms_iou=num("NMS_IOU", 0.45),
             cache_ttl_s=int(num("CACHE_TTL_S", 7 * 24 * 3600)),
             result_ttl_s=int(num("RESULT_TTL_S", 30 * 24 * 3600)),
+            policy_cache_s=num("POLICY_CACHE_S", 10.0),
+            review_retention_days=_review_days(env),
             exactly_once=_get(env, "EXACTLY_ONCE", "true").lower() in ("1", "true", "yes"),
             online_exactly_once=_get(env, "ONLINE_EXACTLY_ONCE", "false").lower() in ("1", "true", "yes"),
             lifecycle=LifecycleSettings.from_env(env),
@@ -418,6 +574,19 @@ class PipelineSettings:
         if not role.replace("-", "").isalnum():
             raise SettingsError(f"invalid MinIO role {role!r}")
         return MinioCredentials.load(self.minio_secrets_dir / f"{role}.json")
+
+
+# An unclaimed pre-signed upload lives its URL's life plus at least this grace before its lifecycle rule may
+# expire it (DETECTFLOW_UNCLAIMED_UPLOAD_DAYS), so a slow client's upload is never removed under it.
+UPLOAD_GRACE_S = 3600
+
+
+def _upload_ttl(env: Mapping[str, str], stack: StackSettings) -> int:
+    value = int(_num(env, "UPLOAD_URL_TTL_S", 900))
+    if not 0 < value <= stack.unclaimed_upload_days * 86400 - UPLOAD_GRACE_S:
+        raise SettingsError(f"{ENV_PREFIX}UPLOAD_URL_TTL_S={value} must be positive and leave {UPLOAD_GRACE_S} s "
+                            f"before {ENV_PREFIX}UNCLAIMED_UPLOAD_DAYS={stack.unclaimed_upload_days} expires uploads")
+    return value
 
 
 @dataclass(frozen=True)
@@ -500,7 +669,7 @@ class GatewaySettings:
             max_inflight=int(num("MAX_INFLIGHT", 256)),
             max_online_lag=int(num("MAX_ONLINE_LAG", 500)),
             lag_check_interval_s=num("LAG_CHECK_INTERVAL_S", 1.0),
-            upload_url_ttl_s=int(num("UPLOAD_URL_TTL_S", 900)),
+            upload_url_ttl_s=_upload_ttl(env, stack),
             job_max_items=int(num("JOB_MAX_ITEMS", 10_000)),
             reply_partition=int(num("REPLY_PARTITION", -1)),
         )

@@ -317,7 +317,7 @@ class ModelObjects:
 class ModelEventLog:
     """Publishes routing states and READY/LOAD_FAILED reports on `models`, and audit events on `audit`."""
 
-    def __init__(self, bootstrap: str, registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0):
+    def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0):
         from confluent_kafka import Producer
 
         from stream.serde import AvroSerde
@@ -325,7 +325,7 @@ class ModelEventLog:
         self.topic = f"{prefix}models"
         self.audit_topic = f"{prefix}audit"
         self._serde = AvroSerde.from_url(registry_url)
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+        self._producer = Producer({**kafka, "enable.idempotence": True, "acks": "all",
                                    "linger.ms": 0, "log_level": 3})
         self._timeout = flush_timeout_s
 
@@ -568,14 +568,15 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     return fetch
 
 
-def connect_registry(settings: Any, minio_role: str = "registry") -> Registry:
-    """The registry on the local stack (``settings``: infra.settings.PipelineSettings); only the ``registry``
-    MinIO role may write model files."""
+def connect_registry(settings: Any, role: str = "registry") -> Registry:
+    """The registry on the local stack (``settings``: infra.settings.PipelineSettings), as ``role`` in MinIO and
+    Cassandra; only the ``registry`` role may write model files and version rows."""
+    from infra.settings import kafka_client
     from processors.objects import minio_client
     from stream.cassandra import connect
 
-    objects = ModelObjects(minio_client(settings, minio_role), settings.lifecycle.models_bucket)
+    objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()
-    return Registry(RegistryStore(connect(settings.stream)), objects,
-                    ModelEventLog(settings.stream.bootstrap, settings.stream.registry_url,
+    return Registry(RegistryStore(connect(settings.stream, role)), objects,
+                    ModelEventLog(kafka_client(settings.stream, role), settings.stream.registry_url,
                                   settings.stream.topic_prefix))

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,11 +96,11 @@ Listener = Callable[[Routing], None]
 class ModelWatcher:
     """Consumes `models` into a RoutingTable on a daemon thread."""
 
-    def __init__(self, bootstrap: str, registry_url: str, prefix: str = "", table: RoutingTable | None = None,
+    def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", table: RoutingTable | None = None,
                  *, poll_timeout_s: float = 0.5):
         self.topic = f"{prefix}models"
         self.table = table or RoutingTable()
-        self._bootstrap = bootstrap
+        self._kafka = dict(kafka)  # librdkafka connection settings (infra.settings.kafka_client)
         self._registry_url = registry_url
         self._poll = poll_timeout_s
         self._listeners: list[Listener] = []
@@ -130,7 +130,7 @@ class ModelWatcher:
         from stream.serde import AvroSerde, SerdeError
 
         serde = AvroSerde.from_url(self._registry_url)
-        consumer = Consumer({"bootstrap.servers": self._bootstrap, "group.id": f"models-watch-{uuid.uuid4().hex}",
+        consumer = Consumer({**self._kafka, "group.id": f"models-watch-{uuid.uuid4().hex}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3,
                              "isolation.level": "read_committed"})
         try:

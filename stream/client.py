@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.settings import StreamSettings
+from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
 from stream.records import now_ms
 from stream.reply import ReplyRouter, ReplyTimeout
@@ -45,7 +45,7 @@ class DetectClient:
         self.inline_max_bytes = inline_max_bytes
         self.upload = upload  # (key, data, content type) -> (bucket, key); for images over the inline limit
         self.serde = serde or AvroSerde.from_url(settings.registry_url)
-        self.producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
+        self.producer = Producer({**kafka_client(settings), "enable.idempotence": True,
                                   "acks": "all", "linger.ms": 1, "compression.type": settings.compression,
                                   "message.max.bytes": settings.max_message_bytes + 64 * 1024, "log_level": 3})
         partition = random.randrange(16) if reply_partition is None else reply_partition  # noqa: S311

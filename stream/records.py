@@ -117,6 +117,8 @@ def terminal_result(*, key: str | None, value: Mapping[str, Any] | None, lane: s
         "job_id": req.get("job_id"),
         "lane": (req.get("lane") or lane).upper(),
         "cache_hit": False,
+        "submitted_at": req.get("submitted_at"),
+        "review": False,
         "completed_at": now_ms(),
     }
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from infra.settings import StreamSettings
+from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
 from stream import metrics as M
 from stream.errors import StreamError
@@ -56,7 +56,7 @@ class ReplyRouter:
         self.late = 0
         self.foreign = 0
         self._consumer = Consumer({
-            "bootstrap.servers": settings.bootstrap,
+            **kafka_client(settings),
             # Assigned, not subscribed: no group coordination, offsets never committed.
             "group.id": f"detectflow.replies.{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,

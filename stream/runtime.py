@@ -31,7 +31,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from infra.settings import StreamSettings
+from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
@@ -110,8 +110,9 @@ class StageRunner:
         self._online_seen = False
         self._delivery_errors: list[str] = []
         fetch_max = settings.max_message_bytes + 1024 * 1024
+        kafka = kafka_client(settings)
         self.consumer = Consumer({
-            "bootstrap.servers": settings.bootstrap,
+            **kafka,
             "group.id": self.group_id,
             # Offsets are committed by the loop only after outputs are durable.
             "enable.auto.commit": False,
@@ -131,7 +132,7 @@ class StageRunner:
             "log_level": 4,
         })
         producer_conf: dict[str, Any] = {
-            "bootstrap.servers": settings.bootstrap,
+            **kafka,
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": settings.compression,

@@ -4,10 +4,9 @@ The broker is resolved from Maven Central (``infra/maven/kafka-pom.xml``) into
 ``opt/kafka/lib`` and started as ``java -cp lib/* kafka.Kafka server.properties``;
 no release tarball, no shell scripts.
 
-Topic auto-creation is left ON for now: MinIO's bucket notifier and quick
-experiments produce to topics nobody declared.  The pipeline's own topics are
-created explicitly (with their partition counts and configs) by the stream
-runtime, so turning it off later only needs this one line changed.
+Secured by default: SASL_SSL (SCRAM-SHA-512) for clients, mutual TLS for the broker's own listeners,
+ACLs for everything (infra/stack/kafka_access.py). Topic auto-creation is off: every topic is declared
+with its partitions and configs (stream/topics.py).
 
 Clients must raise their own limits together with the broker's:
 ``message.max.bytes`` on producers (librdkafka) and ``fetch.max.bytes`` /
@@ -123,8 +122,16 @@ class KafkaService(Service):
 
     # ---- configuration -------------------------------------------------------------
     def prepare(self, log: Callable[[str], None]) -> None:
+        from infra.stack.kafka_access import ADMIN, BROKER_CN, SCHEMA_REGISTRY_CN
+        from infra.stack.pki import Pki, issue
+
         for d in (self.conf, self.log_dirs):
             d.mkdir(parents=True, exist_ok=True)
+        pki = Pki(self.settings.tls_dir)
+        # The broker's certificate serves every listener and is its principal on the internal ones.
+        issue(pki, "kafka", client=True, common_name=BROKER_CN)
+        issue(pki, ADMIN, sans=(), server=False, client=True, common_name=ADMIN)
+        issue(pki, SCHEMA_REGISTRY_CN, sans=(), server=False, client=True, common_name=SCHEMA_REGISTRY_CN)
         self.server_properties.write_text(self._server_properties())
         self.log4j_config.write_text(_LOG4J2)
         if (self.log_dirs / "meta.properties").exists():
@@ -145,19 +152,38 @@ class KafkaService(Service):
         return cluster_id
 
     def _server_properties(self) -> str:
+        from infra.stack.kafka_access import ADMIN, BROKER_CN
+        from infra.stack.pki import Pki
+
         s = self.settings
         host = s.host
         max_bytes = self.broker_max_message_bytes
+        pki = Pki(s.tls_dir)
         return f"""\
 # Written by infra/stack/kafka.py on every start; edit that file, not this one.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@{host}:{s.kafka_controller_port}
-listeners=PLAINTEXT://{host}:{s.kafka_port},CONTROLLER://{host}:{s.kafka_controller_port}
-advertised.listeners=PLAINTEXT://{host}:{s.kafka_port}
+# Clients: SCRAM-SHA-512 over TLS. The broker itself (inter-broker, controller) and the stack's bootstrap
+# admin: mutual TLS with certificates of the project CA (infra/stack/pki.py).
+listeners=CLIENT://{host}:{s.kafka_port},CONTROLLER://{host}:{s.kafka_controller_port},INTERNAL://{host}:{s.kafka_internal_port}
+advertised.listeners=CLIENT://{host}:{s.kafka_port},INTERNAL://{host}:{s.kafka_internal_port}
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=INTERNAL
+listener.security.protocol.map=CLIENT:SASL_SSL,CONTROLLER:SSL,INTERNAL:SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.client.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location={pki.leaf("kafka").bundle}
+ssl.truststore.type=PEM
+ssl.truststore.location={pki.ca_cert}
+listener.name.internal.ssl.client.auth=required
+listener.name.controller.ssl.client.auth=required
+ssl.principal.mapping.rules=RULE:^CN=([^,]+),O=detectflow$/$1/,DEFAULT
+# Nothing is allowed that no ACL allows (infra/stack/kafka_access.py).
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:{BROKER_CN};User:{ADMIN}
 log.dirs={self.log_dirs}
 
 # Single node: every replicated internal topic has one replica.
@@ -172,8 +198,8 @@ min.insync.replicas=1
 offsets.topic.num.partitions=10
 transaction.state.log.num.partitions=10
 
-# See the module docstring: kept on for MinIO's notifier and ad-hoc topics.
-auto.create.topics.enable=true
+# Off: every topic is declared (stream/topics.py, infra/stack/minio.py) with its partitions and configs.
+auto.create.topics.enable=false
 num.partitions=3
 group.initial.rebalance.delay.ms=0
 # Kafka 4's group coordinator holds each offset commit up to 5 ms to batch its log writes. Every
@@ -226,8 +252,10 @@ log.cleaner.threads=1
         # A closed port needs no client (and no librdkafka threads and log lines).
         if not tcp_open(self.settings.host, self.settings.kafka_port, timeout_s=0.5):
             return False, "port closed"
+        from infra.stack.kafka_access import internal_admin
+
         admin = AdminClient({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
+            **internal_admin(self.settings),
             "socket.timeout.ms": 2000,
             "socket.connection.setup.timeout.ms": 2000,
             "reconnect.backoff.max.ms": 1000,
@@ -240,7 +268,15 @@ log.cleaner.threads=1
             return False, f"metadata: {exc.args[0] if exc.args else exc}"
         if not metadata.brokers:
             return False, "no broker registered yet"
-        return True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)"
+        return True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s), SASL_SSL"
+
+    def after_start(self, log: Callable[[str], None]) -> None:
+        from infra.stack import kafka_access as A
+
+        A.ensure_users(self.settings)
+        admin = A.internal_admin(self.settings)
+        n = A.apply_acls(admin, [*A.global_bindings(), *A.bindings("")])
+        log(f"  kafka: {len(A.ROLES) + 1} SCRAM principals, {n} ACLs (credentials in {self.settings.kafka_users_dir})")
 
 
 # Everything goes to stdout, which the service runner appends to logs/kafka.log.
@@ -263,7 +299,8 @@ logger.controller.level = INFO
 logger.cleaner.name = kafka.log.LogCleaner
 logger.cleaner.level = INFO
 logger.authorizer.name = kafka.authorizer.logger
-logger.authorizer.level = WARN
+# Denials are logged at INFO (grants at DEBUG): every refused request is in logs/kafka.log.
+logger.authorizer.level = INFO
 logger.network.name = kafka.network
 logger.network.level = WARN
 """

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra.stack.base import StackError
 
 
-def ensure_topic(bootstrap: str, topic: str, *, partitions: int, config: dict[str, str] | None = None,
+def ensure_topic(kafka: Mapping[str, Any], topic: str, *, partitions: int, config: dict[str, str] | None = None,
                  timeout_s: float = 15.0) -> bool:
-    """Create ``topic`` unless it exists. Returns True if it was created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    """Create ``topic`` unless it exists (``kafka``: an admin connection). Returns True if it was created."""
+    admin = AdminClient({**kafka, "log_level": 3})
     existing = admin.list_topics(timeout=timeout_s).topics
     if topic in existing:
         return False

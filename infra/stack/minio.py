@@ -16,7 +16,12 @@ from infra.stack.base import Service, StackError, http_ok, is_marked, mark_insta
 NOTIFY_ID = "PRIMARY"
 NOTIFY_ARN = f"arn:minio:sqs::{NOTIFY_ID}:kafka"
 EVENTS_TOPIC = "minio.events"
-BUCKETS = ("uploads", "derived", "quarantine", "models")
+BUCKETS = ("uploads", "derived", "quarantine", "models", "review")
+# Object tags the lifecycle rules read (docs/security.md, Deletion and retention). A pre-signed upload is
+# tagged unclaimed (a signed header of its URL) until a job names it (the gateway removes the tag); a
+# review copy is tagged with the days it is kept (the tenant's policy, one of REVIEW_RETENTION_DAYS).
+UNCLAIMED_TAG = ("detectflow-upload", "unclaimed")
+RETENTION_TAG = "detectflow-retention-days"
 # Buckets whose object-created events feed the pipeline.
 NOTIFIED_BUCKETS = ("uploads",)
 # The Kafka protocol generation MinIO's client (sarama) speaks; Kafka 4 dropped the oldest ones.
@@ -69,7 +74,10 @@ class MinioService(Service):
         mark_installed(self._marker, self.settings.versions.minio)
 
     def environment(self) -> Mapping[str, str]:
+        import json
+
         creds = self.settings.minio_credentials()
+        kafka_password = json.loads((self.settings.kafka_users_dir / "minio.json").read_text())["password"]
         queue_dir = self.data / "notify-queue"
         queue_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DETECTFLOW_", "MINIO_"))}
@@ -80,6 +88,14 @@ class MinioService(Service):
             "MINIO_CALLHOME_ENABLE": "off",
             f"MINIO_NOTIFY_KAFKA_ENABLE_{NOTIFY_ID}": "on",
             f"MINIO_NOTIFY_KAFKA_BROKERS_{NOTIFY_ID}": self.settings.kafka_bootstrap,
+            # As the principal `minio` (may only write minio.events), SCRAM over TLS verified against the
+            # project CA, which MinIO reads from <certs-dir>/CAs.
+            f"MINIO_NOTIFY_KAFKA_SASL_{NOTIFY_ID}": "on",
+            f"MINIO_NOTIFY_KAFKA_SASL_MECHANISM_{NOTIFY_ID}": "sha512",
+            f"MINIO_NOTIFY_KAFKA_SASL_USERNAME_{NOTIFY_ID}": "minio",
+            f"MINIO_NOTIFY_KAFKA_SASL_PASSWORD_{NOTIFY_ID}": kafka_password,
+            f"MINIO_NOTIFY_KAFKA_TLS_{NOTIFY_ID}": "on",
+            f"MINIO_NOTIFY_KAFKA_TLS_SKIP_VERIFY_{NOTIFY_ID}": "off",
             f"MINIO_NOTIFY_KAFKA_TOPIC_{NOTIFY_ID}": EVENTS_TOPIC,
             f"MINIO_NOTIFY_KAFKA_VERSION_{NOTIFY_ID}": SARAMA_KAFKA_VERSION,
             # Events wait here while Kafka is unreachable instead of being dropped.
@@ -93,8 +109,21 @@ class MinioService(Service):
             str(self.binary), "server", str(self.data / "export"),
             "--address", f"{self.settings.host}:{self.settings.minio_port}",
             "--console-address", f"{self.settings.host}:{self.settings.minio_console_port}",
+            "--certs-dir", str(self.certs_dir),
             "--quiet",
         ]
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.data / "certs"
+
+    def prepare(self, log: Callable[[str], None]) -> None:
+        from infra.stack.pki import Pki, ensure_ca
+
+        pki = Pki(self.settings.tls_dir)
+        ensure_ca(pki)
+        (self.certs_dir / "CAs").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pki.ca_cert, self.certs_dir / "CAs" / "detectflow-ca.crt")
 
     def probe(self) -> tuple[bool, str]:
         return http_ok(f"{self.address}/minio/health/ready")
@@ -111,15 +140,46 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
     from minio import Minio
     from minio.notificationconfig import NotificationConfig, QueueConfig
 
+    from infra.stack.kafka_access import internal_admin
     from infra.stack.kafka_admin import ensure_topic
 
-    ensure_topic(settings.kafka_bootstrap, EVENTS_TOPIC, partitions=3)
+    ensure_topic(internal_admin(settings), EVENTS_TOPIC, partitions=3)
     creds = settings.minio_credentials()
     client = Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
     for bucket in BUCKETS:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
+    ensure_lifecycle(client, settings)
     for bucket in NOTIFIED_BUCKETS:
         client.set_bucket_notification(bucket, NotificationConfig(queue_config_list=[
             QueueConfig(events=["s3:ObjectCreated:*"], config_id="detectflow-pipeline", queue=NOTIFY_ARN),
         ]))
+
+
+def lifecycle_rules(settings) -> dict[str, list]:  # type: ignore[no-untyped-def]
+    """bucket -> its lifecycle (ILM) rules. S3 rules filter by a literal prefix or a tag and count whole
+    days; when several match an object the earliest expiry wins."""
+    from minio.commonconfig import ENABLED, Filter, Tag
+    from minio.lifecycleconfig import Expiration, Rule
+
+    from infra.settings import REVIEW_RETENTION_DAYS
+
+    def rule(rule_id: str, days: int, tag: tuple[str, str] | None = None) -> Rule:
+        return Rule(ENABLED, rule_filter=Filter(tag=Tag(*tag)) if tag else Filter(prefix=""), rule_id=rule_id,
+                    expiration=Expiration(days=days))
+
+    return {
+        "uploads": [rule("detectflow-uploads-retention", settings.uploads_retention_days),
+                    rule("detectflow-unclaimed-uploads", settings.unclaimed_upload_days, UNCLAIMED_TAG)],
+        "quarantine": [rule("detectflow-quarantine-retention", settings.quarantine_retention_days)],
+        "review": [rule("detectflow-review-retention", max(REVIEW_RETENTION_DAYS))]
+        + [rule(f"detectflow-review-{d}d", d, (RETENTION_TAG, str(d))) for d in REVIEW_RETENTION_DAYS],
+    }
+
+
+def ensure_lifecycle(client, settings) -> None:  # type: ignore[no-untyped-def]
+    """Set every bucket's lifecycle rules (replaces the bucket's configuration: idempotent)."""
+    from minio.lifecycleconfig import LifecycleConfig
+
+    for bucket, rules in lifecycle_rules(settings).items():
+        client.set_bucket_lifecycle(bucket, LifecycleConfig(rules))

@@ -20,18 +20,25 @@ from typing import Any
 from infra.settings import MinioCredentials, StackSettings
 
 GET, PUT, DELETE, LIST = "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"
+# Tags drive the lifecycle rules (infra/stack/minio.py): an upload's URL tags it unclaimed, the gateway
+# removes the tag when a job claims it; review copies carry their retention.
+TAG, UNTAG = "s3:PutObjectTagging", "s3:DeleteObjectTagging"
 
 # role -> area -> actions. An area is one of the stack's buckets by its default name.
 ROLE_RIGHTS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
-    "gateway-signer": {"uploads": (PUT,)},
-    "gateway": {"uploads": (GET, PUT, DELETE, LIST)},
+    "gateway-signer": {"uploads": (PUT, TAG)},
+    # A tenant's erasure (DELETE /v1/tenants/{tenant}/data) lists and removes its objects in every bucket.
+    "gateway": {"uploads": (GET, PUT, DELETE, LIST, TAG, UNTAG), "quarantine": (DELETE, LIST),
+                "review": (DELETE, LIST), "derived": (DELETE, LIST)},
     # A system that submits images through Kafka and uploads large ones first (`detectflow detect`).
     "client": {"uploads": (PUT,)},
     # scan reads the image and moves an infected one to quarantine (copy, then delete the original).
-    "scan": {"uploads": (GET, DELETE), "quarantine": (PUT,), "models": (GET,)},
+    "scan": {"uploads": (GET, DELETE), "quarantine": (PUT,), "review": (PUT, TAG), "models": (GET,)},
     "preprocess": {"uploads": (GET,), "models": (GET,)},
     "inference": {"models": (GET,)},
-    "postprocess": {"models": (GET,)},
+    # postprocess copies an image its tenant's policy flags to the review bucket (server-side).
+    # It removes the upload of an image deleted while its request was past scan.
+    "postprocess": {"models": (GET,), "uploads": (GET, DELETE), "review": (PUT, TAG)},
     "shadow": {"models": (GET,)},
     "monitor": {"models": (GET, LIST)},
     # `detectflow models` (push, purge) and the demo's bootstrap: the only writer of model files.
@@ -81,6 +88,16 @@ def attach(admin: Any, policy: str, user: str) -> None:
             raise
 
 
+def detach(admin: Any, policy: str, user: str) -> None:
+    from minio.error import MinioAdminException
+
+    try:
+        admin.detach_policy([policy], user=user)
+    except MinioAdminException as exc:
+        if "AlreadyApplied" not in str(exc):  # was not attached
+            raise
+
+
 def ensure_role_users(settings: StackSettings, log: Callable[[str], None] = lambda _m: None) -> None:
     """Each role's user (credentials made once, 0600) with its policy; idempotent."""
     admin = admin_client(settings)
@@ -107,14 +124,13 @@ def grant_area(settings: StackSettings, area: str, bucket: str, suffix: str) -> 
 
 
 def revoke_area(settings: StackSettings, suffix: str) -> None:
-    from minio.error import MinioAdminException
+    """Remove what ``grant_area`` made (nothing, when an earlier run cleaned up already)."""
+    import json
 
     admin = admin_client(settings)
+    existing = json.loads(admin.policy_list() or "{}")
     for role in ROLE_RIGHTS:
         name = policy_name(role, suffix)
-        try:
-            admin.detach_policy([name], user=access_key(role))
+        if name in existing:
+            detach(admin, name, access_key(role))
             admin.policy_remove(name)
-        except MinioAdminException as exc:  # never attached (an earlier run cleaned up)
-            if "NoSuchPolicy" not in str(exc) and "NoNetEffect" not in str(exc) and "not found" not in str(exc):
-                raise

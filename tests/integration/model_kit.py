@@ -76,6 +76,7 @@ SUITE_POLICY = "-suite-models"
 def reset_suite_registry(stack: StackSettings) -> None:
     """The suite's registry (its keyspace and models bucket, never a user's) emptied, then the default model
     pushed through the release gate: v1 is production, as after `make demo` on a fresh machine."""
+    from infra.stack.cassandra_access import grant_keyspace
     from infra.stack.minio_access import grant_area
     from model_store.evalset import ensure_eval_set
     from model_store.gate import gate_runner
@@ -83,6 +84,8 @@ def reset_suite_registry(stack: StackSettings) -> None:
 
     settings = PipelineSettings.from_env()
     drop_suite_state(settings)
+    # The suite's keyspace is made as the admin role, and each role granted its tables there (as on the stack's).
+    grant_keyspace(stack, settings.stream.keyspace)
     # The roles get the same rights on the suite's models bucket as on the stack's (an extra policy each).
     root_minio(stack).make_bucket(settings.lifecycle.models_bucket)
     grant_area(stack, "models", settings.lifecycle.models_bucket, SUITE_POLICY)
@@ -98,19 +101,14 @@ def reset_suite_registry(stack: StackSettings) -> None:
 
 def drop_suite_state(settings: PipelineSettings) -> None:
     """Drop the suite's keyspace and models bucket (what a killed run left, or what this run made)."""
-    from cassandra.cluster import Cluster
     from minio.deleteobjects import DeleteObject
 
+    from infra.stack.cassandra_access import drop_keyspace
     from infra.stack.minio_access import revoke_area
 
     assert settings.stream.keyspace != "detectflow" and settings.lifecycle.models_bucket != "models", \
         "the suite's own state must be configured (tests/conftest.py) before anything is dropped"
-    cluster = Cluster(list(settings.stream.cassandra_hosts), port=settings.stream.cassandra_port,
-                      protocol_version=5, connect_timeout=10)
-    try:
-        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {settings.stream.keyspace}", timeout=60)
-    finally:
-        cluster.shutdown()
+    drop_keyspace(StackSettings.from_env(), settings.stream.keyspace)
     client = root_minio(StackSettings.from_env())
     bucket = settings.lifecycle.models_bucket
     if client.bucket_exists(bucket):

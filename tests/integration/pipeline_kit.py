@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra.roles import ROLES
-from infra.settings import PipelineSettings, StackSettings
+from infra.settings import PipelineSettings, StackSettings, kafka_client
+from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
-from stream import topics as T
 from stream.client import DetectClient
 
 
@@ -49,7 +49,8 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
-    T.apply(stack.kafka_bootstrap, T.all_topics(prefix))
+    admin = kafka_client(settings.stream, "admin")
+    provision(admin, prefix)
     if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix
         from model_store.registry import connect_registry
 
@@ -65,4 +66,4 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
         yield Pipeline(stack, settings, sup, prefix)
     finally:
         sup.stop()
-        T.delete(stack.kafka_bootstrap, [spec.name for spec in T.all_topics(prefix)])
+        deprovision(admin, prefix)

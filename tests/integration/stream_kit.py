@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.settings import StackSettings, StreamSettings
+from infra.settings import StackSettings, StreamSettings, kafka_client
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Record, now_ms, result_outputs
@@ -19,12 +19,19 @@ from stream.serde import AvroSerde
 
 def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> StreamSettings:
     base = {"bootstrap": stack.kafka_bootstrap, "registry_url": stack.registry_url, "topic_prefix": prefix,
-            "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50, "retry_delay_ms": 300}
+            "kafka_users_dir": stack.kafka_users_dir, "tls_ca_file": stack.tls_dir / "ca.crt",
+            "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50, "retry_delay_ms": 300,
+            "cassandra_secrets_dir": stack.cassandra_roles_dir, "cassandra_ca_file": stack.tls_ca_file}
     base.update(overrides)
     return StreamSettings(**base)
 
 
 _PREFIXES: list[str] = []
+
+
+def kafka_admin(stack: StackSettings) -> dict[str, Any]:
+    """The operator's Kafka connection (the `admin` principal: the tests act as the operator)."""
+    return kafka_client(stream_settings(stack, ""), "admin")
 
 
 def new_prefix() -> str:
@@ -40,10 +47,14 @@ def delete_test_topics(stack: StackSettings) -> None:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+        from infra.stack.kafka_access import bindings, delete_acls
+
+        admin = AdminClient({**kafka_admin(stack)})
         try:
+            for prefix in _PREFIXES:
+                delete_acls(kafka_admin(stack), bindings(prefix))
             existing = admin.list_topics(timeout=10).topics
-            T.delete(stack.kafka_bootstrap, [t for t in existing if t.startswith(tuple(_PREFIXES))])
+            T.delete(kafka_admin(stack), [t for t in existing if t.startswith(tuple(_PREFIXES))])
             listed = admin.list_consumer_groups(request_timeout=10).result(timeout=15)
             groups = [g.group_id for g in listed.valid if g.group_id.startswith(tuple(_PREFIXES))]
             for group, future in (admin.delete_consumer_groups(groups, request_timeout=10).items() if groups else ()):
@@ -62,7 +73,7 @@ def make_topics(stack: StackSettings, prefix: str) -> None:
     wanted |= {T.detections_topic(prefix), T.replies_topic(prefix)}
     specs = [s for s in T.all_topics(prefix) if s.name in wanted]
     assert len(specs) == len(wanted)
-    T.apply(stack.kafka_bootstrap, specs)
+    T.apply(kafka_admin(stack), specs)
     for topic in sorted(wanted):
         read_all(stack, topic, until=0, timeout_s=0)  # start the readers before anything is produced
 
@@ -74,7 +85,7 @@ def submission(request_id: str, *, tenant: str = "t1", lane: str = "BATCH") -> d
 
 def produce(stack: StackSettings, serde: AvroSerde, topic: str, records: Iterable[dict[str, Any]],
             headers: dict[str, bytes] | None = None) -> None:
-    p = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    p = Producer({**kafka_admin(stack), "enable.idempotence": True, "linger.ms": 5})
     for rec in records:
         p.produce(topic, key=rec["request_id"].encode(), value=serde.encode(topic, "ImageSubmitted", rec),
                   headers=list((headers or {}).items()))
@@ -89,8 +100,8 @@ class _Reader:
     first records; a reader created up front sees them within a fetch.
     """
 
-    def __init__(self, bootstrap: str, topic: str):
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"it-read-{uuid.uuid4().hex}",
+    def __init__(self, kafka: dict[str, Any], topic: str):
+        self.consumer = Consumer({**kafka, "group.id": f"it-read-{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed"})
         parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
@@ -110,7 +121,7 @@ def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float =
     """Everything on ``topic`` so far (read_committed), waiting until ``until`` messages or the deadline."""
     key = (stack.kafka_bootstrap, topic)
     if key not in _READERS:
-        _READERS[key] = _Reader(stack.kafka_bootstrap, topic)
+        _READERS[key] = _Reader(kafka_admin(stack), topic)
     return _READERS[key].read(until, timeout_s)
 
 

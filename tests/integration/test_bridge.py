@@ -10,7 +10,7 @@ import urllib.parse
 
 from confluent_kafka import Producer
 from minio import Minio
-from stream_kit import new_prefix, read_all, stream_settings
+from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
 from infra.settings import StackSettings, StreamSettings
 from stream import topics as T
@@ -34,7 +34,7 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
     prefix = new_prefix()
     wanted = {T.lane_topic(prefix, "batch", "submitted"), EVENTS_TOPIC, T.retry_topic(EVENTS_TOPIC),
               T.dlq_topic(EVENTS_TOPIC)}
-    T.apply(stack.kafka_bootstrap, [s for s in T.all_topics(prefix) + T.all_topics("") if s.name in wanted])
+    T.apply(kafka_admin(stack), [s for s in T.all_topics(prefix) + T.all_topics("") if s.name in wanted])
 
     creds = stack.minio_credentials()
     client = Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
@@ -48,12 +48,12 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
     raw = _find_notification(stack, key)
     _find_notification(stack, marked)
     # MinIO delivers at least once: deliver the same notification a second time.
-    p = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    p = Producer({**kafka_admin(stack)})
     p.produce(EVENTS_TOPIC, key=b"uploads/dup", value=raw)
     assert p.flush(10) == 0
 
     settings: StreamSettings = stream_settings(stack, prefix, max_batch=200)
-    session = connect(settings)
+    session = connect(settings, "bridge")
     runner = StageRunner(BridgeStage(CassandraClaims(session), prefix=prefix), settings, exactly_once=True)
     runner.run(idle_stop_s=3.0)
     session.cluster.shutdown()

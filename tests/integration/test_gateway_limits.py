@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from gateway_kit import Gateway, start_stack_with_gateway
+from stream_kit import kafka_admin
 
 from infra.settings import StackSettings
 from stream.topics import lane_topic
@@ -72,12 +73,12 @@ def test_sync_calls_get_a_fast_503_while_the_online_lane_has_a_backlog(limited: 
     assert limited.pipeline is not None
     prefix = limited.pipeline.prefix
     topic = lane_topic(prefix, "online", "submitted")
-    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    producer = Producer({**kafka_admin(stack)})
     for i in range(12):
         producer.produce(topic, key=str(i), value=b"backlog", partition=0)
     assert producer.flush(10) == 0
     # The scan stage's group has read nothing of it: its committed offset stays at 0.
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"{prefix}detectflow.scan",
+    consumer = Consumer({**kafka_admin(stack), "group.id": f"{prefix}detectflow.scan",
                          "enable.auto.commit": False})
     consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
     consumer.close()

@@ -8,6 +8,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from stream_kit import kafka_admin
 
 from infra.settings import StackSettings
 
@@ -16,7 +17,7 @@ PARTITIONS = 3
 
 def _create_topic(stack: StackSettings, prefix: str) -> str:
     topic = f"it-{prefix}-{secrets.token_hex(6)}"
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    admin = AdminClient({**kafka_admin(stack)})
     futures = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)],
                                   request_timeout=15)
     futures[topic].result(timeout=15)
@@ -25,7 +26,7 @@ def _create_topic(stack: StackSettings, prefix: str) -> str:
 
 def _producer(stack: StackSettings) -> Producer:
     return Producer({
-        "bootstrap.servers": stack.kafka_bootstrap,
+        **kafka_admin(stack),
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,
@@ -36,7 +37,7 @@ def _producer(stack: StackSettings) -> Producer:
 
 def _consumer(stack: StackSettings, group: str) -> Consumer:
     return Consumer({
-        "bootstrap.servers": stack.kafka_bootstrap,
+        **kafka_admin(stack),
         "group.id": group,
         "auto.offset.reset": "earliest",
         # Offsets are committed by hand once the batch is checked, as the pipeline does.

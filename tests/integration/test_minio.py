@@ -10,6 +10,7 @@ import urllib.parse
 
 from confluent_kafka import Consumer
 from minio import Minio
+from stream_kit import kafka_admin
 
 from infra.settings import StackSettings
 from infra.stack.minio import EVENTS_TOPIC
@@ -36,7 +37,7 @@ def test_put_get_round_trip(stack: StackSettings) -> None:
 
 def test_upload_notification_arrives_on_kafka(stack: StackSettings) -> None:
     consumer = Consumer({
-        "bootstrap.servers": stack.kafka_bootstrap,
+        **kafka_admin(stack),
         "group.id": "it-minio-" + secrets.token_hex(6),
         "auto.offset.reset": "latest",
         "enable.auto.commit": False,

@@ -26,7 +26,8 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import new_prefix
 
-from infra.settings import PipelineSettings, StackSettings
+from infra.settings import PipelineSettings, StackSettings, kafka_client
+from infra.stack.kafka_access import provision
 from model_store.routing import bucket_of
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,6 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     from model_store.evalset import ensure_eval_set
     from model_store.gate import gate_runner
     from model_store.registry import connect_registry
-    from stream import topics as T
 
     prefix = new_prefix()
     model = "lc-" + prefix.rstrip(".")
@@ -81,7 +81,7 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = PipelineSettings.from_env(env)
     source = StackSettings.from_env().models_dir / "yolov4-tiny" / "1"
     convert(source)
-    T.apply(stack.kafka_bootstrap, T.all_topics(prefix))
+    provision(kafka_client(settings.stream, "admin"), prefix)
     registry = connect_registry(settings)
     gate = gate_runner(settings.lifecycle, ensure_eval_set(stack))
     assert registry.push(model, source, actor="test", gate=gate).version == 1

@@ -111,7 +111,8 @@ def test_bad_input_is_rejected_with_its_code(pipeline: Pipeline, stack: StackSet
     from processors.results import ResultStore
     from stream.cassandra import connect
 
-    store = ResultStore(connect(pipeline.settings.stream), result_ttl_s=60, cache_ttl_s=60)
+    # As the gateway: the role that reads results back (the recorder only writes them).
+    store = ResultStore(connect(pipeline.settings.stream, "gateway"), result_ttl_s=60, cache_ttl_s=60)
     deadline = time.monotonic() + 30
     stored = None
     while stored is None and time.monotonic() < deadline:

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from stream_kit import EchoStage, make_topics, new_prefix, produce, read_all, stream_settings, submission
+from stream_kit import (
+    EchoStage,
+    kafka_admin,
+    make_topics,
+    new_prefix,
+    produce,
+    read_all,
+    stream_settings,
+    submission,
+)
 
 from infra.settings import StackSettings
 from stream import headers as H
@@ -55,7 +64,7 @@ def _results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int, timeou
 def test_poison_record_goes_to_dlq_with_provenance_and_next_record_is_processed(
         stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
     topic = T.lane_topic(prefix, "online", "submitted")
-    p = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    p = Producer({**kafka_admin(stack)})
     p.produce(topic, key=b"poison-1", value=b"\x00\x00\x00\x00\x07not avro at all", partition=0)
     p.produce(topic, key=b"bad-magic", value=b"{\"json\": true}", partition=0)
     assert p.flush(10) == 0
@@ -217,7 +226,7 @@ def test_late_reply_is_never_delivered_to_a_newer_waiter(stack: StackSettings, s
             router.wait_sync(old_id, time.time() + 0.2)
         newer = router.expect(new_id, time.time() + 30)
 
-        p = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+        p = Producer({**kafka_admin(stack)})
 
         def reply(corr: str, request_id: str) -> None:
             result = {"request_id": request_id, "tenant": "t1", "status": "OK", "completed_at": 1}

@@ -1,7 +1,8 @@
 """Attacks on the stack as it ships: each one is refused by the service that owns the data.
 
-The copy-source attack (issue: a pre-signed upload PUT carrying ``x-amz-copy-source`` copied another
-tenant's image into the attacker's upload) and the least-privilege MinIO roles behind its fix.
+The copy-source attack (a pre-signed upload PUT carrying ``x-amz-copy-source`` copied another tenant's
+image into the attacker's upload) and the least-privilege MinIO roles behind its fix; Kafka's TLS, SCRAM
+and ACLs. Cassandra's are in test_cassandra_security.py, the OpenID provider in test_oidc.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -18,6 +20,7 @@ from gateway_kit import Gateway, start_stack_with_gateway
 from minio import Minio
 from minio.error import S3Error
 from object_kit import root_minio
+from stream_kit import kafka_admin
 
 from infra.settings import PipelineSettings, StackSettings
 from infra.stack.minio_access import ROLE_RIGHTS
@@ -118,10 +121,69 @@ def test_each_minio_role_can_do_only_what_it_does(stack: StackSettings, sample_j
             probe = f"probe-{role}"
             put = _denied(lambda c=c, probe=probe: c.put_object("models", probe, io.BytesIO(b"x"), 1))
             assert put is not can_write_models, role
-            assert _denied(lambda c=c: c.list_buckets()), role  # nobody but root lists buckets
+            assert _denied(lambda c=c, probe=probe: c.make_bucket(probe)), role  # only the stack makes buckets
         assert _denied(lambda: _client(stack, "gateway-signer").get_object("uploads", key))
         assert _denied(lambda: _client(stack, "preprocess").remove_object("uploads", key))
         assert _denied(lambda: _client(stack, "gateway").get_object("models", "yolov4-tiny/config.json"))
     finally:
         root.remove_object("uploads", key)
         root.remove_object("models", "probe-registry")
+
+
+# ---------------------------------------------------------------------------------------------- Kafka
+
+
+def _kafka_refused(conf: dict[str, object], topic: str = "detections") -> str | None:
+    """The error a producer gets for one record on ``topic`` (None if it was written)."""
+    from confluent_kafka import Producer
+
+    errors: list[str] = []
+    p = Producer({**conf, "message.timeout.ms": 8000, "socket.timeout.ms": 5000, "log_level": 0})
+    p.produce(topic, b"x", on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+    left = p.flush(15)
+    return errors[0] if errors else ("not delivered" if left else None)
+
+
+def test_kafka_refuses_plaintext_unauthenticated_and_unknown_ca_clients(stack: StackSettings,
+                                                                          tmp_path: Path) -> None:
+    from infra.stack.pki import Pki, issue
+
+    admin = kafka_admin(stack)
+    assert _kafka_refused({"bootstrap.servers": stack.kafka_bootstrap}) is not None  # plaintext
+    assert _kafka_refused({**admin, "sasl.password": "not-the-password"}) is not None  # wrong secret
+    other = Pki(tmp_path / "other-ca")
+    issue(other, "someone", sans=(), server=False, client=True)
+    assert _kafka_refused({**admin, "ssl.ca.location": str(other.ca_cert)}) is not None  # broker unverifiable
+    # The internal listener wants a client certificate of the project CA.
+    internal = {"bootstrap.servers": f"{stack.host}:{stack.kafka_internal_port}", "security.protocol": "SSL",
+                "ssl.ca.location": str(stack.tls_dir / "ca.crt")}
+    assert _kafka_refused(internal) is not None
+    assert _kafka_refused({**internal, "ssl.certificate.location": str(other.leaf("someone").cert),
+                           "ssl.key.location": str(other.leaf("someone").key)}) is not None
+
+
+def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSettings) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from infra.settings import StreamSettings, kafka_client
+    from infra.stack.kafka_access import deprovision, provision
+    from stream.topics import lane_topic
+
+    prefix = f"acl{uuid.uuid4().hex[:6]}."
+    admin = kafka_admin(stack)
+    provision(admin, prefix)
+    try:
+        scan = kafka_client(StreamSettings.from_env(), "scan")
+        assert _kafka_refused(scan, lane_topic(prefix, "online", "scanned")) is None  # its output
+        for foreign in (f"{prefix}models", lane_topic(prefix, "online", "preprocessed"), f"{prefix}audit",
+                        f"{prefix}detections.shadow"):
+            assert "AUTHORIZATION_FAILED" in (_kafka_refused(scan, foreign) or ""), foreign
+        consumer = Consumer({**scan, "group.id": f"{prefix}detectflow.scan", "log_level": 0})
+        try:
+            # The topic exists (provisioned above); to a principal that may not describe it, it does not.
+            with pytest.raises(Exception, match=r"AUTHORIZ|Unknown partition"):
+                consumer.get_watermark_offsets(TopicPartition(lane_topic(prefix, "online", "inferred"), 0), timeout=10)
+        finally:
+            consumer.close()
+    finally:
+        deprovision(admin, prefix)

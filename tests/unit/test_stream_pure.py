@@ -331,10 +331,14 @@ def test_topic_configs() -> None:
     big = specs["detect.batch.preprocessed"].config
     assert big["max.message.bytes"] == str(1_000_000 + 64 * 1024)
     assert big["compression.type"] == "producer"
-    assert big["retention.ms"] == str(2 * 24 * 3600 * 1000)
+    assert big["retention.ms"] == str(6 * 3600 * 1000)  # raw bytes and tensors: hours, not days
     assert specs["detect.online.scanned.retry"].partitions == 3
     assert specs["detect.online.scanned.dlq"].partitions == 1
-    assert specs["detect.online.scanned.dlq"].config["retention.ms"] == str(14 * 24 * 3600 * 1000)
+    assert specs["detect.online.scanned.dlq"].config["retention.ms"] == str(6 * 3600 * 1000)
+    short = {s.name: s.config.get("retention.ms") for s in all_topics("", raw_retention_hours=2.5)}
+    raw = [lane_topic("", lane, step) for lane in LANES for step in STAGE_INPUTS]
+    assert {short[n] for t in raw for n in (t, retry_topic(t), dlq_topic(t))} == {str(int(2.5 * 3600 * 1000))}
+    assert specs["abuse"].partitions == 3
     replies = specs["detect.replies"]
     assert replies.partitions == 16 and replies.config == {"retention.ms": "3600000"}
     models = specs["models"]
