@@ -8,7 +8,6 @@ create or use them otherwise, so a deployment never trusts a key that was made o
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 import uuid
@@ -21,6 +20,7 @@ import jwt
 from jwt.algorithms import RSAAlgorithm
 
 from gateway.auth import SCOPES, TENANT_RE
+from infra.settings import write_private
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,6 @@ class DevKeys:
     hs256_secret_file: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
 def ensure_dev_keys(secrets_dir: Path) -> DevKeys:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -46,7 +39,7 @@ def ensure_dev_keys(secrets_dir: Path) -> DevKeys:
     keys = DevKeys(secrets_dir / "jwt-rs256.pem", secrets_dir / "jwks.json", secrets_dir / "jwt-hs256.key")
     if not keys.private_key_file.exists():
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        _write_private(keys.private_key_file, private.private_bytes(
+        write_private(keys.private_key_file, private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     if not keys.jwks_file.exists():
         private = serialization.load_pem_private_key(keys.private_key_file.read_bytes(), password=None)
@@ -54,7 +47,7 @@ def ensure_dev_keys(secrets_dir: Path) -> DevKeys:
         jwk.update({"kid": "dev-" + uuid.uuid4().hex[:8], "use": "sig", "alg": "RS256"})
         keys.jwks_file.write_text(json.dumps({"keys": [jwk]}, indent=2))
     if not keys.hs256_secret_file.exists():
-        _write_private(keys.hs256_secret_file, secrets.token_urlsafe(48).encode())
+        write_private(keys.hs256_secret_file, secrets.token_urlsafe(48).encode())
     return keys
 
 

@@ -241,48 +241,49 @@ class MinioCredentials:
     def load_or_create(cls, path: Path, access_key: str | None = None) -> MinioCredentials:
         if path.exists():
             return cls.load(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
         creds = cls(access_key=access_key or "detectflow-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(32))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"access_key": creds.access_key, "secret_key": creds.secret_key}, fh)
+        write_private(path, json.dumps({"access_key": creds.access_key, "secret_key": creds.secret_key}).encode())
         return creds
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret: the file 0600 (atomically, replacing any), its directory 0700."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
-class CassandraCredentials:
-    """One Cassandra role's login (infra/stack/cassandra_access.py), generated once and kept 0600."""
+class Login:
+    """A username and password (a Cassandra role, a Kafka SCRAM principal), generated once and kept 0600."""
 
     username: str
     password: str = field(repr=False)
 
     @classmethod
-    def load(cls, path: Path) -> CassandraCredentials:
+    def load(cls, path: Path) -> Login:
         try:
             data = json.loads(path.read_text())
             return cls(username=data["username"], password=data["password"])
         except (OSError, ValueError, KeyError) as exc:
-            raise SettingsError(f"cannot read Cassandra credentials {path} ({type(exc).__name__}); "
+            raise SettingsError(f"cannot read credentials {path} ({type(exc).__name__}); "
                                 "`detectflow stack up` creates them") from exc
 
     @classmethod
-    def load_or_create(cls, path: Path, username: str) -> CassandraCredentials:
+    def load_or_create(cls, path: Path, username: str) -> Login:
         if path.exists():
             return cls.load(path)
         return cls.create(path, username)
 
     @classmethod
-    def create(cls, path: Path, username: str) -> CassandraCredentials:
+    def create(cls, path: Path, username: str) -> Login:
         """New credentials written over ``path`` (0600, atomically): a new password for ``username``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
         creds = cls(username=username, password=secrets.token_urlsafe(32))
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"username": creds.username, "password": creds.password}, fh)
-        os.replace(tmp, path)
+        write_private(path, json.dumps({"username": creds.username, "password": creds.password}).encode())
         return creds
 
 
@@ -378,13 +379,13 @@ class StreamSettings:
             raw_retention_hours=_positive(env, "RAW_RETENTION_HOURS", 6.0),
         )
 
-    def cassandra_credentials(self, role: str) -> CassandraCredentials:
+    def cassandra_credentials(self, role: str) -> Login:
         """The login of one Cassandra role (its grants cover only the tables that role uses)."""
         if self.cassandra_secrets_dir is None:
             raise SettingsError(f"no Cassandra credentials directory configured ({ENV_PREFIX}CASSANDRA_SECRETS_DIR)")
         if not role.replace("-", "").isalnum():
             raise SettingsError(f"invalid Cassandra role {role!r}")
-        return CassandraCredentials.load(self.cassandra_secrets_dir / f"{role}.json")
+        return Login.load(self.cassandra_secrets_dir / f"{role}.json")
 
 
 def kafka_client(settings: StreamSettings, user: str | None = None) -> dict[str, Any]:
@@ -395,12 +396,7 @@ def kafka_client(settings: StreamSettings, user: str | None = None) -> dict[str,
         raise SettingsError("Kafka needs DETECTFLOW_KAFKA_USERS_DIR and DETECTFLOW_TLS_CA_FILE")
     if not name.replace("-", "").isalnum():
         raise SettingsError(f"invalid Kafka principal {name!r}")
-    path = settings.kafka_users_dir / f"{name}.json"
-    try:
-        password = json.loads(path.read_text())["password"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise SettingsError(f"cannot read Kafka credentials {path} ({type(exc).__name__}); "
-                            "`detectflow stack up` creates them") from exc
+    password = Login.load(settings.kafka_users_dir / f"{name}.json").password
     return {"bootstrap.servers": settings.bootstrap, "security.protocol": "SASL_SSL",
             "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": name, "sasl.password": password,
             "ssl.ca.location": str(settings.tls_ca_file)}

@@ -19,7 +19,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import DCAwareRoundRobinPolicy
 
-from infra.settings import CassandraCredentials, SettingsError, StreamSettings
+from infra.settings import Login, SettingsError, StreamSettings
 from schemas import SCHEMA_DIR
 from stream.errors import StreamError, TransientError
 
@@ -44,7 +44,7 @@ def tls_context(ca_file: Path) -> ssl.SSLContext:
     return ctx
 
 
-def open_session(hosts: Sequence[str], port: int, credentials: CassandraCredentials, ca_file: Path, *,
+def open_session(hosts: Sequence[str], port: int, credentials: Login, ca_file: Path, *,
                  timeout_s: float = 10.0) -> Session:
     """A session (no keyspace) as ``credentials`` over verified TLS. TransientError if no node answers,
     CassandraLoginRefused if the credentials are refused."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from infra.settings import CassandraCredentials
+from infra.settings import Login
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
 from infra.stack.pki import Leaf, Pki, issue
 
@@ -367,7 +367,7 @@ class LoginRequired(StackError):
     """The node serves the native protocol over TLS and asks for a login that the probe cannot give."""
 
 
-def query_release_version(host: str, port: int, ca_file: Path, credentials: CassandraCredentials | None,
+def query_release_version(host: str, port: int, ca_file: Path, credentials: Login | None,
                           timeout_s: float = 3.0) -> str:
     """``SELECT release_version FROM system.local`` over one bare driver connection (TLS verified against
     ``ca_file``, logged in with ``credentials``). LoginRequired when the node answers but has no login for us.

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from infra.settings import CassandraCredentials, StackSettings
+from infra.settings import Login, StackSettings
 from infra.stack.base import StackError
 
 SELECT, MODIFY = "SELECT", "MODIFY"  # MODIFY is INSERT, UPDATE, DELETE and TRUNCATE
@@ -73,12 +73,12 @@ def _path(settings: StackSettings, role: str) -> Any:
     return settings.cassandra_roles_dir / f"{role}.json"
 
 
-def admin_credentials(settings: StackSettings) -> CassandraCredentials:
+def admin_credentials(settings: StackSettings) -> Login:
     """The admin role's login: only `detectflow stack` and the test suite (as the operator) use it."""
-    return CassandraCredentials.load(_path(settings, ADMIN))
+    return Login.load(_path(settings, ADMIN))
 
 
-def _open(settings: StackSettings, creds: CassandraCredentials, timeout_s: float = 10.0) -> Any:
+def _open(settings: StackSettings, creds: Login, timeout_s: float = 10.0) -> Any:
     from stream.cassandra import open_session
 
     return open_session([settings.host], settings.cassandra_port, creds, settings.tls_ca_file, timeout_s=timeout_s)
@@ -102,11 +102,11 @@ def ensure_admin(settings: StackSettings, deadline: float, log: Callable[[str], 
     from stream.cassandra import CassandraLoginRefused
 
     path = _path(settings, ADMIN)
-    default = CassandraCredentials(DEFAULT_SUPERUSER, DEFAULT_SUPERUSER)
+    default = Login(DEFAULT_SUPERUSER, DEFAULT_SUPERUSER)
     while True:
         if path.exists():
             try:
-                admin = _open(settings, CassandraCredentials.load(path))
+                admin = _open(settings, Login.load(path))
                 break
             except CassandraLoginRefused:
                 pass
@@ -119,14 +119,14 @@ def ensure_admin(settings: StackSettings, deadline: float, log: Callable[[str], 
             time.sleep(0.5)  # the default role appears a few seconds after the first start
             continue
         try:
-            creds = CassandraCredentials.load_or_create(path, role_name(ADMIN))
+            creds = Login.load_or_create(path, role_name(ADMIN))
             exists = session.execute("SELECT role FROM system_auth.roles WHERE role = %s", (creds.username,)).one()
             session.execute(f"{'ALTER' if exists else 'CREATE'} ROLE {creds.username} WITH PASSWORD = "
                             f"{_literal(creds.password)} AND LOGIN = true AND SUPERUSER = true")
             log(f"  cassandra: admin role {creds.username} {'reset' if exists else 'created'} ({path})")
         finally:
             session.cluster.shutdown()
-        admin = _wait_login(settings, CassandraCredentials.load(path), deadline)
+        admin = _wait_login(settings, Login.load(path), deadline)
         break
     try:
         _disable_default_superuser(admin, log)
@@ -134,7 +134,7 @@ def ensure_admin(settings: StackSettings, deadline: float, log: Callable[[str], 
         admin.cluster.shutdown()
 
 
-def _wait_login(settings: StackSettings, creds: CassandraCredentials, deadline: float) -> Any:
+def _wait_login(settings: StackSettings, creds: Login, deadline: float) -> Any:
     from stream.cassandra import CassandraLoginRefused
 
     while True:
@@ -163,7 +163,7 @@ def _disable_default_superuser(session: Any, log: Callable[[str], None]) -> None
 def ensure_roles(settings: StackSettings, session: Any) -> None:
     """Each role exists, can log in with the password in its credentials file, and is not a superuser."""
     for role in ROLE_RIGHTS:
-        creds = CassandraCredentials.load_or_create(_path(settings, role), role_name(role))
+        creds = Login.load_or_create(_path(settings, role), role_name(role))
         exists = session.execute("SELECT role FROM system_auth.roles WHERE role = %s", (creds.username,)).one()
         session.execute(f"{'ALTER' if exists else 'CREATE'} ROLE {creds.username} WITH PASSWORD = "
                         f"{_literal(creds.password)} AND LOGIN = true AND SUPERUSER = false")

@@ -13,7 +13,6 @@ one prefix cannot touch another's topics.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -187,30 +186,17 @@ def ensure_users(settings: StackSettings) -> None:
     """A SCRAM-SHA-512 credential per principal (password made once, 0600); re-sent on every `stack up`."""
     from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
-    settings.kafka_users_dir.mkdir(parents=True, exist_ok=True)
-    settings.kafka_users_dir.chmod(0o700)
+    from infra.settings import Login
+
     upserts = []
     for name in (ADMIN, *ROLES):
-        path = settings.kafka_users_dir / f"{name}.json"
-        if not path.exists():
-            _write_user(path, name, secrets.token_urlsafe(32))
-        password = json.loads(path.read_text())["password"]
+        login = Login.load_or_create(settings.kafka_users_dir / f"{name}.json", name)
         upserts.append(UserScramCredentialUpsertion(
-            name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), password.encode(),
+            name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), login.password.encode(),
             secrets.token_bytes(16)))
     admin = AdminClient({**internal_admin(settings), "log_level": 3})
     for future in admin.alter_user_scram_credentials(upserts, request_timeout=30).values():
         future.result(timeout=30)
-
-
-def _write_user(path: Any, name: str, password: str) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"username": name, "password": password}, fh)
-    os.replace(tmp, path)
 
 
 def provision(kafka: Mapping[str, Any], prefix: str, specs: list[Any] | None = None) -> dict[str, str]:

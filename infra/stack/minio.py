@@ -85,6 +85,9 @@ class MinioService(Service):
             "MINIO_ROOT_USER": creds.access_key,
             "MINIO_ROOT_PASSWORD": creds.secret_key,
             "MINIO_UPDATE": "off",
+            # MinIO's built-in KMS: one key from the secrets dir encrypts every object at rest (SSE-S3, set
+            # as each bucket's default encryption by ensure_buckets).
+            "MINIO_KMS_SECRET_KEY": kms_key(self.settings),
             "MINIO_CALLHOME_ENABLE": "off",
             f"MINIO_NOTIFY_KAFKA_ENABLE_{NOTIFY_ID}": "on",
             f"MINIO_NOTIFY_KAFKA_BROKERS_{NOTIFY_ID}": self.settings.kafka_bootstrap,
@@ -150,10 +153,36 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
     ensure_lifecycle(client, settings)
+    for bucket in BUCKETS:
+        encrypt_by_default(client, bucket)
     for bucket in NOTIFIED_BUCKETS:
         client.set_bucket_notification(bucket, NotificationConfig(queue_config_list=[
             QueueConfig(events=["s3:ObjectCreated:*"], config_id="detectflow-pipeline", queue=NOTIFY_ARN),
         ]))
+
+
+KMS_KEY_NAME = "detectflow-key"
+
+
+def kms_key(settings) -> str:  # type: ignore[no-untyped-def]
+    """``<name>:<base64 of 32 random bytes>``, made once into <secrets>/minio-kms.key (0600)."""
+    import base64
+    import secrets
+
+    from infra.settings import write_private
+
+    path = settings.secrets_dir / "minio-kms.key"
+    if not path.exists():
+        write_private(path, f"{KMS_KEY_NAME}:{base64.b64encode(secrets.token_bytes(32)).decode()}\n".encode())
+    return path.read_text().strip()
+
+
+def encrypt_by_default(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """SSE-S3 for every object written to ``bucket`` from now on (objects written before stay as they are)."""
+    from minio.sseconfig import Rule as SseRule
+    from minio.sseconfig import SSEConfig
+
+    client.set_bucket_encryption(bucket, SSEConfig(SseRule.new_sse_s3_rule()))
 
 
 def lifecycle_rules(settings) -> dict[str, list]:  # type: ignore[no-untyped-def]

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.settings import write_private
+
 CA_DAYS = 3650
 LEAF_DAYS = 397  # the longest a browser accepts; renewed a month before its end
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -48,14 +50,6 @@ class Pki:
 
     def leaf(self, name: str) -> Leaf:
         return Leaf(name, self.dir / f"{name}.crt", self.dir / f"{name}.key", self.dir / f"{name}.pem")
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -93,7 +87,7 @@ def ensure_ca(pki: Pki, *, force: bool = False) -> None:
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(pki.ca_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_private(pki.ca_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()))
     _write_public(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
 
@@ -166,8 +160,8 @@ def issue(pki: Pki, name: str, *, sans: Sequence[str] = ("localhost", "127.0.0.1
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     chain = cert.public_bytes(serialization.Encoding.PEM) + pki.ca_cert.read_bytes()
-    _write_private(leaf.key, key_pem)
-    _write_private(leaf.bundle, key_pem + chain)
+    write_private(leaf.key, key_pem)
+    write_private(leaf.bundle, key_pem + chain)
     _write_public(leaf.cert, chain)
     return leaf
 

@@ -77,6 +77,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
     """The suite's registry (its keyspace and models bucket, never a user's) emptied, then the default model
     pushed through the release gate: v1 is production, as after `make demo` on a fresh machine."""
     from infra.stack.cassandra_access import grant_keyspace
+    from infra.stack.minio import encrypt_by_default
     from infra.stack.minio_access import grant_area
     from model_store.evalset import ensure_eval_set
     from model_store.gate import gate_runner
@@ -88,6 +89,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
     grant_keyspace(stack, settings.stream.keyspace)
     # The roles get the same rights on the suite's models bucket as on the stack's (an extra policy each).
     root_minio(stack).make_bucket(settings.lifecycle.models_bucket)
+    encrypt_by_default(root_minio(stack), settings.lifecycle.models_bucket)
     grant_area(stack, "models", settings.lifecycle.models_bucket, SUITE_POLICY)
     registry = connect_registry(settings)
     try:

@@ -13,7 +13,7 @@ from cassandra import AuthenticationFailed, ProtocolVersion, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, NoHostAvailable
 
-from infra.settings import CassandraCredentials, StackSettings, StreamSettings
+from infra.settings import Login, StackSettings, StreamSettings
 from infra.stack import manager
 from infra.stack.cassandra_access import (
     ADMIN,
@@ -52,7 +52,7 @@ def test_a_client_without_credentials_is_refused(stack: StackSettings) -> None:
 
 
 def test_a_plaintext_client_is_refused_even_with_valid_credentials(stack: StackSettings) -> None:
-    creds = CassandraCredentials.load(stack.cassandra_roles_dir / "gateway.json")
+    creds = Login.load(stack.cassandra_roles_dir / "gateway.json")
     cluster = Cluster([stack.host], port=stack.cassandra_port, protocol_version=ProtocolVersion.V5,
                       auth_provider=PlainTextAuthProvider(creds.username, creds.password), connect_timeout=5)
     try:
@@ -89,14 +89,14 @@ def test_a_client_trusting_another_ca_is_refused(stack: StackSettings, tmp_path:
     with socket.create_connection((stack.host, stack.cassandra_port), timeout=5) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):
             tls_context(other.ca_cert).wrap_socket(raw, server_hostname=stack.host)
-    creds = CassandraCredentials.load(stack.cassandra_roles_dir / "gateway.json")
+    creds = Login.load(stack.cassandra_roles_dir / "gateway.json")
     with pytest.raises(TransientError, match="certificate verify failed"):
         open_session([stack.host], stack.cassandra_port, creds, other.ca_cert, timeout_s=5)
 
 
 def test_the_default_superuser_cannot_log_in(stack: StackSettings) -> None:
     with pytest.raises(CassandraLoginRefused):
-        open_session([stack.host], stack.cassandra_port, CassandraCredentials(DEFAULT_SUPERUSER, DEFAULT_SUPERUSER),
+        open_session([stack.host], stack.cassandra_port, Login(DEFAULT_SUPERUSER, DEFAULT_SUPERUSER),
                      stack.tls_ca_file, timeout_s=5)
     session = admin_session(stack)
     try:

@@ -187,3 +187,18 @@ def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSett
             consumer.close()
     finally:
         deprovision(admin, prefix)
+
+
+def test_objects_are_encrypted_at_rest_in_every_bucket(stack: StackSettings, sample_jpeg: bytes) -> None:
+    from infra.stack.minio import BUCKETS
+
+    root = root_minio(stack)
+    key = f"sse-{uuid.uuid4().hex[:8]}/probe"
+    for bucket in BUCKETS:
+        root.put_object(bucket, key, io.BytesIO(sample_jpeg), len(sample_jpeg))  # no encryption asked for
+        try:
+            stat = root.stat_object(bucket, key)
+            assert stat.metadata.get("x-amz-server-side-encryption") == "AES256", (bucket, dict(stat.metadata))
+            assert root.get_object(bucket, key).read() == sample_jpeg  # decrypted on read
+        finally:
+            root.remove_object(bucket, key)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.settings import CassandraCredentials, SettingsError, StackSettings, StreamSettings
+from infra.settings import Login, SettingsError, StackSettings, StreamSettings
 from infra.stack.cassandra import CassandraService
 from infra.stack.cassandra_access import ADMIN, MODIFY, ROLE_RIGHTS, SELECT, grant, role_name
 from stream.cassandra import CQL_DIR, statements
@@ -107,12 +107,12 @@ def test_the_node_requires_logins_and_tls(tmp_path: Path) -> None:
 
 def test_credentials_are_private_and_never_in_repr(tmp_path: Path) -> None:
     path = tmp_path / "cassandra" / "gateway.json"
-    first = CassandraCredentials.load_or_create(path, "detectflow_gateway")
-    assert CassandraCredentials.load_or_create(path, "detectflow_gateway") == first
+    first = Login.load_or_create(path, "detectflow_gateway")
+    assert Login.load_or_create(path, "detectflow_gateway") == first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert first.password not in repr(first) and len(first.password) >= 32
-    rotated = CassandraCredentials.create(path, "detectflow_gateway")
-    assert rotated.password != first.password and CassandraCredentials.load(path) == rotated
+    rotated = Login.create(path, "detectflow_gateway")
+    assert rotated.password != first.password and Login.load(path) == rotated
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
