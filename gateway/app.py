@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from gateway.limits import DailyQuota, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
-from infra.settings import GatewaySettings, kafka_client
+from infra.settings import GatewaySettings, SettingsError, kafka_client
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def _catalog(settings: GatewaySettings) -> Any:
     from model_store.watch import ModelWatcher
 
     p = settings.pipeline
-    watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix)
+    watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix,
+                           registry_ca=p.stream.tls_ca_file)
     watcher.start(p.lifecycle.watch_catch_up_s)
     return ModelCatalog(p.models_dir, table=watcher.table)
 
@@ -148,7 +150,24 @@ def create_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
+def server_tls(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The HTTPS context the gateway serves with (TLS 1.2 or later), or None with DETECTFLOW_GATEWAY_INSECURE_HTTP."""
+    if settings.insecure_http:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise SettingsError("the gateway serves HTTPS: set DETECTFLOW_GATEWAY_TLS_CERT and DETECTFLOW_GATEWAY_TLS_KEY")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"cannot load the gateway's certificate {settings.tls_cert} / key {settings.tls_key} "
+                            f"({type(exc).__name__}: {exc}); `detectflow stack up` issues the project CA's, or set "
+                            "DETECTFLOW_GATEWAY_TLS_CERT and DETECTFLOW_GATEWAY_TLS_KEY") from exc
+    return context
+
+
 def run_gateway(settings: GatewaySettings) -> None:
     """Serve until SIGTERM/SIGINT (aiohttp's runner stops the app, which closes the services)."""
     web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None,
-                handle_signals=True, shutdown_timeout=15)
+                ssl_context=server_tls(settings), handle_signals=True, shutdown_timeout=15)

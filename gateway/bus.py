@@ -32,7 +32,7 @@ class Bus:
         stream = settings.pipeline.stream
         self.settings = settings
         self.prefix = stream.topic_prefix
-        self.serde = serde or AvroSerde.from_url(stream.registry_url)
+        self.serde = serde or AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         self.producer = Producer({
             **kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 1,
             "compression.type": stream.compression, "message.max.bytes": stream.max_message_bytes + 64 * 1024,

@@ -19,7 +19,7 @@ from minio.error import MinioException, S3Error
 from gateway.presign import presign_put
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
-from infra.stack.minio import UNCLAIMED_TAG
+from infra.stack.minio import UNCLAIMED_TAG, https_pool
 from stream.bridge import SUBMITTED_MARK
 
 T = TypeVar("T")
@@ -54,11 +54,9 @@ class GatewayObjects:
         own = p.minio_credentials("gateway")
         self._signer = p.minio_credentials("gateway-signer")
         self._marker_secret = hashlib.sha256(b"detectflow-upload-marker\n" + self._signer.secret_key.encode()).digest()
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=20.0), maxsize=threads,
-                                   retries=urllib3.Retry(total=1, backoff_factor=0.2,
-                                                         status_forcelist=[500, 502, 503, 504]))
+        http = https_pool(p.stream.tls_ca_file, connect_s=3.0, read_s=20.0, maxsize=threads, retries=1)
         self.client = Minio(p.minio_endpoint, access_key=own.access_key, secret_key=own.secret_key,
-                            secure=False, http_client=http, region=settings.minio_region)
+                            secure=True, http_client=http, region=settings.minio_region)
         self.bucket = p.uploads_bucket
         self.settings = settings
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-minio")
@@ -157,7 +155,7 @@ class GatewayObjects:
                    # Signed: the upload carries it, and the uploads bucket's lifecycle rule expires it unless a
                    # job claims it (claim_upload) within DETECTFLOW_UNCLAIMED_UPLOAD_DAYS.
                    "x-amz-tagging": "=".join(UNCLAIMED_TAG)}
-        url = presign_put(endpoint=self.settings.public_minio_endpoint, secure=False,
+        url = presign_put(endpoint=self.settings.public_minio_endpoint, secure=True,
                           region=self.settings.minio_region, access_key=self._signer.access_key,
                           secret_key=self._signer.secret_key, bucket=self.bucket, key=key, expires_s=ttl,
                           headers=headers, now=now)

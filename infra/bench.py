@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import socket
+import ssl
 import statistics
 import time
 import urllib.request
@@ -55,9 +56,11 @@ def free_port_block(n: int) -> int:
     raise RuntimeError("no free block of ports for the roles' metrics")
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (enough for sums and counts)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def scrape(port: int, tls: ssl.SSLContext | None = None) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (enough for sums and counts); over HTTPS with ``tls`` (the
+    gateway's /metrics), plain HTTP otherwise (the roles' metrics servers, on loopback)."""
+    scheme = "https" if tls is not None else "http"
+    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/metrics", timeout=5, context=tls) as resp:  # noqa: S310 - loopback URL we built
         text = resp.read().decode()
     out = {}
     for line in text.splitlines():
@@ -237,8 +240,9 @@ def _detect(client: Any, data: bytes, lane: str, timeout_s: float) -> dict[str, 
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a same-run baseline")
-    p.add_argument("target", choices=["pipeline", "sync", "hop"],
-                   help="hop: one stage-to-stage hop on the broker (produce+flush, poll, sync commit)")
+    p.add_argument("target", choices=["pipeline", "sync", "hop", "tls"],
+                   help="hop: one stage-to-stage hop on the broker (produce+flush, poll, sync commit); "
+                        "tls: the same hop over SASL_SSL against plaintext, on a throwaway broker")
     p.add_argument("--images", type=int, default=112, help="batch-lane requests")
     p.add_argument("--online", type=int, default=40, help="online-lane requests, one at a time")
     p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import os
 import re
+import ssl
 import struct
 import time
 import uuid
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
+from infra.jobs_cmd import client_tls
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 
@@ -282,7 +284,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
     run_id = uuid.uuid4().hex[:6]
     prefix = f"bench{run_id}."
-    # The roles' metrics ports, then the gateway's HTTP port (the gateway's own metrics port goes unused).
+    # The roles' metrics ports, then the gateway's HTTPS port (the gateway's own metrics port goes unused).
     base_port = free_port_block(len(SERVICES) + 1)
     gw_port = base_port + len(SERVICES)
     env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port),
@@ -308,7 +310,8 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     tenant = f"bench-{run_id}"
     token = mint(ensure_dev_keys(stack.secrets_dir), tenant=tenant, scopes=["detect:write", "results:read"],
                  issuer=gw.issuer, audience=gw.audience, tenant_claim=gw.tenant_claim, ttl_s=3600)
-    target = Target(f"http://{gw.host}:{gw_port}", token, timeout_ms)
+    target = Target(gw.base_url, token, timeout_ms)
+    tls = client_tls(gw.pipeline.stream.tls_ca_file)  # the gateway's HTTPS, verified against the project CA
     log_dir = stack.log_dir / "bench-sync"
 
     provision(kafka_client(settings.stream), prefix,
@@ -318,7 +321,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     sup.start_monitor()
     try:
         measured = asyncio.run(_measure(sup, ports["inference"], gw_port, target, warm_bodies, level_bodies,
-                                        levels, bases, model_dir, baseline_repeats, ready_deadline_s))
+                                        levels, bases, model_dir, baseline_repeats, ready_deadline_s, tls))
     finally:
         sup.stop()
         deprovision(kafka_client(settings.stream), prefix)
@@ -329,12 +332,12 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
 async def _measure(sup: Any, inference_port: int, gw_port: int, target: Target, warm_bodies: list[bytes],
                    level_bodies: list[list[bytes]], levels: Sequence[int], bases: list[bytes], model_dir: Any,
-                   baseline_repeats: int, ready_deadline_s: float) -> Measured:
+                   baseline_repeats: int, ready_deadline_s: float, tls: ssl.SSLContext) -> Measured:
     import aiohttp
 
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=target.timeout_ms / 1000 + 30)  # past the gateway's own deadline
-    connector = aiohttp.TCPConnector(limit=max(levels) + 4)
+    connector = aiohttp.TCPConnector(limit=max(levels) + 4, ssl=tls)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await wait_ready(session, target.base_url, ready_deadline_s)
         warm_calls = await warm_up(session, target, warm_bodies, in_a_row=3, deadline_s=ready_deadline_s)
@@ -343,7 +346,7 @@ async def _measure(sup: Any, inference_port: int, gw_port: int, target: Target, 
 
         async def scrapes() -> tuple[dict[str, float], dict[str, float]]:
             return (await loop.run_in_executor(None, scrape, inference_port),
-                    await loop.run_in_executor(None, scrape, gw_port))
+                    await loop.run_in_executor(None, scrape, gw_port, tls))
 
         out = []
         for level, bodies in zip(levels, level_bodies, strict=True):

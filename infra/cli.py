@@ -94,8 +94,17 @@ def _run(args: argparse.Namespace, settings: StackSettings) -> int:
     pipeline = PipelineSettings.from_env()
     if args.role == "all":
         from infra.roles import SERVICES
+        from infra.settings import kafka_client
+        from infra.stack.kafka_access import provision
         from infra.supervisor import Supervisor
+        from stream import topics
 
+        # The local deployment: its topics and ACLs first, as `detectflow topics apply` makes them (the broker
+        # creates no topic by itself, and each role may only use what its ACLs name).
+        stream = pipeline.stream
+        provision(kafka_client(stream, "admin"), stream.topic_prefix,
+                  topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes,
+                                    raw_retention_hours=stream.raw_retention_hours))
         sup = Supervisor(SERVICES, settings.log_dir, metrics_base_port=pipeline.stream.metrics_port)
         print(f"pipeline roles starting: {', '.join(SERVICES)}; logs in {settings.log_dir}/pipeline-<role>.log; "
               "Ctrl-C stops them", flush=True)
@@ -108,8 +117,14 @@ def _run(args: argparse.Namespace, settings: StackSettings) -> int:
 def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.detect_cmd import run_detect
 
+    if args.operator and args.tenant is None:
+        args.tenant = "cli"
+    if args.tenant is None:
+        print("detectflow detect: --tenant NAME (as that tenant's principal: `detectflow tenants create NAME` "
+              "first), or --operator (as the admin principal, for operator tooling)", file=sys.stderr)
+        return 2
     return run_detect(args.images, as_json=args.json, draw_dir=args.draw, lane=args.lane, timeout_s=args.timeout,
-                      tenant=args.tenant, score_threshold=args.score)
+                      tenant=args.tenant, score_threshold=args.score, as_tenant=not args.operator)
 
 
 def _token(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -143,6 +158,12 @@ def _jobs(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_jobs(args, settings)
 
 
+def _tenants(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.tenants_cmd import run_tenants
+
+    return run_tenants(args, settings)
+
+
 def _models(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.models_cmd import run_models
 
@@ -162,6 +183,10 @@ def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
         from infra.bench_hop import run_bench_hop
 
         return run_bench_hop(settings)
+    if args.target == "tls":
+        from infra.bench_tls import run_bench_tls
+
+        return run_bench_tls(settings)
     if args.target == "sync":
         from infra.bench_sync import parse_levels, run_bench_sync
 
@@ -218,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--draw", type=Path, metavar="DIR", help="write annotated copies into DIR")
     dt.add_argument("--lane", choices=["online", "batch"], default="online")
     dt.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the results")
-    dt.add_argument("--tenant", default="cli")
+    dt.add_argument("--tenant", default=None,
+                    help="produce to this tenant's ingest topic as its principal (batch lane; see `tenants create`)")
+    dt.add_argument("--operator", action="store_true",
+                    help="produce to detect.<lane>.submitted as the admin principal (operator tooling; tenant: "
+                         "--tenant, default cli)")
     dt.add_argument("--score", type=float, default=None, help="score threshold (default: the pipeline's)")
     dt.set_defaults(func=_detect)
 
@@ -235,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infra.jobs_cmd import add_cli as add_jobs_cli
 
     add_jobs_cli(sub).set_defaults(func=_jobs)
+
+    from infra.tenants_cmd import add_cli as add_tenants_cli
+
+    add_tenants_cli(sub).set_defaults(func=_tenants)
 
     from infra.models_cmd import add_cli as add_models_cli
 

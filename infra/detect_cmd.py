@@ -16,9 +16,14 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png
                  ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
-def make_client(settings: PipelineSettings, tenant: str) -> DetectClient:
+def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = False) -> DetectClient:
+    """An operator's client (the settings' principal, any tenant; big images uploaded to MinIO), or with
+    ``as_tenant`` the tenant's own (its principal and ingest topic; images inline: it has no MinIO user)."""
     from processors.objects import ObjectStore, minio_client
 
+    if as_tenant:
+        return DetectClient(settings.stream, tenant=tenant, as_tenant=True,
+                            inline_max_bytes=settings.stream.max_message_bytes)
     store: ObjectStore | None = None
 
     def upload(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
@@ -89,14 +94,14 @@ def draw(path: Path, result: dict[str, Any], out_dir: Path) -> Path:
 
 
 def run_detect(paths: Sequence[Path], *, as_json: bool, draw_dir: Path | None, lane: str, timeout_s: float,
-               tenant: str, score_threshold: float | None = None) -> int:
+               tenant: str, score_threshold: float | None = None, as_tenant: bool = False) -> int:
     settings = PipelineSettings.from_env()
     missing = [p for p in paths if not p.is_file()]
     if missing:
         print(f"detectflow: no such file: {missing[0]}", file=sys.stderr)
         return 2
     params = {"score_threshold": score_threshold} if score_threshold is not None else None
-    with make_client(settings, tenant) as client:
+    with make_client(settings, tenant, as_tenant=as_tenant) as client:
         results = detect_files(client, paths, lane=lane, timeout_s=timeout_s, params=params)
     if as_json:
         print(json.dumps([{"image": str(p), **r} for p, r in zip(paths, results, strict=True)], indent=2,

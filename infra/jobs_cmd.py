@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -127,14 +128,23 @@ def _print_progress(label: str) -> Any:
     return show
 
 
-async def _submit(args: argparse.Namespace, token: str) -> int:
+def client_tls(ca_file: Path | None) -> ssl.SSLContext:
+    """The context the CLI's HTTPS calls (the gateway, MinIO's pre-signed URLs) verify with: the system's trust
+    store plus the project CA (DETECTFLOW_TLS_CA_FILE), hostnames checked."""
+    context = ssl.create_default_context()
+    if ca_file is not None and ca_file.is_file():
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> int:
     files = image_files(args.paths)
     if not files:
         print("no image files found", file=sys.stderr)
         return 2
     payload = [(f.read_bytes(), IMAGE_SUFFIXES.get(f.suffix.lower(), "image/jpeg")) for f in files]
     params = {"score_threshold": args.score} if args.score is not None else {}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as session:
         client = JobsClient(session, args.url, token)
         ids = await client.upload(payload, on_progress=_print_progress("upload"))
         print(file=sys.stderr)
@@ -175,9 +185,9 @@ def run_jobs(args: argparse.Namespace, settings: StackSettings) -> int:
                                scopes=["detect:write", "results:read"], issuer=gw.issuer, audience=gw.audience,
                                tenant_claim=gw.tenant_claim)
     if args.url is None:
-        args.url = f"http://{gw.host}:{gw.port}"
+        args.url = gw.base_url
     try:
-        return asyncio.run(_submit(args, token))
+        return asyncio.run(_submit(args, token, client_tls(gw.pipeline.stream.tls_ca_file)))
     except (ApiError, aiohttp.ClientError, TimeoutError, FileNotFoundError) as exc:
         print(f"\ndetectflow jobs: {exc}", file=sys.stderr)
         return 1

@@ -139,7 +139,7 @@ def _await_ready(registry: Any, settings: PipelineSettings, model: str, version:
     if info is None:
         return True  # the command itself says why
     watcher = ModelWatcher(kafka_client(settings.stream, "registry"), settings.stream.registry_url,
-                           settings.stream.topic_prefix)
+                           settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     watcher.start(settings.lifecycle.watch_catch_up_s)
     try:
         t0 = time.monotonic()

@@ -51,7 +51,8 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
     fetch = fetcher(objects, settings.models_dir)
     if not watch:
         return ModelCatalog(settings.models_dir, fetch=fetch)
-    watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix)
+    watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
+                           registry_ca=settings.stream.tls_ca_file)
     for listener in listeners:
         watcher.add_listener(listener)
     watcher.start(settings.lifecycle.watch_catch_up_s)
@@ -61,7 +62,8 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
 def _reporter(role: str, settings: PipelineSettings) -> Any:
     from model_store.registry import ModelEventLog
 
-    events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix)
+    events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
+                           registry_ca=settings.stream.tls_ca_file)
     instance = instance_name(role, settings)
 
     def report(model: str, version: int, action: str, reason: str | None) -> None:
@@ -187,5 +189,8 @@ def run_gateway() -> None:
         ensure_dev_keys(secrets_dir)
         log.warning("gateway: development auth mode (DETECTFLOW_AUTH_DEV=true): tokens signed with the dev keys "
                     "in %s are accepted", secrets_dir)
-    log.info("gateway: serving on http://%s:%s", settings.host, settings.port)
+    if settings.insecure_http:
+        log.warning("gateway: plain HTTP (DETECTFLOW_GATEWAY_INSECURE_HTTP=true): tokens and images cross the network "
+                    "unencrypted; for development only")
+    log.info("gateway: serving on %s", settings.base_url)
     serve(settings)

@@ -185,7 +185,7 @@ class StackSettings:
 
     @property
     def registry_url(self) -> str:
-        return f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+        return f"https://{self.host}:{self.registry_port}/apis/ccompat/v7"
 
     @property
     def minio_endpoint(self) -> str:
@@ -299,7 +299,8 @@ class StreamSettings:
     """Settings of a stream-runtime process (a pipeline stage, the bridge)."""
 
     bootstrap: str = "127.0.0.1:9092"
-    registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    # HTTPS, verified against tls_ca_file (the project CA).
+    registry_url: str = "https://127.0.0.1:8081/apis/ccompat/v7"
     # Kafka: SASL_SSL with SCRAM-SHA-512 as this principal (a pipeline role, `admin` for operator tools);
     # its password is read on use from <kafka_users_dir>/<kafka_user>.json, never part of repr.
     kafka_user: str = "admin"
@@ -354,7 +355,7 @@ class StreamSettings:
             bootstrap=_get(env, "KAFKA_BOOTSTRAP", stack.kafka_bootstrap),
             kafka_user=_get(env, "KAFKA_USER", "admin"),
             kafka_users_dir=Path(_get(env, "KAFKA_USERS_DIR", str(stack.kafka_users_dir))),
-            tls_ca_file=Path(_get(env, "TLS_CA_FILE", str(stack.tls_dir / "ca.crt"))),
+            tls_ca_file=_path(env, "TLS_CA_FILE", stack.tls_ca_file),
             registry_url=_get(env, "REGISTRY_URL", stack.registry_url),
             cassandra_hosts=tuple(_get(env, "CASSANDRA_HOSTS", stack.host).split(",")),
             cassandra_port=stack.cassandra_port,
@@ -394,7 +395,7 @@ def kafka_client(settings: StreamSettings, user: str | None = None) -> dict[str,
     name = user or settings.kafka_user
     if settings.kafka_users_dir is None or settings.tls_ca_file is None:
         raise SettingsError("Kafka needs DETECTFLOW_KAFKA_USERS_DIR and DETECTFLOW_TLS_CA_FILE")
-    if not name.replace("-", "").isalnum():
+    if not name.replace("-", "").replace("_", "").isalnum():  # a role, or tenant-<tenant name>
         raise SettingsError(f"invalid Kafka principal {name!r}")
     password = Login.load(settings.kafka_users_dir / f"{name}.json").password
     return {"bootstrap.servers": settings.bootstrap, "security.protocol": "SASL_SSL",
@@ -577,6 +578,13 @@ class PipelineSettings:
 UPLOAD_GRACE_S = 3600
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name, "true" if default else "false").strip().lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} must be true or false")
+    return raw in ("1", "true", "yes")
+
+
 def _upload_ttl(env: Mapping[str, str], stack: StackSettings) -> int:
     value = int(_num(env, "UPLOAD_URL_TTL_S", 900))
     if not 0 < value <= stack.unclaimed_upload_days * 86400 - UPLOAD_GRACE_S:
@@ -592,6 +600,12 @@ class GatewaySettings:
     pipeline: PipelineSettings
     host: str = "127.0.0.1"
     port: int = 8080
+    # HTTPS (docs/security.md): the certificate chain and key the gateway serves, PEM; by default the project
+    # CA's `gateway` certificate, which `stack up` issues. insecure_http serves plain HTTP instead, for
+    # development only (DETECTFLOW_GATEWAY_INSECURE_HTTP=true; the gateway warns when it starts so).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_http: bool = False
     # Where the gateway's URLs point clients (Location headers); pre-signed URLs use public_minio_endpoint.
     public_minio_endpoint: str = "127.0.0.1:9000"
     minio_region: str = "us-east-1"
@@ -652,6 +666,7 @@ class GatewaySettings:
             pipeline=pipeline,
             host=_get(env, "GATEWAY_HOST", stack.host),
             port=_port(env, "GATEWAY_PORT", 8080),
+            **cls._tls_from_env(env, stack),
             public_minio_endpoint=_get(env, "PUBLIC_MINIO_ENDPOINT", pipeline.minio_endpoint),
             **cls._auth_from_env(env, stack),
             audience=_get(env, "JWT_AUDIENCE", "detectflow-api"),
@@ -669,6 +684,27 @@ class GatewaySettings:
             job_max_items=int(num("JOB_MAX_ITEMS", 10_000)),
             reply_partition=int(num("REPLY_PARTITION", -1)),
         )
+
+    @property
+    def base_url(self) -> str:
+        """Where this gateway is reached: https unless insecure_http."""
+        return f"{'http' if self.insecure_http else 'https'}://{self.host}:{self.port}"
+
+    @classmethod
+    def _tls_from_env(cls, env: Mapping[str, str], stack: StackSettings) -> dict[str, object]:
+        insecure = _flag(env, "GATEWAY_INSECURE_HTTP", False)
+        cert, key = (_get(env, name, "").strip() for name in ("GATEWAY_TLS_CERT", "GATEWAY_TLS_KEY"))
+        if insecure and (cert or key):
+            raise SettingsError(f"{ENV_PREFIX}GATEWAY_INSECURE_HTTP=true serves plain HTTP: unset "
+                                f"{ENV_PREFIX}GATEWAY_TLS_CERT and {ENV_PREFIX}GATEWAY_TLS_KEY, or the flag")
+        if bool(cert) != bool(key):
+            raise SettingsError(f"set both {ENV_PREFIX}GATEWAY_TLS_CERT and {ENV_PREFIX}GATEWAY_TLS_KEY, or neither "
+                                "(the project CA's gateway certificate)")
+        if insecure:
+            return {"insecure_http": True, "tls_cert": None, "tls_key": None}
+        return {"insecure_http": False,
+                "tls_cert": Path(cert).expanduser() if cert else stack.tls_dir / "gateway.crt",
+                "tls_key": Path(key).expanduser() if key else stack.tls_dir / "gateway.key"}
 
     @classmethod
     def _auth_from_env(cls, env: Mapping[str, str], stack: StackSettings) -> dict[str, object]:

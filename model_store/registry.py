@@ -317,14 +317,15 @@ class ModelObjects:
 class ModelEventLog:
     """Publishes routing states and READY/LOAD_FAILED reports on `models`, and audit events on `audit`."""
 
-    def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0):
+    def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0,
+                 *, registry_ca: Path | None = None):
         from confluent_kafka import Producer
 
         from stream.serde import AvroSerde
 
         self.topic = f"{prefix}models"
         self.audit_topic = f"{prefix}audit"
-        self._serde = AvroSerde.from_url(registry_url)
+        self._serde = AvroSerde.from_url(registry_url, registry_ca)
         self._producer = Producer({**kafka, "enable.idempotence": True, "acks": "all",
                                    "linger.ms": 0, "log_level": 3})
         self._timeout = flush_timeout_s
@@ -579,4 +580,4 @@ def connect_registry(settings: Any, role: str = "registry") -> Registry:
     objects.ensure_bucket()
     return Registry(RegistryStore(connect(settings.stream, role)), objects,
                     ModelEventLog(kafka_client(settings.stream, role), settings.stream.registry_url,
-                                  settings.stream.topic_prefix))
+                                  settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file))

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from model_store.routing import REPORT_ACTIONS, STATE_ACTIONS, Routing
@@ -97,11 +98,12 @@ class ModelWatcher:
     """Consumes `models` into a RoutingTable on a daemon thread."""
 
     def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", table: RoutingTable | None = None,
-                 *, poll_timeout_s: float = 0.5):
+                 *, poll_timeout_s: float = 0.5, registry_ca: Path | None = None):
         self.topic = f"{prefix}models"
         self.table = table or RoutingTable()
         self._kafka = dict(kafka)  # librdkafka connection settings (infra.settings.kafka_client)
         self._registry_url = registry_url
+        self._registry_ca = registry_ca  # the registry's HTTPS certificate is verified against it
         self._poll = poll_timeout_s
         self._listeners: list[Listener] = []
         self._stop = threading.Event()
@@ -129,7 +131,7 @@ class ModelWatcher:
 
         from stream.serde import AvroSerde, SerdeError
 
-        serde = AvroSerde.from_url(self._registry_url)
+        serde = AvroSerde.from_url(self._registry_url, self._registry_ca)
         consumer = Consumer({**self._kafka, "group.id": f"models-watch-{uuid.uuid4().hex}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3,
                              "isolation.level": "read_committed"})

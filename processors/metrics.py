@@ -47,3 +47,6 @@ SHADOW_SKIPPED = Counter("detectflow_shadow_skipped_total",
 DELETED_DROPPED = Counter("detectflow_deleted_image_results_total",
                           "Results of images deleted before they were stored, ended as IMAGE_DELETED", ["stage"])
 FLAGGED = Counter("detectflow_review_flagged_total", "Images flagged for review by a tenant's content policy")
+# Tenant-bound ingestion (stream/ingest.py): records on a tenant's ingest topic naming another tenant.
+TENANT_MISMATCH = Counter("detectflow_tenant_mismatch_total",
+                          "Submissions refused because their tenant field disagreed with their ingest topic")

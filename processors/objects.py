@@ -11,6 +11,7 @@ from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
 
 from infra.settings import PipelineSettings
+from infra.stack.minio import https_pool
 from stream.errors import InvalidRecord, TransientError
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
@@ -19,12 +20,11 @@ _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
 def minio_client(settings: PipelineSettings, role: str) -> Minio:
     """A client holding ``role``'s key (infra/stack/minio_access.py says what each role may do)."""
     creds = settings.minio_credentials(role)
-    # Bounded waits: a MinIO that hangs must become a transient failure, not a stuck stage.
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=30.0), maxsize=8,
-                               retries=urllib3.Retry(total=2, backoff_factor=0.2,
-                                                     status_forcelist=[500, 502, 503, 504]))
+    # TLS verified against the project CA; bounded waits: a MinIO that hangs must become a transient failure,
+    # not a stuck stage.
+    http = https_pool(settings.stream.tls_ca_file, connect_s=3.0, read_s=30.0, maxsize=8, retries=2)
     return Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key,
-                 secure=False, http_client=http)
+                 secure=True, http_client=http)
 
 
 class ObjectStore:

@@ -29,10 +29,11 @@ from processors.governance import IMAGE_DELETED, apply_policy, deleted_at_of, de
 from processors.params import CacheKey, effective_params
 from processors.postprocess import Governance, flag_for_review
 from processors.scanner import ScanVerdict
+from stream import ingest
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
 from stream.serde import epoch_ms
-from stream.topics import LANES, lane_topic
+from stream.topics import LANES, ingest_pattern, lane_topic
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ class ScanStage:
     def input_topics(self) -> list[str]:
         return [lane_topic(self.prefix, lane, "submitted") for lane in LANES]
 
+    def input_patterns(self) -> list[str]:
+        # Every tenant's ingest topic (stream/ingest.py): what systems producing into Kafka write.
+        return [ingest_pattern(self.prefix)]
+
     def process(self, batch: list[Record]) -> list[Outcome]:
         self._hit_bytes.clear()
         outcomes = per_record(batch, self._one)
@@ -163,6 +168,12 @@ class ScanStage:
 
     def _one(self, rec: Record) -> list[Output]:
         value = rec.value
+        bound = ingest.check(self.prefix, rec)
+        if bound.mismatch:
+            PM.TENANT_MISMATCH.inc()
+            return ingest.mismatch_outputs(self.prefix, rec, bound)
+        if bound.tenant is not None:  # the topic's tenant and lane travel on, whatever the record said
+            value = ingest.stamped(value, bound.tenant, rec.lane)
         tenant = value["tenant"]
         t0 = time.perf_counter()
         data = image_bytes(value["image"], tenant, self.objects, self.settings)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,10 +19,9 @@ from typing import Any, Protocol
 
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms
-from stream.topics import lane_topic
+from stream.topics import TENANT_RE, lane_topic
 
 EVENTS_TOPIC = "minio.events"
-TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 REQUEST_NAMESPACE = uuid.UUID("5d1f3d1e-6a0e-4f1c-9a43-6f1d2f0b7c11")
 # Objects the gateway stored itself carry this metadata: it already produced their event.
 SUBMITTED_MARK = "detectflow-submitted"

@@ -14,17 +14,18 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import Producer
 
 from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
+from stream.ingest import principal
 from stream.records import now_ms
 from stream.reply import ReplyRouter, ReplyTimeout
 from stream.serde import AvroSerde
-from stream.topics import lane_topic, replies_topic
+from stream.topics import ingest_topic, lane_topic, replies_topic, tenant_replies_topic
 
 
 @dataclass(frozen=True)
@@ -36,20 +37,31 @@ class Submitted:
 
 
 class DetectClient:
+    """As an operator (``as_tenant=False``: the settings' principal, `detect.<lane>.submitted`, any tenant) or as
+    a tenant (``as_tenant=True``: the principal `tenant-<tenant>`, its ingest topic, the batch lane, replies on
+    its own reply topic; docs/events.md, "Producing into Kafka as a tenant")."""
+
     def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
                  inline_max_bytes: int = 1024 * 1024,
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
-                 serde: AvroSerde | None = None):
+                 serde: AvroSerde | None = None, as_tenant: bool = False):
+        if as_tenant:
+            settings = replace(settings, kafka_user=principal(tenant))
         self.settings = settings
         self.tenant = tenant
+        self.as_tenant = as_tenant
         self.inline_max_bytes = inline_max_bytes
         self.upload = upload  # (key, data, content type) -> (bucket, key); for images over the inline limit
-        self.serde = serde or AvroSerde.from_url(settings.registry_url)
+        self.serde = serde or AvroSerde.from_url(settings.registry_url, settings.tls_ca_file)
         self.producer = Producer({**kafka_client(settings), "enable.idempotence": True,
                                   "acks": "all", "linger.ms": 1, "compression.type": settings.compression,
                                   "message.max.bytes": settings.max_message_bytes + 64 * 1024, "log_level": 3})
-        partition = random.randrange(16) if reply_partition is None else reply_partition  # noqa: S311
-        self.router = ReplyRouter(settings, self.serde, replies_topic(settings.topic_prefix), partition)
+        prefix = settings.topic_prefix
+        if as_tenant:  # one partition, its own: the tenant's replies topic
+            self.router = ReplyRouter(settings, self.serde, tenant_replies_topic(prefix, tenant), reply_partition or 0)
+        else:
+            partition = random.randrange(16) if reply_partition is None else reply_partition  # noqa: S311
+            self.router = ReplyRouter(settings, self.serde, replies_topic(prefix), partition)
         self._started = False
 
     def __enter__(self) -> DetectClient:
@@ -95,13 +107,16 @@ class DetectClient:
         request_id = request_id or str(uuid.uuid4())
         correlation = uuid.uuid4().hex
         deadline = time.time() + timeout_s
+        if self.as_tenant:
+            lane = "batch"  # an ingest topic is the batch lane (the gateway is the online path)
         event = {
             "request_id": request_id, "tenant": self.tenant, "image": image, "lane": lane.upper(),
             "model": {"name": model, "version": version},
             "params": {"score_threshold": None, "max_detections": None, "classes": [], **(params or {})},
             "deadline_ms": deadline_ms, "idempotency_key": None, "job_id": job_id, "submitted_at": now_ms(),
         }
-        topic = lane_topic(self.settings.topic_prefix, lane, "submitted")
+        topic = (ingest_topic(self.settings.topic_prefix, self.tenant) if self.as_tenant
+                 else lane_topic(self.settings.topic_prefix, lane, "submitted"))
         headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: self.router.reply_to.encode(),
                    H.DEADLINE_MS: str(int(deadline * 1000)).encode(), H.TRACEPARENT: H.new_traceparent().encode()}
         future = self.router.expect(correlation, deadline)

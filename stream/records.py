@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from stream import headers as H
 from stream.errors import InvalidRecord, StreamError, TransientError
 from stream.serde import epoch_ms
-from stream.topics import detections_topic
+from stream.topics import TENANT_REPLIES, detections_topic, replies_topic
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class Stage(Protocol):
 
     ``process`` returns one Outcome per input record, in order. It may raise
     TransientError to fail the whole batch transiently (e.g. a service is down);
-    any other exception is a bug and stops the process.
+    any other exception is a bug and stops the process. A stage may also define
+    ``input_patterns() -> list[str]``: librdkafka regex subscriptions beside its topics
+    (scan: every tenant's ingest topic, stream/ingest.py).
     """
 
     name: str
@@ -124,11 +126,13 @@ def terminal_result(*, key: str | None, value: Mapping[str, Any] | None, lane: s
 
 
 def result_outputs(prefix: str, result: dict[str, Any], carried: dict[str, bytes]) -> list[Output]:
-    """A DetectionResult goes to `detections`, and to the waiting gateway when there is one."""
+    """A DetectionResult goes to `detections`, and to the waiting gateway when there is one. A `reply-to` that
+    names anything but a reply topic (`detect.replies`, a tenant's `replies.<tenant>`) is ignored: a stage
+    writes there with its own rights."""
     outs = [Output(detections_topic(prefix), result["request_id"], result, "DetectionResult", carried)]
     reply = H.text(carried, H.REPLY_TO)
     if reply:
         topic, _, part = reply.rpartition(":")
-        if topic and part.isdigit():
+        if (topic == replies_topic(prefix) or topic.startswith(f"{prefix}{TENANT_REPLIES}")) and part.isdigit():
             outs.append(Output(topic, result["request_id"], result, "DetectionResult", carried, int(part)))
     return outs

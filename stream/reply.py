@@ -58,7 +58,8 @@ class ReplyRouter:
         self._consumer = Consumer({
             **kafka_client(settings),
             # Assigned, not subscribed: no group coordination, offsets never committed.
-            "group.id": f"detectflow.replies.{uuid.uuid4().hex[:8]}",
+            # Named after its principal, so a tenant's ACL can cover its own (kafka_access.tenant_bindings).
+            "group.id": f"detectflow.replies.{settings.kafka_user}.{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,
             "isolation.level": "read_committed",

@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 
 from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
+from stream import ingest
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
 from stream.records import (
@@ -47,7 +48,7 @@ from stream.records import (
     terminal_result,
 )
 from stream.serde import AvroSerde, DecodeError, RegistryUnavailable
-from stream.topics import dlq_topic, retry_topic
+from stream.topics import dlq_topic, retry_topic, tenant_of_ingest
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class _Pending:
     record: Record | None = None
     outputs: list[Output] = field(default_factory=list)
     done: bool = False
+    # The headers the pipeline carries on (a tenant's bound by stream.ingest); None: the message's own.
+    headers: dict[str, bytes] | None = None
 
 
 class StageRunner:
@@ -92,7 +95,7 @@ class StageRunner:
         # keep polling until the batch is full or its oldest record has waited its lane's delay.
         # No delay by default: a stage takes what is already there and goes.
         self.queue_delay_ms = dict(queue_delay_ms or {})
-        self.serde = serde or AvroSerde.from_url(settings.registry_url)
+        self.serde = serde or AvroSerde.from_url(settings.registry_url, settings.tls_ca_file)
         self.group_id = group_id or f"{settings.topic_prefix}detectflow.{stage.name}"
         self.exactly_once = exactly_once
         # With exactly_once, which lanes' records go through transactions. Others are delivered
@@ -158,8 +161,11 @@ class StageRunner:
         """Loop until stop() (SIGTERM): finish the in-flight batch, commit, leave the group."""
         if self.txn_producer is not None:
             self.txn_producer.init_transactions(30)
-        self.consumer.subscribe(self.stage.input_topics() + [retry_topic(t) for t in self.stage.input_topics()],
-                                on_assign=self._on_assign, on_revoke=self._on_revoke)
+        # A stage may also take regex subscriptions (``input_patterns``, e.g. every tenant's ingest topic and
+        # its retry topic): topics created later are picked up at the next metadata refresh.
+        patterns = list(getattr(self.stage, "input_patterns", lambda: [])())
+        self.consumer.subscribe(self.stage.input_topics() + [retry_topic(t) for t in self.stage.input_topics()]
+                                + patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         batches = 0
         idle_since = time.monotonic()
         try:
@@ -269,7 +275,13 @@ class StageRunner:
                 self.consumer.pause([TopicPartition(*tp)])
                 continue
             p = _Pending(msg)
-            origin = H.text(hdrs, H.ORIGIN_TOPIC) or origin_of(msg.topic())
+            # Provenance headers count only on a retry topic (written by pipeline principals alone); on an
+            # input topic they are whatever its producer wrote.
+            from_retry = msg.topic().endswith(RETRY_SUFFIX)
+            origin = (H.text(hdrs, H.ORIGIN_TOPIC) if from_retry else None) or origin_of(msg.topic())
+            tenant = tenant_of_ingest(self.settings.topic_prefix, origin)
+            if tenant is not None:
+                hdrs = p.headers = ingest.bind_headers(self.settings.topic_prefix, tenant, hdrs, from_retry=from_retry)
             lane = lane_of(origin)
             key = msg.key().decode("utf-8", errors="replace") if msg.key() is not None else None
             try:
@@ -280,8 +292,9 @@ class StageRunner:
                 out.append(p)
                 continue
             ts_type, ts = msg.timestamp()
+            attempt = (H.integer(hdrs, H.ATTEMPT) if from_retry else None) or 1
             p.record = Record(topic=origin, partition=msg.partition(), offset=msg.offset(), key=key, value=value,
-                              headers=hdrs, lane=lane, attempt=H.integer(hdrs, H.ATTEMPT) or 1,
+                              headers=hdrs, lane=lane, attempt=attempt,
                               timestamp_ms=ts if ts_type else 0)
             out.append(p)
         return out
@@ -402,7 +415,8 @@ class StageRunner:
         outputs = [Output(dlq_topic(origin), key or "", letter, "DeadLetter", {**original, **provenance})]
         if self.stage.emits_terminal_results:
             result = terminal_result(key=key, value=value, lane=lane, status=status, code=code, message=message)
-            carried = {k: original[k] for k in H.PROPAGATED if k in original}
+            bound = p.headers if p.headers is not None else original
+            carried = {k: bound[k] for k in H.PROPAGATED if k in bound}
             carried[H.TRACEPARENT] = H.child_traceparent(H.text(original, H.TRACEPARENT)).encode()
             outputs += result_outputs(self.settings.topic_prefix, result, carried)
         p.outputs = outputs

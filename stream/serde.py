@@ -13,6 +13,7 @@ import io
 import json
 import struct
 import threading
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -49,6 +50,11 @@ def epoch_ms(value: int | dt.datetime | None) -> int | None:
     return int(value.timestamp() * 1000)
 
 
+def registry_config(url: str, ca_file: Path | None = None) -> dict[str, Any]:
+    """SchemaRegistryClient's configuration: the URL, a deadline, and the CA its certificate is checked against."""
+    return {"url": url, "timeout": 10, **({"ssl.ca.location": str(ca_file)} if ca_file is not None else {})}
+
+
 class AvroSerde:
     """Encode/decode detectflow events for one process; thread-safe caches."""
 
@@ -59,8 +65,10 @@ class AvroSerde:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> AvroSerde:
-        return cls(SchemaRegistryClient({"url": url, "timeout": 10}))
+    def from_url(cls, url: str, ca_file: Path | None = None) -> AvroSerde:
+        """A serde on the registry at ``url``; its HTTPS certificate is verified against ``ca_file`` (the project
+        CA, DETECTFLOW_TLS_CA_FILE), or the system's trust store when None."""
+        return cls(SchemaRegistryClient(registry_config(url, ca_file)))
 
     # ---- registration ------------------------------------------------------------------
     def schema_id(self, topic: str, event: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,69 @@ def replies_topic(prefix: str = "") -> str:
 
 def abuse_topic(prefix: str = "") -> str:
     return f"{prefix}abuse"
+
+
+# ---- tenant-bound ingestion (docs/events.md, "Producing into Kafka as a tenant") ----------------------
+# A tenant name: the gateway's rule (gateway/auth.py TENANT_RE; tests/unit/test_tenant_ingest.py keeps them
+# equal). No '.', so `ingest.<tenant>` never reaches into another name's suffix (`.retry`, `.dlq`).
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+INGEST = "ingest."
+TENANT_REPLIES = "replies."
+# `ingest.retry` would read as the retry topic of `ingest` (the runtime trusts a retry topic's headers), and
+# `ingest.dlq` as a dead-letter topic: these tenant names get no Kafka ingestion.
+RESERVED_INGEST_NAMES = ("retry", "dlq")
+
+
+def valid_tenant(name: str) -> bool:
+    return bool(TENANT_RE.fullmatch(name))
+
+
+def ingest_tenant(name: str) -> str:
+    """``name`` if it may have an ingest topic; ValueError otherwise."""
+    if not valid_tenant(name):
+        raise ValueError(f"invalid tenant name {name!r}: letters, digits, '_' and '-', at most 63, starting with a "
+                         "letter or digit")
+    if name in RESERVED_INGEST_NAMES:
+        raise ValueError(f"tenant name {name!r} is reserved for Kafka ingestion (a topic suffix)")
+    return name
+
+
+def ingest_topic(prefix: str, tenant: str) -> str:
+    """The one topic ``tenant``'s principal may write submissions to; its tenant is its name."""
+    return f"{prefix}{INGEST}{ingest_tenant(tenant)}"
+
+
+def tenant_replies_topic(prefix: str, tenant: str) -> str:
+    """Where a tenant's request/reply client awaits results (the only `reply-to` its submissions may name)."""
+    return f"{prefix}{TENANT_REPLIES}{ingest_tenant(tenant)}"
+
+
+def ingest_pattern(prefix: str) -> str:
+    """Every tenant's ingest topic and its retry topic, as a librdkafka subscription regex (not the DLQ)."""
+    return f"^{re.escape(prefix)}ingest\\.[A-Za-z0-9][A-Za-z0-9_-]*(\\.retry)?$"
+
+
+def tenant_of_ingest(prefix: str, topic: str) -> str | None:
+    """The tenant an ingest topic (or its retry topic) belongs to; None for any other topic."""
+    head = f"{prefix}{INGEST}"
+    if not topic.startswith(head):
+        return None
+    name = topic[len(head):]
+    name = name[: -len(".retry")] if name.endswith(".retry") else name
+    return name if valid_tenant(name) and name not in RESERVED_INGEST_NAMES else None
+
+
+def tenant_topics(prefix: str, tenant: str, *, max_message_bytes: int = 16 * 1024 * 1024,
+                  raw_retention_hours: float = RAW_RETENTION_HOURS) -> list[TopicSpec]:
+    """A tenant's own topics: its ingest topic, scan's retry and dead-letter topics of it, its reply topic."""
+    raw = {"max.message.bytes": str(max_message_bytes + 64 * 1024), "compression.type": "producer",
+           "retention.ms": str(int(raw_retention_hours * HOUR_MS))}
+    ingest = ingest_topic(prefix, tenant)
+    return [TopicSpec(ingest, 3, raw, f"submissions of tenant {tenant} (ImageSubmitted; batch lane)"),
+            TopicSpec(retry_topic(ingest), 1, raw, "scan's delayed retries of them"),
+            TopicSpec(dlq_topic(ingest), 1, raw, "dead letters of them"),
+            TopicSpec(tenant_replies_topic(prefix, tenant), 1, {"retention.ms": str(HOUR_MS)},
+                      f"correlated replies to tenant {tenant}'s request/reply clients")]
 
 
 def all_topics(prefix: str = "", *, max_message_bytes: int = 16 * 1024 * 1024,

@@ -6,6 +6,7 @@ import abc
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -179,9 +180,11 @@ def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+def http_ok(url: str, timeout_s: float = 2.0, ca_file: Path | None = None) -> tuple[bool, str]:
+    """One GET; an https URL's certificate is verified against ``ca_file`` (the project CA), hostname included."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - loopback URL we built
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:  # noqa: S310 - loopback URL we built
             return 200 <= resp.status < 300, f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"

@@ -19,14 +19,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.settings import StackSettings
-from stream.topics import LANES, detections_topic, dlq_topic, lane_topic, replies_topic, retry_topic
+from stream.topics import (
+    LANES,
+    detections_topic,
+    dlq_topic,
+    ingest_topic,
+    lane_topic,
+    replies_topic,
+    retry_topic,
+    tenant_replies_topic,
+)
 
 ADMIN = "admin"
 BROKER_CN = "kafka-broker"
 SCHEMA_REGISTRY_CN = "schema-registry"  # Apicurio's kafkasql storage, over mutual TLS
-# SCRAM principals: the pipeline's roles, the gateway, the registry CLI, a submitting client, MinIO's notifier.
+# SCRAM principals: the pipeline's roles, the gateway, the registry CLI, MinIO's notifier. A system producing
+# into Kafka is a tenant principal, `tenant-<name>` (`detectflow tenants create`, ``tenant_bindings``).
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor",
-         "gateway", "registry", "client", "minio")
+         "gateway", "registry", "minio")
+# The stages that close a request themselves, so write a tenant's reply topic (emits_terminal_results).
+TERMINAL_STAGES = ("scan", "preprocess", "inference", "postprocess")
 MINIO_EVENTS = "minio.events"  # MinIO's notifier writes the unprefixed topic (infra/stack/minio.py)
 REGISTRY_TOPICS = ("kafkasql-journal", "kafkasql-snapshots", "registry-events")  # infra/stack/registry.py
 REGISTRY_GROUP_PREFIX = "apicurio-"  # Apicurio's kafkasql consumer groups: <prefix><uuid>
@@ -87,10 +99,31 @@ def bindings(prefix: str = "") -> list[Grant]:
                 "describe"),
         Grant("gateway", "group", f"{prefix}detectflow.", ("describe",), prefixed=True),
         *_topic("registry", [models, audit], "write"),
-        *_topic("client", lanes("submitted"), "write"),
-        *_topic("client", [replies_topic(prefix)], "read"),
     ]
     return grants
+
+
+def retired_bindings(prefix: str = "") -> list[Grant]:
+    """Grants earlier versions made and this one revokes (``provision`` deletes them): the generic `client`
+    principal could write a submission for any tenant; systems producing into Kafka are tenants now."""
+    return [*_topic("client", [lane_topic(prefix, lane, "submitted") for lane in LANES], "write"),
+            *_topic("client", [replies_topic(prefix)], "read")]
+
+
+def tenant_bindings(prefix: str, tenant: str) -> list[Grant]:
+    """One tenant's grants (all LITERAL, so `ingest.a` never covers `ingest.ab` or `ingest.a.retry`): its
+    principal writes its ingest topic and reads its reply topic; scan reads the ingest topic and its retry
+    topic and writes their retry and dead-letter topics; the stages that close requests write its replies."""
+    from stream.ingest import principal
+
+    ingest, replies, who = ingest_topic(prefix, tenant), tenant_replies_topic(prefix, tenant), principal(tenant)
+    return [*_topic(who, [ingest], "write"),
+            *_topic(who, [replies], "read"),
+            # Its request/reply client's consumer is assigned, never commits (stream/reply.py: the group id).
+            Grant(who, "group", f"detectflow.replies.{who}.", ("read",), prefixed=True),
+            *_topic("scan", [ingest, retry_topic(ingest)], "read"),
+            *_topic("scan", [retry_topic(ingest), dlq_topic(ingest)], "write"),
+            *(g for stage in TERMINAL_STAGES for g in _topic(stage, [replies], "write"))]
 
 
 def global_bindings() -> list[Grant]:
@@ -205,6 +238,7 @@ def provision(kafka: Mapping[str, Any], prefix: str, specs: list[Any] | None = N
 
     actions = topics.apply(kafka, specs if specs is not None else topics.all_topics(prefix))
     apply_acls(kafka, bindings(prefix))
+    delete_acls(kafka, retired_bindings(prefix))
     return actions
 
 
@@ -214,3 +248,57 @@ def deprovision(kafka: Mapping[str, Any], prefix: str) -> None:
 
     topics.delete(kafka, [spec.name for spec in topics.all_topics(prefix)])
     delete_acls(kafka, bindings(prefix))
+
+
+# ---- tenants: `detectflow tenants create|revoke` --------------------------------------------------------------
+def upsert_scram(kafka: Mapping[str, Any], name: str, password: str, *, timeout_s: float = 30.0) -> None:
+    """Set ``name``'s SCRAM-SHA-512 credential (``kafka``: an admin connection)."""
+    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    upsert = UserScramCredentialUpsertion(name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
+                                          password.encode(), secrets.token_bytes(16))
+    admin = AdminClient({**kafka, "log_level": 3})
+    for future in admin.alter_user_scram_credentials([upsert], request_timeout=timeout_s).values():
+        future.result(timeout=timeout_s)
+
+
+def delete_scram(kafka: Mapping[str, Any], name: str, *, timeout_s: float = 30.0) -> bool:
+    """Remove ``name``'s SCRAM-SHA-512 credential: no new connection authenticates as it. False if it had none."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
+
+    admin = AdminClient({**kafka, "log_level": 3})
+    deletion = UserScramCredentialDeletion(name, ScramMechanism.SCRAM_SHA_512)
+    for future in admin.alter_user_scram_credentials([deletion], request_timeout=timeout_s).values():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if "RESOURCE_NOT_FOUND" in str(exc):
+                return False
+            raise
+    return True
+
+
+def provision_tenant(kafka: Mapping[str, Any], prefix: str, tenant: str, password: str,
+                     specs: list[Any] | None = None) -> dict[str, str]:
+    """A tenant's topics, its SCRAM credential and its ACLs (``tenant_bindings``); idempotent."""
+    from stream import topics
+    from stream.ingest import principal
+
+    actions = topics.apply(kafka, specs if specs is not None else topics.tenant_topics(prefix, tenant))
+    upsert_scram(kafka, principal(tenant), password)
+    apply_acls(kafka, tenant_bindings(prefix, tenant))
+    return actions
+
+
+def revoke_tenant(kafka: Mapping[str, Any], prefix: str, tenant: str, *, delete_topics: bool = False) -> bool:
+    """Take a tenant's rights away: its ACLs (in effect at once, also on connections already open) and its SCRAM
+    credential (no new connection); its topics go too with ``delete_topics``. False if it had no credential."""
+    from stream import topics
+    from stream.ingest import principal
+
+    delete_acls(kafka, tenant_bindings(prefix, tenant))
+    had = delete_scram(kafka, principal(tenant))
+    if delete_topics:
+        topics.delete(kafka, [spec.name for spec in topics.tenant_topics(prefix, tenant)])
+    return had

@@ -53,6 +53,7 @@ def up(settings: StackSettings, names: Iterable[str] | None = None, log: Callabl
     service and its log when one fails.
     """
     services = load_services(settings, names)
+    _issue_process_certificates(settings)
     for svc in services:
         if not svc.installed():
             log(f"installing {svc.name} (first run; cached under {settings.home}) ...")
@@ -96,6 +97,14 @@ def up(settings: StackSettings, names: Iterable[str] | None = None, log: Callabl
                                     svc.log_path)
         if pending and not progressed:
             time.sleep(0.5)
+
+
+def _issue_process_certificates(settings: StackSettings) -> None:
+    """The HTTPS certificate of the gateway, which `detectflow run` starts (not `stack up`): issued here so that no
+    gateway process needs the CA's key, and renewed like the services' (infra/stack/pki.py)."""
+    from infra.stack.pki import Pki, issue
+
+    issue(Pki(settings.tls_dir), "gateway")
 
 
 def down(settings: StackSettings, names: Iterable[str] | None = None, log: Callable[[str], None] = _say) -> None:

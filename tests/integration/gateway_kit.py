@@ -1,8 +1,9 @@
-"""The HTTP gateway as its own process (beside a pipeline, or alone on a prefix), and calls to it."""
+"""The HTTPS gateway as its own process (beside a pipeline, or alone on a prefix), and calls to it."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,19 @@ def free_port() -> int:
 class Gateway:
     url: str
     keys: DevKeys
+    # The project CA: the gateway's HTTPS certificate and MinIO's (pre-signed URLs) are verified against it.
+    ca_file: Path
     pipeline: Pipeline | None = None
+
+    @property
+    def verify(self) -> str:
+        """``requests``' verify= for this gateway and its pre-signed URLs."""
+        return str(self.ca_file)
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """The client context (aiohttp's ssl=) for this gateway and its pre-signed URLs."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def token(self, tenant: str, scopes: Iterable[str] = ("detect:write", "results:read"), **kwargs: Any) -> str:
         return mint(self.keys, tenant=tenant, scopes=list(scopes), **kwargs)
@@ -45,7 +58,8 @@ class Gateway:
     def call(self, method: str, path: str, tenant: str | None = None, *, headers: Mapping[str, str] | None = None,
              timeout: float = 120.0, **kwargs: Any) -> requests.Response:
         hdrs = {**(self.auth(tenant) if tenant else {}), **(headers or {})}
-        return requests.request(method, self.url + path, headers=hdrs, timeout=timeout, **kwargs)
+        return requests.request(method, self.url + path, headers=hdrs, timeout=timeout,
+                                **{"verify": self.verify, **kwargs})
 
     def detect(self, tenant: str, data: bytes, *, params: Mapping[str, Any] | None = None,
                headers: Mapping[str, str] | None = None, content_type: str = "image/jpeg") -> requests.Response:
@@ -53,12 +67,12 @@ class Gateway:
                          headers={"Content-Type": content_type, **(headers or {})})
 
 
-def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+def wait_ready(url: str, ca_file: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = requests.get(url + "/readyz", timeout=3)
+            last = requests.get(url + "/readyz", timeout=3, verify=str(ca_file))
             if last.status_code == 200:
                 return
         except requests.ConnectionError as exc:
@@ -77,8 +91,8 @@ def start_stack_with_gateway(stack: StackSettings, prefix: str, log_dir: Path,
     running = start_pipeline(stack, prefix, log_dir, roles=tuple(roles), extra_env=env)
     pipeline = next(running)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        yield Gateway(url, keys, pipeline)
+        url = f"https://127.0.0.1:{port}"
+        wait_ready(url, stack.tls_ca_file)
+        yield Gateway(url, keys, stack.tls_ca_file, pipeline)
     finally:
         running.close()  # stops the processes, deletes the prefix's topics

@@ -18,12 +18,13 @@ from stream.serde import AvroSerde
 
 
 def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> StreamSettings:
-    base = {"bootstrap": stack.kafka_bootstrap, "registry_url": stack.registry_url, "topic_prefix": prefix,
-            "kafka_users_dir": stack.kafka_users_dir, "tls_ca_file": stack.tls_dir / "ca.crt",
-            "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50, "retry_delay_ms": 300,
-            "cassandra_secrets_dir": stack.cassandra_roles_dir, "cassandra_ca_file": stack.tls_ca_file}
-    base.update(overrides)
-    return StreamSettings(**base)
+    """The environment's settings (the suite's keyspace, the stack's ports, CA and credentials) on ``prefix``,
+    with short batches and delays."""
+    from dataclasses import replace
+
+    base = {"topic_prefix": prefix, "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50,
+            "retry_delay_ms": 300}
+    return replace(StreamSettings.from_env(), **{**base, **overrides})
 
 
 _PREFIXES: list[str] = []

@@ -9,7 +9,7 @@ import time
 import urllib.parse
 
 from confluent_kafka import Producer
-from minio import Minio
+from object_kit import minio_as
 from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
 from infra.settings import StackSettings, StreamSettings
@@ -37,7 +37,7 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
     T.apply(kafka_admin(stack), [s for s in T.all_topics(prefix) + T.all_topics("") if s.name in wanted])
 
     creds = stack.minio_credentials()
-    client = Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    client = minio_as(stack, creds)
     key = f"it-tenant/{secrets.token_hex(6)} photo+1.jpg"
     marked = f"it-tenant/{secrets.token_hex(6)}-gateway.jpg"
     body = b"\xff\xd8\xff\xe0" + secrets.token_bytes(64)
@@ -58,7 +58,7 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
     runner.run(idle_stop_s=3.0)
     session.cluster.shutdown()
 
-    serde = AvroSerde.from_url(stack.registry_url)
+    serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
     out = [serde.decode(m.value(), "ImageSubmitted")
            for m in read_all(stack, T.lane_topic(prefix, "batch", "submitted"), until=10**9, timeout_s=3)]
     mine = [e for e in out if e["image"]["key"] == key]

@@ -118,7 +118,7 @@ def test_multipart_json_reference_and_coco_give_the_same_detections(gw: Gateway,
                                                               "content_length": len(data)}]})
     assert grant.status_code == 201, grant.text
     up = grant.json()["uploads"][0]
-    assert requests.put(up["url"], data=data, headers=up["headers"], timeout=30).status_code == 200
+    assert requests.put(up["url"], data=data, headers=up["headers"], timeout=30, verify=gw.verify).status_code == 200
     ref = gw.call("POST", "/v1/detect", t, json={"image": {"upload_id": up["upload_id"]},
                                                   "params": {"score_threshold": 0.3}})
     assert ref.status_code == 200, ref.text
@@ -135,12 +135,14 @@ def test_presigned_put_is_bound_to_length_and_type(gw: Gateway, sample_jpeg: byt
     up = gw.call("POST", "/v1/uploads", t, json={"files": [{"content_type": "image/jpeg",
                                                             "content_length": len(sample_jpeg)}]}).json()["uploads"][0]
     longer = requests.put(up["url"], data=sample_jpeg + b"x",
-                          headers={**up["headers"], "Content-Length": str(len(sample_jpeg) + 1)}, timeout=30)
+                          headers={**up["headers"], "Content-Length": str(len(sample_jpeg) + 1)}, timeout=30,
+                          verify=gw.verify)
     assert longer.status_code == 403
     other_type = requests.put(up["url"], data=sample_jpeg, headers={**up["headers"], "Content-Type": "image/png"},
-                              timeout=30)
+                              timeout=30, verify=gw.verify)
     assert other_type.status_code == 403
-    assert requests.put(up["url"], data=sample_jpeg, headers=up["headers"], timeout=30).status_code == 200
+    assert requests.put(up["url"], data=sample_jpeg, headers=up["headers"], timeout=30,
+                        verify=gw.verify).status_code == 200
     bad = gw.call("POST", "/v1/uploads", t, json={"files": [{"content_type": "application/pdf",
                                                              "content_length": 10}]})
     assert bad.status_code == 415 and bad.headers["Content-Type"].startswith(PROBLEM)
@@ -172,7 +174,7 @@ def test_two_hundred_concurrent_sync_calls_all_get_correct_answers(gw: Gateway, 
     headers = {**gw.auth(t), "Content-Type": "image/jpeg"}
 
     async def run() -> list[tuple[int, Any]]:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=gw.tls)) as session:
             async def one(data: bytes) -> tuple[int, Any]:
                 async with session.post(gw.url + "/v1/detect?timeout_ms=170000", data=data, headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=180)) as resp:
@@ -251,7 +253,7 @@ def test_tenants_cannot_read_list_or_delete_each_others_data(gw: Gateway, stack:
     client = JobsClient(None, gw.url, gw.token(a))  # type: ignore[arg-type]
 
     async def make_job() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=gw.tls)) as session:
             client.session = session
             ids = await client.upload([(data, "image/jpeg")])
             return await client.submit_job(ids)
@@ -329,7 +331,7 @@ def test_a_job_of_500_images_completes_and_its_pages_hold_each_item_once(gw: Gat
     client = JobsClient(None, gw.url, gw.token(t), timeout_s=120)  # type: ignore[arg-type]
 
     async def run() -> tuple[dict[str, Any], dict[str, Any], list[list[dict[str, Any]]]]:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=gw.tls)) as session:
             client.session = session
             ids = await client.upload([(b, "image/jpeg") for b in bodies])
             job = await client.submit_job(ids)
@@ -351,7 +353,7 @@ def test_a_job_of_500_images_completes_and_its_pages_hold_each_item_once(gw: Gat
     assert len(items) == 500 and {i["request_id"] for i in items} == set(job["request_ids"])
     assert {i["image"]["id"] for i in items} == {hashlib.sha256(b).hexdigest() for b in bodies}
     # The job-completed event, in the registry's wire format.
-    serde = AvroSerde.from_url(stack.registry_url)
+    serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
     events = [serde.decode(m.value(), "JobEvent") for m in
               read_all(stack, f"{gw.pipeline.prefix}jobs.events", until=1, timeout_s=60)]
     mine = [e for e in events if e["job_id"] == job["job_id"]]
@@ -404,7 +406,7 @@ def test_every_authenticated_call_is_audited_to_the_table_and_the_topic(gw: Gate
     assert got == [("detect", "denied", 403), ("detect", "success", 200), ("requests.read", "rejected", 404),
                    ("requests.read", "success", 200)]
     assert all(e["subject"] == f"dev:{t}" for e in events if e["action"] != "audit.read")
-    serde = AvroSerde.from_url(stack.registry_url)
+    serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
     deadline = time.monotonic() + 30
     mine: list[dict[str, Any]] = []
     while time.monotonic() < deadline and len(mine) < 4:
@@ -418,14 +420,14 @@ def test_every_authenticated_call_is_audited_to_the_table_and_the_topic(gw: Gate
 
 
 def test_operations_endpoints(gw: Gateway) -> None:
-    assert requests.get(gw.url + "/livez", timeout=5).json() == {"status": "live"}
-    ready = requests.get(gw.url + "/readyz", timeout=10).json()
+    assert requests.get(gw.url + "/livez", timeout=5, verify=gw.verify).json() == {"status": "live"}
+    ready = requests.get(gw.url + "/readyz", timeout=10, verify=gw.verify).json()
     assert ready == {"status": "ready", "checks": {"kafka": "ok", "minio": "ok", "cassandra": "ok"}}
-    spec = requests.get(gw.url + "/openapi.json", timeout=5).json()
+    spec = requests.get(gw.url + "/openapi.json", timeout=5, verify=gw.verify).json()
     assert spec["openapi"].startswith("3.1") and "/v1/detect" in spec["paths"]
-    metrics = requests.get(gw.url + "/metrics", timeout=5).text
+    metrics = requests.get(gw.url + "/metrics", timeout=5, verify=gw.verify).text
     assert "detectflow_http_requests_total" in metrics and "detectflow_sync_inflight" in metrics
-    unknown = requests.get(gw.url + "/v1/nothing", timeout=5)
+    unknown = requests.get(gw.url + "/v1/nothing", timeout=5, verify=gw.verify)
     assert unknown.status_code == 404 and unknown.headers["Content-Type"].startswith(PROBLEM)
 
 
@@ -438,7 +440,7 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_spec(gw: Gateway) -> 
     """schemathesis against the live gateway, every operation of /openapi.json: no 5xx, and status codes,
     content types and bodies conform to the document. (Driven through hypothesis directly: schemathesis'
     pytest plugin does not run under this pytest.)"""
-    schema = schemathesis.openapi.from_url(gw.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(gw.url + "/openapi.json", verify=gw.verify)
     headers = gw.auth("fuzz", ["admin"])
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -449,7 +451,8 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_spec(gw: Gateway) -> 
         @settings(max_examples=25, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case: Any) -> None:
-            response = case.call(base_url=gw.url, headers={**headers, **(case.headers or {})}, timeout=120)
+            response = case.call(base_url=gw.url, headers={**headers, **(case.headers or {})}, timeout=120,
+                                 verify=gw.verify)
             case.validate_response(response, checks=checks)
 
         try:

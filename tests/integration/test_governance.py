@@ -65,7 +65,7 @@ def run_job(gw: Gateway, t: str, bodies: list[bytes], on_running: Any = None) ->
     client = JobsClient(None, gw.url, gw.token(t), timeout_s=120)  # type: ignore[arg-type]
 
     async def run() -> tuple[dict[str, Any], Any]:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=gw.tls)) as session:
             client.session = session
             ids = await client.upload([(b, "image/jpeg") for b in bodies])
             job = await client.submit_job(ids, params={"score_threshold": 0.3})
@@ -144,7 +144,7 @@ def test_deleting_an_image_while_its_200_item_job_runs(gw: Gateway, stack: Stack
     assert list(cql.execute("SELECT result FROM image_cache WHERE tenant = %s AND image_sha256 = %s", (t, sha))) == []
     assert objects_of(stack, t) == []
     # Nothing produced on `detections` after the deletion answered carries this image's results.
-    serde = AvroSerde.from_url(stack.registry_url)
+    serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
     records = read_all(stack, f"{gw.pipeline.prefix}detections", until=10**9, timeout_s=5)
     late = [serde.decode(m.value(), "DetectionResult") for m in records if m.timestamp()[1] > deleted["answered_ms"]]
     late = [r for r in late if r["tenant"] == t]
@@ -204,7 +204,7 @@ def test_a_tenant_that_may_not_see_person_gets_the_bus_only(gw: Gateway, stack: 
         assert {d["class_name"] for d in stored["detections"]} == {"bus"}
     copy = root_minio(stack).get_object_tags("review", f"{t}/{sha}")
     assert copy is not None and copy[RETENTION_TAG] == "7"
-    serde = AvroSerde.from_url(stack.registry_url)
+    serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
     deadline = time.monotonic() + 60
     mine: list[dict[str, Any]] = []
     while len(mine) < 2 and time.monotonic() < deadline:

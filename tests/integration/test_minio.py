@@ -10,6 +10,7 @@ import urllib.parse
 
 from confluent_kafka import Consumer
 from minio import Minio
+from object_kit import minio_as
 from stream_kit import kafka_admin
 
 from infra.settings import StackSettings
@@ -18,7 +19,7 @@ from infra.stack.minio import EVENTS_TOPIC
 
 def _client(stack: StackSettings) -> Minio:
     creds = stack.minio_credentials()
-    return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    return minio_as(stack, creds)
 
 
 def test_put_get_round_trip(stack: StackSettings) -> None:

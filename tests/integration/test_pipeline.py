@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from imaging_fixtures import exif_jpeg, minimal_pdf, png_header_bomb, truncated_jpeg
-from minio import Minio
+from object_kit import minio_as
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
@@ -127,7 +127,7 @@ def test_a_preprocess_rejection_is_dead_lettered_with_provenance(pipeline: Pipel
     deadline = time.monotonic() + 30
     letters: list[Any] = []
     while not letters and time.monotonic() < deadline:
-        serde = AvroSerde.from_url(stack.registry_url)
+        serde = AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
         letters = [serde.decode(m.value(), "DeadLetter") for m in read_all(stack, dlq, until=10**6, timeout_s=1)]
         letters = [x for x in letters if x["request_id"] == result["request_id"]]
     assert len(letters) == 1
@@ -137,7 +137,7 @@ def test_a_preprocess_rejection_is_dead_lettered_with_provenance(pipeline: Pipel
 
 def test_infected_object_is_moved_to_quarantine(pipeline: Pipeline, stack: StackSettings) -> None:
     creds = stack.minio_credentials()
-    client = Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    client = minio_as(stack, creds)
     tenant = f"q{uuid.uuid4().hex[:6]}"
     key = f"{tenant}/infected.bin"
     client.put_object("uploads", key, io.BytesIO(EICAR), len(EICAR), metadata={"detectflow-submitted": "true"})

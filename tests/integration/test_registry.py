@@ -17,6 +17,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from infra.settings import StackSettings
 from infra.stack import manager
+from stream.serde import registry_config
 
 
 def _record_schema(name: str, extra_fields: list[dict[str, object]] | None = None) -> Schema:
@@ -31,7 +32,7 @@ def _record_schema(name: str, extra_fields: list[dict[str, object]] | None = Non
 
 def _client(stack: StackSettings) -> SchemaRegistryClient:
     # A new client per use: its cache must not answer for the server.
-    return SchemaRegistryClient({"url": stack.registry_url, "timeout": 10})
+    return SchemaRegistryClient(registry_config(stack.registry_url, stack.tls_ca_file))
 
 
 @pytest.fixture()

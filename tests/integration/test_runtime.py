@@ -42,7 +42,7 @@ def prefix(stack: StackSettings) -> str:
 
 @pytest.fixture(scope="module")
 def serde(stack: StackSettings) -> AvroSerde:
-    return AvroSerde.from_url(stack.registry_url)
+    return AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
 
 
 def _run_until(runner: StageRunner, stop_when, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from stream_kit import new_prefix, submission
 
 import schemas
 from infra.settings import StackSettings
-from stream.serde import COMPATIBILITY, AvroSerde, subject_for
+from stream.serde import COMPATIBILITY, AvroSerde, registry_config, subject_for
 
 
 def _evolved(add_field: dict) -> dict:
@@ -36,7 +36,7 @@ def topic() -> str:
 
 
 def test_old_reader_decodes_a_new_event_and_new_reader_an_old_one(stack: StackSettings, topic: str) -> None:
-    registry = SchemaRegistryClient({"url": stack.registry_url})
+    registry = SchemaRegistryClient(registry_config(stack.registry_url, stack.tls_ca_file))
     serde = AvroSerde(registry)
     old_bytes = serde.encode(topic, "ImageSubmitted", submission("evo-old"))
     assert registry.get_compatibility(subject_for(topic)) in (COMPATIBILITY, {"compatibilityLevel": COMPATIBILITY})
@@ -56,7 +56,7 @@ def test_old_reader_decodes_a_new_event_and_new_reader_an_old_one(stack: StackSe
 
 
 def test_registry_refuses_an_incompatible_change(stack: StackSettings, topic: str) -> None:
-    registry = SchemaRegistryClient({"url": stack.registry_url})
+    registry = SchemaRegistryClient(registry_config(stack.registry_url, stack.tls_ca_file))
     AvroSerde(registry).encode(topic, "ImageSubmitted", submission("evo-1"))
     # A new required field without a default cannot read old records.
     breaking = _evolved({"name": "required_now", "type": "string", "doc": "No default."})
@@ -75,7 +75,7 @@ def _first_encodes_at_once(stack: StackSettings, topic: str, processes: int) -> 
     """``processes`` serdes (each its own registry client) ask for ``topic``'s schema id at one instant."""
     import threading
 
-    serdes = [AvroSerde.from_url(stack.registry_url) for _ in range(processes)]
+    serdes = [AvroSerde.from_url(stack.registry_url, stack.tls_ca_file) for _ in range(processes)]
     start = threading.Barrier(processes)
     ids: list[int] = []
     errors: list[BaseException] = []
@@ -103,4 +103,5 @@ def test_processes_registering_a_new_subject_at_once_all_succeed(stack: StackSet
         ids, errors = _first_encodes_at_once(stack, topic, 8)
         assert not errors, errors[:2]
         assert len(ids) == 8 and len(set(ids)) == 1, ids
-        assert SchemaRegistryClient({"url": stack.registry_url}).get_compatibility(subject_for(topic)) == COMPATIBILITY
+        registry = SchemaRegistryClient(registry_config(stack.registry_url, stack.tls_ca_file))
+        assert registry.get_compatibility(subject_for(topic)) == COMPATIBILITY

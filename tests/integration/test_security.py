@@ -19,7 +19,7 @@ import requests
 from gateway_kit import Gateway, start_stack_with_gateway
 from minio import Minio
 from minio.error import S3Error
-from object_kit import root_minio
+from object_kit import minio_as, root_minio
 from stream_kit import kafka_admin
 
 from infra.settings import PipelineSettings, StackSettings
@@ -56,7 +56,8 @@ def test_copy_source_through_an_upload_url_is_refused_for_any_source(gw: Gateway
                "an object that does not exist": f"/uploads/{victim}/{'0' * 64}"}
     for what, source in sources.items():
         up = _grant(gw, attacker, 1)
-        r = requests.put(up["url"], data=b"x", headers={**up["headers"], "x-amz-copy-source": source}, timeout=30)
+        r = requests.put(up["url"], data=b"x", headers={**up["headers"], "x-amz-copy-source": source}, timeout=30,
+                         verify=gw.verify)
         # 403 whatever the source: no copy, and no existence oracle (a 404 would say what exists).
         assert r.status_code == 403 and "AccessDenied" in r.text, (what, r.status_code, r.text[:300])
         detect = gw.call("POST", "/v1/detect", attacker, json={"image": {"upload_id": up["upload_id"]}})
@@ -88,7 +89,8 @@ def test_an_upload_that_is_not_the_signed_one_is_refused_and_audited(gw: Gateway
 def test_the_signed_upload_is_accepted(gw: Gateway, sample_jpeg: bytes) -> None:
     tenant = f"honest-{uuid.uuid4().hex[:8]}"
     up = _grant(gw, tenant, len(sample_jpeg))
-    assert requests.put(up["url"], data=sample_jpeg, headers=up["headers"], timeout=30).status_code == 200
+    assert requests.put(up["url"], data=sample_jpeg, headers=up["headers"], timeout=30,
+                        verify=gw.verify).status_code == 200
     # No pipeline runs here: the call passes the upload check and waits for a result that cannot come.
     r = gw.call("POST", "/v1/detect", tenant, json={"image": {"upload_id": up["upload_id"]}},
                 params={"timeout_ms": 1})
@@ -97,7 +99,7 @@ def test_the_signed_upload_is_accepted(gw: Gateway, sample_jpeg: bytes) -> None:
 
 def _client(stack: StackSettings, role: str) -> Minio:
     creds = PipelineSettings.from_env().minio_credentials(role)
-    return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    return minio_as(stack, creds)
 
 
 def _denied(call: object) -> bool:
@@ -202,3 +204,80 @@ def test_objects_are_encrypted_at_rest_in_every_bucket(stack: StackSettings, sam
             assert root.get_object(bucket, key).read() == sample_jpeg  # decrypted on read
         finally:
             root.remove_object(bucket, key)
+
+
+# ----------------------------------------------------------------- TLS: MinIO, the schema registry, the gateway
+
+
+def _tls_ports(stack: StackSettings, gw: Gateway) -> dict[str, tuple[str, int]]:
+    """What serves TLS -> (the certificate's name, its port)."""
+    from urllib.parse import urlsplit
+
+    return {"minio": ("minio", stack.minio_port), "registry": ("registry", stack.registry_port),
+            "registry management": ("registry", stack.registry_management_port),
+            "gateway": ("gateway", urlsplit(gw.url).port or 0)}
+
+
+def _peer_certificate(port: int, ca_file: Path) -> dict[str, object]:
+    """The certificate served on ``port``, verified (chain and hostname) against ``ca_file``."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, \
+            context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        return tls.getpeercert()  # type: ignore[return-value]
+
+
+def test_minio_registry_and_gateway_serve_certificates_of_the_project_ca(gw: Gateway, stack: StackSettings,
+                                                                         tmp_path: Path) -> None:
+    import ssl
+
+    from infra.stack.pki import Pki, issue
+
+    other = Pki(tmp_path / "other-ca")
+    issue(other, "impostor")
+    for what, (name, port) in _tls_ports(stack, gw).items():
+        cert = _peer_certificate(port, stack.tls_ca_file)
+        subject = {k: v for rdn in cert["subject"] for k, v in rdn}  # type: ignore[union-attr]
+        assert subject["commonName"] == name, (what, cert)
+        assert ("IP Address", "127.0.0.1") in cert["subjectAltName"], (what, cert)  # type: ignore[operator]
+        with pytest.raises(ssl.SSLCertVerificationError):  # a client that trusts another CA stops here
+            _peer_certificate(port, other.ca_cert)
+
+
+def test_clients_trusting_another_ca_are_refused(gw: Gateway, stack: StackSettings, tmp_path: Path) -> None:
+    import urllib3
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.common._httpx_compat import httpx  # the HTTP client it uses
+
+    from infra.stack.minio import https_pool
+    from infra.stack.pki import Pki, issue
+    from stream.serde import registry_config
+
+    other = Pki(tmp_path / "other-ca")
+    issue(other, "impostor")
+    root = stack.minio_credentials()
+    impostor_minio = Minio(stack.minio_endpoint, access_key=root.access_key, secret_key=root.secret_key, secure=True,
+                           http_client=https_pool(other.ca_cert, retries=0))
+    with pytest.raises(urllib3.exceptions.MaxRetryError, match="CERTIFICATE_VERIFY_FAILED"):
+        impostor_minio.list_buckets()
+    assert root_minio(stack).bucket_exists("uploads")  # the same call, verified against the project CA
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        SchemaRegistryClient(registry_config(stack.registry_url, other.ca_cert)).get_subjects()
+    assert isinstance(SchemaRegistryClient(registry_config(stack.registry_url, stack.tls_ca_file)).get_subjects(),
+                      list)
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(gw.url + "/livez", timeout=5, verify=str(other.ca_cert))
+    assert gw.call("GET", "/livez").status_code == 200
+
+
+def test_plain_http_is_refused_by_minio_the_registry_and_the_gateway(gw: Gateway, stack: StackSettings) -> None:
+    for what, (_name, port) in _tls_ports(stack, gw).items():
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            r = requests.get(url, timeout=5)
+        except requests.ConnectionError:
+            continue  # the TLS port closed the plain-text connection
+        # Or a plain-text error page that names the mistake; never a served answer.
+        assert r.status_code == 400, (what, r.status_code, r.text[:200])

@@ -8,6 +8,7 @@ import secrets
 import pytest
 from cassandra.cluster import Cluster, Session
 from minio import Minio
+from object_kit import minio_as
 
 from infra.settings import StackSettings
 from infra.stack import manager
@@ -16,7 +17,7 @@ from infra.stack.cassandra_access import admin_session
 
 def _minio(stack: StackSettings) -> Minio:
     creds = stack.minio_credentials()
-    return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)
+    return minio_as(stack, creds)
 
 
 def _session(stack: StackSettings) -> tuple[Cluster, Session]:

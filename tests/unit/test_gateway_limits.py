@@ -59,19 +59,19 @@ def test_daily_quota_refuses_past_the_limit_until_midnight() -> None:
 
 
 def test_presigned_put_signs_length_type_and_marker() -> None:
-    url = presign_put(endpoint="127.0.0.1:9000", secure=False, region="us-east-1", access_key="AK", secret_key="SK",  # noqa: S106
+    url = presign_put(endpoint="127.0.0.1:9000", secure=True, region="us-east-1", access_key="AK", secret_key="SK",  # noqa: S106
                       bucket="uploads", key="t1/uploads/abc", expires_s=900,
                       headers={"Content-Type": "image/jpeg", "Content-Length": "10",
                                "x-amz-meta-detectflow-submitted": "true"},
                       now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
     parts = urllib.parse.urlsplit(url)
     q = dict(urllib.parse.parse_qsl(parts.query))
-    assert parts.path == "/uploads/t1/uploads/abc"
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "127.0.0.1:9000", "/uploads/t1/uploads/abc")
     assert q["X-Amz-SignedHeaders"] == "content-length;content-type;host;x-amz-meta-detectflow-submitted"
     assert q["X-Amz-Credential"] == "AK/20260102/us-east-1/s3/aws4_request" and q["X-Amz-Expires"] == "900"
     assert len(q["X-Amz-Signature"]) == 64
     with pytest.raises(ValueError):
-        presign_put(endpoint="h", secure=False, region="r", access_key="a", secret_key="s", bucket="b", key="k",  # noqa: S106
+        presign_put(endpoint="h", secure=True, region="r", access_key="a", secret_key="s", bucket="b", key="k",  # noqa: S106
                     expires_s=0, headers={}, now=dt.datetime.now(dt.UTC))
 
 

@@ -12,7 +12,7 @@ def test_defaults_bind_loopback_under_home(tmp_path: Path) -> None:
     s = StackSettings.from_env({"DETECTFLOW_HOME": str(tmp_path)})
     assert s.home == tmp_path.resolve()
     assert s.kafka_bootstrap == "127.0.0.1:9092"
-    assert s.registry_url == "http://127.0.0.1:8081/apis/ccompat/v7"
+    assert s.registry_url == "https://127.0.0.1:8081/apis/ccompat/v7"
     assert s.log_dir == tmp_path.resolve() / "logs"
 
 

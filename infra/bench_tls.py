@@ -1,0 +1,176 @@
+"""`detectflow bench tls`: what TLS + SCRAM cost one stage-to-stage hop, against plaintext, in one run.
+
+The stack's broker takes SASL_SSL only, so the baseline runs on a throwaway broker (the stack's Kafka jars,
+a temporary directory, free ports) with two client listeners: PLAINTEXT and SASL_SSL (SCRAM-SHA-512, a
+certificate of a temporary CA). Rounds alternate between the two, each a hop as the runtime loop makes it
+(produce + flush with acks=all, poll from a group, sync commit), with random bytes. Printed per listener and
+record size: median latency, client CPU-ms and broker CPU-ms per hop, and the SASL_SSL/PLAINTEXT ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from infra.settings import StackSettings
+
+SIZES = (1_000, 512 * 1024)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
+
+
+def _start_broker(settings: StackSettings, work: Path) -> tuple[subprocess.Popen[bytes], dict[str, dict[str, Any]]]:
+    from infra.stack.base import java_binary
+    from infra.stack.kafka import new_cluster_id
+    from infra.stack.pki import Pki, issue
+
+    pki = Pki(work / "tls")
+    leaf = issue(pki, "kafka")
+    plain, secure, controller = _free_ports(3)
+    props = work / "server.properties"
+    props.write_text(f"""process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller}
+listeners=PLAIN://127.0.0.1:{plain},SECURE://127.0.0.1:{secure},CONTROLLER://127.0.0.1:{controller}
+advertised.listeners=PLAIN://127.0.0.1:{plain},SECURE://127.0.0.1:{secure}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAIN
+listener.security.protocol.map=PLAIN:PLAINTEXT,SECURE:SASL_SSL,CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.secure.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location={leaf.bundle}
+log.dirs={work / "logs"}
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.coordinator.append.linger.ms=0
+message.max.bytes=2097152
+""")
+    lib = settings.opt_dir / "kafka" / "lib"
+    java = java_binary()
+    subprocess.run([java, "-Xmx256m", "-cp", f"{lib}/*", "kafka.tools.StorageTool", "format", "-t", new_cluster_id(),
+                    "-c", str(props)], check=True, capture_output=True, timeout=120)
+    log = open(work / "kafka.log", "wb")  # the broker's output; closed when the process ends
+    proc = subprocess.Popen([java, "-Xms384m", "-Xmx384m", "-cp", f"{lib}/*", "kafka.Kafka", str(props)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    password = uuid.uuid4().hex
+    conf = {"plaintext": {"bootstrap.servers": f"127.0.0.1:{plain}"},
+            "sasl_ssl": {"bootstrap.servers": f"127.0.0.1:{secure}", "security.protocol": "SASL_SSL",
+                         "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "bench", "sasl.password": password,
+                         "ssl.ca.location": str(pki.ca_cert)}}
+    _await_and_add_user(conf["plaintext"], password, proc)
+    return proc, conf
+
+
+def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.Popen[bytes]) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    admin = AdminClient({**plain, "log_level": 0})
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("the throwaway broker exited; see its kafka.log")
+        try:
+            if admin.list_topics(timeout=2).brokers:
+                break
+        except KafkaException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the throwaway broker did not start within 90 s")
+    upsert = UserScramCredentialUpsertion("bench", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192),
+                                          password.encode(), os.urandom(16))
+    for future in admin.alter_user_scram_credentials([upsert]).values():
+        future.result(timeout=30)
+
+
+def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: int) -> dict[str, float]:
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import NewTopic
+
+    topic = f"bench-tls-{uuid.uuid4().hex[:8]}"  # a new topic per pass: every record it gets is this pass's
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = Producer({**conf, "acks": "all", "enable.idempotence": True, "linger.ms": 0,
+                         "message.max.bytes": 2 * 1024 * 1024, "log_level": 3})
+    consumer = Consumer({**conf, "group.id": topic, "enable.auto.commit": False, "log_level": 3,
+                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not consumer.assignment() and time.monotonic() < deadline:
+        consumer.poll(0.1)
+    laps = []
+    client0, broker0 = time.process_time(), _cpu_ms(broker_pid)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        producer.produce(topic, os.urandom(size))
+        if producer.flush(30):
+            raise RuntimeError("produce not acknowledged within 30 s")
+        msg = None
+        while msg is None or msg.error() is not None:
+            msg = consumer.poll(1.0)
+            if time.perf_counter() - t0 > 30:
+                raise RuntimeError("record not consumed within 30 s")
+        consumer.commit(message=msg, asynchronous=False)
+        laps.append((time.perf_counter() - t0) * 1000)
+    client_ms = (time.process_time() - client0) * 1000 / rounds
+    broker_ms = (_cpu_ms(broker_pid) - broker0) / rounds
+    consumer.close()
+    return {"ms": statistics.median(laps), "client_cpu_ms": client_ms, "broker_cpu_ms": broker_ms}
+
+
+def run_bench_tls(settings: StackSettings, *, rounds: int = 200, passes: int = 3) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    work = Path(tempfile.mkdtemp(prefix="detectflow-bench-tls-"))
+    proc, conf = _start_broker(settings, work)
+    try:
+        admin = AdminClient({**conf["plaintext"], "log_level": 3})
+        print(f"detectflow bench tls: {rounds} hops per pass, {passes} passes alternating, a throwaway broker "
+              f"(pid {proc.pid}); medians over passes")
+        print(f"{'record':>10} {'listener':>9} {'hop ms':>8} {'client CPU-ms':>14} {'broker CPU-ms':>14}")
+        for size in SIZES:
+            results: dict[str, list[dict[str, float]]] = {"plaintext": [], "sasl_ssl": []}
+            for _ in range(passes):
+                for name in results:
+                    results[name].append(_hops(admin, conf[name], size, rounds, proc.pid))
+            med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+            for name, m in med.items():
+                print(f"{size:>8} B {name:>9} {m['ms']:>8.2f} {m['client_cpu_ms']:>14.3f} {m['broker_cpu_ms']:>14.3f}")
+            extra = {k: med["sasl_ssl"][k] - med["plaintext"][k] for k in med["plaintext"]}
+            ratio = med["sasl_ssl"]["ms"] / med["plaintext"]["ms"]
+            print(f"{size:>8} B {'+TLS+SASL':>9} {extra['ms']:>+8.2f} {extra['client_cpu_ms']:>+14.3f} "
+                  f"{extra['broker_cpu_ms']:>+14.3f}  (hop {ratio:.2f}x plaintext)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
