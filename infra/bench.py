@@ -134,6 +134,7 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int) -> dict[str, fl
 
 
 def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int) -> int:
+    from infra.demo import bootstrap_default_model
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
     from infra.supervisor import Supervisor
@@ -150,6 +151,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     paths = ensure_samples(stack.samples_dir, stack.cache_dir)
     datas = [p.read_bytes() for p in paths]
     provision(kafka_client(settings.stream), prefix)
+    bootstrap_default_model(settings, stack, quiet=True)  # the default model's routing on the bench's prefix
     sup = Supervisor(ROLES, stack.log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(ROLES)}
     sup.start_monitor()

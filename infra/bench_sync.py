@@ -316,6 +316,9 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
     provision(kafka_client(settings.stream), prefix,
               T.all_topics(prefix, max_message_bytes=settings.stream.max_message_bytes))
+    from infra.demo import bootstrap_default_model
+
+    bootstrap_default_model(settings, stack, quiet=True)  # the default model's routing on the bench's prefix
     sup = Supervisor(SERVICES, log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(SERVICES)}
     sup.start_monitor()

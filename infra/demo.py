@@ -15,8 +15,9 @@ from infra.stack import manager
 from infra.stack.kafka_access import provision
 
 
-def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings) -> None:
-    """The converted default model is the registry's first version of it (idempotent: pushes by content)."""
+def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings, *, quiet: bool = False) -> None:
+    """The converted default model is the registry's first version of it (idempotent: pushes by content), and
+    its routing is published on the settings' topic prefix (serving follows only the registry's routing)."""
     from infra.models_cmd import actor_name
     from model_store.evalset import ensure_eval_set
     from model_store.gate import gate_runner
@@ -26,7 +27,11 @@ def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings)
     source = pipeline.models_dir / pipeline.default_model / "1"
     outcome = registry.push(pipeline.default_model, source, actor=actor_name(),
                             gate=gate_runner(pipeline.lifecycle, ensure_eval_set(settings)))
-    routing = registry.routing(pipeline.default_model)
+    routing = registry.routing(pipeline.default_model) if outcome.created else \
+        registry.republish(pipeline.default_model, actor=actor_name())
+    registry.close()
+    if quiet:
+        return
     print(f"model registry: {pipeline.default_model} v{outcome.version} "
           f"({'pushed' if outcome.created else 'already there'}, gate {outcome.gate_status}); "
           f"production v{routing.production}")
@@ -46,8 +51,9 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
         manager.up(settings)
         print(manager.format_status(manager.status(settings)))
         print(f"stack healthy in {time.monotonic() - t0:.1f}s")
-        print(f"secured: Kafka SASL_SSL (SCRAM per role, ACLs), Cassandra TLS + a login per role, MinIO a user "
-              f"per role; credentials and certificates in {settings.secrets_dir} (0600; docs/security.md)\n")
+        print(f"secured: TLS on every service (project CA: {settings.tls_dir / 'ca.crt'}); Kafka SCRAM per role + "
+              "ACLs; Cassandra a login per role; MinIO a user per role, objects encrypted at rest (SSE-S3); "
+              f"credentials in {settings.secrets_dir} (0600; docs/security.md)\n")
     prefix = pipeline.stream.topic_prefix
     created = [n for n, a in provision(kafka_client(pipeline.stream), prefix, topics.all_topics(prefix)).items()
                if a == "created"]
