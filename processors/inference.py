@@ -37,6 +37,7 @@ from model_store.routing import Routing
 from model_store.session import SessionError, SessionSettings, create_session
 from processors import metrics as PM
 from processors.params import effective_params
+from processors.tensor_encoding import model_input
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs, terminal_result
 from stream.serde import epoch_ms
@@ -74,16 +75,9 @@ def load_onnx(mv: ModelVersion, threads: int) -> LoadedModel:
 
 
 def tensor_of(value: dict[str, Any], mv: ModelVersion) -> np.ndarray:
-    """The record's letterboxed uint8 [3, H, W] tensor, checked against the version's input contract."""
-    spec = mv.config.input
-    want = [3, spec.height, spec.width]
-    if value["dtype"] != "uint8" or list(value["shape"]) != want or value.get("layout", "CHW") != "CHW":
-        raise InvalidRecord("INVALID_TENSOR", f"expected uint8 CHW {want}, got {value['dtype']} "
-                                              f"{value.get('layout')} {list(value['shape'])}")
-    data = value["tensor"]
-    if len(data) != 3 * spec.height * spec.width:
-        raise InvalidRecord("INVALID_TENSOR", f"tensor has {len(data)} bytes for shape {want}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(want)
+    """The record's letterboxed uint8 [3, H, W] tensor (either encoding, padded with this version's pad value),
+    checked against the version's input contract: what does not fit is InvalidRecord INVALID_TENSOR."""
+    return model_input(value, mv.config.input)
 
 
 def candidate_dicts(c: Candidates, threshold: float, limit: int) -> list[dict[str, Any]]:

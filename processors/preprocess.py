@@ -2,8 +2,9 @@
 
 Sniff by magic bytes, check byte and pixel limits from the header before decoding (decompression
 bombs), decode, apply the EXIF orientation, normalise to 8-bit BGR (grayscale, alpha, 16-bit, CMYK),
-then letterbox as the served model version's config says. Bad input closes the request REJECTED with
-the precise code from processors.imaging.
+then letterbox as the served model version's config says; the tensor leaves without its padding
+(``processors.tensor_encoding``, encoding ``region``) and inference pads it back. Bad input closes the
+request REJECTED with the precise code from processors.imaging.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, Protocol
 
 from infra.settings import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.detect import letterbox
+from model_store.detect import letterbox_region
 from processors import metrics as PM
 from processors.imaging import ImageLimits, ImageRejected, prepare
+from processors.tensor_encoding import ENCODINGS, REGION, encoded
 from stream.errors import InvalidRecord
 from stream.records import Outcome, Output, Record, per_record
 from stream.topics import LANES, lane_topic
@@ -44,8 +46,13 @@ class PreprocessStage:
     input_event = "ImageScanned"
     emits_terminal_results = True
 
-    def __init__(self, objects: Objects, catalog: ModelCatalog, settings: PipelineSettings):
+    def __init__(self, objects: Objects, catalog: ModelCatalog, settings: PipelineSettings,
+                 tensor_encoding: str = REGION):
+        if tensor_encoding not in ENCODINGS:
+            raise ValueError(f"unknown tensor encoding {tensor_encoding!r}; expected one of {ENCODINGS}")
         self.objects = objects
+        # "raw" writes what an inference older than the `encoding` field reads (docs/events.md).
+        self.tensor_encoding = tensor_encoding
         self.catalog = catalog
         self.settings = settings
         self.prefix = settings.stream.topic_prefix
@@ -73,14 +80,13 @@ class PreprocessStage:
             raise InvalidRecord(exc.code, exc.message) from exc
         spec = model.config.input
         t0 = time.perf_counter()
-        tensor, scale, (pad_x, pad_y) = letterbox(prepared.image, (spec.width, spec.height), spec.pad_value)
+        size = (spec.width, spec.height)
+        region, scale, (pad_x, pad_y) = letterbox_region(prepared.image, size)
+        tensor = encoded(region, (pad_x, pad_y), size, spec.pad_value, self.tensor_encoding)
         t1 = time.perf_counter()
         event = {
             "context": ctx,
-            "tensor": tensor.tobytes(),
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype),
-            "layout": "CHW",
+            **tensor,
             "image_sha256": value["sha256"],
             "image_format": prepared.format,
             "original_width": prepared.width,
