@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from infra.stack.base import Service, StackError, run_logged
 
@@ -20,6 +20,48 @@ SIGNATURE_DIR = Path(__file__).resolve().parent.parent / "clamav"
 
 def clamd_binary() -> str | None:
     return shutil.which("clamd") or (os.path.exists("/usr/sbin/clamd") and "/usr/sbin/clamd") or None
+
+
+# What clamd does to each stream beyond matching the signature set against its bytes. ClamAV's defaults
+# decode every image to compute its fuzzy hash (ScanImageFuzzyHash, under ScanImage): ~60% of clamd's CPU
+# per unique JPEG, for signatures (ldb fuzzy_img#) that the project's set does not use; ndb/hdb signatures
+# match the raw bytes whatever these say. ScanImage also gates the image parsers' heuristics, which alert
+# only with AlertBrokenMedia (off). The other engines cost nothing measurable on an image and stay on.
+# Measured by `detectflow bench clamd`; figures and what is given up: docs/performance.md, "clamd per image".
+SCAN_OPTIONS: dict[str, str] = {
+    "Bytecode": "no",
+    "ScanImage": "no",
+    "ScanImageFuzzyHash": "no",
+}
+
+
+def render_conf(*, port: int, host: str, db_dir: Path, tmp_dir: Path, log_path: Path, pid_file: Path,
+                stream_max_bytes: int, options: Mapping[str, str] = SCAN_OPTIONS) -> str:
+    """clamd.conf for one daemon; ``options`` are the scan settings (the bench tries others)."""
+    mib = stream_max_bytes // (1024 * 1024)
+    # clamd drops the connection when a stream passes StreamMaxLength; the scan
+    # stage caps streams below this on the client side so it gets a verdict instead.
+    lines = [
+        "Foreground yes",
+        f"LogFile {log_path}",
+        "LogTime yes",
+        "LogVerbose no",
+        f"PidFile {pid_file}",
+        f"DatabaseDirectory {db_dir}",
+        f"TemporaryDirectory {tmp_dir}",
+        f"TCPSocket {port}",
+        f"TCPAddr {host}",
+        "MaxConnectionQueueLength 30",
+        "MaxThreads 4",
+        "ReadTimeout 30",
+        "CommandReadTimeout 10",
+        f"StreamMaxLength {mib}M",
+        f"MaxFileSize {mib}M",
+        f"MaxScanSize {mib * 2}M",
+        "SelfCheck 600",
+        *(f"{name} {value}" for name, value in options.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 class ClamdService(Service):
@@ -54,28 +96,10 @@ class ClamdService(Service):
         for sig in SIGNATURE_DIR.glob("*.ndb"):
             shutil.copyfile(sig, self.db_dir / sig.name)
         self.conf.mkdir(parents=True, exist_ok=True)
-        # clamd drops the connection when a stream passes StreamMaxLength; the scan
-        # stage caps streams below this on the client side so it gets a verdict instead.
-        cfg = f"""\
-Foreground yes
-LogFile {self.log_path}
-LogTime yes
-LogVerbose no
-PidFile {self.settings.run_dir / 'clamd.own.pid'}
-DatabaseDirectory {self.db_dir}
-TemporaryDirectory {self.data / 'tmp'}
-TCPSocket {self.settings.clamd_port}
-TCPAddr {self.settings.host}
-MaxConnectionQueueLength 30
-MaxThreads 4
-ReadTimeout 30
-CommandReadTimeout 10
-StreamMaxLength {self.settings.clamd_stream_max_bytes // (1024 * 1024)}M
-MaxFileSize {self.settings.clamd_stream_max_bytes // (1024 * 1024)}M
-MaxScanSize {self.settings.clamd_stream_max_bytes // (1024 * 1024) * 2}M
-SelfCheck 600
-Bytecode no
-"""
+        cfg = render_conf(port=self.settings.clamd_port, host=self.settings.host, db_dir=self.db_dir,
+                          tmp_dir=self.data / "tmp", log_path=self.log_path,
+                          pid_file=self.settings.run_dir / "clamd.own.pid",
+                          stream_max_bytes=self.settings.clamd_stream_max_bytes)
         (self.data / "tmp").mkdir(parents=True, exist_ok=True)
         (self.conf / "clamd.conf").write_text(cfg)
 
