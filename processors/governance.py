@@ -198,28 +198,32 @@ class Governance:
 
 
 class ResultWriter(Protocol):
-    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False) -> None: ...
+    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False, index: bool = True,
+                     cache: Sequence[tuple[Any, Mapping[str, Any]]] = ()) -> None: ...
 
 
 class Tombstones(Protocol):
     def tombstones(self, images: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str], int]: ...
 
 
-def store_unless_deleted(results: ResultWriter, governance: Tombstones,
-                         batch: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Store a batch of results, then read the tombstones of their images (fresh, one query per tenant) and
-    supersede each result of a deleted image with its IMAGE_DELETED result. Returns what to publish.
+def store_unless_deleted(results: ResultWriter, governance: Tombstones, batch: Sequence[Mapping[str, Any]], *,
+                         index: bool = True, cache: Sequence[tuple[Any, Mapping[str, Any]]] = ()
+                         ) -> list[dict[str, Any]]:
+    """Store a batch of results (with ``cache`` rows, in the same round trip), then read the tombstones of
+    their images (fresh, one query per tenant per IN_CHUNK images) and supersede each result of a deleted
+    image with its IMAGE_DELETED result. Returns what to publish. ``index=False``: scan indexed these
+    requests already (postprocess's results).
 
     Storing first and checking after closes the race with a deletion: one whose tombstone was written
     before the check is seen here; one written after it sweeps the image's index, which already holds
-    these rows. Rows carry their request's submission time, so neither order lets a late write win.
+    these rows (scan wrote it before its own check). Rows carry their request's submission time, so
+    neither order lets a late write win — the cache rows included, which is why they may go with the batch.
     """
-    results.save_results(batch)
-    stones = governance.tombstones([(r["tenant"], r.get("image_sha256")) for r in batch if r.get("tenant")],
-)
+    results.save_results(batch, index=index, cache=cache)
+    stones = governance.tombstones([(r["tenant"], r.get("image_sha256")) for r in batch if r.get("tenant")])
     out = [deleted_result(r) if result_hidden(r, stones) else dict(r) for r in batch]
     gone = [o for o, r in zip(out, batch, strict=True) if o.get("error_code") == IMAGE_DELETED
             and r.get("error_code") != IMAGE_DELETED]
     if gone:
-        results.save_results(gone, supersede=True)
+        results.save_results(gone, supersede=True, index=index)
     return out

@@ -3,8 +3,8 @@
 The recorder sees every DetectionResult (on `detections`) after it is stored, so it is where a job's
 completion is noticed. Results of one job are spread over partitions (keyed by request id) and maybe
 over several recorder instances, so no instance can count a job alone: after each batch, every job the
-batch touched is counted exactly in Cassandra (one single-partition COUNT of at most
-`job_max_items` clustering rows per job per batch). The instance that sees the count reach the total
+batch touched is counted exactly in Cassandra (one single-partition read of its items' statuses, at
+most `job_max_items` clustering rows, per job per batch). The instance that sees the count reach the total
 marks the job COMPLETED and emits a JobEvent. Redelivery may emit it again: the event is
 at-least-once, keyed by job id, and consumers dedupe by it.
 """
@@ -36,13 +36,29 @@ class JobStore(Protocol):
 
 
 class JobTracker:
-    """Counts each touched job after a batch is stored; announces the ones that are complete."""
+    """Counts each touched job after a batch is stored; announces the ones that are complete.
+
+    A job's total and creation time never change, so they are read once per job and process (a job id that
+    has no jobs row, one produced straight into Kafka, is remembered as such too); after that a batch costs
+    one read per job (its items' statuses, counted here), and the job row is read again only when the count
+    reaches the total (another recorder may have completed it)."""
 
     def __init__(self, store: JobStore, prefix: str = "", remember: int = 10_000):
         self.store = store
         self.topic = jobs_events_topic(prefix)
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()  # bounded: completed jobs seen here
+        self._known: OrderedDict[tuple[str, str], Mapping[str, Any] | None] = OrderedDict()  # running jobs' rows
         self._remember = remember
+
+    def _job(self, tenant: str, job_id: str) -> tuple[Mapping[str, Any] | None, bool]:
+        """(the job row, read just now?)"""
+        if (tenant, job_id) in self._known:
+            return self._known[(tenant, job_id)], False
+        job = self.store.job(tenant, job_id)
+        self._known[(tenant, job_id)] = job
+        while len(self._known) > self._remember:
+            self._known.popitem(last=False)
+        return job, True
 
     def completed(self, results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Output]:
         """(tenant, job id) -> JobEvent output, for each job the results touch that is now complete."""
@@ -51,12 +67,14 @@ class JobTracker:
         for tenant, job_id in sorted(touched):
             if (tenant, job_id) in self._done:
                 continue
-            job = self.store.job(tenant, job_id)
+            job, fresh = self._job(tenant, job_id)
             if job is None or job.get("total") is None:
                 continue  # not a gateway job (an event produced straight into Kafka with a job id)
-            if job.get("status") != "COMPLETED" and self.store.result_count(tenant, job_id) < job["total"]:
-                continue
             counts = self.store.status_counts(tenant, job_id)
+            if job.get("status") != "COMPLETED" and sum(counts.values()) < job["total"]:
+                continue
+            if not fresh:
+                job = self.store.job(tenant, job_id) or job  # its status now: another recorder may have marked it
             completed_at = now_ms()
             if job.get("status") != "COMPLETED":
                 self.store.mark_completed(tenant, job_id, counts, completed_at)
@@ -64,6 +82,7 @@ class JobTracker:
                 "job_id": job_id, "tenant": tenant, "status": "COMPLETED", "total": int(job["total"]),
                 "ok": counts.get("OK", 0), "rejected": counts.get("REJECTED", 0), "failed": counts.get("FAILED", 0),
                 "created_at": job.get("created_at"), "completed_at": completed_at}, "JobEvent")
+            self._known.pop((tenant, job_id), None)
             self._done[(tenant, job_id)] = None
             while len(self._done) > self._remember:
                 self._done.popitem(last=False)

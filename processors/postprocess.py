@@ -41,8 +41,8 @@ from stream.topics import LANES, abuse_topic, lane_topic
 
 
 class Results(Protocol):
-    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False) -> None: ...
-    def cache_put(self, entries: Sequence[tuple[CacheKey, Mapping[str, Any]]]) -> None: ...
+    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False, index: bool = True,
+                     cache: Sequence[tuple[CacheKey, Mapping[str, Any]]] = ()) -> None: ...
 
 
 class Governance(Protocol):
@@ -140,14 +140,15 @@ class PostprocessStage:
                ) -> list[tuple[dict[str, Any], list[Output]]]:
         """Cache the model's answers, store the policy's view of them (unless deleted), flag for review."""
         if self.governance is None:
-            self.results.save_results([r for _, r, _ in stored])
-            self.results.cache_put([(k, r) for _, r, k in stored])
+            self.results.save_results([r for _, r, _ in stored], cache=[(k, r) for _, r, k in stored])
             return [(r, []) for _, r, _ in stored]
         policies = self.governance.policies({r["tenant"] for _, r, _ in stored})
         applied = [apply_policy(r, policies[r["tenant"]]) for _, r, _ in stored]
         # The cache holds what the model found; the policy applies at every serve (here and on scan's hits).
-        self.results.cache_put([(k, r) for _, r, k in stored])
-        final = store_unless_deleted(self.results, self.governance, [a.result for a in applied])
+        # Scan indexed each request by image before its own tombstone check (processors/scan.py), so the
+        # results go without a second, identical image_requests row; the cache rows go with them.
+        final = store_unless_deleted(self.results, self.governance, [a.result for a in applied], index=False,
+                                     cache=[(k, r) for _, r, k in stored])
         out: list[tuple[dict[str, Any], list[Output]]] = []
         for (i, _, _), a, result in zip(stored, applied, final, strict=True):
             extra: list[Output] = []

@@ -61,7 +61,7 @@ class ResultStore:
             "AND model_version = ? AND params_hash = ?")
         self._get_request = session.prepare("SELECT result, status FROM requests WHERE tenant = ? AND request_id = ?")
 
-    def _run(self, statements: Sequence[tuple[Any, tuple[Any, ...]]]) -> list[Any]:
+    def _run(self, statements: Sequence[tuple[Any, tuple[Any, ...] | None]]) -> list[Any]:
         from cassandra import DriverException
         from cassandra.cluster import NoHostAvailable
 
@@ -71,16 +71,21 @@ class ResultStore:
         except (DriverException, NoHostAvailable, OSError) as exc:
             raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
 
-    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False) -> None:
-        """Upsert each result into requests (+ job_results, image_requests). Safe to repeat. ``supersede``
-        writes one microsecond later than the result's own write time: it replaces a result already stored
-        for the same request (an IMAGE_DELETED result replacing the one stored a moment before)."""
-        from cassandra.query import UNSET_VALUE
+    def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False, index: bool = True,
+                     cache: Sequence[tuple[CacheKey, Mapping[str, Any]]] = ()) -> None:
+        """Upsert each result into requests (+ job_results, image_requests), and ``cache`` rows, all at once
+        (concurrently; a job's rows of the batch as one UNLOGGED BATCH: one partition). Safe to repeat.
+        ``supersede`` writes one microsecond later than the result's own write time: it replaces a result
+        already stored for the same request (an IMAGE_DELETED result replacing the one stored a moment before).
+        ``index=False`` leaves image_requests alone: for results whose requests scan indexed already (the
+        same row and write time, processors/scan.py), i.e. postprocess's."""
+        from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
 
         def keep(value: Any) -> Any:  # a value the result lacks leaves the gateway's column as it is
             return UNSET_VALUE if value is None else value
 
-        stmts: list[tuple[Any, tuple[Any, ...]]] = []
+        stmts: list[tuple[Any, tuple[Any, ...] | None]] = []
+        jobs: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
         for r in results:
             text = result_json(r)
             done = _ts(r.get("completed_at"))
@@ -90,12 +95,21 @@ class ResultStore:
                 r.get("error_code"), bool(r.get("cache_hit")), text, done, keep(r.get("job_id")), r.get("lane"),
                 keep(r.get("image_sha256")), r["tenant"], r["request_id"])))
             if r.get("job_id"):
-                stmts.append((self._put_job, (r["tenant"], r["job_id"], r["request_id"], r["status"],
-                                              r.get("error_code"), text, done, self._result_ttl, at)))
-            if r.get("image_sha256"):
+                jobs.setdefault((r["tenant"], r["job_id"]), []).append((
+                    r["tenant"], r["job_id"], r["request_id"], r["status"], r.get("error_code"), text, done,
+                    self._result_ttl, at))
+            if index and r.get("image_sha256"):
                 stmts.append((self._put_image, (r["tenant"], r["image_sha256"], r["request_id"], self._result_ttl,
                                                 at)))
-        self._run(stmts)
+        for rows in jobs.values():
+            if len(rows) == 1:
+                stmts.append((self._put_job, rows[0]))
+                continue
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)  # one partition: one mutation on the node
+            for row in rows:
+                batch.add(self._put_job, row)
+            stmts.append((batch, None))
+        self._run([*stmts, *self._cache_rows(cache)])
 
     def index_images(self, entries: Sequence[tuple[str, str, str, int | None]]) -> None:
         """(tenant, sha256, request id, submitted_at ms): scan's index of every request past it, so a deletion
@@ -104,10 +118,13 @@ class ResultStore:
                                       write_time_us({"submitted_at": submitted})))
                    for tenant, sha, rid, submitted in entries])
 
+    def _cache_rows(self, entries: Sequence[tuple[CacheKey, Mapping[str, Any]]]) -> list[tuple[Any, tuple[Any, ...]]]:
+        return [(self._put_cache, (k.tenant, k.image_sha256, k.model_name, k.model_version, k.params_hash,
+                                   result_json(r), _ts(r.get("completed_at")), self._cache_ttl, write_time_us(r)))
+                for k, r in entries]
+
     def cache_put(self, entries: Sequence[tuple[CacheKey, Mapping[str, Any]]]) -> None:
-        self._run([(self._put_cache, (k.tenant, k.image_sha256, k.model_name, k.model_version, k.params_hash,
-                                      result_json(r), _ts(r.get("completed_at")), self._cache_ttl, write_time_us(r)))
-                   for k, r in entries])
+        self._run(self._cache_rows(entries))
 
     def cache_get(self, key: CacheKey) -> dict[str, Any] | None:
         (rows,) = self._run([(self._get_cache, (key.tenant, key.image_sha256, key.model_name, key.model_version,

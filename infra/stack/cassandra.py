@@ -184,6 +184,13 @@ authenticator: PasswordAuthenticator
 authorizer: CassandraAuthorizer
 role_manager: CassandraRoleManager
 network_authorizer: AllowAllNetworkAuthorizer
+# Every statement's permission check reads these caches; an entry is read again from system_auth once it is
+# 10 s old (the default is 2 s: ~8 reloads a second under load, docs/performance.md "Cassandra per image").
+# The price, for least privilege: a REVOKE (stack up's re-grants included), a dropped role or a changed password
+# reaches sessions already logged in within 10 s.
+permissions_validity: 10s
+roles_validity: 10s
+credentials_validity: 10s
 
 # The native port speaks TLS only. The keystore is one unencrypted PEM (PKCS#8 key + chain, 0600) from the
 # project CA (renewed by `stack up` before it expires; a restart of the node picks a renewed one up).

@@ -116,3 +116,32 @@ def test_problem_body_is_rfc9457() -> None:
     assert p.response().content_type == "application/problem+json"
     with pytest.raises(ValueError):
         Problem("NO_SUCH_CODE")
+
+
+def test_daily_quota_reads_the_shared_counter_once_per_interval_and_refuses_only_on_a_fresh_read() -> None:
+    used = {"n": 0}
+    reads: list[int] = []
+    mono = {"t": 0.0}
+
+    async def read(t: str, d: str) -> int:
+        reads.append(used["n"])
+        return used["n"]
+
+    async def add(t: str, d: str, n: int) -> None:
+        used["n"] += n
+
+    quota = DailyQuota(5, read, add, read_cache_s=1.0, monotonic=lambda: mono["t"])
+    for _ in range(3):
+        asyncio.run(quota.charge("a", 1))
+    assert len(reads) == 1 and used["n"] == 3  # one read, three charges
+    used["n"] += 1  # another gateway instance charged one meanwhile: this one does not know yet
+    asyncio.run(quota.charge("a", 1))
+    asyncio.run(quota.charge("a", 1))  # its estimate (5) fits: admitted, one past the limit (the documented bound)
+    assert len(reads) == 1 and used["n"] == 6
+    with pytest.raises(Problem):
+        asyncio.run(quota.charge("a", 1))  # the estimate says it does not fit: a fresh read decides
+    assert reads[-1] == 6 and len(reads) == 2
+    mono["t"] = 2.0
+    used["n"] = 0  # (a new counter, say): past the interval the counter is read again
+    asyncio.run(quota.charge("a", 1))
+    assert len(reads) == 3 and used["n"] == 1

@@ -82,8 +82,8 @@ class SupersedingResults(FakeResults):
         super().__init__()
         self.rows: dict[str, dict[str, Any]] = {}
 
-    def save_results(self, results: Any, *, supersede: bool = False) -> None:
-        super().save_results(results)
+    def save_results(self, results: Any, *, supersede: bool = False, index: bool = True, cache: Any = ()) -> None:
+        super().save_results(results, cache=cache)
         for r in results:
             if supersede or r["request_id"] not in self.rows:
                 self.rows[r["request_id"]] = dict(r)
