@@ -149,12 +149,13 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
     if role == "recorder":
         from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
-        from stream.cassandra import connect
+        from stream.cassandra import AuditLog, connect
 
         session = connect(stream, role)
         jobs = JobTracker(CassandraJobs(session), stream.topic_prefix)
         results = _results(settings, role, session)
-        return RecorderStage(results, stream.topic_prefix, jobs, _governance(settings, results)), {}
+        return RecorderStage(results, stream.topic_prefix, jobs, _governance(settings, results),
+                             audit=AuditLog(session)), {}
     raise ValueError(f"unknown role {role!r}; one of {', '.join((*ROLES, *LIFECYCLE_ROLES))}")
 
 

@@ -326,6 +326,9 @@ class StreamSettings:
     flush_timeout_s: float = 30.0
     # How often the online backlog is measured to pause/resume batch partitions.
     lane_check_interval_ms: int = 100
+    # Checkpoints: a stage commits its offsets (and its open exactly-once transaction) when it has caught up,
+    # or at the latest this long after the last commit while it has a backlog (one commit for many batches).
+    commit_interval_ms: int = 250
     metrics_port: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
     # The bound of a stage consumer's local queue of pre-fetched records (librdkafka's
@@ -369,6 +372,7 @@ class StreamSettings:
             backoff_max_ms=int(num("BACKOFF_MAX_MS", 2000)),
             flush_timeout_s=num("FLUSH_TIMEOUT_S", 30.0),
             lane_check_interval_ms=int(num("LANE_CHECK_INTERVAL_MS", 100)),
+            commit_interval_ms=int(num("COMMIT_INTERVAL_MS", 250)),
             max_message_bytes=int(num("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
             prefetch_kbytes=int(num("PREFETCH_KBYTES", 8192)),
             instance_id=_get(env, "INSTANCE_ID", ""),

@@ -85,10 +85,12 @@ class VersionInfo:
 class RegistryStore:
     """model_versions, model_routing, shadow_agreement and the audit_log rows of registry changes."""
 
-    def __init__(self, session: Any, timeout_s: float = 10.0, audit_ttl_s: int = 400 * 24 * 3600):
+    def __init__(self, session: Any, timeout_s: float = 10.0, audit_ttl_s: int | None = None):
+        from stream.cassandra import AUDIT_INSERT, AUDIT_TTL_S
+
         self._s = session
         self._timeout = timeout_s
-        self._audit_ttl = audit_ttl_s
+        self._audit_ttl = AUDIT_TTL_S if audit_ttl_s is None else audit_ttl_s
         p = session.prepare
         self._routing = p("SELECT production, canary, canary_percent, shadow, previous, versions, guardrail, revision "
                           "FROM model_routing WHERE model_name = ?")
@@ -109,9 +111,7 @@ class RegistryStore:
             "INSERT INTO model_versions (model_name, version, sha256, size_bytes, provenance, metrics, gate_status, "
             "gate_report, pushed_by, pushed_at, retired) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, false) IF NOT EXISTS")
         self._retire = p("UPDATE model_versions SET retired = true WHERE model_name = ? AND version = ?")
-        self._audit = p(
-            "INSERT INTO audit_log (tenant, day, event_time, event_id, subject, action, resource, outcome, status, "
-            "request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+        self._audit = p(AUDIT_INSERT)
         self._audit_read = p("SELECT event_time, subject, action, resource, outcome, status, detail FROM audit_log "
                              "WHERE tenant = ? AND day = ?")
         self._agreement = p("SELECT * FROM shadow_agreement WHERE model_name = ?")
@@ -189,12 +189,9 @@ class RegistryStore:
 
     # audit
     def audit(self, event: Mapping[str, Any], day: str) -> None:
-        import datetime as dt
+        from stream.cassandra import audit_row
 
-        self._execute(self._audit, (
-            event["tenant"], day, dt.datetime.fromtimestamp(event["event_time"] / 1000, dt.UTC), event["event_id"],
-            event["subject"], event["action"], event.get("resource"), event["outcome"], event["status"],
-            event.get("request_id"), event.get("detail"), self._audit_ttl))
+        self._execute(self._audit, audit_row(event, self._audit_ttl, day))
 
     def audit_events(self, day: str) -> list[dict[str, Any]]:
         rows = self._execute(self._audit_read, (PLATFORM_TENANT, day))
@@ -366,9 +363,9 @@ def audit_event(subject: str, action: str, resource: str, *, outcome: str = "suc
 
 
 def utc_day(epoch_ms: int) -> str:
-    import datetime as dt
+    from stream.cassandra import audit_day
 
-    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+    return audit_day(epoch_ms)
 
 
 # ---------------------------------------------------------------------------------------------- commands

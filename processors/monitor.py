@@ -14,6 +14,10 @@ id) are paired in a bounded buffer; each pair is compared per class (greedy matc
 >= 0.5: matched, production-only, shadow-only, |score delta| of matches, model latency of each side),
 exported as metrics and added to the shadow_agreement counters that `detectflow models compare`
 prints. The buffer is memory: a restart loses unpaired halves (they are statistics, not results).
+
+Idle, it costs nothing: `detections` is read only while some model has a canary or a shadow version, and
+`detections.shadow` only while one has a shadow, each from the moment it is set (``on_demand_topics``).
+(TENANT_MISMATCH refusals on `detections` are audited by the recorder, processors/recorder.py.)
 """
 
 from __future__ import annotations
@@ -32,9 +36,8 @@ from model_store.detect import box_iou
 from model_store.watch import RoutingTable
 from processors import metrics as PM
 from processors.shadow import shadow_topic
-from stream import ingest
 from stream.errors import TransientError
-from stream.records import Outcome, Output, Record
+from stream.records import Outcome, Record
 from stream.topics import detections_topic
 
 log = logging.getLogger(__name__)
@@ -157,8 +160,18 @@ class MonitorStage:
     def input_topics(self) -> list[str]:
         return [detections_topic(self.prefix), shadow_topic(self.prefix)]
 
+    def on_demand_topics(self) -> dict[str, bool]:
+        """Each input is read only while it has work, from that moment on (stream/runtime.py): `detections`
+        while some model has a canary (guardrails) or a shadow (agreement's production side), `detections.shadow`
+        while one has a shadow (agreement pairs results of the same request; the shadow role reads only new
+        traffic too). With neither, the monitor is in no consumer group and fetches nothing."""
+        routings = [r for m in self.table.models() if (r := self.table.routing(m)) is not None]
+        shadowed = any(r.shadow is not None for r in routings)
+        return {detections_topic(self.prefix): shadowed or any(r.canary is not None for r in routings),
+                shadow_topic(self.prefix): shadowed}
+
     def process(self, batch: list[Record]) -> list[Outcome]:
-        outcomes: list[Outcome] = [self._audit(rec) for rec in batch]  # first: it may raise TransientError
+        outcomes: list[Outcome] = [[] for _ in batch]
         now = self.clock()
         sums: dict[tuple[str, int, int, str], dict[str, float]] = {}
         for rec in batch:
@@ -180,17 +193,6 @@ class MonitorStage:
             self._next_check = now + self.lifecycle.guard_check_interval_s
             self.check_guardrails(now)
         return outcomes
-
-    def _audit(self, rec: Record) -> list[Output]:
-        """A submission refused for naming another tenant than its ingest topic's (stream/ingest.py) is audited
-        here: scan, which refuses it, may not write the audit log. Cassandra (`GET /v1/audit`) and `audit`."""
-        event = ingest.audit_event(self.prefix, rec.value) if rec.topic == detections_topic(self.prefix) else None
-        if event is None:
-            return []
-        from model_store.registry import utc_day
-
-        self.registry.store.audit(event, utc_day(event["event_time"]))  # idempotent: the event id is the request's
-        return [Output(f"{self.prefix}audit", event["tenant"], event, "AuditEvent")]
 
     # ---- guardrails -----------------------------------------------------------------------------------
     def check_guardrails(self, now: float) -> None:

@@ -2,12 +2,14 @@
 
 Its own consumer group (``detectflow.shadow``) reads the preprocessed topics of both lanes, so it sees
 every record production's inference sees, at its own pace: a slow shadow lags, it never slows
-production's consumers (it does share the host's cores). For records of a model that has a shadow
-version, the shadow model runs (micro-batched like inference), its candidates are post-processed
-exactly as production's (the request's params, NMS, boxes back to the oriented original), and the
-DetectionResult goes to `detections.shadow`, keyed by request id. It never replies, never stores
-results, never writes a DLQ or a terminal result: a shadow failure is counted and dropped, and cannot
-touch a request. The monitor (processors/monitor.py) pairs these results with production's.
+production's consumers (it does share the host's cores). It reads them only while some model has a
+shadow version (``on_demand_topics``), from the moment one is set: no shadow, no fetch. For records
+of a model that has a shadow version, the shadow model runs (micro-batched like inference), its
+candidates are post-processed exactly as production's (the request's params, NMS, boxes back to the
+oriented original), and the DetectionResult goes to `detections.shadow`, keyed by request id. It
+never replies, never stores results, never writes a DLQ or a terminal result: a shadow failure is
+counted and dropped, and cannot touch a request. The monitor (processors/monitor.py) pairs these
+results with production's.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ class ShadowStage:
 
     def input_topics(self) -> list[str]:
         return [lane_topic(self.prefix, lane, "preprocessed") for lane in LANES]
+
+    def on_demand_topics(self) -> dict[str, bool]:
+        """Its inputs are read only while some model has a shadow version (stream/runtime.py): otherwise the
+        role fetches no tensor at all, and when a shadow is set it starts at the topics' end (new traffic)."""
+        table = self.catalog.table
+        shadowed = table is not None and any(
+            (r := table.routing(m)) is not None and r.shadow is not None for m in table.models())
+        return dict.fromkeys(self.input_topics(), shadowed)
 
     def on_routing(self, routing: Routing) -> None:
         """Load a new shadow version in the background, before its records arrive."""

@@ -11,8 +11,9 @@ import calendar
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cassandra import AuthenticationFailed, DriverException
 from cassandra.auth import PlainTextAuthProvider
@@ -94,3 +95,46 @@ def timestamp_ms(value: dt.datetime | None) -> int | None:
     if value is None:
         return None
     return calendar.timegm(value.timetuple()) * 1000 + value.microsecond // 1000
+
+
+# ---- the audit log -------------------------------------------------------------------------------------------
+# One row per AuditEvent (schemas/cql/003_gateway.cql, partition (tenant, UTC day)), keyed by its event id, so
+# writing an event again is a no-op. One statement for every writer: the gateway (gateway/store.py), the
+# registry (model_store/registry.py) and the recorder's TENANT_MISMATCH refusals (processors/recorder.py).
+AUDIT_INSERT = (
+    "INSERT INTO audit_log (tenant, day, event_time, event_id, subject, action, resource, outcome, status, "
+    "request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+AUDIT_TTL_S = 400 * 24 * 3600
+
+
+def audit_day(epoch_ms: int) -> str:
+    """The audit_log partition day (UTC) of an event time."""
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+
+
+def audit_row(event: Mapping[str, Any], ttl_s: int, day: str | None = None) -> tuple[Any, ...]:
+    """AUDIT_INSERT's parameters for an AuditEvent (by default in the partition of its own event time)."""
+    at = dt.datetime.fromtimestamp(event["event_time"] / 1000, dt.UTC)
+    return (event["tenant"], day or audit_day(event["event_time"]), at, event["event_id"], event["subject"],
+            event["action"], event.get("resource"), event["outcome"], event["status"], event.get("request_id"),
+            event.get("detail"), ttl_s)
+
+
+class AuditLog:
+    """AuditEvents into audit_log with one prepared INSERT; Cassandra errors become TransientError (retried)."""
+
+    def __init__(self, session: Session, *, ttl_s: int = AUDIT_TTL_S, timeout_s: float = 10.0):
+        self._session = session
+        self._insert = session.prepare(AUDIT_INSERT)
+        self._ttl = ttl_s
+        self._timeout = timeout_s
+
+    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Each event, concurrently; returns once all are written."""
+        try:
+            futures = [self._session.execute_async(self._insert, audit_row(e, self._ttl), timeout=self._timeout)
+                       for e in events]
+            for f in futures:
+                f.result()
+        except (DriverException, NoHostAvailable, OSError) as exc:
+            raise TransientError(f"cassandra: audit_log: {type(exc).__name__}: {exc}") from exc

@@ -5,8 +5,8 @@ so the topic name is the authenticated tenant. The runtime binds each record rea
 to it (``bind_headers``: a `reply-to` may name only the tenant's own reply topic, the runtime's
 provenance headers are the runtime's); the stage that reads ingest topics (scan) then checks the value
 (``check``): a `tenant` field naming anyone else closes the request REJECTED ``TENANT_MISMATCH``, the
-result filed under the topic's tenant (never under the tenant it claimed); the monitor, which reads
-`detections` and may write `audit` (scan may not), audits it (``audit_event``).
+result filed under the topic's tenant (never under the tenant it claimed); the recorder, which reads
+`detections` and may write `audit` and `audit_log` (scan may not), audits it (``audit_event``).
 
 Pure: names and dictionaries, no Kafka.
 """
@@ -76,7 +76,7 @@ def stamped(value: Mapping[str, Any], tenant: str, lane: str) -> dict[str, Any]:
 
 def mismatch_outputs(prefix: str, rec: Record, verdict: Verdict) -> list[Output]:
     """REJECTED TENANT_MISMATCH under the topic's tenant, to `detections` and to the tenant's own reply topic
-    if it asked for a reply (the monitor audits it: ``audit_event``). The claimed tenant's job id is dropped."""
+    if it asked for a reply (the recorder audits it: ``audit_event``). The claimed tenant's job id is dropped."""
     assert verdict.tenant is not None
     value = {**stamped(rec.value, verdict.tenant, rec.lane), "job_id": None}
     result = terminal_result(key=rec.key, value=value, lane=rec.lane, status="REJECTED", code=TENANT_MISMATCH,

@@ -15,6 +15,10 @@ RECORD_AGE_SECONDS = Histogram("detectflow_record_age_seconds",
                                "End-to-end age of a record when its stage finished it (now - submitted_at)",
                                ["stage", "lane"],
                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+HOP_SECONDS = Histogram("detectflow_hop_seconds",
+                        "Time from a record's produce (its CreateTime) to its stage polling it: the hop's "
+                        "transport and queueing", ["stage", "lane"],
+                        buckets=(.001, .0025, .005, .0075, .01, .015, .025, .05, .1, .25, .5, 1, 2.5, 10))
 LOOP_SECONDS = Histogram("detectflow_loop_seconds", "Time per batch in each phase of the runtime loop",
                          ["stage", "phase"],  # decode | deliver (produce + flush + commit, or the transaction)
                          buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))

@@ -15,6 +15,10 @@ Failure paths:
 
 Lanes: online partitions are served first; while they have a backlog the batch
 partitions are paused.
+
+On-demand inputs: a stage with nothing to do on a topic (the shadow without a shadow
+version) says so (``on_demand_topics``); the runner then does not subscribe to it, and
+reads it from the moment it is wanted again, never the backlog of the idle time.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
@@ -108,6 +121,18 @@ class StageRunner:
         # Retry records polled before their not-before time, held (uncommitted) while their
         # partition is paused; bounded by one fetch of that partition.
         self._held: dict[tuple[str, int], _Held] = {}
+        self._subscription: list[str] | None = None  # None: not subscribed yet
+        # On-demand input topics that are on, and since when (ms): see _follow_demand.
+        self._wanted_since: dict[str, int] = {}
+        # Checkpoints (commits) are batched: offsets of delivered batches wait here, and an exactly-once
+        # lane's transaction stays open across batches, until the stage has caught up (nothing more is
+        # fetched) or ``commit_interval_ms`` has passed: under a backlog one commit covers many batches.
+        self._plain_offsets: dict[tuple[str, int], int] = {}
+        self._txn_offsets: dict[tuple[str, int], int] = {}
+        self._txn_open = False
+        self._last_commit = time.monotonic()
+        # Committed offsets of online partitions not consumed yet (for the lag check), asked once per assignment.
+        self._committed_cache: dict[tuple[str, int], int] = {}
         self._last_lane_check = 0.0
         self._last_lag_export = 0.0
         self._online_seen = False
@@ -161,15 +186,11 @@ class StageRunner:
         """Loop until stop() (SIGTERM): finish the in-flight batch, commit, leave the group."""
         if self.txn_producer is not None:
             self.txn_producer.init_transactions(30)
-        # A stage may also take regex subscriptions (``input_patterns``, e.g. every tenant's ingest topic and
-        # its retry topic): topics created later are picked up at the next metadata refresh.
-        patterns = list(getattr(self.stage, "input_patterns", lambda: [])())
-        self.consumer.subscribe(self.stage.input_topics() + [retry_topic(t) for t in self.stage.input_topics()]
-                                + patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         batches = 0
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
+                self._follow_demand()
                 if self.run_once():
                     batches += 1
                     idle_since = time.monotonic()
@@ -177,29 +198,94 @@ class StageRunner:
                     break
                 if max_batches is not None and batches >= max_batches:
                     break
+        except BaseException:
+            self._abandon_transaction()  # a batch may be half in it: its inputs are read again after the restart
+            raise
         finally:
-            self.consumer.close()  # leaves the group at once, so a rebalance need not wait for the session timeout
-            self.producer.flush(self.settings.flush_timeout_s)
-            if self.txn_producer is not None:
-                self.txn_producer.flush(self.settings.flush_timeout_s)
+            self.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused_batch.clear()
         self._held.clear()
+        on_demand = [tp for tp in partitions if origin_of(tp.topic) in self._wanted_since]
+        if on_demand:
+            self._skip_backlog(consumer, on_demand)
+            consumer.assign(partitions)
+            # Committed too: the lane scheduler (_online_lag) and the gateway read lag from the committed offset
+            # of a partition not yet read, and would see the skipped backlog (the batch lane paused behind it).
+            starts = [tp for tp in on_demand if tp.offset >= 0]
+            if starts:
+                consumer.commit(offsets=starts, asynchronous=False)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Nothing is in flight here: each batch is committed before the next poll. Held retry
-        # records were never committed, so the partition's next owner reads them again.
+        # Every delivered batch is checkpointed before the partitions go: the next owner starts after them.
+        # Held retry records were never committed, so the partition's next owner reads them again.
+        if self.has_uncommitted():
+            self.commit()
+        self._committed_cache.clear()
         self._paused_batch.clear()
         self._held.clear()
+
+    # ---- on-demand inputs ----------------------------------------------------------------------------
+    def _follow_demand(self) -> None:
+        """Subscribe to what the stage has work on now. A stage may define ``on_demand_topics() -> Mapping[str,
+        bool]``: input topics it reads only while True (asked at every turn of the loop, so it must be cheap).
+        While every input is off the consumer is unsubscribed: no group membership, no fetch, and the loop's
+        poll still waits ``max_wait_ms`` per turn. A topic that turns on is read from that moment on, never the
+        backlog left while it was off (``_skip_backlog``)."""
+        demand = getattr(self.stage, "on_demand_topics", None)
+        if demand is None and self._subscription is not None:
+            return
+        wanted = dict(demand()) if demand is not None else {}
+        now = now_ms()
+        for topic, on in wanted.items():
+            if on:
+                self._wanted_since.setdefault(topic, now)
+            else:
+                self._wanted_since.pop(topic, None)
+        inputs = [t for t in self.stage.input_topics() if wanted.get(t, True)]
+        # A stage may also take regex subscriptions (``input_patterns``, e.g. every tenant's ingest topic and
+        # its retry topic): topics created later are picked up at the next metadata refresh.
+        patterns = list(getattr(self.stage, "input_patterns", lambda: [])())
+        topics = inputs + [retry_topic(t) for t in inputs] + patterns
+        if topics == self._subscription:
+            return
+        if topics:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        elif self._subscription:
+            self.consumer.unsubscribe()  # the revocation is served by the next poll
+        if self._subscription is not None or demand is not None:
+            log.info("%s: reading %s", self.stage.name, ", ".join(topics) or "nothing (no work on any input)")
+        self._subscription = topics
+
+    def _skip_backlog(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start each partition of an on-demand topic (or its retry topic) at its first record since the topic
+        turned on, or at the group's committed offset if that is later (a rebalance while on). Offsets committed
+        in an earlier period on are older than that: the records of the idle time between are never read."""
+        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
+        # The end as of now (timestamp -1: the latest offset), asked first: a record written after it is read.
+        # (OFFSET_END would be resolved later, by the fetcher, and skip what came in between.)
+        ends = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, -1) for tp in partitions],
+                                          timeout=10)
+        since = consumer.offsets_for_times(
+            [TopicPartition(tp.topic, tp.partition, self._wanted_since[origin_of(tp.topic)]) for tp in partitions],
+            timeout=10)
+        for tp, end, first in zip(partitions, ends, since, strict=True):
+            # offsets_for_times gives -1 where no record is that recent: start at the end.
+            start = first.offset if first.offset >= 0 else end.offset
+            tp.offset = max(start, committed[(tp.topic, tp.partition)]) if start >= 0 else OFFSET_END
 
     # ---- one batch -------------------------------------------------------------------------------
     def run_once(self) -> bool:
         """Poll and handle one batch. Returns False when nothing was polled."""
         released = self._release_due_retries()
-        msgs = released + [m for m in self._poll_batch(self.max_batch - len(released), block=not released)
+        uncommitted = self.has_uncommitted()
+        msgs = released + [m for m in self._poll_batch(self.max_batch - len(released),
+                                                       block=not released and not uncommitted)
                            if not self._is_transport_error(m)]
         if not msgs:
+            if uncommitted:
+                self.commit()  # caught up: checkpoint what was delivered (and make a transaction's outputs visible)
             self._schedule_lanes(saw_online=False)
             return False
         t_admit = time.perf_counter()
@@ -292,6 +378,8 @@ class StageRunner:
                 out.append(p)
                 continue
             ts_type, ts = msg.timestamp()
+            if ts_type and ts > 0 and not from_retry:
+                M.HOP_SECONDS.labels(self.stage.name, lane).observe(max(0, now_ms() - ts) / 1000)
             attempt = (H.integer(hdrs, H.ATTEMPT) if from_retry else None) or 1
             p.record = Record(topic=origin, partition=msg.partition(), offset=msg.offset(), key=key, value=value,
                               headers=hdrs, lane=lane, attempt=attempt,
@@ -434,19 +522,24 @@ class StageRunner:
             self._deliver_plain(plain)
         if txn:
             self._deliver_transaction(txn)
+        if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            self.commit()
 
     def _lane_of_msg(self, p: _Pending) -> str:
         return p.record.lane if p.record is not None else lane_of(origin_of(p.msg.topic()))
 
     @staticmethod
-    def _offsets(handled: list[_Pending]) -> list[TopicPartition]:
-        offsets: dict[tuple[str, int], int] = {}
+    def _merge_offsets(into: dict[tuple[str, int], int], handled: list[_Pending]) -> None:
         for p in handled:
             tp = (p.msg.topic(), p.msg.partition())
-            offsets[tp] = max(offsets.get(tp, -1), p.msg.offset() + 1)
+            into[tp] = max(into.get(tp, -1), p.msg.offset() + 1)
+
+    @staticmethod
+    def _partitions(offsets: Mapping[tuple[str, int], int]) -> list[TopicPartition]:
         return [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
 
     def _deliver_plain(self, handled: list[_Pending]) -> None:
+        """Outputs produced and flushed (durable downstream) before their inputs' offsets may be committed."""
         self._delivery_errors.clear()
         for p in handled:
             for out in p.outputs:
@@ -454,22 +547,66 @@ class StageRunner:
         remaining = self.producer.flush(self.settings.flush_timeout_s)
         if remaining or self._delivery_errors:
             raise DeliveryError(f"{remaining} undelivered, errors: {self._delivery_errors[:3]}")
-        self.consumer.commit(offsets=self._offsets(handled), asynchronous=False)
+        self._merge_offsets(self._plain_offsets, handled)
 
     def _deliver_transaction(self, handled: list[_Pending]) -> None:
+        """Outputs into the open transaction; its input offsets go in with them when it commits (``commit``)."""
         producer = self.txn_producer
         assert producer is not None
-        producer.begin_transaction()
+        if not self._txn_open:
+            producer.begin_transaction()
+            self._txn_open = True
         for p in handled:
             for out in p.outputs:
                 self._produce(producer, out)
+        self._merge_offsets(self._txn_offsets, handled)
+
+    def has_uncommitted(self) -> bool:
+        return bool(self._plain_offsets) or self._txn_open
+
+    def commit(self) -> None:
+        """Checkpoint: commit the delivered batches' offsets, and the open transaction with its offsets.
+        A failed transaction is aborted and the loop stops (the supervisor restarts it; the batches are read
+        again from the last checkpoint, and their outputs, aborted, were never visible)."""
+        self._last_commit = time.monotonic()
+        if self._plain_offsets:
+            offsets, self._plain_offsets = self._partitions(self._plain_offsets), {}
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        if not self._txn_open:
+            return
+        producer = self.txn_producer
+        assert producer is not None
+        offsets, self._txn_offsets, self._txn_open = self._partitions(self._txn_offsets), {}, False
         try:
-            producer.send_offsets_to_transaction(self._offsets(handled), self.consumer.consumer_group_metadata(),
+            producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
                                                  self.settings.flush_timeout_s)
             producer.commit_transaction(self.settings.flush_timeout_s)
         except KafkaException as exc:
             producer.abort_transaction(self.settings.flush_timeout_s)
             raise DeliveryError(f"transaction failed: {exc}") from exc
+
+    def _abandon_transaction(self) -> None:
+        if not self._txn_open or self.txn_producer is None:
+            return
+        self._txn_open, self._txn_offsets = False, {}
+        try:
+            self.txn_producer.abort_transaction(self.settings.flush_timeout_s)
+        except KafkaException as exc:  # the broker drops it at the transaction timeout instead
+            log.warning("%s: could not abort the open transaction: %s", self.stage.name, exc)
+
+    def close(self) -> None:
+        """Checkpoint what was delivered, then leave the group (at once: a rebalance need not wait for the
+        session timeout)."""
+        try:
+            if self.has_uncommitted():
+                self.commit()
+        except (KafkaException, DeliveryError) as exc:  # not checkpointed: read again by the next owner
+            log.warning("%s: last checkpoint failed at close: %s", self.stage.name, exc)
+        finally:
+            self.consumer.close()
+            self.producer.flush(self.settings.flush_timeout_s)
+            if self.txn_producer is not None:
+                self.txn_producer.flush(self.settings.flush_timeout_s)
 
     def _produce(self, producer: Producer, out: Output) -> None:
         value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)
@@ -531,8 +668,11 @@ class StageRunner:
             if hi < 0:
                 lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
             offset = pos.offset
-            if offset == OFFSET_INVALID:
-                committed = self.consumer.committed([tp], timeout=1.0)[0].offset
+            if offset == OFFSET_INVALID:  # nothing consumed from it yet: its committed offset, asked once
+                key = (tp.topic, tp.partition)
+                if key not in self._committed_cache:
+                    self._committed_cache[key] = self.consumer.committed([tp], timeout=1.0)[0].offset
+                committed = self._committed_cache[key]
                 offset = committed if committed >= 0 else lo
             part_lag = max(0, hi - offset)
             M.CONSUMER_LAG.labels(self.stage.name, tp.topic, str(tp.partition)).set(part_lag)

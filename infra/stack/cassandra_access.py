@@ -39,10 +39,10 @@ ROLE_RIGHTS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     # with the tenant's content policy applied.
     "postprocess": {"requests": (MODIFY,), "job_results": (MODIFY,), "image_requests": (MODIFY,),
                     "image_cache": (MODIFY,), "image_tombstones": (SELECT,), "tenant_policies": (SELECT,)},
-    # Every terminal result (unless its image was deleted), and a job's completion once its last item is in
-    # (processors/jobs.py).
+    # Every terminal result (unless its image was deleted), a job's completion once its last item is in
+    # (processors/jobs.py), and the audit rows of TENANT_MISMATCH refusals (processors/recorder.py; no reads).
     "recorder": {"requests": (MODIFY,), "job_results": RW, "image_requests": (MODIFY,), "jobs": RW,
-                 "image_tombstones": (SELECT,)},
+                 "image_tombstones": (SELECT,), "audit_log": (MODIFY,)},
     # The HTTP API (gateway/store.py): requests, jobs, idempotency keys (LWT), quota, audit, tenant policies,
     # image deletion (which removes an image's results and cache rows and leaves a tombstone), tenant erasure
     # (which finds the tenant's partitions of every tenant-keyed table, image_cache included, then deletes them).

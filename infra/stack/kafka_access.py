@@ -88,8 +88,10 @@ def bindings(prefix: str = "") -> list[Grant]:
         *stage_grants("preprocess", prefix, lanes("scanned"), lanes("preprocessed")),
         *stage_grants("inference", prefix, lanes("preprocessed"), [*lanes("inferred"), models]),
         *stage_grants("postprocess", prefix, lanes("inferred"), [f"{prefix}abuse"]),
-        *stage_grants("recorder", prefix, [detections_topic(prefix)], [f"{prefix}jobs.events"]),
+        # The recorder audits TENANT_MISMATCH refusals (processors/recorder.py): scan may not write `audit`.
+        *stage_grants("recorder", prefix, [detections_topic(prefix)], [f"{prefix}jobs.events", audit]),
         *stage_grants("shadow", prefix, lanes("preprocessed"), [shadow]),
+        # The monitor's guardrail rolls a canary back through the registry: published on `models`, audited.
         *stage_grants("monitor", prefix, [detections_topic(prefix), shadow], [models, audit]),
         *watch,
         # The gateway submits, awaits replies, audits, and reads the stages' group offsets (online lag).

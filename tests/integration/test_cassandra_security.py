@@ -148,8 +148,10 @@ def test_a_role_cannot_touch_tables_it_has_no_grant_on(stack: StackSettings) -> 
         with pytest.raises(Unauthorized, match=r"no SELECT permission on <table detectflow\.model_routing>"):
             gateway.execute("SELECT model_name FROM model_routing LIMIT 1")
         with pytest.raises(Unauthorized, match=r"no MODIFY permission on <table detectflow\.audit_log>"):
-            recorder.execute("INSERT INTO audit_log (tenant, day, event_time, event_id) VALUES (%s, %s, %s, %s)",
-                             ("t", "2026-01-01", 0, str(uuid.uuid4())))
+            scan.execute("INSERT INTO audit_log (tenant, day, event_time, event_id) VALUES (%s, %s, %s, %s)",
+                         ("t", "2026-01-01", 0, str(uuid.uuid4())))
+        with pytest.raises(Unauthorized, match=r"no SELECT permission on <table detectflow\.audit_log>"):
+            recorder.execute("SELECT event_id FROM audit_log WHERE tenant = %s AND day = %s", ("t", "2026-01-01"))
         with pytest.raises(Unauthorized, match=r"no MODIFY permission on <table detectflow\.image_cache>"):
             scan.execute("DELETE FROM image_cache WHERE tenant = %s AND image_sha256 = %s", ("t", "0"))
         with pytest.raises(Unauthorized, match=r"no SELECT permission on <table system_auth\.roles>"):
@@ -192,6 +194,7 @@ def test_each_role_can_run_what_its_code_runs(stack: StackSettings) -> None:
     from processors.params import CacheKey
     from processors.results import ResultStore
     from stream.bridge import CassandraClaims
+    from stream.cassandra import AuditLog
     from stream.records import now_ms
 
     settings = _suite_settings()
@@ -221,6 +224,8 @@ def test_each_role_can_run_what_its_code_runs(stack: StackSettings) -> None:
         jobs.job(tenant, "j1")
         assert jobs.result_count(tenant, "j1") == 1 and jobs.status_counts(tenant, "j1") == {"OK": 1}
         jobs.mark_completed(tenant, "j1", {"OK": 1}, now_ms())
+        AuditLog(s, ttl_s=60).write([{**audit_event("tenant-it", "ingest", "ingest.it", outcome="denied",
+                                                    status=403), "tenant": tenant}])
 
         assert CassandraClaims(sessions["bridge"]).claim(f"uploads/{tenant}@e", "r1", "it:0:0")
 

@@ -52,8 +52,7 @@ def _run_until(runner: StageRunner, stop_when, timeout_s: float = 60.0) -> None:
         while time.monotonic() < deadline and not stop_when():
             runner.run_once()
     finally:
-        runner.consumer.close()
-        runner.producer.flush(10)
+        runner.close()
 
 
 def _results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int, timeout_s: float = 60.0) -> list[dict]:

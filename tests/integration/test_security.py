@@ -180,6 +180,10 @@ def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSett
         for foreign in (f"{prefix}models", lane_topic(prefix, "online", "preprocessed"), f"{prefix}audit",
                         f"{prefix}detections.shadow"):
             assert "AUTHORIZATION_FAILED" in (_kafka_refused(scan, foreign) or ""), foreign
+        # The recorder audits TENANT_MISMATCH refusals (scan may not): `audit` yes, `models` no.
+        recorder = kafka_client(StreamSettings.from_env(), "recorder")
+        assert _kafka_refused(recorder, f"{prefix}audit") is None
+        assert "AUTHORIZATION_FAILED" in (_kafka_refused(recorder, f"{prefix}models") or "")
         consumer = Consumer({**scan, "group.id": f"{prefix}detectflow.scan", "log_level": 0})
         try:
             # The topic exists (provisioned above); to a principal that may not describe it, it does not.

@@ -20,8 +20,8 @@ from stream.records import now_ms
 from stream.serde import AvroSerde
 from stream.topics import ingest_topic, lane_topic, tenant_replies_topic
 
-# The stages a submission passes, and the monitor (it audits TENANT_MISMATCH).
-ROLES = ("scan", "preprocess", "inference", "postprocess", "monitor")
+# The stages a submission passes, and the recorder (it audits TENANT_MISMATCH).
+ROLES = ("scan", "preprocess", "inference", "postprocess", "recorder")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,25 @@ def _find(stack: StackSettings, serde: AvroSerde, topic: str, event: str, key: s
             raise TimeoutError(f"no record keyed {key} on {topic} within {timeout_s:.0f}s")
 
 
+def _audit_row(stack: StackSettings, pipeline: Pipeline, event: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The audit_log row of ``event`` (as the operator), or None."""
+    from infra.stack.cassandra_access import admin_session
+    from stream.cassandra import audit_day
+    from stream.serde import epoch_ms
+
+    session = admin_session(stack)
+    try:
+        session.set_keyspace(pipeline.settings.stream.keyspace)
+        rows = session.execute(
+            "SELECT event_id, subject, action, outcome, status, request_id FROM audit_log "
+            "WHERE tenant = %s AND day = %s",
+            (event["tenant"], audit_day(epoch_ms(event["event_time"]) or 0)))
+        mine = [tuple(r)[1:] for r in rows if r.event_id == event["event_id"]]
+    finally:
+        session.cluster.shutdown()
+    return mine[0] if len(mine) == 1 else None
+
+
 def test_create_prints_how_to_connect_but_not_the_secret(pipeline: Pipeline, tenants: tuple[str, str],
                                                           stack: StackSettings,
                                                           capsys: pytest.CaptureFixture[str],
@@ -153,6 +172,8 @@ def test_a_record_claiming_another_tenant_is_rejected_and_audited(pipeline: Pipe
     assert (audit["tenant"], audit["subject"], audit["action"], audit["outcome"], audit["request_id"]) == (
         a, f"tenant-{a}", "ingest", "denied", request_id)
     assert audit["detail"].startswith("TENANT_MISMATCH")
+    # The same event in the audit log (`GET /v1/audit`), written by the recorder under its own role.
+    assert _audit_row(stack, pipeline, audit) == (f"tenant-{a}", "ingest", "denied", 403, request_id)
     replies = read_all(stack, f"{pipeline.prefix}detect.replies", until=1, timeout_s=2)
     assert not [m for m in replies if m.key() == request_id.encode()]
 

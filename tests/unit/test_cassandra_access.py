@@ -52,6 +52,10 @@ def test_the_registry_is_the_only_writer_of_model_versions() -> None:
     assert writers == {"registry"}
     # No pipeline stage may read the audit log or change routing, except the monitor's guarded rollback.
     assert {r for r, rights in ROLE_RIGHTS.items() if SELECT in rights.get("audit_log", ())} == {"gateway", "registry"}
+    # Audit rows are written by the gateway, the registry, the monitor (an audited rollback) and the recorder
+    # (TENANT_MISMATCH refusals); never by scan, which refuses them.
+    assert {r for r, rights in ROLE_RIGHTS.items() if MODIFY in rights.get("audit_log", ())} == {
+        "gateway", "registry", "monitor", "recorder"}
     assert {r for r, rights in ROLE_RIGHTS.items() if "model_routing" in rights} == {"monitor", "registry"}
 
 

@@ -31,4 +31,10 @@ def test_each_stage_reads_its_inputs_and_writes_its_outputs_only() -> None:
     assert not _rights("client", "write")  # a submitting system is a tenant now (tests/unit/test_tenant_ingest.py)
     # Only the registry CLI, the monitor (rollback) and inference (READY reports) write `models`.
     assert {p for p in ROLES if f"{PREFIX}models" in _rights(p, "write")} == {"registry", "monitor", "inference"}
-    assert {p for p in ROLES if f"{PREFIX}audit" in _rights(p, "write")} == {"registry", "monitor", "gateway"}
+    # `audit`: the registry CLI, the monitor (a rollback is audited), the gateway, and the recorder
+    # (TENANT_MISMATCH refusals, which scan may not audit).
+    assert {p for p in ROLES if f"{PREFIX}audit" in _rights(p, "write")} == {"registry", "monitor", "gateway",
+                                                                              "recorder"}
+    assert _rights("recorder", "read") == {T.detections_topic(PREFIX), T.retry_topic(T.detections_topic(PREFIX))}
+    assert {f"{PREFIX}audit", f"{PREFIX}jobs.events"} <= _rights("recorder", "write")
+    assert f"{PREFIX}models" not in _rights("recorder", "write")

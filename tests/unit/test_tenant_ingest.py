@@ -137,42 +137,137 @@ def test_scan_refuses_a_record_naming_another_tenant_under_the_topics_tenant() -
     assert "'victim'" in result["error_message"]
 
 
-class _Store:
+class _Results:
     def __init__(self) -> None:
-        self.events: list[tuple[dict[str, Any], str]] = []
+        self.saved: list[dict[str, Any]] = []
 
-    def audit(self, event: dict[str, Any], day: str) -> None:
-        self.events.append((dict(event), day))
+    def save_results(self, results: Any, **_kw: Any) -> None:
+        self.saved += [dict(r) for r in results]
 
 
-class _Registry:
+class _AuditLog:
+    """stream/cassandra.py AuditLog's contract: rows keyed by event id; TransientError while Cassandra is down."""
+
     def __init__(self) -> None:
-        self.store = _Store()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.writes = 0
+        self.down = False
+
+    def write(self, events: Any) -> None:
+        from stream.errors import TransientError
+
+        if self.down:
+            raise TransientError("cassandra unavailable")
+        self.writes += 1
+        self.rows.update({e["event_id"]: dict(e) for e in events})
 
 
-def test_the_monitor_audits_a_tenant_mismatch_once_per_request() -> None:
-    from model_store.watch import RoutingTable
-    from processors.monitor import MonitorStage
-
+def _refused_result() -> dict[str, Any]:
     stage = ScanStage(object(), _Scanner(), _NoCatalog(), None, SETTINGS)  # type: ignore[arg-type]
     (out,) = stage.process([_record("u.ingest.acme", "victim")])
     assert isinstance(out, list)
     result = out[0].value
     assert isinstance(result, dict)
-    registry = _Registry()
-    monitor = MonitorStage(RoutingTable(), registry, SETTINGS)
+    return result
+
+
+def test_the_recorder_audits_a_tenant_mismatch_once_per_request() -> None:
+    from processors.recorder import RecorderStage
+
+    result = _refused_result()
+    results, audit = _Results(), _AuditLog()
+    recorder = RecorderStage(results, P, audit=audit)  # type: ignore[arg-type]
     as_read = Record(topic="u.detections", partition=0, offset=0, key="r1", value=result, headers={}, lane="batch")
-    ok = {**result, "error_code": None, "status": "OK"}
-    outs = monitor.process([as_read, replace_value(as_read, ok), as_read])
-    (audit,) = outs[0]  # type: ignore[misc]
+    other = {**result, "error_code": None}
+    outs = recorder.process([as_read, replace_value(as_read, other), as_read])
+    (out,) = outs[0]  # type: ignore[misc]
     assert outs[1] == [] and outs[2] == outs[0]  # redelivered: the same event (same id)
-    assert (audit.topic, audit.key, audit.event) == ("u.audit", "acme", "AuditEvent")
-    event = audit.value
+    assert (out.topic, out.key, out.event) == ("u.audit", "acme", "AuditEvent")
+    event = out.value
     assert (event["tenant"], event["subject"], event["action"], event["outcome"], event["status"]) == (
         "acme", "tenant-acme", "ingest", "denied", 403)
     assert event["resource"] == "u.ingest.acme" and event["request_id"] == "r1"
     assert event["detail"].startswith("TENANT_MISMATCH") and "'victim'" in event["detail"]
-    assert [e for e, _ in registry.store.events] == [event, event]  # Cassandra too (an upsert by event id)
+    assert event == ingest.audit_event(P, result)  # the one constructor of the event
+    # Cassandra too, in one write for the batch (an upsert by event id), and the result itself is stored.
+    assert audit.rows == {event["event_id"]: event} and audit.writes == 1
+    assert [r["error_code"] for r in results.saved] == ["TENANT_MISMATCH", None, "TENANT_MISMATCH"]
+
+
+def test_the_recorder_retries_a_batch_whose_audit_rows_cassandra_did_not_take() -> None:
+    from processors.recorder import RecorderStage
+    from stream.errors import TransientError
+    from stream.records import Failure
+
+    results, audit = _Results(), _AuditLog()
+    audit.down = True
+    recorder = RecorderStage(results, P, audit=audit)  # type: ignore[arg-type]
+    rec = Record(topic="u.detections", partition=0, offset=0, key="r1", value=_refused_result(), headers={},
+                 lane="batch")
+    outs = recorder.process([rec, replace_value(rec, {**rec.value, "request_id": "r2", "error_code": None})])
+    # Nothing is published (not even the other record's outputs): the runtime retries the batch.
+    assert all(isinstance(o, Failure) and isinstance(o.error, TransientError) for o in outs)
+    audit.down = False
+    ((out,),) = recorder.process([rec])  # type: ignore[misc]
+    assert out.topic == "u.audit" and list(audit.rows) == [out.value["event_id"]]
+
+
+def test_a_recorder_without_an_audit_log_and_other_results_audit_nothing() -> None:
+    from processors.recorder import RecorderStage
+
+    rec = Record(topic="u.detections", partition=0, offset=0, key="r1", value=_refused_result(), headers={},
+                 lane="batch")
+    assert RecorderStage(_Results(), P).process([rec]) == [[]]
+    audit = _AuditLog()
+    other = replace_value(rec, {**rec.value, "error_code": "UNSUPPORTED_MEDIA_TYPE"})
+    assert RecorderStage(_Results(), P, audit=audit).process([other]) == [[]]  # type: ignore[arg-type]
+    assert audit.writes == 0  # no Cassandra round trip for a batch without a refusal
+
+
+def test_the_audit_log_writes_one_prepared_row_per_event_and_cassandra_errors_are_transient() -> None:
+    import datetime as dt
+
+    from cassandra import OperationTimedOut
+
+    from stream.cassandra import AUDIT_INSERT, AUDIT_TTL_S, AuditLog
+    from stream.errors import TransientError
+
+    class _Future:
+        def __init__(self, error: Exception | None) -> None:
+            self.error = error
+
+        def result(self) -> None:
+            if self.error is not None:
+                raise self.error
+
+    class _Session:
+        def __init__(self) -> None:
+            self.prepared: list[str] = []
+            self.rows: list[tuple[Any, ...]] = []
+            self.error: Exception | None = None
+
+        def prepare(self, cql: str) -> str:
+            self.prepared.append(cql)
+            return cql
+
+        def execute_async(self, stmt: str, params: tuple[Any, ...], timeout: float) -> _Future:
+            assert stmt == AUDIT_INSERT and timeout > 0
+            self.rows.append(params)
+            return _Future(self.error)
+
+    session = _Session()
+    log = AuditLog(session)  # type: ignore[arg-type]
+    event = ingest.audit_event(P, _refused_result())
+    assert event is not None
+    event = {**event, "event_time": 1_767_225_600_000}  # 2026-01-01T00:00:00Z
+    log.write([event])
+    assert session.prepared == [AUDIT_INSERT]  # once, at construction
+    (row,) = session.rows
+    assert row == ("acme", "2026-01-01", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), event["event_id"], "tenant-acme",
+                   "ingest", "u.ingest.acme", "denied", 403, "r1", event["detail"], AUDIT_TTL_S)
+    session.error = OperationTimedOut("no answer")
+    with pytest.raises(TransientError):
+        log.write([event])
 
 
 def replace_value(rec: Record, value: dict[str, Any]) -> Record:
@@ -224,4 +319,5 @@ def test_only_pipeline_principals_write_submissions() -> None:
     writers = {g.principal for g in bindings(P) if g.name in submitted and "write" in g.operations}
     assert writers == {"bridge", "gateway"}
     assert {g.name for g in retired_bindings(P) if g.principal == "client" and "write" in g.operations} == submitted
-    assert "u.audit" not in _names(bindings(P), "scan", "write")  # the monitor audits TENANT_MISMATCH
+    assert "u.audit" not in _names(bindings(P), "scan", "write")  # the recorder audits TENANT_MISMATCH
+    assert "u.audit" in _names(bindings(P), "recorder", "write")
