@@ -246,10 +246,15 @@ async def detect(request: web.Request) -> web.StreamResponse:
         if idem is not None:
             await gw.store.release_idempotency_key(who.tenant, idem)
         raise
+    stored = {"bucket": gw.objects.bucket, "key": key, "sha256": sha, "size": image.size,
+              "content_type": image.media_type}
+    # Bytes the gateway holds travel inline as well (scan reads them instead of fetching the object back);
+    # the stored object stays the durable copy, and the one scan quarantines.
+    inline = image.data is not None and len(image.data) <= gw.settings.pipeline.inline_max_bytes
     event = {
         "request_id": request_id, "tenant": who.tenant,
-        "image": {"bucket": gw.objects.bucket, "key": key, "sha256": sha, "size": image.size,
-                  "content_type": image.media_type},
+        "image": {"data": image.data, "sha256": sha, "content_type": image.media_type, "stored": stored}
+        if inline else stored,
         "lane": "ONLINE", "model": {"name": params.model, "version": params.version},
         "params": params.event_params(), "deadline_ms": None, "idempotency_key": idem, "job_id": None,
         "submitted_at": submitted_at,

@@ -33,7 +33,7 @@ from stream import ingest
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
 from stream.serde import epoch_ms
-from stream.topics import LANES, ingest_pattern, lane_topic
+from stream.topics import LANES, ingest_pattern, lane_topic, tenant_of_ingest
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,34 @@ class Cache(Protocol):
     def index_images(self, entries: list[tuple[str, str, str, int | None]]) -> None: ...
 
 
+def stored_object(image: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The object holding the submitted bytes: the image itself when it is a reference, else where the inline
+    bytes are also stored (the gateway's sync uploads), else None."""
+    if "data" not in image:
+        return image
+    stored: Mapping[str, Any] | None = image.get("stored")
+    return stored
+
+
+def _check_tenant_object(obj: Mapping[str, Any], tenant: str, settings: PipelineSettings) -> None:
+    bucket, key = obj["bucket"], obj["key"]
+    if bucket != settings.uploads_bucket or not key.startswith(f"{tenant}/") or ".." in key.split("/"):
+        # Tenant isolation: a submission can only name its own tenant's uploads.
+        raise InvalidRecord("FORBIDDEN_OBJECT", f"{bucket}/{key} is not in this tenant's uploads")
+
+
 def image_bytes(image: Mapping[str, Any], tenant: str, objects: Objects, settings: PipelineSettings) -> bytes:
-    """The submitted image's bytes. An object must be in the uploads bucket under the tenant's own prefix."""
+    """The submitted image's bytes: inline, or fetched. Any object named (fetched, or where inline bytes are
+    stored) must be in the uploads bucket under the tenant's own prefix."""
+    obj = stored_object(image)
+    if obj is not None:
+        _check_tenant_object(obj, tenant, settings)
     if "data" in image:
         data = bytes(image["data"])
         if len(data) > settings.image_max_bytes:
             raise InvalidRecord("IMAGE_TOO_LARGE", f"{len(data)} bytes, the limit is {settings.image_max_bytes}")
         return data
-    bucket, key = image["bucket"], image["key"]
-    if bucket != settings.uploads_bucket or not key.startswith(f"{tenant}/") or ".." in key.split("/"):
-        # Tenant isolation: a submission can only name its own tenant's uploads.
-        raise InvalidRecord("FORBIDDEN_OBJECT", f"{bucket}/{key} is not in this tenant's uploads")
-    return objects.get(bucket, key, settings.image_max_bytes)
+    return objects.get(image["bucket"], image["key"], settings.image_max_bytes)
 
 
 def verdict_result(value: Mapping[str, Any], lane: str, sha256: str, signature: str) -> dict[str, Any]:
@@ -150,8 +166,11 @@ class ScanStage:
             carried = dict(rec.headers)
             if hidden(deleted_at_of(stones, s["tenant"], s["sha"]), epoch_ms(s["submitted_at"])):
                 image = rec.value["image"]
-                if "data" not in image and image.get("bucket") == self.settings.uploads_bucket:
-                    self.objects.remove(image["bucket"], image["key"])  # the upload of a deleted image
+                # Only a pipeline principal's record names where its inline bytes are stored (see _one).
+                obj = image if "data" not in image else (
+                    None if tenant_of_ingest(self.prefix, rec.topic) is not None else image.get("stored"))
+                if obj is not None and obj.get("bucket") == self.settings.uploads_bucket:
+                    self.objects.remove(obj["bucket"], obj["key"])  # the upload of a deleted image
                 result = deleted_result(terminal_result(key=rec.key, value=rec.value, lane=rec.lane,
                                                         status="REJECTED", code=IMAGE_DELETED, message=""))
                 PM.DELETED_DROPPED.labels(self.name).inc()
@@ -174,6 +193,8 @@ class ScanStage:
             return ingest.mismatch_outputs(self.prefix, rec, bound)
         if bound.tenant is not None:  # the topic's tenant and lane travel on, whatever the record said
             value = ingest.stamped(value, bound.tenant, rec.lane)
+            if value["image"].get("stored") is not None:  # a tenant's record names no object for us to act on
+                value = {**value, "image": {**value["image"], "stored": None}}
         tenant = value["tenant"]
         t0 = time.perf_counter()
         data = image_bytes(value["image"], tenant, self.objects, self.settings)
@@ -213,8 +234,8 @@ class ScanStage:
                                   carried)
 
         image = value["image"]
-        source = None if "data" in image else {k: image.get(k) for k in ("bucket", "key", "sha256", "size",
-                                                                          "content_type")}
+        obj = stored_object(image)
+        source = None if obj is None else {k: obj.get(k) for k in ("bucket", "key", "sha256", "size", "content_type")}
         if len(data) <= self.settings.inline_max_bytes:
             forwarded: dict[str, Any] = {"data": data, "sha256": sha256, "content_type": image.get("content_type")}
         else:
@@ -249,8 +270,8 @@ class ScanStage:
             return None
 
     def _quarantine(self, value: Mapping[str, Any], tenant: str, sha256: str, data: bytes, signature: str) -> None:
-        image = value["image"]
+        obj = stored_object(value["image"])
         meta = {"detectflow-signature": signature[:200], "detectflow-request-id": value["request_id"]}
-        source = None if "data" in image else (image["bucket"], image["key"])
+        source = None if obj is None else (obj["bucket"], obj["key"])  # moved server-side, out of uploads
         self.objects.quarantine(self.settings.quarantine_bucket, f"{tenant}/{sha256}",
                                 data=data if source is None else None, source=source, metadata=meta)

@@ -83,10 +83,11 @@ class FakeResults:
         self.cache: dict[CacheKey, dict[str, Any]] = {}
         self.down = False
 
-    def save_results(self, results: Any) -> None:
+    def save_results(self, results: Any, *, supersede: bool = False, index: bool = True, cache: Any = ()) -> None:
         if self.down:
             raise TransientError("cassandra unavailable")
         self.saved += [dict(r) for r in results]
+        self.cache.update({k: dict(r) for k, r in cache})
 
     def cache_put(self, entries: Any) -> None:
         if self.down:
@@ -147,6 +148,48 @@ def test_scan_refuses_bad_submissions(catalog: ModelCatalog, image: dict[str, An
     stage = ScanStage(FakeObjects(), FakeScanner(), catalog, None, SETTINGS)
     (out,) = stage.process([record(submitted(image))])
     assert isinstance(out, Failure) and isinstance(out.error, InvalidRecord) and out.error.code == code
+
+
+class CountingObjects(FakeObjects):
+    def __init__(self, objects: dict[tuple[str, str], bytes] | None = None):
+        super().__init__(objects)
+        self.gets = 0
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        self.gets += 1
+        return super().get(bucket, key, max_bytes)
+
+
+def test_scan_reads_inline_bytes_of_a_stored_image_without_fetching_it(catalog: ModelCatalog) -> None:
+    objects = CountingObjects({("uploads", "t1/a.jpg"): b"clean image"})
+    stage = ScanStage(objects, FakeScanner(), catalog, None, SETTINGS)
+    stored = {"bucket": "uploads", "key": "t1/a.jpg", "sha256": None, "size": 11, "content_type": "image/jpeg"}
+    (out,) = stage.process([record(submitted({"data": b"clean image", "stored": stored}))])
+    assert not isinstance(out, Failure)
+    (o,) = out
+    assert objects.gets == 0
+    assert o.value["image"]["data"] == b"clean image"
+    assert o.value["context"]["source"]["key"] == "t1/a.jpg"  # provenance: the durable copy
+
+
+def test_scan_quarantines_the_stored_copy_of_infected_inline_bytes(catalog: ModelCatalog) -> None:
+    objects = CountingObjects({("uploads", "t1/a.jpg"): b"xxVIRUSxx"})
+    stage = ScanStage(objects, FakeScanner(), catalog, None, SETTINGS)
+    stored = {"bucket": "uploads", "key": "t1/a.jpg"}
+    (out,) = stage.process([record(submitted({"data": b"xxVIRUSxx", "stored": stored}))])
+    assert not isinstance(out, Failure)
+    assert out[0].value["error_code"] == "VIRUS_DETECTED"
+    sha = hashlib.sha256(b"xxVIRUSxx").hexdigest()
+    assert objects.quarantined == {("quarantine", f"t1/{sha}"): b"xxVIRUSxx"} and not objects.objects
+
+
+def test_scan_refuses_inline_bytes_naming_another_tenants_object(catalog: ModelCatalog) -> None:
+    objects = CountingObjects({("uploads", "other/a.jpg"): b"theirs"})
+    stage = ScanStage(objects, FakeScanner(), catalog, None, SETTINGS)
+    (out,) = stage.process([record(submitted({"data": b"xxVIRUSxx", "stored": {"bucket": "uploads",
+                                                                              "key": "other/a.jpg"}}))])
+    assert isinstance(out, Failure) and isinstance(out.error, InvalidRecord) and out.error.code == "FORBIDDEN_OBJECT"
+    assert objects.objects == {("uploads", "other/a.jpg"): b"theirs"} and not objects.quarantined
 
 
 def test_scan_fails_closed_when_clamd_is_down(catalog: ModelCatalog) -> None:

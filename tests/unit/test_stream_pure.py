@@ -142,7 +142,7 @@ class FakeRegistry:
 def _submission(request_id: str = "req-1") -> dict[str, Any]:
     return {
         "request_id": request_id, "tenant": "t1",
-        "image": {"data": b"\xff\xd8\xff", "sha256": None, "content_type": "image/jpeg"},
+        "image": {"data": b"\xff\xd8\xff", "sha256": None, "content_type": "image/jpeg", "stored": None},
         "lane": "ONLINE", "model": {"name": "yolov4-tiny", "version": 2},
         "params": {"score_threshold": 0.25, "max_detections": None, "classes": ["person"]},
         "deadline_ms": 1_700_000_005_000, "idempotency_key": None, "job_id": "job-9",
