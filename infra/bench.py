@@ -6,8 +6,11 @@
 3. Online lane: requests one at a time (each waits for its reply): end-to-end P50/P95/P99.
 4. Batch lane: every image submitted at once, results awaited: throughput, P50/P95/P99 and the mean
    inference batch size (from the inference role's metrics).
-Then the ratios against the targets, time per stage, and each role's peak resident memory.
-Every request has its own tenant, so the result cache never answers (each image runs the model).
+Then the ratios against the targets, time per stage, each role's peak resident memory, and for the batch
+lane the CPU-ms per image of every process, the tax (that CPU minus the model's forward pass and the image
+decode, measured here at batch 1: infra/bench_cost.py) and what the tax would cost beside a GPU.
+Every request has its own tenant, so the result cache never answers (each image runs the model), and its
+own bytes (a unique JPEG comment), so clamd never answers from its cache of verdicts either.
 """
 
 from __future__ import annotations
@@ -107,11 +110,15 @@ def service_pids(stack: StackSettings) -> dict[str, int]:
     return {h.name: h.pid for h in manager.status(stack) if h.running and h.pid}
 
 
-def baseline(images: list[bytes], model_dir: Path, repeats: int) -> dict[str, float]:
+def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 0) -> dict[str, float]:
+    """ms per image and images per second of one process looping over ``images``; ``threads``: ONNX Runtime's
+    intra-op threads, as the inference role's session (settings.intra_op_threads; 0: its default)."""
     from model_store.detect import Detector, letterbox, to_model_input
+    from model_store.session import SessionSettings
     from processors.imaging import ImageLimits, prepare
 
-    det = Detector.from_model_dir(model_dir, conf_threshold=0.25, iou_threshold=0.45, max_detections=100)
+    det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads), conf_threshold=0.25,
+                                  iou_threshold=0.45, max_detections=100)
     spec = det.config.input
     from model_store.detect import decode, nms
 
@@ -134,6 +141,17 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int) -> dict[str, fl
 
 
 def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int) -> int:
+    from infra.bench_cost import (
+        BENCH_CLIENT,
+        cpu_ms_per_image,
+        cpu_snapshot,
+        format_cpu,
+        format_projection,
+        format_tax,
+        measure_model_cost,
+        tax_of,
+    )
+    from infra.bench_sync import distinct_bodies, reencode_jpeg
     from infra.demo import bootstrap_default_model
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
@@ -141,7 +159,8 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     from model_store.convert import convert
     from model_store.samples import ensure_samples
 
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    run_id = uuid.uuid4().hex[:6]
+    prefix = f"bench{run_id}."
     base_port = free_port_block(len(ROLES))
     env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port)}
     settings = PipelineSettings.from_env(env)
@@ -149,7 +168,10 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     model_dir = settings.models_dir / settings.default_model / "1"
     convert(model_dir)
     paths = ensure_samples(stack.samples_dir, stack.cache_dir)
-    datas = [p.read_bytes() for p in paths]
+    datas = [reencode_jpeg(p.read_bytes()) for p in paths]
+    # Every request its own bytes, made before any timing: clamd caches the verdicts of identical bytes.
+    bodies = iter(distinct_bodies(datas, 3 + n_online + n_batch, run_id))
+    threads = settings.intra_op_threads
     provision(kafka_client(settings.stream), prefix)
     bootstrap_default_model(settings, stack, quiet=True)  # the default model's routing on the bench's prefix
     sup = Supervisor(ROLES, stack.log_dir, env=env, metrics_base_port=base_port)
@@ -158,31 +180,32 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     try:
         with make_client(settings, "bench") as client:
             # Warm-up: every role up, schemas registered, the model warm.
-            for data in datas[:3]:
-                r = _detect(client, data, "online", 180)
+            for _ in range(3):
+                r = _detect(client, next(bodies), "online", 180)
                 if r["status"] != "OK":
                     raise RuntimeError(f"warm-up failed: {r.get('error_code')} {r.get('error_message')}")
-            bases = [baseline(datas, model_dir, baseline_repeats)]
+            bases = [baseline(datas, model_dir, baseline_repeats, threads)]
+            cost = measure_model_cost(datas, model_dir, threads, baseline_repeats)  # the pipeline idles
 
             online = []
             stage_ms: dict[str, list[float]] = {}
-            for i in range(n_online):
+            for _ in range(n_online):
                 t0 = time.perf_counter()
-                r = _detect(client, datas[i % len(datas)], "online", 60)
+                r = _detect(client, next(bodies), "online", 60)
                 online.append((time.perf_counter() - t0) * 1000)
                 if r["status"] == "OK":
                     for k, v in r["timings_ms"].items():
                         stage_ms.setdefault(k, []).append(v)
 
             before = scrape(ports["inference"])
-            cpu_pids = {**sup.pids(), **service_pids(stack)}
-            cpu0 = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
+            cpu_pids = {**sup.pids(), **service_pids(stack), BENCH_CLIENT: os.getpid()}
+            cpu0 = cpu_snapshot(cpu_pids)
             t0 = time.perf_counter()
             subs, arrived = [], {}
             for i in range(n_batch):
                 client.tenant = f"bench-{uuid.uuid4().hex[:12]}"
                 t_sub = time.perf_counter()
-                sub = client.submit(datas[i % len(datas)], lane="batch", timeout_s=600)
+                sub = client.submit(next(bodies), lane="batch", timeout_s=600)
                 # Latency is taken when the reply lands (the router's thread), not when we get to it.
                 sub.future.add_done_callback(lambda _f, i=i: arrived.__setitem__(i, time.perf_counter()))
                 subs.append((t_sub, sub))
@@ -190,11 +213,12 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
             statuses = [client.wait(sub)["status"] for _, sub in subs]
             wall = max(arrived.values()) - t0
             batch_lat = [(arrived[i] - t_sub) * 1000 for i, (t_sub, _) in enumerate(subs)]
-            cpu = {name: (cpu_seconds(pid) - cpu0[name]) * 1000 / n_batch for name, pid in cpu_pids.items()}
+            cpu = cpu_ms_per_image(cpu0, cpu_snapshot(cpu_pids), statuses.count("OK"))
+            client_ms = cpu.pop(BENCH_CLIENT)
             after = scrape(ports["inference"])
             # Again once the pipeline is idle: this host's speed drifts (a shared vCPU, the stack's
             # own background work after start), so the baseline is the better of two passes.
-            bases.append(baseline(datas, model_dir, baseline_repeats))
+            bases.append(baseline(datas, model_dir, baseline_repeats, threads))
         rss = {role: peak_rss_mib(pid) for role, pid in sup.pids().items()}
     finally:
         sup.stop()
@@ -205,7 +229,8 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     n_imgs = metric_sum(after, "detectflow_inference_batch_size_sum") - metric_sum(
         before, "detectflow_inference_batch_size_sum")
     thr = n_batch / wall
-    print(f"detectflow bench pipeline: {len(datas)} sample images; batch N={n_batch}, online N={n_online}")
+    print(f"detectflow bench pipeline: {len(datas)} sample images (as JPEG), every request's bytes distinct; "
+          f"batch N={n_batch}, online N={n_online}")
     print(f"\nbaseline (one process: decode -> letterbox -> ORT batch 1 -> decode -> NMS, x{baseline_repeats}; "
           f"before the online lane and after the batch lane, the better pass counts):")
     for when, b in zip(("before", "after"), bases, strict=True):
@@ -220,9 +245,14 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     print(f"  {thr:.2f} img/s over {wall:.1f}s; end-to-end P50 {percentile(batch_lat, 50):.0f} ms  "
           f"P95 {percentile(batch_lat, 95):.0f} ms  P99 {percentile(batch_lat, 99):.0f} ms; "
           f"{statuses.count('OK')}/{n_batch} OK")
-    print("  CPU ms per image, by process: " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                      sorted(cpu.items(), key=lambda kv: -kv[1])) +
-          f"  (total {sum(cpu.values()):.0f}; the cores give {2000 / thr if thr else 0:.0f} ms per image)")
+    print(f"  CPU ms per image, by process: {format_cpu(cpu)}  (total {sum(cpu.values()):.0f}; the cores give "
+          f"{2000 / thr if thr else 0:.0f} ms per image; the bench client {client_ms:.1f}, not counted)")
+    tax = tax_of(cpu, cost)
+    print(f"  model {cost.model_ms:.1f} and decode {cost.decode_ms:.1f} CPU-ms/img, measured in this process at "
+          f"batch 1 ({cost.images} images, process CPU time, the pipeline idle); the model taken off inference, "
+          f"the decode off preprocess")
+    print(f"  {format_tax(tax)}")
+    print(f"  {format_projection(tax.tax_ms)}")
     print(f"  mean inference batch size {n_imgs / n_runs if n_runs else float('nan'):.2f} over {n_runs:.0f} model runs")
     print("\nratios and targets:")
     ratio = thr / base["img_s"]
@@ -242,12 +272,12 @@ def _detect(client: Any, data: bytes, lane: str, timeout_s: float) -> dict[str, 
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a same-run baseline")
-    p.add_argument("target", choices=["pipeline", "sync", "hop", "tls"],
+    p.add_argument("target", choices=["pipeline", "sync", "hop", "tls", "cassandra", "clamd", "tensor"],
                    help="hop: one stage-to-stage hop on the broker (produce+flush, poll, sync commit); "
                         "tls: the same hop over SASL_SSL against plaintext, on a throwaway broker")
     p.add_argument("--images", type=int, default=112, help="batch-lane requests")
     p.add_argument("--online", type=int, default=40, help="online-lane requests, one at a time")
     p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")
-    p.add_argument("--levels", default="1,4,16,64", help="sync: concurrency levels, comma-separated")
+    p.add_argument("--levels", default="1,4,16", help="sync: concurrency levels, comma-separated")
     p.add_argument("--requests", type=int, default=40, help="sync: requests per level (at least 4 per caller)")
     return p

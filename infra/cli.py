@@ -179,10 +179,22 @@ def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
 def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.bench import run_bench
 
+    if args.target == "clamd":
+        from infra.bench_clamd import run_bench_clamd
+
+        return run_bench_clamd(settings, images=args.images)
+    if args.target == "tensor":
+        from infra.bench_tensor import run_bench_tensor
+
+        return run_bench_tensor(settings)
     if args.target == "hop":
         from infra.bench_hop import run_bench_hop
 
         return run_bench_hop(settings)
+    if args.target == "cassandra":
+        from infra.bench_cassandra import run_bench_cassandra
+
+        return run_bench_cassandra(settings)
     if args.target == "tls":
         from infra.bench_tls import run_bench_tls
 

@@ -1,9 +1,11 @@
-"""The pure parts of `detectflow bench sync`: distinct request bodies, level statistics, metric deltas."""
+"""The pure parts of `detectflow bench sync`: distinct request bodies, level statistics, metric deltas, the
+comparison with the plain server, cache-hit replays; and the plain server itself with a stand-in model."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,10 +13,13 @@ import pytest
 
 from infra.bench_sync import (
     NO_RESPONSE,
+    BenchError,
+    against_plain,
     distinct_bodies,
     histogram_quantile,
     parse_levels,
     reencode_jpeg,
+    replay_bodies,
     requests_for,
     server_figures,
     summarize,
@@ -138,3 +143,75 @@ def test_levels_and_requests_per_level() -> None:
         with pytest.raises(ValueError):
             parse_levels(bad)
     assert [requests_for(level, 40) for level in (1, 4, 16, 64)] == [40, 40, 64, 256]
+
+
+def test_detectflow_against_the_plain_server_per_level() -> None:
+    flow = [summarize(1, [(150.0, 200)] * 10, wall_s=2.0), summarize(4, [(400.0, 200)] * 10, wall_s=1.0),
+            summarize(64, [(900.0, 200)] * 10, wall_s=1.0)]
+    plain = [summarize(1, [(50.0, 200)] * 10, wall_s=0.5), summarize(4, [(200.0, 200)] * 10, wall_s=0.5)]
+    rows = against_plain(flow, plain)
+    assert [level for level, _, _ in rows] == [1, 4]  # a level only one side ran is left out
+    assert rows[0][1] == pytest.approx(0.25) and rows[0][2] == pytest.approx(100.0)
+    assert rows[1][1] == pytest.approx(0.5) and rows[1][2] == pytest.approx(200.0)
+    idle = against_plain(flow[:1], [summarize(1, [(1.0, 503)], wall_s=1.0)])
+    assert math.isnan(idle[0][1])
+
+
+def test_cache_replays_resend_bodies_already_answered() -> None:
+    answered = [b"a", b"b", b"c"]
+    assert replay_bodies(answered, 7) == [b"a", b"b", b"c", b"a", b"b", b"c", b"a"]
+    assert replay_bodies(answered, 2) == [b"a", b"b"]
+    with pytest.raises(BenchError):
+        replay_bodies([], 4)
+
+
+def test_the_plain_server_answers_detections_as_json_and_rejects_what_does_not_decode() -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from infra.bench_plain import DETECT_ROUTE, build_app, command
+    from model_store.detect import Detection
+
+    class StandIn:  # the model: records what it was given, answers one box
+        def __init__(self) -> None:
+            self.shapes: list[tuple[int, ...]] = []
+
+        def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
+            self.shapes.extend(img.shape for img in images)
+            return [[Detection(0, "person", 0.9, (1.0, 2.0, 3.0, 4.0))] for _ in images]
+
+    model = StandIn()
+
+    async def calls() -> None:
+        async with TestClient(TestServer(build_app(model))) as client:
+            resp = await client.post(DETECT_ROUTE, data=reencode_jpeg(_png(7)))
+            assert resp.status == 200
+            assert await resp.json() == {"detections": [{"class_id": 0, "class_name": "person", "score": 0.9,
+                                                         "box": [1.0, 2.0, 3.0, 4.0]}]}
+            assert (await client.post(DETECT_ROUTE, data=b"not an image")).status == 400
+            assert (await client.get("/readyz")).status == 200
+
+    asyncio.run(calls())
+    assert model.shapes == [(48, 64, 3)]  # decoded once, one image per call
+    argv = command(8443, Path("/m"), 2, Path("c.pem"), Path("k.pem"))
+    assert argv[1:3] == ["-m", "infra.bench_plain"] and argv[-4:] == ["--cert", "c.pem", "--key", "k.pem"]
+    assert "--cert" not in command(8443, Path("/m"), 2, None, None)
+
+
+def test_hop_latency_is_the_mean_of_the_online_hops_over_the_interval() -> None:
+    from infra.bench_sync import hop_latency
+
+    before = {"scan": {'detectflow_hop_seconds_sum{lane="online",stage="scan"}': 1.0,
+                       'detectflow_hop_seconds_count{lane="online",stage="scan"}': 10.0,
+                       'detectflow_hop_seconds_sum{lane="batch",stage="scan"}': 5.0,
+                       'detectflow_hop_seconds_count{lane="batch",stage="scan"}': 1.0},
+              "recorder": {}}
+    after = {"scan": {'detectflow_hop_seconds_sum{lane="online",stage="scan"}': 1.04,
+                      'detectflow_hop_seconds_count{lane="online",stage="scan"}': 14.0,
+                      'detectflow_hop_seconds_sum{lane="batch",stage="scan"}': 9.0,
+                      'detectflow_hop_seconds_count{lane="batch",stage="scan"}': 2.0},
+             "recorder": {}}
+    out = hop_latency(before, after)
+    assert list(out) == ["scan"]  # a stage that polled nothing online has no figure
+    assert abs(out["scan"] - 10.0) < 1e-9  # 0.04 s over 4 records
