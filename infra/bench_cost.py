@@ -19,9 +19,11 @@ from infra.bench import cpu_seconds
 
 # The model's time per image on a GPU, for the projection: replace with a figure measured on a device
 # (e.g. `python -m model_store.detect --bench` on a TensorRT host) when there is one.
-GPU_MODEL_MS_PER_IMG = 1000 / 1770
-GPU_MODEL_SOURCE = ("YOLOv4-tiny 416x416 TensorRT FP16 (tkDNN) on an RTX 2080 Ti, batch 4: 1770 img/s "
-                    "(published by the YOLOv4 authors, not measured here)")
+GPU_MODEL_MS_PER_IMG = 0.40
+GPU_MODEL_SOURCE = ("ONNX Runtime 1.31 CUDA provider, FP32, numpy in/out, batch 8, on an NVIDIA H200: the service as "
+                    "written (measured 2026-11-30, docs/bench_gpu/)")
+# The model alone, tuned: FP16, CUDA graph, IO binding, batch 32-64 on the same H200 (measured, same run).
+GPU_TUNED_MS_PER_IMG = 0.09
 # What a core costs, for the projection: on-demand list price of a general-purpose cloud vCPU.
 USD_PER_CORE_HOUR = 0.045
 USD_PER_CORE_HOUR_SOURCE = "on-demand general-purpose cloud vCPU list price, approx."
@@ -154,7 +156,8 @@ def format_projection(tax_ms: float, gpu_ms: float = GPU_MODEL_MS_PER_IMG, sourc
     return (f"GPU projection: model {gpu_ms:.2f} ms/img on a GPU [{source}]; a tax of {tax_ms:.0f} CPU-ms/img needs "
             f"{p.cores_per_gpu:.0f} CPU cores to keep one GPU busy = ${p.usd_per_gpu_hour:.2f}/h of cores "
             f"(${p.usd_per_million:.2f} per million images) at ${usd_per_core_hour}/core-hour "
-            f"[{USD_PER_CORE_HOUR_SOURCE}]")
+            f"[{USD_PER_CORE_HOUR_SOURCE}]; with the model tuned for the GPU ({GPU_TUNED_MS_PER_IMG} ms/img: FP16, "
+            f"CUDA graph, IO binding, batch 32-64) {project(tax_ms, GPU_TUNED_MS_PER_IMG).cores_per_gpu:.0f} cores")
 
 
 # ---------------------------------------------------------------------------------------------- bytes per hop

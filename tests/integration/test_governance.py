@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -117,11 +119,19 @@ def test_deleting_an_image_while_its_200_item_job_runs(gw: Gateway, stack: Stack
         while (await client.call("GET", f"/v1/jobs/{job['job_id']}"))["done"] < 5:
             assert time.monotonic() < deadline, "the job made no progress"
             await asyncio.sleep(0.05)
-        r = await asyncio.to_thread(gw.call, "DELETE", f"/v1/images/{sha}", t)
-        assert r.status_code == 200, r.text
-        deleted.update(r.json(), answered_ms=int(time.time() * 1000))
-        status = await client.call("GET", f"/v1/jobs/{job['job_id']}")
-        deleted["pending_at_delete"] = status["pending"]
+        # The job's items are cache hits and the pipeline is quick: scan is held (SIGSTOP) while the deletion
+        # runs, so items are in flight when it answers (past scan, and not yet scanned), whatever the speed.
+        assert gw.pipeline is not None
+        scan = gw.pipeline.pid("scan")
+        os.kill(scan, signal.SIGSTOP)
+        try:
+            r = await asyncio.to_thread(gw.call, "DELETE", f"/v1/images/{sha}", t)
+            assert r.status_code == 200, r.text
+            deleted.update(r.json(), answered_ms=int(time.time() * 1000))
+            status = await client.call("GET", f"/v1/jobs/{job['job_id']}")
+            deleted["pending_at_delete"] = status["pending"]
+        finally:
+            os.kill(scan, signal.SIGCONT)
 
     job, status = run_job(gw, t, [sample_jpeg] * 200, delete_midway)
     assert deleted["pending_at_delete"] > 0, "the job had ended before the deletion: nothing was in flight"
@@ -174,8 +184,12 @@ def test_erasing_a_tenant_leaves_no_row_and_no_object(gw: Gateway, stack: StackS
     assert body["objects_deleted"]["uploads"] == 2 and body["objects_deleted"]["review"] == 1, body
     assert rows_of(cql, t) == {table: 0 for table in ERASABLE_TABLES}
     assert objects_of(stack, t) == []
-    events = gw.call("GET", "/v1/audit", headers=gw.auth(t, ADMIN)).json()["events"]
-    erase = [e for e in events if e["action"] == "tenants.erase" and e["outcome"] == "success"]
+    deadline = time.monotonic() + 30  # audit events are written off the request path (gateway/audit.py)
+    erase: list[dict[str, Any]] = []
+    while not erase and time.monotonic() < deadline:
+        events = gw.call("GET", "/v1/audit", headers=gw.auth(t, ADMIN)).json()["events"]
+        erase = [e for e in events if e["action"] == "tenants.erase" and e["outcome"] == "success"]
+        time.sleep(0.2)
     assert erase and erase[0]["detail"].startswith("erased rows=")
 
 

@@ -79,7 +79,8 @@ def test_gpu_projection() -> None:
     with pytest.raises(ValueError):
         project(1.0, gpu_ms=0.0)
     line = format_projection(182.0)
-    assert GPU_MODEL_SOURCE in line and "not measured here" in line
+    assert GPU_MODEL_SOURCE in line and "H200" in line  # a measured device figure, labelled as such
+    assert "2022 cores" in line  # 182 / 0.09: the model tuned for the GPU
     assert f"{182.0 / GPU_MODEL_MS_PER_IMG:.0f} CPU cores" in line and f"${USD_PER_CORE_HOUR}/core-hour" in line
 
 
