@@ -11,6 +11,8 @@ lane the CPU-ms per image of every process, the tax (that CPU minus the model's 
 decode, measured here at batch 1: infra/bench_cost.py) and what the tax would cost beside a GPU.
 Every request has its own tenant, so the result cache never answers (each image runs the model), and its
 own bytes (a unique JPEG comment), so clamd never answers from its cache of verdicts either.
+``--int8``: the pipeline serves the static INT8 version of the default model, and the baseline and the model
+cost load it too (infra/bench_model.py); the header names the model measured.
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 
     return {"ms_mean": statistics.fmean(times), "ms_p50": percentile(times, 50), "img_s": len(times) / wall}
 
 
-def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int) -> int:
+def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int, int8: bool = False) -> int:
+    """``int8``: the pipeline, the baseline and the model cost all use the static INT8 version of the default model
+    (infra/bench_model.py)."""
     from infra.bench_cost import (
         BENCH_CLIENT,
         cpu_ms_per_image,
@@ -151,8 +155,8 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         measure_model_cost,
         tax_of,
     )
+    from infra.bench_model import describe, format_runs, label, runs_by_version, serve
     from infra.bench_sync import distinct_bodies, reencode_jpeg
-    from infra.demo import bootstrap_default_model
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
     from infra.supervisor import Supervisor
@@ -165,15 +169,20 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port)}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
-    model_dir = settings.models_dir / settings.default_model / "1"
-    convert(model_dir)
+    convert(settings.models_dir / settings.default_model / "1")
     paths = ensure_samples(stack.samples_dir, stack.cache_dir)
     datas = [reencode_jpeg(p.read_bytes()) for p in paths]
     # Every request its own bytes, made before any timing: clamd caches the verdicts of identical bytes.
     bodies = iter(distinct_bodies(datas, 3 + n_online + n_batch, run_id))
     threads = settings.intra_op_threads
     provision(kafka_client(settings.stream), prefix)
-    bootstrap_default_model(settings, stack, quiet=True)  # the default model's routing on the bench's prefix
+    try:
+        served = serve(settings, stack, int8=int8)  # production on the bench's prefix
+    except BaseException:
+        deprovision(kafka_client(settings.stream), prefix)
+        raise
+    model_dir = served.model_dir
+    env["DETECTFLOW_DEFAULT_MODEL"] = served.name  # what the roles serve by default
     sup = Supervisor(ROLES, stack.log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(ROLES)}
     sup.start_monitor()
@@ -181,7 +190,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         with make_client(settings, "bench") as client:
             # Warm-up: every role up, schemas registered, the model warm.
             for _ in range(3):
-                r = _detect(client, next(bodies), "online", 180)
+                r = _detect(client, next(bodies), "online", 180, served.name)
                 if r["status"] != "OK":
                     raise RuntimeError(f"warm-up failed: {r.get('error_code')} {r.get('error_message')}")
             bases = [baseline(datas, model_dir, baseline_repeats, threads)]
@@ -191,7 +200,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
             stage_ms: dict[str, list[float]] = {}
             for _ in range(n_online):
                 t0 = time.perf_counter()
-                r = _detect(client, next(bodies), "online", 60)
+                r = _detect(client, next(bodies), "online", 60, served.name)
                 online.append((time.perf_counter() - t0) * 1000)
                 if r["status"] == "OK":
                     for k, v in r["timings_ms"].items():
@@ -205,7 +214,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
             for i in range(n_batch):
                 client.tenant = f"bench-{uuid.uuid4().hex[:12]}"
                 t_sub = time.perf_counter()
-                sub = client.submit(next(bodies), lane="batch", timeout_s=600)
+                sub = client.submit(next(bodies), lane="batch", timeout_s=600, model=served.name)
                 # Latency is taken when the reply lands (the router's thread), not when we get to it.
                 sub.future.add_done_callback(lambda _f, i=i: arrived.__setitem__(i, time.perf_counter()))
                 subs.append((t_sub, sub))
@@ -230,7 +239,8 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         before, "detectflow_inference_batch_size_sum")
     thr = n_batch / wall
     print(f"detectflow bench pipeline: {len(datas)} sample images (as JPEG), every request's bytes distinct; "
-          f"batch N={n_batch}, online N={n_online}")
+          f"batch N={n_batch}, online N={n_online}; model {label(served)}")
+    print(describe(served, prefix))
     print(f"\nbaseline (one process: decode -> letterbox -> ORT batch 1 -> decode -> NMS, x{baseline_repeats}; "
           f"before the online lane and after the batch lane, the better pass counts):")
     for when, b in zip(("before", "after"), bases, strict=True):
@@ -254,6 +264,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     print(f"  {format_tax(tax)}")
     print(f"  {format_projection(tax.tax_ms)}")
     print(f"  mean inference batch size {n_imgs / n_runs if n_runs else float('nan'):.2f} over {n_runs:.0f} model runs")
+    print(f"  {format_runs(runs_by_version(before, after), served)}")
     print("\nratios and targets:")
     ratio = thr / base["img_s"]
     over = percentile(online, 50) - base["ms_p50"]
@@ -265,9 +276,10 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     return 0 if statuses.count("OK") == n_batch else 1
 
 
-def _detect(client: Any, data: bytes, lane: str, timeout_s: float) -> dict[str, Any]:
+def _detect(client: Any, data: bytes, lane: str, timeout_s: float, model: str) -> dict[str, Any]:
     client.tenant = f"bench-{uuid.uuid4().hex[:12]}"  # a fresh tenant: never a cache hit
-    return client.wait(client.submit(data, lane=lane, timeout_s=timeout_s))
+    # The client names its model (it does not read the roles' default): the one the bench serves.
+    return client.wait(client.submit(data, lane=lane, timeout_s=timeout_s, model=model))
 
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
@@ -280,4 +292,8 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")
     p.add_argument("--levels", default="1,4,16", help="sync: concurrency levels, comma-separated")
     p.add_argument("--requests", type=int, default=40, help="sync: requests per level (at least 4 per caller)")
+    p.add_argument("--int8", action="store_true",
+                   help="pipeline, sync: serve and measure the static INT8 version of the default model (made as "
+                        "`detectflow model quantize` makes it, pushed through the release gate as model "
+                        "<default>-int8 and promoted); the baseline, model cost and plain server load it too")
     return p

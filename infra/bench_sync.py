@@ -15,6 +15,8 @@
 Every body of steps 2-3 is distinct (a unique JPEG comment), so the result cache, keyed by the image's
 sha256, never answers: each call runs the model. The images stay in the uploads bucket under the run's
 own tenant.
+``--int8``: the pipeline serves the static INT8 version of the default model, and the baseline, the model cost
+and the plain server load it too (infra/bench_model.py); the header names the model measured.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
+from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
 from infra.jobs_cmd import client_tls
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
@@ -331,6 +334,7 @@ class Level:
     hits: dict[bool, int] = field(default_factory=dict)  # cache_hit flags of the 200 answers (cache replays)
     hop_ms: dict[str, float] = field(default_factory=dict)  # mean produce -> poll ms of the online lane, by stage
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean of the answers' timings_ms, by stage
+    runs: dict[str, float] = field(default_factory=dict)  # the inference role's model runs, by model version
 
 
 @dataclass
@@ -375,7 +379,9 @@ class Plan:
 
 def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVELS,
                    requests: int = DEFAULT_REQUESTS, baseline_repeats: int = 2, timeout_ms: int = 30_000,
-                   ready_deadline_s: float = 180.0) -> int:
+                   ready_deadline_s: float = 180.0, int8: bool = False) -> int:
+    """``int8``: the pipeline, the baseline, the model cost and the plain server all use the static INT8 version of
+    the default model (infra/bench_model.py)."""
     from gateway.devkeys import ensure_dev_keys, mint
     from infra import bench_plain
     from infra.bench_cost import HopMeter, per_image
@@ -399,8 +405,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
     gw = GatewaySettings.from_env(env)
-    model_dir = settings.models_dir / settings.default_model / "1"
-    convert(model_dir)
+    convert(settings.models_dir / settings.default_model / "1")
     bases = [reencode_jpeg(p.read_bytes()) for p in ensure_samples(stack.samples_dir, stack.cache_dir)]
     counts = [requests_for(level, requests) for level in levels]
     warm_budget = 40
@@ -422,9 +427,13 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
     kafka = kafka_client(settings.stream)
     provision(kafka, prefix, T.all_topics(prefix, max_message_bytes=settings.stream.max_message_bytes))
-    from infra.demo import bootstrap_default_model
-
-    bootstrap_default_model(settings, stack, quiet=True)  # the default model's routing on the bench's prefix
+    try:
+        served = serve(settings, stack, int8=int8)  # production on the bench's prefix
+    except BaseException:
+        deprovision(kafka, prefix)
+        raise
+    model_dir = served.model_dir
+    env["DETECTFLOW_DEFAULT_MODEL"] = served.name  # what the roles and the gateway serve by default
     sup = Supervisor(SERVICES, log_dir, env=env, metrics_base_port=base_port)
     ports = {role: base_port + i for i, role in enumerate(SERVICES)}
     sup.start_monitor()
@@ -448,7 +457,8 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
         sup.stop()
         deprovision(kafka, prefix)
 
-    _report(measured, len(bases), baseline_repeats, timeout_ms, tenant, log_dir, tls=not gw.insecure_http)
+    _report(measured, len(bases), baseline_repeats, timeout_ms, tenant, log_dir, tls=not gw.insecure_http,
+            served=served, prefix=prefix)
     return 0 if all(lv.stats.error_rate == 0 for lv in measured.levels) else 1
 
 
@@ -486,7 +496,8 @@ async def _measure(plan: Plan) -> Measured:
         server = server_figures(before[0], after[0], before[1], after[1]) if pipeline else {}
         return Level(stats, server, cpu_ms_per_image(cpu0, cpu1, n_ok), n_ok, dict(hits or {}),
                      hop_latency(roles0, roles1),
-                     {name: float(np.mean(v)) for name, v in stages.items() if name != "inference_batch"}), results
+                     {name: float(np.mean(v)) for name, v in stages.items() if name != "inference_batch"},
+                     runs_by_version(before[0], after[0]) if pipeline else {}), results
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await wait_ready(session, plan.target.base_url, plan.ready_deadline_s)
@@ -541,14 +552,15 @@ def _client_line(s: LevelStats) -> str:
 
 
 def _report(m: Measured, n_images: int, baseline_repeats: int, timeout_ms: int, tenant: str, log_dir: Any, *,
-            tls: bool) -> None:
+            tls: bool, served: ServedModel, prefix: str) -> None:
     from infra.bench_cost import BENCH_CLIENT, format_cpu, format_hops, format_projection, format_tax, tax_of
 
     base = m.base
     scheme = "HTTPS (the project CA's gateway certificate)" if tls else "plain HTTP"
     print(f"detectflow bench sync: POST {DETECT_ROUTE} (raw JPEG, timeout_ms={timeout_ms}) through the gateway and "
           f"the pipeline; {n_images} sample images, every body distinct; tenant {tenant}; "
-          f"{m.warm_calls} warm-up calls; logs in {log_dir}")
+          f"{m.warm_calls} warm-up calls; logs in {log_dir}; model {label(served)}")
+    print(describe(served, prefix))
     print(f"\nbaseline (one process: decode -> letterbox -> ORT batch 1 -> decode -> NMS, x{baseline_repeats}):")
     print(f"  {base['ms_mean']:.1f} ms/img mean, P50 {base['ms_p50']:.1f} ms, {base['img_s']:.2f} img/s")
     c = m.cost
@@ -578,6 +590,11 @@ def _report(m: Measured, n_images: int, baseline_repeats: int, timeout_ms: int, 
               f"{_fmt(f['model_ms_per_run']):>12}")
     print("  (gw: the gateway's own /v1/detect timing; gw P50~ is interpolated within its histogram's buckets; "
           "ms/batch: the inference stage's process() time per batch; x base: req/s over the baseline's img/s)")
+    runs: dict[str, float] = {}
+    for lv in m.levels:
+        for name, n in lv.runs.items():
+            runs[name] = runs.get(name, 0.0) + n
+    print(f"  {format_runs(runs, served)}")
 
     print("\ndetectflow / plain server: " + "; ".join(
         f"conc {level}: {_fmt(ratio, '.2f')}x img/s" + (f", P50 {delta:+.1f} ms" if level == 1 else "")

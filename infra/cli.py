@@ -179,6 +179,9 @@ def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
 def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.bench import run_bench
 
+    if args.int8 and args.target not in ("pipeline", "sync"):
+        print(f"detectflow bench {args.target}: --int8 applies to the pipeline and sync benches only", file=sys.stderr)
+        return 2
     if args.target == "clamd":
         from infra.bench_clamd import run_bench_clamd
 
@@ -203,9 +206,10 @@ def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
         from infra.bench_sync import parse_levels, run_bench_sync
 
         return run_bench_sync(settings, levels=parse_levels(args.levels), requests=args.requests,
-                              baseline_repeats=args.baseline_repeats)
+                              baseline_repeats=args.baseline_repeats, int8=args.int8)
 
-    return run_bench(settings, n_batch=args.images, n_online=args.online, baseline_repeats=args.baseline_repeats)
+    return run_bench(settings, n_batch=args.images, n_online=args.online, baseline_repeats=args.baseline_repeats,
+                     int8=args.int8)
 
 
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:

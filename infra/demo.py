@@ -9,15 +9,20 @@ stack stays up: `detectflow stack down` stops it).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
 from infra.stack.kafka_access import provision
 
+if TYPE_CHECKING:
+    from model_store.routing import Routing
 
-def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings, *, quiet: bool = False) -> None:
+
+def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings, *, quiet: bool = False) -> Routing:
     """The converted default model is the registry's first version of it (idempotent: pushes by content), and
-    its routing is published on the settings' topic prefix (serving follows only the registry's routing)."""
+    its routing is published on the settings' topic prefix (serving follows only the registry's routing);
+    returns that routing."""
     from infra.models_cmd import actor_name
     from model_store.evalset import ensure_eval_set
     from model_store.gate import gate_runner
@@ -31,10 +36,11 @@ def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings,
         registry.republish(pipeline.default_model, actor=actor_name())
     registry.close()
     if quiet:
-        return
+        return routing
     print(f"model registry: {pipeline.default_model} v{outcome.version} "
           f"({'pushed' if outcome.created else 'already there'}, gate {outcome.gate_status}); "
           f"production v{routing.production}")
+    return routing
 
 
 def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float = 180.0) -> int:
