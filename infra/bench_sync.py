@@ -199,6 +199,31 @@ def hop_latency(before: Mapping[str, Mapping[str, float]], after: Mapping[str, M
     return out
 
 
+def format_targets(m: Measured) -> str:
+    """The sync path's targets (docs/performance.md): 16 callers >= 0.9x the plain server's img/s, the P50 at one
+    caller <= the plain server's + 25 ms, the tax at the highest level <= 40 CPU-ms per image."""
+    from infra.bench_cost import BENCH_CLIENT, tax_of
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    out = []
+    by_level = {lv.stats.concurrency: lv for lv in m.levels}
+    plain = {lv.stats.concurrency: lv for lv in m.plain}
+    if 16 in by_level and 16 in plain:
+        r = _ratio(by_level[16].stats.ok_per_s, plain[16].stats.ok_per_s)
+        out.append(f"  16 callers / plain server     = {_fmt(r, '.2f')}x (target >= 0.90x: {verdict(r >= 0.9)})")
+    if 1 in by_level and 1 in plain:
+        d = by_level[1].stats.p50_ms - plain[1].stats.p50_ms
+        out.append(f"  P50 at 1 caller - plain's     = {d:+.1f} ms (target <= +25 ms: {verdict(d <= 25)})")
+    if m.levels:
+        top = m.levels[-1]
+        t = tax_of({k: v for k, v in top.cpu_ms.items() if k != BENCH_CLIENT}, m.cost).tax_ms
+        out.append(f"  tax at {top.stats.concurrency} callers             = {t:.0f} CPU-ms/img (target <= 40: "
+                   f"{verdict(t <= 40)})")
+    return "targets:\n" + "\n".join(out) if out else "targets: -"
+
+
 def requests_for(level: int, requests: int) -> int:
     return max(requests, MIN_PER_CALLER * level)
 
@@ -599,6 +624,7 @@ def _report(m: Measured, n_images: int, baseline_repeats: int, timeout_ms: int, 
     print("\ndetectflow / plain server: " + "; ".join(
         f"conc {level}: {_fmt(ratio, '.2f')}x img/s" + (f", P50 {delta:+.1f} ms" if level == 1 else "")
         for level, ratio, delta in against_plain([lv.stats for lv in m.levels], [lv.stats for lv in m.plain])))
+    print(format_targets(m))
     first = next((lv.stats for lv in m.levels if lv.stats.concurrency == 1), None)
     if first is not None:
         print(f"concurrency-1 P50 / baseline P50 = {_ratio(first.p50_ms, base['ms_p50']):.2f}x "

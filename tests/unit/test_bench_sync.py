@@ -215,3 +215,21 @@ def test_hop_latency_is_the_mean_of_the_online_hops_over_the_interval() -> None:
     out = hop_latency(before, after)
     assert list(out) == ["scan"]  # a stage that polled nothing online has no figure
     assert abs(out["scan"] - 10.0) < 1e-9  # 0.04 s over 4 records
+
+
+def test_targets_compare_with_the_plain_server_in_the_same_run() -> None:
+    from infra.bench_cost import ModelCost
+    from infra.bench_sync import Level, Measured, format_targets, summarize
+
+    def level(conc: int, ms: float, n: int, wall: float, cpu: dict[str, float]) -> Level:
+        return Level(summarize(conc, [(ms, 200)] * n, wall), {}, cpu, n)
+
+    cpu = {"inference": 40.0, "preprocess": 4.0, "kafka": 10.0, "bench client": 99.0}
+    m = Measured(base={}, cost=ModelCost(decode_ms=2.0, model_ms=30.0, images=14),
+                 levels=[level(1, 60.0, 10, 1.0, cpu), level(16, 600.0, 40, 1.0, cpu)],
+                 plain=[level(1, 30.0, 10, 0.5, {}), level(16, 300.0, 40, 1.0, {})], cache=[], warm_calls=0, rss={},
+                 hop_offsets=[])
+    out = format_targets(m)
+    assert "16 callers / plain server     = 1.00x (target >= 0.90x: met)" in out
+    assert "+30.0 ms (target <= +25 ms: MISSED)" in out
+    assert "tax at 16 callers             = 22 CPU-ms/img (target <= 40: met)" in out  # 54 - 30 - 2; client not counted
