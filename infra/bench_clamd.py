@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -37,7 +36,7 @@ from infra.bench import cpu_seconds
 from infra.bench_sync import BenchError, reencode_jpeg, with_comment
 from infra.settings import StackSettings
 from infra.stack.clamd import SCAN_OPTIONS, SIGNATURE_DIR, clamd_binary, render_conf
-from processors.scanner import CHUNK_BYTES, ClamdScanner, ScanVerdict
+from processors.scanner import ClamdScanner, ScanVerdict, send_stream
 
 # The options before issue 14: ClamAV's defaults but for the bytecode engine.
 BEFORE: dict[str, str] = {"Bytecode": "no"}
@@ -101,12 +100,7 @@ class SessionClient:
 
     def scan(self, data: bytes) -> ScanVerdict:
         self.sock.sendall(b"zINSTREAM\0")
-        view = memoryview(data)
-        for start in range(0, len(data), CHUNK_BYTES):
-            chunk = view[start:start + CHUNK_BYTES]
-            self.sock.sendall(struct.pack("!L", len(chunk)))
-            self.sock.sendall(chunk)
-        self.sock.sendall(struct.pack("!L", 0))
+        send_stream(self.sock, data)
         reply = b""
         while not reply.endswith(b"\0"):
             part = self.sock.recv(4096)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -22,17 +23,22 @@ class ScanVerdict:
 CHUNK_BYTES = 256 * 1024
 
 
+def send_stream(sock: socket.socket, data: bytes) -> None:
+    """The INSTREAM body after the command: length-prefixed chunks, then a zero length."""
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK_BYTES):
+        chunk = view[start:start + CHUNK_BYTES]
+        sock.sendall(struct.pack("!L", len(chunk)))
+        sock.sendall(chunk)
+    sock.sendall(struct.pack("!L", 0))
+
+
 class _Clamd(clamd.ClamdNetworkSocket):
     def instream_bytes(self, data: bytes) -> tuple[str, str | None]:
         try:
             self._init_socket()
             self._send_command("INSTREAM")
-            view = memoryview(data)
-            for start in range(0, len(data), CHUNK_BYTES):
-                chunk = view[start:start + CHUNK_BYTES]
-                self.clamd_socket.sendall(struct.pack("!L", len(chunk)))
-                self.clamd_socket.sendall(chunk)
-            self.clamd_socket.sendall(struct.pack("!L", 0))
+            send_stream(self.clamd_socket, data)
             result = self._recv_response()
             if result == "INSTREAM size limit exceeded. ERROR":
                 raise clamd.BufferTooLongError(result)
