@@ -44,6 +44,14 @@ def _num(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
 
 
+def _at_least(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    """A whole number >= ``low``."""
+    value = _num(env, name, default)
+    if value != int(value) or value < low:
+        raise SettingsError(f"{ENV_PREFIX}{name}={value:g} must be a whole number, at least {low}")
+    return int(value)
+
+
 def _days(env: Mapping[str, str], name: str, default: int) -> int:
     """A whole number of days >= 1 (S3 lifecycle rules count in days)."""
     value = _num(env, name, default)
@@ -317,12 +325,20 @@ class StreamSettings:
     # A batch leaves the poll when it has max_batch records or max_wait_ms passed.
     max_batch: int = 64
     max_wait_ms: int = 50
-    # Transient failures: in-loop backoff attempts, then the retry topic, then the DLQ.
+    # Transient failures: in-loop backoff attempts, then the retry topic, then the DLQ. The retry topic is
+    # budgeted by time, not attempts: a record is retried (delays from retry_delay_ms doubling up to
+    # retry_delay_max_ms) until retry_budget_ms after its first failure, so a dependency down for up to
+    # 10 minutes delays its records instead of failing them.
     backoff_attempts: int = 3
     backoff_initial_ms: int = 200
     backoff_max_ms: int = 2000
-    retry_max_attempts: int = 5
     retry_delay_ms: int = 2000
+    retry_delay_max_ms: int = 30000
+    retry_budget_ms: int = 900000
+    # A record whose processing killed its process this many times (the same offset, seen again after each
+    # restart) is set aside to the DLQ without being processed again. Tracked in <state_dir>/poison.
+    poison_max_crashes: int = 3
+    state_dir: Path | None = None
     flush_timeout_s: float = 30.0
     # How often the online backlog is measured to pause/resume batch partitions.
     lane_check_interval_ms: int = 100
@@ -376,8 +392,11 @@ class StreamSettings:
             max_message_bytes=int(num("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
             prefetch_kbytes=int(num("PREFETCH_KBYTES", 8192)),
             instance_id=_get(env, "INSTANCE_ID", ""),
-            retry_max_attempts=int(num("RETRY_MAX_ATTEMPTS", 5)),
             retry_delay_ms=int(num("RETRY_DELAY_MS", 2000)),
+            retry_delay_max_ms=int(num("RETRY_DELAY_MAX_MS", 30000)),
+            retry_budget_ms=int(num("RETRY_BUDGET_MS", 900000)),
+            poison_max_crashes=int(num("POISON_MAX_CRASHES", 3)),
+            state_dir=_path(env, "STATE_DIR", stack.home / "run"),
             metrics_port=int(num("METRICS_PORT", 0)),
             topic_prefix=_get(env, "TOPIC_PREFIX", ""),
             compression=_get(env, "COMPRESSION", "lz4"),
@@ -491,6 +510,9 @@ class PipelineSettings:
     image_max_bytes: int = 20 * 1024 * 1024
     image_max_pixels: int = 40_000_000
     image_max_side: int = 20_000
+    # Decode budget: what an image's pixels may cost once decoded (width x height x channels x bytes per sample,
+    # read from the header); over it, the image is REJECTED (DECODE_BUDGET_EXCEEDED) before decoding.
+    image_max_decoded_bytes: int = 128 * 1024 * 1024
     # Inference micro-batching (Triton-style): a batch leaves when it has inference_max_batch records or
     # its oldest record has waited the lane's queue delay.
     # On this CPU a batch of 8 runs no faster per image than batch 1 (yolov4-tiny: 40-48 ms/img for
@@ -516,6 +538,9 @@ class PipelineSettings:
     # Content policy (processors/governance.py, docs/security.md): policies are cached in-process this long,
     # so a policy change applies within it. (Tombstones are never cached: they are read per batch.)
     policy_cache_s: float = 10.0
+    # The recorder's job tracker counts again, this often, the jobs whose completion check failed (Cassandra
+    # away), at most 50 per round, so a job whose last result was stored completes after an outage (0: never).
+    job_recheck_s: float = 30.0
     review_bucket: str = "review"
     # How long a review copy is kept unless the tenant's policy overrides it; one of REVIEW_RETENTION_DAYS.
     review_retention_days: int = 30
@@ -548,6 +573,7 @@ class PipelineSettings:
             image_max_bytes=int(num("IMAGE_MAX_BYTES", 20 * 1024 * 1024)),
             image_max_pixels=int(num("IMAGE_MAX_PIXELS", 40_000_000)),
             image_max_side=int(num("IMAGE_MAX_SIDE", 20_000)),
+            image_max_decoded_bytes=int(_positive(env, "IMAGE_MAX_DECODED_BYTES", 128 * 1024 * 1024)),
             inference_max_batch=int(num("INFERENCE_MAX_BATCH", 4)),
             stage_max_batch=int(num("STAGE_MAX_BATCH", 8)),
             batch_queue_delay_ms=int(num("BATCH_QUEUE_DELAY_MS", 25)),
@@ -558,6 +584,7 @@ class PipelineSettings:
             cache_ttl_s=int(num("CACHE_TTL_S", 7 * 24 * 3600)),
             result_ttl_s=int(num("RESULT_TTL_S", 30 * 24 * 3600)),
             policy_cache_s=num("POLICY_CACHE_S", 10.0),
+            job_recheck_s=num("JOB_RECHECK_S", 30.0),
             review_retention_days=_review_days(env),
             exactly_once=_get(env, "EXACTLY_ONCE", "true").lower() in ("1", "true", "yes"),
             online_exactly_once=_get(env, "ONLINE_EXACTLY_ONCE", "false").lower() in ("1", "true", "yes"),
@@ -637,19 +664,34 @@ class GatewaySettings:
     sync_timeout_s: float = 10.0
     sync_timeout_max_s: float = 60.0
     max_body_bytes: int = 20 * 1024 * 1024
-    # Per-tenant token bucket (per gateway instance) and daily quota of images (shared, in Cassandra).
+    # JSON bodies: at most this many bytes and levels of nesting (checked before parsing).
+    max_json_bytes: int = 8 * 1024 * 1024
+    max_json_depth: int = 32
+    # Request bodies held by this instance at once (reserved before a body is read; 503 past it).
+    max_inflight_body_bytes: int = 256 * 1024 * 1024
+    # Per-tenant token bucket and daily quota of images, both shared by every gateway instance: the rate is
+    # divided by the live instances (heartbeat rows every instance_heartbeat_s), the quota is one row per day.
     rate_per_s: float = 50.0
     rate_burst: int = 100
     daily_quota: int = 1_000_000
-    # Backpressure: sync calls are refused fast (503) past these bounds.
+    instance_heartbeat_s: float = 5.0
+    # Backpressure (docs/api.md, "Overload and fairness"): max_inflight sync calls per instance, each tenant
+    # a share of them (capacity / (tenants active in the last active_tenant_window_s + 1), at least
+    # sync_share_floor); past max_online_lag only tenants over their share of recent calls are refused, past
+    # max_online_lag_hard (default 4 x max_online_lag) every sync call is.
     max_inflight: int = 256
     max_online_lag: int = 500
+    max_online_lag_hard: int = 2000
+    sync_share_floor: int = 4
+    active_tenant_window_s: float = 5.0
     lag_check_interval_s: float = 1.0
     idempotency_ttl_s: int = 24 * 3600
     upload_url_ttl_s: int = 900
     job_max_items: int = 10_000
     page_size_default: int = 100
     page_size_max: int = 1000
+    # A results page stops before its encoded items pass this many bytes (the rest is on the next page).
+    page_max_bytes: int = 8 * 1024 * 1024
     # This instance's reply partition of detect.replies (one per gateway instance); -1 = pick at random.
     reply_partition: int = -1
     audit_ttl_s: int = 400 * 24 * 3600
@@ -678,11 +720,19 @@ class GatewaySettings:
             sync_timeout_s=num("SYNC_TIMEOUT_S", 10.0),
             sync_timeout_max_s=num("SYNC_TIMEOUT_MAX_S", 60.0),
             max_body_bytes=int(num("MAX_BODY_BYTES", 20 * 1024 * 1024)),
+            max_json_bytes=_at_least(env, "MAX_JSON_BYTES", 8 * 1024 * 1024, 1024),
+            max_json_depth=_at_least(env, "MAX_JSON_DEPTH", 32, 4),
+            max_inflight_body_bytes=_at_least(env, "MAX_INFLIGHT_BODY_BYTES", 256 * 1024 * 1024, 1024 * 1024),
             rate_per_s=num("RATE_PER_S", 50.0),
             rate_burst=int(num("RATE_BURST", 100)),
             daily_quota=int(num("DAILY_QUOTA", 1_000_000)),
+            instance_heartbeat_s=num("INSTANCE_HEARTBEAT_S", 5.0),
             max_inflight=int(num("MAX_INFLIGHT", 256)),
             max_online_lag=int(num("MAX_ONLINE_LAG", 500)),
+            max_online_lag_hard=_at_least(env, "MAX_ONLINE_LAG_HARD", 4 * int(num("MAX_ONLINE_LAG", 500)), 1),
+            sync_share_floor=_at_least(env, "SYNC_SHARE_FLOOR", 4, 1),
+            active_tenant_window_s=num("ACTIVE_TENANT_WINDOW_S", 5.0),
+            page_max_bytes=_at_least(env, "PAGE_MAX_BYTES", 8 * 1024 * 1024, 64 * 1024),
             lag_check_interval_s=num("LAG_CHECK_INTERVAL_S", 1.0),
             upload_url_ttl_s=_upload_ttl(env, stack),
             job_max_items=int(num("JOB_MAX_ITEMS", 10_000)),

@@ -84,6 +84,11 @@ def image_bytes(image: Mapping[str, Any], tenant: str, objects: Objects, setting
         data = bytes(image["data"])
         if len(data) > settings.image_max_bytes:
             raise InvalidRecord("IMAGE_TOO_LARGE", f"{len(data)} bytes, the limit is {settings.image_max_bytes}")
+        if len(data) > settings.inline_max_bytes and obj is None:
+            # The pipeline carries at most inline_max_bytes inline (ImageScanned has no room for more): a larger
+            # image goes by reference (an object in the tenant's uploads), as the project's clients send it.
+            raise InvalidRecord("IMAGE_TOO_LARGE", f"an inline image of {len(data)} bytes is over the inline limit "
+                                f"of {settings.inline_max_bytes}: upload it and submit an object reference")
         return data
     return objects.get(image["bucket"], image["key"], settings.image_max_bytes)
 

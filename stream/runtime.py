@@ -23,6 +23,7 @@ reads it from the moment it is wanted again, never the backlog of the idle time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -49,6 +50,7 @@ from stream import headers as H
 from stream import ingest
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
+from stream.poison import Offset, PoisonLedger
 from stream.records import (
     Failure,
     Outcome,
@@ -60,12 +62,21 @@ from stream.records import (
     result_outputs,
     terminal_result,
 )
-from stream.serde import AvroSerde, DecodeError, RegistryUnavailable
-from stream.topics import dlq_topic, retry_topic, tenant_of_ingest
+from stream.serde import AvroSerde, DecodeError, RegistryUnavailable, SerdeError
+from stream.topics import TENANT_REPLIES, dlq_topic, replies_topic, retry_topic, tenant_of_ingest
 
 log = logging.getLogger(__name__)
 
 RETRY_SUFFIX = ".retry"
+# An output's encoded value may use this much of a topic's max.message.bytes (max_message_bytes + 64 KiB,
+# `detectflow topics apply`): the rest is left to its key, headers and the record batch's framing.
+OUTPUT_SLACK_BYTES = 32 * 1024
+# How long a reply topic's partition count is trusted before it is asked again (partitions are only added).
+REPLY_METADATA_TTL_S = 60.0
+
+
+class OutputTooLarge(SerdeError):
+    """An encoded output is over the topic's size limit."""
 
 
 def lane_of(topic: str) -> str:
@@ -137,6 +148,11 @@ class StageRunner:
         self._last_lag_export = 0.0
         self._online_seen = False
         self._delivery_errors: list[str] = []
+        # Reply topics' partition counts (a reply-to must name one that exists): topic -> (count, asked at).
+        self._reply_partitions: dict[str, tuple[int, float]] = {}
+        ledger_name = f"{self.group_id}-{instance_id}" if instance_id else self.group_id
+        self.poison = PoisonLedger(None if settings.state_dir is None else settings.state_dir / "poison",
+                                   ledger_name, settings.poison_max_crashes)
         fetch_max = settings.max_message_bytes + 1024 * 1024
         kafka = kafka_client(settings)
         self.consumer = Consumer({
@@ -299,8 +315,10 @@ class StageRunner:
             M.RECORDS_IN.labels(stage, p.record.lane).inc()
         if work:
             M.BATCH_SIZE.labels(stage).observe(len(work))
-            self._process_with_backoff(work)
+            self._process_guarded(work)
         handled = [p for p in pending if p.done]
+        for p in handled:
+            self._prepare(p)
         t_deliver = time.perf_counter()
         self._deliver_and_commit(handled)
         M.LOOP_SECONDS.labels(self.stage.name, "deliver").observe(time.perf_counter() - t_deliver)
@@ -377,6 +395,15 @@ class StageRunner:
                                   attempts=1, reason="undecodable")
                 out.append(p)
                 continue
+            bad = H.invalid_carried(hdrs) or self._reply_target_problem(hdrs)
+            if bad:
+                # Rejected, and its terminal result goes to `detections` only: never where a bad header points.
+                p.headers = {k: v for k, v in hdrs.items() if k not in bad}
+                self._dead_letter(p, origin, lane, key, value, "InvalidHeader",
+                                  "; ".join(f"{name}: {why}" for name, why in bad.items()), "INVALID_HEADER",
+                                  "REJECTED", attempts=1, reason="invalid_header")
+                out.append(p)
+                continue
             ts_type, ts = msg.timestamp()
             if ts_type and ts > 0 and not from_retry:
                 M.HOP_SECONDS.labels(self.stage.name, lane).observe(max(0, now_ms() - ts) / 1000)
@@ -386,6 +413,41 @@ class StageRunner:
                               timestamp_ms=ts if ts_type else 0)
             out.append(p)
         return out
+
+    def _reply_target_problem(self, hdrs: dict[str, bytes]) -> dict[str, str]:
+        """A well-formed reply-to must name a reply topic (the gateways' or a tenant's) and one of its partitions:
+        a stage writes there with its own rights, and a partition that does not exist would fail the delivery of
+        the whole batch."""
+        addr = H.reply_address(hdrs.get(H.REPLY_TO))
+        if addr is None:
+            return {}
+        topic, partition = addr
+        prefix = self.settings.topic_prefix
+        if topic != replies_topic(prefix) and not topic.startswith(f"{prefix}{TENANT_REPLIES}"):
+            return {H.REPLY_TO: f"{topic} is not a reply topic"}
+        count = self._partition_count(topic, at_least=partition + 1)
+        if count is not None and partition >= count:
+            return {H.REPLY_TO: f"{topic} has no partition {partition}" if count else f"{topic} does not exist"}
+        return {}
+
+    def _partition_count(self, topic: str, *, at_least: int) -> int | None:
+        """The topic's partition count from cached metadata, asked again when older than the TTL or (at most
+        every few seconds) when a header names a partition beyond it. None: the broker did not answer (the
+        delivery will tell)."""
+        now = time.monotonic()
+        cached = self._reply_partitions.get(topic)
+        if cached is not None and (cached[0] >= at_least or now - cached[1] < 5.0) \
+                and now - cached[1] < REPLY_METADATA_TTL_S:
+            return cached[0]
+        try:
+            meta = self.producer.list_topics(topic, timeout=5)
+        except KafkaException as exc:
+            log.warning("%s: no metadata for %s: %s", self.stage.name, topic, exc)
+            return cached[0] if cached is not None else None
+        info = meta.topics.get(topic)
+        count = 0 if info is None or info.error is not None else len(info.partitions)
+        self._reply_partitions[topic] = (count, now)
+        return count
 
     def _decode(self, data: bytes | None) -> dict[str, Any]:
         event = self.stage.input_event
@@ -430,6 +492,36 @@ class StageRunner:
             raise RuntimeError(f"stage {self.stage.name} returned {len(outcomes)} outcomes for {len(records)} records")
         return outcomes
 
+    @staticmethod
+    def _offset(p: _Pending) -> Offset:
+        return (p.msg.topic(), p.msg.partition(), p.msg.offset())
+
+    def _process_guarded(self, work: list[_Pending]) -> None:
+        """Process under the poison ledger (stream/poison.py): what is in flight is named on disk first, so a
+        process that dies here is known at the next start. Records that were in flight at such a death go
+        alone, one per call; one that has killed the process ``poison_max_crashes`` times is set aside."""
+        ledger = self.poison
+        clean = [p for p in work if not ledger.crashes(self._offset(p))]
+        groups = [clean] if clean else []
+        for p in work:
+            crashes = ledger.crashes(self._offset(p))
+            if not crashes:
+                continue
+            if crashes < ledger.max_crashes:
+                groups.append([p])
+                continue
+            rec = p.record
+            assert rec is not None
+            self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, "PoisonRecord",
+                              f"processing this record stopped the {self.stage.name} process {crashes} times; "
+                              "set aside without processing it again", "POISON_RECORD", "FAILED",
+                              attempts=rec.attempt, reason="poison")
+        for group in groups:
+            offsets = [self._offset(p) for p in group]
+            ledger.begin(offsets)
+            self._process_with_backoff(group)
+            ledger.end(offsets)
+
     def _process_with_backoff(self, work: list[_Pending]) -> None:
         todo = work
         delay = self.settings.backoff_initial_ms / 1000
@@ -470,15 +562,25 @@ class StageRunner:
         M.RECORDS_OUT.labels(self.stage.name, rec.lane, "ok").inc()
 
     def _retry_later(self, p: _Pending, err: TransientError) -> None:
+        """To the retry topic, due after a delay that doubles per attempt (capped); the DLQ once
+        ``retry_budget_ms`` has passed since the record's first failure. The budget is time, not attempts:
+        however often a record is tried while a dependency is down, it is failed only after that long."""
         rec = p.record
         assert rec is not None
-        if rec.attempt >= self.settings.retry_max_attempts:
-            self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, "TransientError", str(err),
+        now = now_ms()
+        first = (H.integer(dict(rec.headers), H.FIRST_FAILED_MS) if p.msg.topic().endswith(RETRY_SUFFIX)
+                 else None) or now
+        budget_end = first + self.settings.retry_budget_ms
+        if now >= budget_end:
+            self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, "TransientError",
+                              f"{err} (still failing {(now - first) / 1000:.0f} s after the first failure)",
                               "RETRIES_EXHAUSTED", "FAILED", attempts=rec.attempt, reason="retries_exhausted")
             return
-        delay_ms = self.settings.retry_delay_ms * 2 ** (rec.attempt - 1)
+        delay_ms = min(self.settings.retry_delay_ms * 2 ** min(rec.attempt - 1, 20), self.settings.retry_delay_max_ms)
+        due = min(now + delay_ms, budget_end)  # the last try is at the budget's end, then the DLQ
         hdrs = dict(H.to_dict(p.msg.headers()))
-        hdrs.update({H.ATTEMPT: str(rec.attempt + 1).encode(), H.NOT_BEFORE_MS: str(now_ms() + delay_ms).encode(),
+        hdrs.update({H.ATTEMPT: str(rec.attempt + 1).encode(), H.NOT_BEFORE_MS: str(due).encode(),
+                     H.FIRST_FAILED_MS: str(first).encode(),
                      H.ORIGIN_TOPIC: rec.topic.encode(), H.ERROR_CLASS: type(err).__name__.encode(),
                      H.ERROR_MESSAGE: str(err)[:500].encode()})
         p.outputs = [Output(retry_topic(rec.topic), rec.key or "", p.msg.value() or b"", None, hdrs)]
@@ -513,6 +615,33 @@ class StageRunner:
         M.RECORDS_OUT.labels(self.stage.name, lane, "rejected" if status == "REJECTED" else "failed").inc()
 
     # ---- delivery --------------------------------------------------------------------------------------
+    def _prepare(self, p: _Pending) -> None:
+        """Encode a handled record's outputs before any is produced, all or none. An output that does not fit
+        its schema or its topic's size limit makes the record's outcome its DLQ letter and terminal result
+        (FAILED INVALID_OUTPUT): one record can never stop the stage. A registry outage retries the record."""
+        try:
+            p.outputs = [self._encoded(o) for o in p.outputs]
+            return
+        except RegistryUnavailable as exc:
+            if p.record is None:
+                raise DeliveryError(f"cannot encode a dead letter: {exc}") from exc
+            self._retry_later(p, TransientError(str(exc)))
+        except SerdeError as exc:
+            rec = p.record
+            if rec is None or any(o.event == "DeadLetter" for o in p.outputs):
+                raise  # a letter of our own making that does not encode is a bug
+            log.warning("%s: %s (request %s): dead-lettered", self.stage.name, exc, rec.key)
+            self._dead_letter(p, rec.topic, rec.lane, rec.key, rec.value, type(exc).__name__, str(exc),
+                              "INVALID_OUTPUT", "FAILED", attempts=rec.attempt, reason="unencodable")
+        p.outputs = [self._encoded(o) for o in p.outputs]
+
+    def _encoded(self, out: Output) -> Output:
+        value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)
+        if len(value) > self.settings.max_message_bytes + OUTPUT_SLACK_BYTES and out.event != "DeadLetter":
+            raise OutputTooLarge(f"{out.event or 'record'} for {out.topic} is {len(value)} bytes, over the "
+                                 f"{self.settings.max_message_bytes}-byte limit")
+        return dataclasses.replace(out, value=value)
+
     def _deliver_and_commit(self, handled: list[_Pending]) -> None:
         if not handled:
             return

@@ -1,4 +1,5 @@
-"""A stage process for the kill -9 test: `python stage_worker.py PREFIX DELAY_S [--exactly-once]`."""
+"""A stage process for the kill -9 and poison tests:
+`python stage_worker.py PREFIX DELAY_S [--exactly-once] [--crash-on REQUEST_ID]`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from stream_kit import EchoStage, stream_settings
 def main() -> None:
     prefix, delay = sys.argv[1], float(sys.argv[2])
     settings = stream_settings(StackSettings.from_env(), prefix, max_batch=20)
-    runner = StageRunner(EchoStage(prefix, delay_s=delay), settings, exactly_once="--exactly-once" in sys.argv)
+    crash_on = sys.argv[sys.argv.index("--crash-on") + 1] if "--crash-on" in sys.argv else ""
+    runner = StageRunner(EchoStage(prefix, delay_s=delay, crash_on=crash_on), settings,
+                         exactly_once="--exactly-once" in sys.argv)
     runner.install_signal_handlers()
     print("ready", flush=True)
     runner.run()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Iterable
@@ -13,7 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from infra.settings import StackSettings, StreamSettings, kafka_client
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
-from stream.records import Failure, Outcome, Record, now_ms, result_outputs
+from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
 from stream.serde import AvroSerde
 
 
@@ -139,11 +141,15 @@ class EchoStage:
     input_event = "ImageSubmitted"
     emits_terminal_results = True
 
-    def __init__(self, prefix: str, *, transient_calls: int = 0, delay_s: float = 0.0):
+    def __init__(self, prefix: str, *, transient_calls: int = 0, delay_s: float = 0.0, crash_on: str = "",
+                 unencodable: frozenset[str] = frozenset(), oversized: frozenset[str] = frozenset()):
         self.prefix = prefix
         self.transient_calls = transient_calls
         self.delay_s = delay_s
         self.calls = 0
+        self.crash_on = crash_on          # this request id kills the process (as the kernel kills an OOM)
+        self.unencodable = unencodable    # these request ids get a result that does not fit its schema
+        self.oversized = oversized        # these request ids get an output over the topic's size limit
 
     def input_topics(self) -> list[str]:
         return [T.lane_topic(self.prefix, lane, "submitted") for lane in T.LANES]
@@ -160,8 +166,16 @@ class EchoStage:
             if rec.value["tenant"] == "invalid":
                 outcomes.append(Failure(InvalidRecord("INVALID_TENANT", "tenant 'invalid' is refused")))
                 continue
-            result = {"request_id": rec.value["request_id"], "tenant": rec.value["tenant"], "status": "OK",
+            rid = rec.value["request_id"]
+            if rid == self.crash_on:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = {"request_id": rid, "tenant": rec.value["tenant"], "status": "OK",
                       "detections": [], "timings_ms": {"echo": 0.0}, "lane": rec.value["lane"],
                       "job_id": rec.value.get("job_id"), "completed_at": now_ms()}
-            outcomes.append(result_outputs(self.prefix, result, dict(rec.headers)))
+            if rid in self.unencodable:
+                result["status"] = "NOT_A_STATUS"
+            outs = result_outputs(self.prefix, result, dict(rec.headers))
+            if rid in self.oversized:
+                outs.append(Output(T.detections_topic(self.prefix), rid, b"\0" * (17 * 1024 * 1024), None))
+            outcomes.append(outs)
         return outcomes

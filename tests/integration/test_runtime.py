@@ -139,20 +139,6 @@ def test_transient_error_goes_through_the_retry_topic_then_succeeds(
     assert int(hdrs[H.NOT_BEFORE_MS]) > 0
 
 
-def test_retries_exhausted_end_in_dlq_and_a_failed_result(stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
-    topic = T.lane_topic(prefix, "online", "submitted")
-    produce(stack, serde, topic, [submission("dead-1", lane="ONLINE")], headers={H.CORRELATION_ID: b"c-dead"})
-    stage = EchoStage(prefix, transient_calls=10_000)
-    runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=1, retry_max_attempts=3,
-                                                retry_delay_ms=100))
-    got: list[dict] = []
-    _run_until(runner, lambda: bool(got) or bool(got.extend(_results(stack, serde, prefix, 1, timeout_s=0.3))))
-    assert got[0]["status"] == "FAILED" and got[0]["error_code"] == "RETRIES_EXHAUSTED"
-    letters = read_all(stack, T.dlq_topic(topic), until=1, timeout_s=10)
-    assert H.to_dict(letters[0].headers())[H.ATTEMPT] == b"3"
-    assert H.to_dict(letters[0].headers())[H.CORRELATION_ID] == b"c-dead"
-
-
 def test_online_records_overtake_a_batch_backlog(stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
     produce(stack, serde, T.lane_topic(prefix, "batch", "submitted"), [submission(f"b-{i}") for i in range(1000)])
     runner = StageRunner(EchoStage(prefix, delay_s=0.004), stream_settings(stack, prefix, max_batch=16))
