@@ -6,12 +6,20 @@ sinks are idempotent by request id).  With ``exactly_once`` the outputs and the
 input offsets go into one Kafka transaction instead (for stages that only read
 and write Kafka), and read_committed consumers see each output once.
 
-Failure paths:
+Failure paths (no single record can stop a stage):
 - undecodable record -> DLQ at once (provenance headers) + REJECTED result;
+- a malformed carried header, or a reply-to that is not a reply topic's existing partition
+  -> DLQ + REJECTED INVALID_HEADER (the result goes to `detections` only);
 - InvalidRecord from the stage -> DLQ + REJECTED result with the stage's code;
-- TransientError -> bounded in-loop backoff, then the retry topic with an attempt
-  count and a not-before time, then (attempts exhausted) DLQ + FAILED result;
-- anything else is a bug: the loop stops without committing, the supervisor restarts it.
+- TransientError -> bounded in-loop backoff, then the retry topic with an attempt count and a
+  not-before time, for up to ``retry_budget_ms`` after the first failure (time, not attempts),
+  then DLQ + FAILED RETRIES_EXHAUSTED;
+- outputs that do not encode or are over the size limit -> DLQ + FAILED INVALID_OUTPUT (a
+  record's outputs are encoded before any is produced: all or none);
+- the schema registry away while decoding -> the partition waits (held, uncommitted);
+- anything else is a bug: the loop stops without committing and the supervisor restarts it; the
+  poison ledger (stream/poison.py) then processes the records that were in flight alone, and
+  sets aside to the DLQ (FAILED POISON_RECORD) one that stopped the process three times.
 
 Lanes: online partitions are served first; while they have a backlog the batch
 partitions are paused.
@@ -394,6 +402,13 @@ class StageRunner:
                 self._dead_letter(p, origin, lane, key, None, "DecodeError", str(exc), "INVALID_EVENT", "REJECTED",
                                   attempts=1, reason="undecodable")
                 out.append(p)
+                continue
+            except RegistryUnavailable as exc:
+                # The registry is away (and this schema not cached): the record and the rest of its partition wait,
+                # uncommitted, as a retry record not yet due does; the stage goes on with other partitions.
+                log.warning("%s: %s; %s[%d] waits", self.stage.name, exc, msg.topic(), msg.partition())
+                self._held[tp] = _Held(time.time() + self.settings.backoff_max_ms / 1000, [msg])
+                self.consumer.pause([TopicPartition(*tp)])
                 continue
             bad = H.invalid_carried(hdrs) or self._reply_target_problem(hdrs)
             if bad:

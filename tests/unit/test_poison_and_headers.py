@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,3 +86,61 @@ def test_scan_refuses_an_inline_image_past_the_inline_limit_unless_it_is_also_st
     stored = {"data": b"\xff" * 1025, "stored": {"bucket": settings.uploads_bucket, "key": "t1/x", "sha256": None,
                                                  "size": 1025, "content_type": None}}
     assert len(image_bytes(stored, "t1", None, settings)) == 1025  # type: ignore[arg-type]
+
+
+class _Msg:
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes = b"v") -> None:
+        self._t, self._p, self._o, self._v = topic, partition, offset, value
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return self._v
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+def test_a_partition_waits_uncommitted_while_the_registry_is_away() -> None:
+    from infra.settings import StreamSettings
+    from stream.runtime import StageRunner
+    from stream.serde import RegistryUnavailable
+
+    class Serde:
+        def decode(self, data: bytes, event: str) -> dict:
+            if data == b"unknown-schema":
+                raise RegistryUnavailable("schema registry unavailable: connection refused")
+            return {"request_id": data.decode()}
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.paused: list = []
+
+        def pause(self, tps: list) -> None:
+            self.paused += [(tp.topic, tp.partition) for tp in tps]
+
+    class Stage:
+        name, input_event, emits_terminal_results = "s", "ImageSubmitted", True
+
+    runner = object.__new__(StageRunner)
+    runner.stage, runner.serde, runner.consumer = Stage(), Serde(), Consumer()  # type: ignore[assignment]
+    runner.settings = replace(StreamSettings(), backoff_attempts=0)
+    runner._held, runner._stop = {}, threading.Event()
+    msgs = [_Msg("a", 0, 1, b"unknown-schema"), _Msg("a", 0, 2, b"r2"), _Msg("a", 1, 7, b"r3")]
+    admitted = runner._admit(msgs)  # type: ignore[arg-type]
+    # Partition a[0] waits from the record the registry could not decode; a[1] goes on.
+    assert [p.record.value["request_id"] for p in admitted if p.record] == ["r3"]
+    assert [m.offset() for m in runner._held[("a", 0)].msgs] == [1, 2] and runner.consumer.paused == [("a", 0)]
