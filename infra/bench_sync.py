@@ -246,6 +246,11 @@ class Target:
     base_url: str
     token: str
     timeout_ms: int
+    # A 429/503 answer is retried after its Retry-After (capped, jittered) until this long after the call began,
+    # as the project's clients do (infra/http_retry.py); the latency counts the waits. A POST without an
+    # Idempotency-Key (these calls: a key would add a claim per request to what is measured) is not retried
+    # after a transport error: it may have been done.
+    retry_s: float = 30.0
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", "Content-Type": "image/jpeg"}
@@ -257,13 +262,25 @@ async def _post(session: Any, target: Target, body: bytes, hits: Counter[bool] |
     collect the answers' per-stage ``timings_ms``."""
     import aiohttp
 
-    t0 = time.perf_counter()
-    try:
+    from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
+
+    async def attempt() -> tuple[int, bytes]:
         async with session.post(f"{target.base_url}{DETECT_ROUTE}", data=body, headers=target.headers(),
                                 params={"timeout_ms": str(target.timeout_ms)}) as resp:
             payload = await resp.read()
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError):
+            if resp.status in RETRY_STATUSES:
+                raise RefusedError(resp.status, payload[:200], resp.headers.get("Retry-After"))
+            return resp.status, payload
+
+    t0 = time.perf_counter()
+    payload = b""
+    try:
+        status, payload = await call_with_retries(attempt, what="POST detect", idempotent=False,
+                                                  deadline=time.monotonic() + target.retry_s, policy=DEFAULT_POLICY)
+    except TimeoutError as exc:  # DeadlineExceeded (still refused at the deadline) or the client's own timeout
+        cause = exc.__cause__
+        status = cause.status if isinstance(cause, RefusedError) else NO_RESPONSE
+    except aiohttp.ClientError:
         status = NO_RESPONSE
     ms = (time.perf_counter() - t0) * 1000
     if hits is not None and status == 200:

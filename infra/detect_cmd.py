@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import PipelineSettings
-from stream.client import DetectClient
+from stream.client import DetectClient, InlineLimitExceeded
+from stream.errors import TransientError
 from stream.reply import ReplyTimeout
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -17,13 +18,13 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png
 
 
 def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = False) -> DetectClient:
-    """An operator's client (the settings' principal, any tenant; big images uploaded to MinIO), or with
-    ``as_tenant`` the tenant's own (its principal and ingest topic; images inline: it has no MinIO user)."""
+    """An operator's client (the settings' principal, any tenant; images over the inline limit uploaded to MinIO
+    as the `client` role), or with ``as_tenant`` the tenant's own (its principal and ingest topic; it has no MinIO
+    user, so images over the inline limit are refused)."""
     from processors.objects import ObjectStore, minio_client
 
     if as_tenant:
-        return DetectClient(settings.stream, tenant=tenant, as_tenant=True,
-                            inline_max_bytes=settings.stream.max_message_bytes)
+        return DetectClient(settings.stream, tenant=tenant, as_tenant=True, inline_max_bytes=settings.inline_max_bytes)
     store: ObjectStore | None = None
 
     def upload(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
@@ -34,7 +35,7 @@ def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = Fa
         store.put(settings.uploads_bucket, key, data, content_type, metadata={"detectflow-submitted": "true"})
         return settings.uploads_bucket, key
 
-    return DetectClient(settings.stream, tenant=tenant, upload=upload)
+    return DetectClient(settings.stream, tenant=tenant, upload=upload, inline_max_bytes=settings.inline_max_bytes)
 
 
 def detect_files(client: DetectClient, paths: Sequence[Path], *, lane: str, timeout_s: float,
@@ -101,8 +102,19 @@ def run_detect(paths: Sequence[Path], *, as_json: bool, draw_dir: Path | None, l
         print(f"detectflow: no such file: {missing[0]}", file=sys.stderr)
         return 2
     params = {"score_threshold": score_threshold} if score_threshold is not None else None
-    with make_client(settings, tenant, as_tenant=as_tenant) as client:
-        results = detect_files(client, paths, lane=lane, timeout_s=timeout_s, params=params)
+    large = [p for p in paths if p.stat().st_size > settings.inline_max_bytes]
+    if as_tenant and large:
+        print(f"detectflow: {large[0]} has {large[0].stat().st_size} bytes, over the inline limit of "
+              f"{settings.inline_max_bytes} (DETECTFLOW_INLINE_MAX_BYTES); a tenant principal has no MinIO upload "
+              "right to send it by reference: use the HTTP API (`detectflow jobs submit`) or --operator",
+              file=sys.stderr)
+        return 2
+    try:
+        with make_client(settings, tenant, as_tenant=as_tenant) as client:
+            results = detect_files(client, paths, lane=lane, timeout_s=timeout_s, params=params)
+    except (InlineLimitExceeded, TransientError) as exc:
+        print(f"detectflow: {exc}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps([{"image": str(p), **r} for p, r in zip(paths, results, strict=True)], indent=2,
                          default=str))

@@ -1,7 +1,9 @@
 """`detectflow jobs submit DIR|FILES [--wait]`: bulk detection through the HTTP API.
 
 Asks the gateway for pre-signed PUT URLs, uploads the files straight to MinIO (several at a time),
-creates one job naming the uploads, and with --wait follows its progress and pages its results.
+creates one job naming the uploads, and with --wait follows its progress and pages its results. Every call
+rides out an overloaded or restarting gateway until the command's deadline (infra/http_retry.py); the job is
+created under one Idempotency-Key, so a retried creation never makes a second job.
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ import json
 import ssl
 import sys
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from infra.http_retry import (
+    DEFAULT_POLICY,
+    RETRY_STATUSES,
+    RefusedError,
+    RetryPolicy,
+    call_with_retries,
+    is_idempotent,
+)
 from infra.settings import StackSettings
 
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -49,22 +60,46 @@ def progress_bar(done: int, total: int, width: int = 30, label: str = "") -> str
 
 
 class JobsClient:
-    """A small client of the gateway's batch API (what the CLI and the integration tests use)."""
+    """A small client of the gateway's batch API (what the CLI and the integration tests use).
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str, *, timeout_s: float = 60.0):
+    Each call is retried through 429/503 answers (and, when idempotent, transport errors) for at most
+    ``retry_s``, and never past ``deadline`` (a time.monotonic() time; None: no overall deadline)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str, *, timeout_s: float = 60.0,
+                 retry_s: float = 300.0, deadline: float | None = None, policy: RetryPolicy = DEFAULT_POLICY):
         self.session = session
         self.base = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.deadline = deadline
+        self.policy = policy
 
-    async def call(self, method: str, path: str, *, json_body: Any = None,
-                   headers: dict[str, str] | None = None) -> Any:
-        async with self.session.request(method, self.base + path, json=json_body, timeout=self.timeout,
-                                        headers={**self.headers, **(headers or {})}) as resp:
-            body = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise ApiError(resp.status, body)
-            return body
+    def _deadline(self, deadline: float | None = None) -> float:
+        candidates = [time.monotonic() + self.retry_s, *(d for d in (self.deadline, deadline) if d is not None)]
+        return min(candidates)
+
+    def _attempt_timeout(self, deadline: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=max(0.1, min(self.timeout_s, deadline - time.monotonic())))
+
+    async def call(self, method: str, path: str, *, json_body: Any = None, headers: dict[str, str] | None = None,
+                   deadline: float | None = None) -> Any:
+        """One logical call: its JSON body, or ApiError for a refusal that is not retried."""
+        all_headers = {**self.headers, **(headers or {})}
+        end = self._deadline(deadline)
+
+        async def attempt() -> Any:
+            async with self.session.request(method, self.base + path, json=json_body, headers=all_headers,
+                                            timeout=self._attempt_timeout(end)) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status in RETRY_STATUSES:
+                    raise RefusedError(resp.status, body, resp.headers.get("Retry-After"))
+                if resp.status >= 400:
+                    raise ApiError(resp.status, body)
+                return body
+
+        return await call_with_retries(attempt, what=f"{method} {path}", deadline=end, policy=self.policy,
+                                       idempotent=is_idempotent(method, all_headers))
 
     async def upload(self, files: list[tuple[bytes, str]], *, concurrency: int = 8,
                      on_progress: Any = None) -> list[str]:
@@ -75,10 +110,19 @@ class JobsClient:
 
         async def put(u: dict[str, Any], data: bytes) -> None:
             nonlocal uploaded
-            async with sem:
-                async with self.session.put(u["url"], data=data, headers=u["headers"], timeout=self.timeout) as resp:
+            end = self._deadline()
+
+            async def attempt() -> None:
+                async with self.session.put(u["url"], data=data, headers=u["headers"],
+                                            timeout=self._attempt_timeout(end)) as resp:
+                    if resp.status in RETRY_STATUSES:  # MinIO's SlowDown is a 503
+                        raise RefusedError(resp.status, (await resp.text())[:300], resp.headers.get("Retry-After"))
                     if resp.status != 200:
                         raise ApiError(resp.status, (await resp.text())[:300])
+
+            async with sem:  # a PUT of the same bytes to the same URL: idempotent
+                await call_with_retries(attempt, what="PUT upload", deadline=end, idempotent=True,
+                                        policy=self.policy)
             uploaded += 1
             if on_progress is not None:
                 on_progress(uploaded, len(files))
@@ -93,14 +137,16 @@ class JobsClient:
 
     async def submit_job(self, upload_ids: list[str], params: dict[str, Any] | None = None,
                          idempotency_key: str | None = None) -> dict[str, Any]:
+        """Create one job; every attempt carries the same Idempotency-Key (a fresh one unless given), so the
+        gateway answers a retry with the job the first attempt made."""
         return await self.call("POST", "/v1/jobs", json_body={
             "items": [{"upload_id": u} for u in upload_ids], "params": params or {}},
-            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None)
+            headers={"Idempotency-Key": idempotency_key or str(uuid.uuid4())})
 
     async def wait_job(self, job_id: str, deadline_s: float, on_progress: Any = None) -> dict[str, Any]:
         end = time.monotonic() + deadline_s
         while True:
-            status = await self.call("GET", f"/v1/jobs/{job_id}")
+            status = await self.call("GET", f"/v1/jobs/{job_id}", deadline=end)
             if on_progress is not None:
                 on_progress(status["done"], status["total"])
             if status["status"] == "COMPLETED":
@@ -108,7 +154,7 @@ class JobsClient:
             if time.monotonic() >= end:
                 raise TimeoutError(f"job {job_id} not complete after {deadline_s:.0f}s: {status['done']}/"
                                    f"{status['total']}")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
     async def results(self, job_id: str, page_size: int = 500) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -144,8 +190,9 @@ async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> 
         return 2
     payload = [(f.read_bytes(), IMAGE_SUFFIXES.get(f.suffix.lower(), "image/jpeg")) for f in files]
     params = {"score_threshold": args.score} if args.score is not None else {}
+    deadline = time.monotonic() + args.timeout
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as session:
-        client = JobsClient(session, args.url, token)
+        client = JobsClient(session, args.url, token, retry_s=args.timeout, deadline=deadline)
         ids = await client.upload(payload, on_progress=_print_progress("upload"))
         print(file=sys.stderr)
         job = await client.submit_job(ids, params)
@@ -153,7 +200,8 @@ async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> 
         if not args.wait:
             print(job["job_id"])
             return 0
-        status = await client.wait_job(job["job_id"], args.timeout, on_progress=_print_progress("detect"))
+        status = await client.wait_job(job["job_id"], max(0.0, deadline - time.monotonic()),
+                                       on_progress=_print_progress("detect"))
         print(file=sys.stderr)
         results = await client.results(job["job_id"])
     by_request = {rid: f for rid, f in zip(job["request_ids"], files, strict=True)}
@@ -204,5 +252,7 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     sm.add_argument("--tenant", default="cli", help="tenant of the development token minted when no --token")
     sm.add_argument("--token", default=None, help="a bearer token (default: mint a development one)")
     sm.add_argument("--score", type=float, default=None, help="score threshold")
-    sm.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job with --wait")
+    sm.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds the whole command may take: uploads, the job's creation (each retried while the "
+                         "gateway is overloaded or restarting) and with --wait the job itself")
     return jb

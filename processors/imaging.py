@@ -1,8 +1,9 @@
 """Image preparation for the preprocess stage: encoded bytes in, an oriented BGR uint8 image (or a typed rejection) out.
 
     bytes -> sniff_format        magic bytes only
-          -> read_header         size + EXIF orientation from the container header; limits enforced here, so a
-                                 decompression bomb is refused before a single pixel is decoded
+          -> read_header         size + EXIF orientation from the container header; limits enforced here (bytes,
+                                 pixels, sides, and the decode budget: width x height x channels x bytes per
+                                 sample), so a decompression bomb is refused before a single pixel is decoded
           -> decode              completeness checked first (a cut upload is TRUNCATED_IMAGE, not a grey-filled
                                  image), cv2.imdecode, normalised to BGR uint8 [H, W, 3], image as stored
           -> apply_orientation   the EXIF orientation, applied exactly once: the result is what a viewer shows
@@ -33,6 +34,7 @@ EMPTY_IMAGE: Final = "EMPTY_IMAGE"
 UNSUPPORTED_FORMAT: Final = "UNSUPPORTED_FORMAT"
 IMAGE_TOO_LARGE: Final = "IMAGE_TOO_LARGE"
 PIXEL_LIMIT_EXCEEDED: Final = "PIXEL_LIMIT_EXCEEDED"
+DECODE_BUDGET_EXCEEDED: Final = "DECODE_BUDGET_EXCEEDED"
 TRUNCATED_IMAGE: Final = "TRUNCATED_IMAGE"
 CORRUPT_IMAGE: Final = "CORRUPT_IMAGE"
 INVALID_DIMENSIONS: Final = "INVALID_DIMENSIONS"
@@ -42,6 +44,7 @@ REJECTION_CODES: Final = frozenset(
         UNSUPPORTED_FORMAT,
         IMAGE_TOO_LARGE,
         PIXEL_LIMIT_EXCEEDED,
+        DECODE_BUDGET_EXCEEDED,
         TRUNCATED_IMAGE,
         CORRUPT_IMAGE,
         INVALID_DIMENSIONS,
@@ -70,9 +73,13 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 20_000
+    # What the decoder's output may cost (width x height x channels x bytes per sample, from the header): a
+    # 315 KiB 16-bit RGBA PNG of 6300x6300 is under the pixel limit but decodes to 303 MiB (~900 MiB and 7 s of
+    # CPU with the normalisation). 128 MiB admits any 8-bit RGB image under the pixel limit.
+    max_decoded_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if min(self.max_bytes, self.max_pixels, self.max_side) <= 0:
+        if min(self.max_bytes, self.max_pixels, self.max_side, self.max_decoded_bytes) <= 0:
             raise ValueError(f"image limits must be positive: {self}")
 
 
@@ -85,6 +92,7 @@ class ImageHeader:
     width: int  # as stored, before EXIF orientation
     height: int
     orientation: int  # EXIF orientation 1..8; 1 when absent or invalid
+    decoded_bytes: int = 0  # of the decoder's output: width x height x channels x bytes per sample
 
     @property
     def oriented_size(self) -> tuple[int, int]:
@@ -162,7 +170,7 @@ def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeade
     if len(data) > limits.max_bytes:
         raise ImageRejected(IMAGE_TOO_LARGE, f"{len(data)} bytes is over the limit of {limits.max_bytes}")
     fmt = sniff_format(data)
-    width, height, orientation, buffer_pixels = _HEADER_READERS[fmt](data)
+    width, height, orientation, buffer_pixels, channels, sample_bytes = _HEADER_READERS[fmt](data)
     if width <= 0 or height <= 0:
         raise ImageRejected(INVALID_DIMENSIONS, f"{fmt} header gives {width}x{height} pixels")
     if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
@@ -175,7 +183,14 @@ def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeade
             PIXEL_LIMIT_EXCEEDED,
             f"decoding this {width}x{height} {fmt} needs a {buffer_pixels}-pixel buffer, over {limits.max_pixels}",
         )
-    return ImageHeader(fmt, width, height, orientation)
+    decoded = width * height * channels * sample_bytes
+    if decoded > limits.max_decoded_bytes:
+        raise ImageRejected(
+            DECODE_BUDGET_EXCEEDED,
+            f"this {width}x{height} {fmt} of {channels} channel(s) at {8 * sample_bytes} bits decodes to "
+            f"{decoded} bytes, over the budget of {limits.max_decoded_bytes}",
+        )
+    return ImageHeader(fmt, width, height, orientation, decoded)
 
 
 class _Parsed(NamedTuple):
@@ -183,6 +198,9 @@ class _Parsed(NamedTuple):
     height: int
     orientation: int
     buffer_pixels: int = 0  # a decoder work buffer larger than the image, sized by the header (TIFF tiles/strips)
+    # What the decoder returns per pixel (IMREAD_UNCHANGED): the decode budget is charged from these.
+    channels: int = 3
+    sample_bytes: int = 1
 
 
 def _need(data: bytes, end: int, what: str) -> None:
@@ -370,8 +388,8 @@ def _jpeg_header(data: bytes) -> _Parsed:
         elif seg.marker in _JPEG_SOF:
             if seg.end - seg.start < 6:
                 raise ImageRejected(CORRUPT_IMAGE, "JPEG frame header is too short")
-            height, width = struct.unpack_from(">HH", data, seg.start + 1)  # height 0 means DNL: unsupported
-            return _Parsed(width, height, orientation)
+            precision, height, width, components = struct.unpack_from(">BHHB", data, seg.start)  # height 0: DNL
+            return _Parsed(width, height, orientation, channels=components, sample_bytes=2 if precision > 8 else 1)
         elif seg.marker in _JPEG_SOF_HIERARCHICAL:
             raise ImageRejected(UNSUPPORTED_FORMAT, f"JPEG process SOF{seg.marker - 0xC0} is not supported")
         elif seg.marker == _JPEG_SOS:
@@ -416,27 +434,37 @@ def _png_header(data: bytes) -> _Parsed:
     width, height, depth, color, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     if depth not in _PNG_BIT_DEPTHS.get(color, ()) or compression or filtering or interlace > 1:
         raise ImageRejected(CORRUPT_IMAGE, f"PNG IHDR: bit depth {depth}, colour type {color} is not valid")
-    return _Parsed(width, height, _png_orientation(data))
+    orientation, transparency = _png_ancillary(data)
+    # OpenCV's PNG reader: grey stays one channel; palette and RGB give BGR, BGRA with a tRNS chunk; any alpha
+    # (grey + alpha too) gives BGRA. Samples below 8 bits are expanded to 8; palette entries are 8-bit.
+    channels = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}[color]
+    if transparency and color in (2, 3):
+        channels = 4
+    return _Parsed(width, height, orientation, channels=channels, sample_bytes=2 if depth == 16 else 1)
 
 
-def _png_orientation(data: bytes) -> int:
-    """Orientation from an eXIf chunk before the first IDAT (where the eXIf extension puts it)."""
+def _png_ancillary(data: bytes) -> tuple[int, bool]:
+    """Orientation from an eXIf chunk before the first IDAT (where the eXIf extension puts it), and whether a tRNS
+    chunk precedes the first IDAT (where PNG puts it)."""
     n, pos = len(data), 33
+    orientation, transparency, exif_seen = 1, False, False
     for _ in range(_PNG_MAX_CHUNKS_BEFORE_IDAT):
         if pos + 12 > n:
-            return 1
+            break
         length, chunk_type = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
         if chunk_type in (b"IDAT", b"IEND") or end > n:
-            return 1
-        if chunk_type == b"eXIf":
+            break
+        if chunk_type == b"tRNS":
+            transparency = True
+        elif chunk_type == b"eXIf" and not exif_seen:
+            exif_seen = True
             # libpng drops an ancillary chunk with a bad CRC, so viewers would not rotate: neither do we.
             (crc,) = struct.unpack_from(">I", data, end - 4)
-            if zlib.crc32(data[pos + 4 : end - 4]) != crc:
-                return 1
-            return _exif_orientation(data, pos + 8, end - 4)
+            if zlib.crc32(data[pos + 4 : end - 4]) == crc:
+                orientation = _exif_orientation(data, pos + 8, end - 4)
         pos = end
-    return 1
+    return orientation, transparency
 
 
 def _png_complete(data: bytes) -> None:
@@ -462,6 +490,7 @@ def _png_complete(data: bytes) -> None:
 
 _WEBP_MAX_CHUNKS: Final = 4096
 _VP8X_ANIMATION: Final = 0x02
+_VP8X_ALPHA: Final = 0x10
 
 
 def _vp8_size(data: bytes, pos: int) -> tuple[int, int]:
@@ -491,15 +520,18 @@ def _webp_header(data: bytes) -> _Parsed:
         raise ImageRejected(CORRUPT_IMAGE, f"RIFF size {riff_size} is too small for a WebP image")
     fourcc, size = struct.unpack_from("<4sI", data, 12)
     if fourcc == b"VP8 ":
-        return _Parsed(*_vp8_size(data, 20), 1)
+        return _Parsed(*_vp8_size(data, 20), 1)  # lossy without an ALPH chunk: BGR
     if fourcc == b"VP8L":
-        return _Parsed(*_vp8l_size(data, 20), 1)
+        _need(data, 25, "VP8L header")
+        alpha = (struct.unpack_from("<I", data, 21)[0] >> 28) & 1  # alpha_is_used
+        return _Parsed(*_vp8l_size(data, 20), 1, channels=4 if alpha else 3)
     if fourcc != b"VP8X":
         raise ImageRejected(CORRUPT_IMAGE, f"WebP starts with an unknown chunk {fourcc!r}")
     if size < 10:
         raise ImageRejected(CORRUPT_IMAGE, "WebP VP8X chunk is too short")
     _need(data, 30, "WebP VP8X chunk")
     flags = data[20]
+    channels = 4 if flags & _VP8X_ALPHA else 3
     width = 1 + int.from_bytes(data[24:27], "little")
     height = 1 + int.from_bytes(data[27:30], "little")
     # EXIF comes after the image data: walk the chunks (by their sizes, a handful of steps).
@@ -519,7 +551,7 @@ def _webp_header(data: bytes) -> _Parsed:
             if frame != (width, height):
                 raise ImageRejected(CORRUPT_IMAGE, f"WebP canvas {width}x{height} but bitstream {frame[0]}x{frame[1]}")
         pos = chunk_end + (size & 1)
-    return _Parsed(width, height, orientation)
+    return _Parsed(width, height, orientation, channels=channels)
 
 
 def _webp_complete(data: bytes) -> None:
@@ -565,7 +597,7 @@ def _bmp_layout(data: bytes) -> _BmpLayout:
 
 def _bmp_header(data: bytes) -> _Parsed:
     layout = _bmp_layout(data)
-    return _Parsed(layout.width, layout.height, 1)
+    return _Parsed(layout.width, layout.height, 1, channels=4 if layout.bits == 32 else 3)  # palettes become BGR
 
 
 def _bmp_complete(data: bytes) -> None:
@@ -584,11 +616,14 @@ def _bmp_complete(data: bytes) -> None:
 # ---- TIFF
 
 _TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_ROWS_PER_STRIP, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 278, 322, 323
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLES_PER_PIXEL = 258, 277
 _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES = 273, 279, 324, 325
 _TIFF_TAGS: Final = frozenset(
     {
         _TIFF_WIDTH,
         _TIFF_HEIGHT,
+        _TIFF_BITS_PER_SAMPLE,
+        _TIFF_SAMPLES_PER_PIXEL,
         _ORIENTATION_TAG,
         _TIFF_ROWS_PER_STRIP,
         _TIFF_TILE_WIDTH,
@@ -628,7 +663,21 @@ def _tiff_header(data: bytes) -> _Parsed:
         except _TiffError:
             orientation = 1
     orientation = orientation if 1 <= orientation <= 8 else 1
-    return _Parsed(width, height, orientation, _tiff_buffer_pixels(tiff, entries, width, height))
+    channels, sample_bytes = _tiff_sample_layout(tiff, entries)
+    return _Parsed(width, height, orientation, _tiff_buffer_pixels(tiff, entries, width, height), channels,
+                   sample_bytes)
+
+
+def _tiff_sample_layout(tiff: _TiffStructure, entries: dict[int, _IfdEntry]) -> tuple[int, int]:
+    """(samples per pixel, bytes per sample of the widest sample): TIFF's defaults are 1 and 1 bit."""
+    try:
+        samples = tiff.uint(entries[_TIFF_SAMPLES_PER_PIXEL]) if _TIFF_SAMPLES_PER_PIXEL in entries else 1
+        bits = int(tiff.uints(entries[_TIFF_BITS_PER_SAMPLE]).max()) if _TIFF_BITS_PER_SAMPLE in entries else 1
+    except _TiffOutOfRange as exc:  # one value per sample, stored out of line: cut off with the data
+        raise ImageRejected(TRUNCATED_IMAGE, f"TIFF data ends inside its sample layout: {exc}") from exc
+    except _TiffError as exc:
+        raise ImageRejected(CORRUPT_IMAGE, f"TIFF sample layout is unreadable: {exc}") from exc
+    return max(1, samples), max(1, (bits + 7) // 8)
 
 
 def _tiff_buffer_pixels(tiff: _TiffStructure, entries: dict[int, _IfdEntry], width: int, height: int) -> int:

@@ -57,7 +57,7 @@ class PreprocessStage:
         self.settings = settings
         self.prefix = settings.stream.topic_prefix
         self.limits = ImageLimits(max_bytes=settings.image_max_bytes, max_pixels=settings.image_max_pixels,
-                                  max_side=settings.image_max_side)
+                                  max_side=settings.image_max_side, max_decoded_bytes=settings.image_max_decoded_bytes)
 
     def input_topics(self) -> list[str]:
         return [lane_topic(self.prefix, lane, "scanned") for lane in LANES]

@@ -1,9 +1,11 @@
 """Submit images straight into Kafka and await their DetectionResults on a reply partition.
 
-What `detectflow detect`, the demo and the pipeline benchmark use (no HTTP): small images travel
-inline in the ImageSubmitted event; larger ones are stored content-addressed in the uploads bucket
-first and referenced. Each request carries correlation-id / reply-to / deadline headers; replies are
-routed by a ReplyRouter reading one partition of the replies topic.
+What `detectflow detect`, the demo and the pipeline benchmark use (no HTTP): images up to the pipeline's
+inline limit (PipelineSettings.inline_max_bytes, the gateway's rule) travel inline in the ImageSubmitted
+event; larger ones are stored content-addressed in the uploads bucket first (``<tenant>/<sha256>``, the
+gateway's layout) and referenced, and without an uploader they are refused, never sent inline. Each request
+carries correlation-id / reply-to / deadline headers; replies are routed by a ReplyRouter reading one
+partition of the replies topic.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.settings import StreamSettings, kafka_client
+from infra.settings import PipelineSettings, StreamSettings, kafka_client
 from stream import headers as H
+from stream.errors import TransientError
 from stream.ingest import principal
 from stream.records import now_ms
 from stream.reply import ReplyRouter, ReplyTimeout
 from stream.serde import AvroSerde
 from stream.topics import ingest_topic, lane_topic, replies_topic, tenant_replies_topic
+
+
+class InlineLimitExceeded(ValueError):
+    """An image over the inline limit, and no uploader to send it by reference."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class DetectClient:
     its own reply topic; docs/events.md, "Producing into Kafka as a tenant")."""
 
     def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
-                 inline_max_bytes: int = 1024 * 1024,
+                 inline_max_bytes: int = PipelineSettings.inline_max_bytes,
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
         if as_tenant:
@@ -86,13 +93,29 @@ class DetectClient:
                request_id: str | None = None) -> Submitted:
         """Produce one ImageSubmitted; its reply is awaited until ``timeout_s`` from now."""
         sha = hashlib.sha256(data).hexdigest()
-        if len(data) <= self.inline_max_bytes or self.upload is None:
+        if len(data) <= self.inline_max_bytes:
             image: dict[str, Any] = {"data": data, "sha256": sha, "content_type": content_type}
+        elif self.upload is None:
+            raise InlineLimitExceeded(f"{len(data)} bytes is over the inline limit of {self.inline_max_bytes} "
+                                      "and this client has no MinIO uploader to send it by reference")
         else:
-            bucket, key = self.upload(f"{self.tenant}/{sha}", data, content_type)
+            bucket, key = self._upload(f"{self.tenant}/{sha}", data, content_type, time.monotonic() + timeout_s)
             image = {"bucket": bucket, "key": key, "sha256": sha, "size": len(data), "content_type": content_type}
         return self.submit_image(image, lane=lane, timeout_s=timeout_s, params=params, model=model, version=version,
                                  job_id=job_id, deadline_ms=deadline_ms, request_id=request_id)
+
+    def _upload(self, key: str, data: bytes, content_type: str | None, deadline: float) -> tuple[str, str]:
+        """The uploader, retried through MinIO outages (TransientError) with backoff until ``deadline``."""
+        assert self.upload is not None
+        wait = 0.5
+        while True:
+            try:
+                return self.upload(key, data, content_type)
+            except TransientError:
+                if time.monotonic() + wait >= deadline:
+                    raise
+            time.sleep(wait * (1 + 0.2 * random.random()))  # noqa: S311 - jitter, not a secret
+            wait = min(8.0, wait * 2)
 
     def submit_ref(self, bucket: str, key: str, **kwargs: Any) -> Submitted:
         """Submit an object already in MinIO by reference (what systems producing into Kafka send)."""

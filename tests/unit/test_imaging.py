@@ -638,7 +638,7 @@ def test_image_rejected_carries_a_stable_code() -> None:
     assert str(error) == "TRUNCATED_IMAGE: cut" and isinstance(error, ValueError)
     copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own object
     assert (copy.code, copy.message) == (TRUNCATED_IMAGE, "cut")
-    assert len(REJECTION_CODES) == 7
+    assert len(REJECTION_CODES) == 8
     with pytest.raises(ValueError, match="positive"):
         ImageLimits(max_side=0)
 

@@ -1,0 +1,83 @@
+"""stream.client.DetectClient: images go inline up to the pipeline's inline limit, by reference past it, never
+inline past it; the upload rides out a MinIO outage until the submission's deadline (no Kafka: the client is
+built without its producer and reply router, and submit_image is captured)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from infra.settings import PipelineSettings
+from stream.client import DetectClient, InlineLimitExceeded
+from stream.errors import TransientError
+
+LIMIT = 1000
+
+
+def client(upload: Any) -> tuple[DetectClient, list[dict[str, Any]]]:
+    sent: list[dict[str, Any]] = []
+    c = DetectClient.__new__(DetectClient)  # no producer, no router: only the inline/reference decision runs
+    c.tenant, c.inline_max_bytes, c.upload = "acme", LIMIT, upload
+    c.submit_image = lambda image, **kw: sent.append(image)  # type: ignore[method-assign]
+    return c, sent
+
+
+def test_the_default_inline_limit_is_the_pipelines() -> None:
+    import inspect
+
+    default = inspect.signature(DetectClient.__init__).parameters["inline_max_bytes"].default
+    assert default == PipelineSettings(stream=None, models_dir=None).inline_max_bytes  # type: ignore[arg-type]
+
+
+def test_up_to_the_limit_inline_past_it_by_reference_under_the_gateways_key() -> None:
+    uploads: list[tuple[str, bytes, str | None]] = []
+
+    def upload(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
+        uploads.append((key, data, content_type))
+        return "uploads", key
+
+    c, sent = client(upload)
+    c.submit(b"x" * LIMIT, content_type="image/jpeg")
+    big = b"y" * (LIMIT + 1)
+    c.submit(big, content_type="image/png")
+    sha = hashlib.sha256(big).hexdigest()
+    assert sent[0]["data"] == b"x" * LIMIT and "key" not in sent[0]
+    assert sent[1] == {"bucket": "uploads", "key": f"acme/{sha}", "sha256": sha, "size": LIMIT + 1,
+                       "content_type": "image/png"}
+    assert uploads == [(f"acme/{sha}", big, "image/png")]
+
+
+def test_without_an_uploader_a_large_image_is_refused_not_sent_inline() -> None:
+    c, sent = client(None)
+    with pytest.raises(InlineLimitExceeded, match=f"over the inline limit of {LIMIT}"):
+        c.submit(b"z" * (LIMIT + 1))
+    assert sent == []
+
+
+def test_the_upload_is_retried_through_a_minio_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream.client as module
+
+    waits: list[float] = []
+    monkeypatch.setattr(module.time, "sleep", waits.append)
+    calls = 0
+
+    def flaky(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise TransientError("minio unavailable: MaxRetryError")
+        return "uploads", key
+
+    c, sent = client(flaky)
+    c.submit(b"w" * (LIMIT + 1), timeout_s=60)
+    assert calls == 3 and len(waits) == 2 and sent[0]["bucket"] == "uploads"
+
+    def down(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
+        raise TransientError("minio unavailable: MaxRetryError")
+
+    c, sent = client(down)
+    with pytest.raises(TransientError):
+        c.submit(b"w" * (LIMIT + 1), timeout_s=0.1)  # the deadline comes before a second try
+    assert sent == []
