@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +18,7 @@ from gateway import metrics as GM
 from gateway.audit import AuditLog
 from gateway.auth import Authenticator
 from gateway.bus import Bus
-from gateway.limits import DailyQuota, TokenBuckets
+from gateway.limits import ByteBudget, DailyQuota, FairShares, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
@@ -38,12 +40,80 @@ class Gateway:
     quota: DailyQuota
     audit: AuditLog
     catalog: Any  # model_store.catalog.ModelCatalog, or None when no local model repository
-    inflight: int = 0
+    shares: FairShares
+    health: Health
     cluster: Any = field(default=None, repr=False)
+
+
+class Health:
+    """Readiness as last probed by a background task: /readyz answers from here at once, never waiting on
+    Kafka, MinIO or Cassandra (a probe that hangs makes the answer stale, and stale is not ready)."""
+
+    INTERVAL_S = 2.0
+    PROBE_TIMEOUT_S = 2.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.checks: dict[str, str] = {}
+        self.at: float | None = None
+
+    def record(self, checks: dict[str, str]) -> None:
+        self.checks, self.at = checks, self._clock()
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        if self.at is None:
+            return False, {"probe": "not run yet"}
+        age = self._clock() - self.at
+        if age > 3 * self.INTERVAL_S + self.PROBE_TIMEOUT_S:
+            return False, {**self.checks, "probe": f"stale ({age:.0f} s old)"}
+        return all(v == "ok" for v in self.checks.values()), self.checks
+
+
+async def _probe(gw: Gateway) -> dict[str, str]:
+    loop = asyncio.get_running_loop()
+    checks = {"kafka": loop.run_in_executor(None, gw.bus.ping), "minio": gw.objects.ping(),
+              "cassandra": gw.store.ping()}
+    results = {}
+    for name, aw in checks.items():
+        try:
+            await asyncio.wait_for(aw, timeout=Health.PROBE_TIMEOUT_S)
+            results[name] = "ok"
+        except (Problem, TimeoutError, OSError) as exc:
+            results[name] = f"unavailable: {type(exc).__name__}"
+    return results
+
+
+async def _health_loop(gw: Gateway) -> None:
+    while True:
+        t0 = time.monotonic()
+        gw.health.record(await _probe(gw))
+        await asyncio.sleep(max(0.1, Health.INTERVAL_S - (time.monotonic() - t0)))
+
+
+async def _heartbeat_loop(gw: Gateway, deployment: str, instance_id: str) -> None:
+    """Every instance_heartbeat_s: this instance's row (TTL three periods), then the live count, which divides
+    each tenant's rate (gateway/limits.py TokenBuckets). Off every request's path."""
+    period = gw.settings.instance_heartbeat_s
+    ttl = max(1, math.ceil(3 * period))
+    while True:
+        t0 = time.monotonic()
+        try:
+            await gw.store.heartbeat(deployment, instance_id, int(time.time() * 1000), ttl)
+            n = await gw.store.live_instances(deployment)
+            if n != gw.buckets.instances:
+                log.info("%d gateway instances share the rate limits", n)
+            gw.buckets.set_instances(n)
+        except Problem as exc:  # Cassandra away: keep the last count (the calls fail on the store anyway)
+            log.warning("gateway heartbeat not written: %s", exc)
+        await asyncio.sleep(max(0.1, period - (time.monotonic() - t0)))
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", GatewaySettings)
+BODIES = web.AppKey("bodies", ByteBudget)
+# Answered before any gate, from memory: never behind the body budget, the rate limit or a backing service.
+HEALTH_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _catalog(settings: GatewaySettings) -> Any:
@@ -76,14 +146,27 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     objects = GatewayObjects(settings)
     gw = Gateway(settings=settings, auth=auth, bus=bus, store=store, objects=objects,
                  buckets=TokenBuckets(settings.rate_per_s, settings.rate_burst),
-                 quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_add),
+                 quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_compare_and_set),
                  audit=AuditLog(bus, store, f"{p.stream.topic_prefix}audit"), catalog=catalog,
-                 cluster=session.cluster)
+                 shares=FairShares(settings.max_inflight, floor=settings.sync_share_floor,
+                                   window_s=settings.active_tenant_window_s),
+                 health=Health(), cluster=session.cluster)
     app[GATEWAY] = gw
+    app[BODIES] = ByteBudget(settings.max_inflight_body_bytes)
+    deployment, instance_id = p.stream.topic_prefix or "-", uuid.uuid4().hex
+    tasks = [asyncio.create_task(_health_loop(gw), name="health"),
+             asyncio.create_task(_heartbeat_loop(gw, deployment, instance_id), name="heartbeat")]
     log.info("gateway ready: reply partition %s", bus.router.reply_to)
     try:
         yield
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await gw.store.instance_gone(deployment, instance_id)
+        except Problem as exc:
+            log.warning("gateway heartbeat row not removed (it expires): %s", exc)
         await gw.audit.drain()
         await bus.close()
         objects.close()
@@ -126,10 +209,45 @@ async def problems_middleware(request: web.Request,
     return resp
 
 
+def body_limit(settings: GatewaySettings, route: str) -> int:
+    """The most bytes a route's body may have: an image for /v1/detect, JSON anywhere else."""
+    return settings.max_body_bytes if route == "/v1/detect" else settings.max_json_bytes
+
+
+@web.middleware
+async def body_budget_middleware(request: web.Request,
+                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                                 ) -> web.StreamResponse:
+    """Reserve the body's bytes before anything reads it: its declared Content-Length (413 at once past the
+    route's limit), or the route's limit when the length is not declared (chunked; the readers stop at it).
+    503 when the reservation does not fit this instance's budget; released when the call ends, however."""
+    if request.method not in BODY_METHODS or request.path in HEALTH_ROUTES:
+        return await handler(request)
+    limit = body_limit(request.app[SETTINGS], _route_name(request))
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        GM.REFUSED.labels("body_too_large").inc()
+        raise Problem("BODY_TOO_LARGE", f"the body declares {declared} bytes, the limit is {limit}")
+    n = limit if declared is None else declared
+    budget = request.app[BODIES]
+    if not budget.reserve(n):
+        GM.REFUSED.labels("overloaded_bytes").inc()
+        raise Problem("OVERLOADED", "this instance holds as many request bodies as it may; retry soon",
+                      headers={"Retry-After": "1"})
+    GM.BODY_BYTES_RESERVED.set(budget.reserved)
+    try:
+        return await handler(request)
+    finally:
+        budget.release(n)
+        GM.BODY_BYTES_RESERVED.set(budget.reserved)
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     from gateway import handlers as h
 
-    app = web.Application(client_max_size=settings.max_body_bytes + 256 * 1024, middlewares=[problems_middleware])
+    # client_max_size is a backstop only: the body readers (gateway/inputs.py) stop at the route's limit.
+    app = web.Application(client_max_size=settings.max_body_bytes + 256 * 1024,
+                          middlewares=[problems_middleware, body_budget_middleware])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_services)
     app.router.add_post("/v1/detect", h.detect)

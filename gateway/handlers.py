@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -39,6 +40,7 @@ from stream.records import now_ms
 from stream.reply import ReplyTimeout
 from stream.topics import lane_topic
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 JOB_NAMESPACE = uuid.UUID("0b8f6f0e-3f5c-4a8e-9d6e-51a4c0d7e2b9")
@@ -163,24 +165,37 @@ def _accepted(request_id: str, submitted_at: int | None) -> web.Response:
                  headers={"Location": location, "Retry-After": "1", "X-Request-Id": request_id})
 
 
-def _backpressure(gw: Gateway) -> None:
-    if gw.inflight >= gw.settings.max_inflight:
-        GM.REFUSED.labels("overloaded_inflight").inc()
-        raise Problem("OVERLOADED", f"{gw.inflight} sync calls are in flight on this instance",
-                      headers={"Retry-After": "1"})
-    if gw.bus.online_lag > gw.settings.max_online_lag:
+def _admit(gw: Gateway, tenant: str) -> None:
+    """Count a sync call in flight (before its body is read) or refuse it fast: every tenant when the online
+    lane's backlog passes the hard bound, else only a tenant over its share (gateway/limits.py FairShares)."""
+    lag = gw.bus.online_lag
+    if lag > gw.settings.max_online_lag_hard:
         GM.REFUSED.labels("overloaded_lag").inc()
-        raise Problem("OVERLOADED", f"the online lane has a backlog of {gw.bus.online_lag} records",
-                      headers={"Retry-After": str(max(1, min(30, gw.bus.online_lag // 50)))})
+        raise Problem("OVERLOADED", f"the online lane has a backlog of {lag} records",
+                      headers={"Retry-After": str(max(1, min(30, lag // 50)))})
+    try:
+        gw.shares.admit(tenant, lagging=lag > gw.settings.max_online_lag)
+    except Problem as exc:
+        GM.REFUSED.labels("overloaded_inflight" if exc.code == "OVERLOADED" else "fair_share").inc()
+        raise
+    GM.SYNC_INFLIGHT.set(gw.shares.total)
 
 
 async def _charge(gw: Gateway, tenant: str, n: int) -> None:
     try:
         await gw.quota.charge(tenant, n)
     except Problem as exc:
-        if exc.code == "QUOTA_EXCEEDED":
-            GM.REFUSED.labels("quota").inc()
+        GM.REFUSED.labels("quota" if exc.code == "QUOTA_EXCEEDED" else "quota_contention").inc()
         raise
+
+
+async def _release_key(gw: Gateway, tenant: str, key: str) -> None:
+    """Give an Idempotency-Key back when its call was refused or failed before anything was submitted, so the
+    client's retry with the same key is processed (not answered with a resource that does not exist)."""
+    try:
+        await asyncio.shield(gw.store.release_idempotency_key(tenant, key))
+    except Problem as exc:  # the key expires with its TTL; the client may use a new one meanwhile
+        log.warning("idempotency key not released: %s", exc)
 
 
 async def _await_stored(gw: Gateway, tenant: str, request_id: str, deadline: float) -> dict[str, Any] | None:
@@ -205,7 +220,16 @@ async def detect(request: web.Request) -> web.StreamResponse:
     fmt = _format(request)
     timeout_s = _timeout_s(request, gw)
     deadline = time.time() + timeout_s
-    _backpressure(gw)
+    _admit(gw, who.tenant)
+    try:
+        return await _detect(request, gw, who, fmt, deadline)
+    finally:
+        gw.shares.release(who.tenant)
+        GM.SYNC_INFLIGHT.set(gw.shares.total)
+
+
+async def _detect(request: web.Request, gw: Gateway, who: Principal, fmt: str, deadline: float
+                  ) -> web.StreamResponse:
     image: ImageInput = await read_image_input(request, gw.settings, _class_names(gw))
     params = image.params
     _check_model(gw, params.model, params.version)
@@ -233,6 +257,26 @@ async def detect(request: web.Request) -> web.StreamResponse:
             stored = await _await_stored(gw, who.tenant, request_id, deadline)
             return _accepted(request_id, None) if stored is None else _result_response(stored, fmt)
     request["audit"]["request_id"] = request_id
+    try:
+        submitted_at, correlation, future = await _submit(request, gw, who, image, key, request_id, idem, deadline)
+    except BaseException:
+        if idem is not None:  # nothing was submitted: the key is the client's again
+            await _release_key(gw, who.tenant, idem)
+        raise
+    try:
+        result = await gw.bus.router.wait(correlation, deadline, future)
+    except ReplyTimeout:
+        GM.SYNC_OUTCOME.labels("deadline").inc()
+        return _accepted(request_id, submitted_at)
+    GM.SYNC_OUTCOME.labels("replied").inc()
+    return _result_response(result, fmt)
+
+
+async def _submit(request: web.Request, gw: Gateway, who: Principal, image: ImageInput, key: str, request_id: str,
+                  idem: str | None, deadline: float) -> tuple[int, str, asyncio.Future[Any]]:
+    """Charge the quota, store the request (and the image), publish it: (submitted_at, correlation, reply
+    future). Raises before anything reached the online lane, or not at all."""
+    params, sha = image.params, image.sha256
     await _charge(gw, who.tenant, 1)
     submitted_at = now_ms()
     writes = [gw.store.put_request(who.tenant, request_id, lane="ONLINE", image_sha256=sha,
@@ -240,12 +284,7 @@ async def detect(request: web.Request) -> web.StreamResponse:
                                    submitted_at=submitted_at)]
     if image.data is not None:
         writes.append(gw.objects.put_image(key, image.data, image.media_type or "application/octet-stream"))
-    try:
-        await asyncio.gather(*writes)
-    except Problem:
-        if idem is not None:
-            await gw.store.release_idempotency_key(who.tenant, idem)
-        raise
+    await asyncio.gather(*writes)
     stored = {"bucket": gw.objects.bucket, "key": key, "sha256": sha, "size": image.size,
               "content_type": image.media_type}
     # Bytes the gateway holds travel inline as well (scan reads them instead of fetching the object back);
@@ -265,29 +304,15 @@ async def detect(request: web.Request) -> web.StreamResponse:
                H.DEADLINE_MS: str(int(deadline * 1000)).encode(),
                H.TRACEPARENT: H.child_traceparent(traceparent).encode()}
     future = gw.bus.router.expect(correlation, deadline)
-    gw.inflight += 1
-    GM.SYNC_INFLIGHT.set(gw.inflight)
+    topic = lane_topic(gw.bus.prefix, "online", "submitted")
     try:
-        topic = lane_topic(gw.bus.prefix, "online", "submitted")
-        try:
-            await gw.bus.delivered([gw.bus.produce(topic, request_id, "ImageSubmitted", event, headers)],
-                                   timeout_s=max(1.0, min(15.0, deadline - time.time())))
-        except Problem:
-            gw.bus.router.forget(correlation)
-            await gw.store.fail_request(who.tenant, request_id, "SUBMIT_FAILED", now_ms())
-            if idem is not None:
-                await gw.store.release_idempotency_key(who.tenant, idem)
-            raise
-        try:
-            result = await gw.bus.router.wait(correlation, deadline, future)
-        except ReplyTimeout:
-            GM.SYNC_OUTCOME.labels("deadline").inc()
-            return _accepted(request_id, submitted_at)
-    finally:
-        gw.inflight -= 1
-        GM.SYNC_INFLIGHT.set(gw.inflight)
-    GM.SYNC_OUTCOME.labels("replied").inc()
-    return _result_response(result, fmt)
+        await gw.bus.delivered([gw.bus.produce(topic, request_id, "ImageSubmitted", event, headers)],
+                               timeout_s=max(1.0, min(15.0, deadline - time.time())))
+    except Problem:
+        gw.bus.router.forget(correlation)
+        await gw.store.fail_request(who.tenant, request_id, "SUBMIT_FAILED", now_ms())
+        raise
+    return submitted_at, correlation, future
 
 
 # ---------------------------------------------------------------------------------------------- reads
@@ -367,7 +392,7 @@ async def _verify_uploads(gw: Gateway, keys: list[str]) -> None:
 @endpoint("uploads.create", "detect:write")
 async def create_uploads(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    body = await read_json(request)
+    body = await read_json(request, gw.settings)
     files = body.get("files")
     if not isinstance(files, list) or not 1 <= len(files) <= 1000:
         raise Problem("INVALID_REQUEST", "files must be a list of 1 to 1000 {content_type, content_length}")
@@ -398,7 +423,7 @@ def job_request_id(job_id: str, index: int) -> str:
 @endpoint("jobs.create", "detect:write")
 async def create_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    body = await read_json(request)
+    body = await read_json(request, gw.settings)
     items = body.get("items")
     if not isinstance(items, list) or not items:
         raise Problem("INVALID_REQUEST", "items must be a non-empty list of {upload_id} or {key}")
@@ -413,6 +438,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     job_id = str(uuid.uuid4())
     idem = _idempotency_key(request)
     fingerprint = _fingerprint("jobs", params.canonical(), *keys)
+    existing = None
     if idem is not None:
         claimed, fp, resource = await gw.store.claim_idempotency_key(who.tenant, idem, fingerprint, f"job:{job_id}",
                                                                      now_ms())
@@ -424,12 +450,19 @@ async def create_job(request: web.Request) -> web.StreamResponse:
             if existing is not None and existing.published:
                 request["audit"]["resource"] = job_id
                 return _job_created(job_id, len(keys))
-            # The first attempt did not finish publishing: publish again (same request ids, so no duplicates).
+            # The first attempt did not finish publishing: publish again (same request ids, so no duplicates;
+            # its job row exists only once its charge was made, so it is not charged twice).
     request["audit"]["resource"] = job_id
-    await _charge(gw, who.tenant, len(keys))
-    created = now_ms()
-    await gw.store.put_job(who.tenant, job_id, total=len(keys), model_name=params.model,
-                           params=json.loads(params.canonical()), created_at=created, subject=who.subject)
+    created = existing.created_at if existing is not None and existing.created_at is not None else now_ms()
+    if existing is None:
+        try:
+            await _charge(gw, who.tenant, len(keys))
+            await gw.store.put_job(who.tenant, job_id, total=len(keys), model_name=params.model,
+                                   params=json.loads(params.canonical()), created_at=created, subject=who.subject)
+        except BaseException:
+            if idem is not None:  # refused or failed before the job existed: the key is the client's again
+                await _release_key(gw, who.tenant, idem)
+            raise
     rows = [{"request_id": job_request_id(job_id, i), "lane": "BATCH", "source": f"{gw.objects.bucket}/{k}",
              "model_name": params.model, "submitted_at": created, "job_id": job_id} for i, k in enumerate(keys)]
     await gw.store.put_requests(who.tenant, rows)
@@ -488,11 +521,59 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
-    rows = await _unless_deleted(gw, who.tenant, await gw.store.job_results_page(who.tenant, job_id, after, size + 1))
-    page, more = rows[:size], len(rows) > size
-    items = [coco_view(r) if fmt == "coco" else result_view(r) for _rid, r in page]
-    next_token = page_token(page[-1][0]) if more and page else None
-    return _json({"job_id": job_id, "items": items, "next_page_token": next_token})
+    loop = asyncio.get_running_loop()
+    head = json.dumps({"job_id": job_id}, separators=(",", ":")).encode()[:-1] + b',"items":['
+    items: list[bytes] = []
+    used = len(head) + 64  # the head, the brackets and the next token
+    cursor, more = after, False
+    while True:
+        want = min(PAGE_FETCH_ROWS, size - len(items) + 1)  # one past the page: is there more?
+        fetched = await gw.store.job_results_raw(who.tenant, job_id, cursor, want)
+        rows = await _unless_deleted(gw, who.tenant, await loop.run_in_executor(None, _parse_results, fetched))
+        taken = await loop.run_in_executor(None, functools.partial(
+            _encode_items, rows, fmt, max_items=size - len(items), max_bytes=gw.settings.page_max_bytes - used,
+            at_least_one=not items))
+        for rid, encoded in taken:
+            items.append(encoded)
+            used += len(encoded) + 1
+            cursor = rid
+        if len(taken) < len(rows):
+            more = True  # the page is full, by count or by bytes
+            break
+        if len(fetched) < want:
+            break  # the job has no more results
+        cursor = fetched[-1][0]
+    next_token = page_token(cursor) if more and cursor is not None else None
+    body = b"".join((head, b",".join(items), b'],"next_page_token":',
+                     json.dumps(next_token).encode(), b"}"))
+    GM.PAGE_BYTES.observe(len(body))
+    return web.Response(body=body, content_type="application/json")
+
+
+# Results are fetched, parsed and encoded this many rows at a time: a page of large results never sits in
+# memory twice over, and the event loop runs between the chunks (parsing and encoding run in the executor).
+PAGE_FETCH_ROWS = 100
+
+
+def _parse_results(rows: list[tuple[str, str | None]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(rid, json.loads(raw)) for rid, raw in rows if raw]
+
+
+def _encode_items(rows: list[tuple[str, dict[str, Any]]], fmt: str, *, max_items: int, max_bytes: int,
+                  at_least_one: bool) -> list[tuple[str, bytes]]:
+    """The rows' views as JSON, in order, while they fit ``max_items`` and ``max_bytes`` (the first item of a
+    page is taken whatever its size, so a page always moves the cursor on). Item by item, so the interpreter
+    lets the event loop's thread in between."""
+    out: list[tuple[str, bytes]] = []
+    for rid, r in rows:
+        if len(out) >= max_items:
+            break
+        encoded = json.dumps(coco_view(r) if fmt == "coco" else result_view(r), separators=(",", ":")).encode()
+        if len(encoded) + 1 > max_bytes and not (at_least_one and not out):
+            break
+        max_bytes -= len(encoded) + 1
+        out.append((rid, encoded))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- deletion
@@ -597,7 +678,7 @@ async def get_policy(request: web.Request) -> web.StreamResponse:
 async def put_policy(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     tenant = _own_tenant(request, who)
-    body = _policy_body(await read_json(request), _class_names(gw))
+    body = _policy_body(await read_json(request, gw.settings), _class_names(gw))
     revision = await gw.store.put_policy(tenant, subject=who.subject, at_ms=now_ms(), **body)
     request["audit"]["detail"] = f"revision={revision}"
     return _json(_policy_view(tenant, await gw.store.get_policy(tenant), gw.settings.pipeline.policy_cache_s))
@@ -634,21 +715,12 @@ async def livez(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Ready only when Kafka, MinIO and Cassandra answer (each within 2 s)."""
-    gw = request.app[GATEWAY]
-    loop = asyncio.get_running_loop()
-    checks = {"kafka": loop.run_in_executor(None, gw.bus.ping), "minio": gw.objects.ping(),
-              "cassandra": gw.store.ping()}
-    results = {}
-    for name, aw in checks.items():
-        try:
-            await asyncio.wait_for(aw, timeout=2.0)
-            results[name] = "ok"
-        except (Problem, TimeoutError, OSError) as exc:
-            results[name] = f"unavailable: {type(exc).__name__}"
-    if all(v == "ok" for v in results.values()):
-        return _json({"status": "ready", "checks": results})
-    raise Problem("UNAVAILABLE", "a backing service does not answer", checks=results, headers={"Retry-After": "5"})
+    """Ready when the last background probe (every 2 s, each service within 2 s) found Kafka, MinIO and
+    Cassandra answering. Answered from memory: it never waits on them, nor on any overload gate."""
+    ready, checks = request.app[GATEWAY].health.ready()
+    if ready:
+        return _json({"status": "ready", "checks": checks})
+    raise Problem("UNAVAILABLE", "a backing service does not answer", checks=checks, headers={"Retry-After": "5"})
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

@@ -131,7 +131,8 @@ def sniff_image(data: bytes, settings: GatewaySettings) -> str:
         raise Problem("INVALID_REQUEST", "the request has no image bytes")
     try:
         fmt = sniff_format(data)
-        read_header(data, ImageLimits(p.image_max_bytes, p.image_max_pixels, p.image_max_side))
+        read_header(data, ImageLimits(p.image_max_bytes, p.image_max_pixels, p.image_max_side,
+                                      p.image_max_decoded_bytes))
     except ImageRejected as exc:
         if exc.code == UNSUPPORTED_FORMAT:
             raise Problem("UNSUPPORTED_MEDIA_TYPE", f"{exc.message}; send JPEG, PNG, WebP, BMP or TIFF") from exc
@@ -157,13 +158,63 @@ def object_key(tenant: str, ref: Any) -> str:
     return key
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+# Strings are dropped before brackets are counted (a string may hold brackets); then only brackets are kept.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def json_too_deep(raw: bytes, max_depth: int) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than ``max_depth``, decided before it is parsed (the
+    parser recurses once per level). Each pass strips one level of innermost pairs, in C: at most ``max_depth``
+    passes over the brackets alone. Unbalanced brackets are left for the parser to refuse."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        shorter = _INNERMOST.sub(b"", brackets)
+        if len(shorter) == len(brackets):
+            return False  # no pair left to strip: not JSON, the parser says so
+        brackets = shorter
+    return bool(brackets) and _INNERMOST.search(brackets) is not None
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """A JSON document from bytes: JSON_TOO_DEEP past ``max_depth`` levels, INVALID_REQUEST if not JSON."""
+    if json_too_deep(raw, max_depth):
+        raise Problem("JSON_TOO_DEEP", f"the JSON nests deeper than {max_depth} levels")
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError as exc:  # not reached past the pre-scan; kept as the parser's own guard
+        raise Problem("JSON_TOO_DEEP", f"the JSON nests deeper than {max_depth} levels") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("INVALID_REQUEST", "the body is not valid JSON") from exc
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem("BODY_TOO_LARGE", f"the limit is {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, never more than ``limit`` bytes read: BODY_TOO_LARGE as soon as the declared length,
+    or the bytes received so far, pass it."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+async def read_json(request: web.Request, settings: GatewaySettings) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Problem("UNSUPPORTED_MEDIA_TYPE", "send the body as application/json")
-    try:
-        body = await request.json(loads=lambda s: json.loads(s, parse_constant=_no_constants))
-    except (ValueError, UnicodeDecodeError, LookupError) as exc:  # LookupError: an unknown charset
-        raise Problem("INVALID_REQUEST", "the body is not valid JSON") from exc
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        raise Problem("INVALID_REQUEST", "a JSON body is UTF-8")
+    body = parse_json(await read_body(request, settings.max_json_bytes), settings.max_json_depth)
     if not isinstance(body, dict):
         raise Problem("INVALID_REQUEST", "the body must be a JSON object")
     return body
@@ -173,12 +224,24 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    """One multipart part, at most ``limit`` bytes read (a part has no length of its own to check first)."""
+    data = bytearray()
+    while True:
+        chunk = await part.read_chunk()
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > limit:
+            raise _too_large(limit)
+
+
 async def read_image_input(request: web.Request, settings: GatewaySettings,
                            class_names: tuple[str, ...] | None) -> ImageInput:
     """A detect call's image and params from a raw body, a multipart form or a JSON reference."""
     ctype = request.content_type
     if ctype == "application/json":
-        body = await read_json(request)
+        body = await read_json(request, settings)
         if "image" not in body:
             raise Problem("INVALID_REQUEST", "a JSON detect call names its image: {\"image\": {\"upload_id\": ...}}")
         key = object_key(request["principal"].tenant, body["image"])
@@ -186,15 +249,21 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
     query: dict[str, Any] = dict(request.query)
     if ctype == "multipart/form-data":
         data = b""
+        if request.content_length is not None and request.content_length > settings.max_body_bytes:
+            raise _too_large(settings.max_body_bytes)
+        left = settings.max_body_bytes  # the parts together, bounded while they are read
         try:
             reader = await request.multipart()
             async for part in reader:
                 if not isinstance(part, BodyPartReader):
                     continue
                 if part.name == "image":
-                    data = bytes(await part.read())
+                    data = await _read_part(part, left)
+                    left -= len(data)
                 elif part.name == "params":
-                    extra = json.loads(await part.text())
+                    raw = await _read_part(part, min(left, settings.max_json_bytes))
+                    left -= len(raw)
+                    extra = parse_json(raw, settings.max_json_depth)
                     if not isinstance(extra, dict):
                         raise Problem("INVALID_REQUEST", "the params part must be a JSON object")
                     query.update(extra)
@@ -203,7 +272,7 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
         if not data:
             raise Problem("INVALID_REQUEST", "the multipart body has no 'image' part")
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        data = await request.read()
+        data = await read_body(request, settings.max_body_bytes)
     else:
         raise Problem("UNSUPPORTED_MEDIA_TYPE",
                       f"send the image as image/*, multipart/form-data or a JSON reference, not {ctype or 'no type'}")

@@ -281,7 +281,9 @@ def _resource_schemas(settings: GatewaySettings) -> dict[str, Schema]:
             "items": {"type": "array", "items": result_item, "maxItems": settings.page_size_max,
                       "description": "DetectionResults, or with format=coco one COCO list per result, in request-id "
                                      "order."},
-            "next_page_token": _nullable(_str("Pass as page_token for the next page; null on the last page.")),
+            "next_page_token": _nullable(_str("Pass as page_token for the next page; null on the last page. A page "
+                                              "may end before page_size items when its size in bytes reaches the "
+                                              "gateway's bound.")),
         }, ["job_id", "items", "next_page_token"]),
         "DeleteResult": _obj({
             "image_id": {"type": "string", "pattern": SHA256_RE.pattern}, "deleted_at": TIMESTAMP,
@@ -361,20 +363,26 @@ RATE_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
 # Problem responses by status: (component name, description, headers).
 _PROBLEM_RESPONSES: dict[int, tuple[str, str, dict[str, Schema]]] = {
-    400: ("BadRequest", "The request or a parameter is malformed or out of range.", {}),
+    400: ("BadRequest", "The request or a parameter is malformed or out of range, or a JSON body nests deeper "
+                        "than the gateway accepts (JSON_TOO_DEEP, checked before parsing).", {}),
     401: ("Unauthenticated", "No valid bearer token.", _headers("WWW-Authenticate")),
     403: ("Forbidden", "The token lacks the scope this call needs.", _headers("WWW-Authenticate")),
     404: ("NotFound", "No such resource for this tenant.", {}),
-    413: ("PayloadTooLarge", "The body is over the size limit.", {}),
+    413: ("PayloadTooLarge", "The body is over the route's size limit (an image for /v1/detect, JSON elsewhere): "
+                             "refused on its declared Content-Length before it is read, or as soon as a body "
+                             "without one passes the limit.", {}),
     415: ("UnsupportedMediaType", "The body is not a supported image or request type.", {}),
     422: ("Unprocessable", "The image was rejected, the job has too many items, or the Idempotency-Key was used "
                            "with another request.", _headers(optional=("X-Request-Id",))),
-    429: ("TooManyRequests", "The tenant's rate limit (RateLimit-* headers sent) or daily quota is used up.",
+    429: ("TooManyRequests", "The tenant's rate limit (RateLimit-* headers sent), its daily quota (Retry-After: "
+                             "seconds until the UTC day ends) or its share of the sync capacity (FAIR_SHARE_EXCEEDED) "
+                             "is used up.",
           _headers("Retry-After", optional=RATE_HEADERS)),
     500: ("InternalError", "A bug; the gateway log has the details.", {}),
     502: ("BadGateway", "The pipeline failed this request.", _headers(optional=("X-Request-Id",))),
-    503: ("ServiceUnavailable", "Overloaded (Retry-After sent) or a backing service is unavailable.",
-          _headers(optional=("Retry-After",))),
+    503: ("ServiceUnavailable", "Overloaded (sync calls in flight, online backlog, request bodies held, quota "
+                                "contention) or a backing service is unavailable; retry after Retry-After.",
+          _headers("Retry-After")),
 }
 
 
@@ -512,9 +520,12 @@ def _detect_op(settings: GatewaySettings) -> Schema:
         "the `image` part of a multipart form (with an optional JSON `params` part that overrides the query), or "
         "as a JSON reference to an uploaded object. Answers 200 with the result, or 202 with a Location to poll "
         "when the deadline passes first. A rejected image is a 422 problem (`image_code` says why), a failure in "
-        "the pipeline a 502 problem. Counts one image against the daily quota. Refused with 503 OVERLOADED when "
-        f"{settings.max_inflight} sync calls are in flight on the instance or the online backlog is over "
-        f"{settings.max_online_lag} records."),
+        "the pipeline a 502 problem. Counts one image against the daily quota. Refused fast, before the body is "
+        f"read: 503 OVERLOADED when {settings.max_inflight} sync calls are in flight on the instance or the online "
+        f"backlog is over {settings.max_online_lag_hard} records; 429 FAIR_SHARE_EXCEEDED when this tenant holds "
+        "its share of the instance's sync calls (capacity / (active tenants + 1), at least "
+        f"{settings.sync_share_floor}) or, while the backlog is over {settings.max_online_lag}, sent more than its "
+        "part of the recent calls. Other tenants are admitted meanwhile."),
         {"200": _json_response("The result (status OK).", ok, _headers("X-Request-Id", *RATE_HEADERS),
                                {**_link("GetRequest", "getRequest", "request_id"),
                                 **_link("DeleteImage", "deleteImage", "image/id")}),
@@ -546,7 +557,7 @@ def _paths(settings: GatewaySettings) -> dict[str, Schema]:
             "type and length: upload exactly those bytes with exactly the returned headers, then name the "
             "`upload_id` in a detect call or a job.",
             {"201": _json_response("The upload URLs, in request order.", _ref("UploadResponse"), rate),
-             **_errors(400, 401, 403, 413, 415, 429)},
+             **_errors(400, 401, 403, 413, 415, 429, 503)},
             scope="detect:write", body=_json_body(_ref("UploadRequest")))},
         "/v1/jobs": {"post": _op(
             "createJob", "jobs", "Create a batch job",
@@ -564,7 +575,9 @@ def _paths(settings: GatewaySettings) -> dict[str, Schema]:
             scope="results:read", parameters=[_ref("JobId", "parameters")])},
         "/v1/jobs/{id}/results": {"get": _op(
             "listJobResults", "jobs", "Page through a job's results",
-            "Results in request-id order; pages never overlap. Items without a result yet are not listed.",
+            "Results in request-id order; pages never overlap. Items without a result yet are not listed. A page "
+            f"holds at most page_size items and stops before its body passes {settings.page_max_bytes} bytes "
+            "(at least one item): follow next_page_token for the rest.",
             {"200": _json_response("One page.", _ref("JobResultsPage"), rate),
              **_errors(400, 401, 403, 404, 429, 503)},
             scope="results:read", parameters=[_ref(n, "parameters") for n in ("JobId", "Format", "PageSize",
@@ -608,7 +621,9 @@ def _paths(settings: GatewaySettings) -> dict[str, Schema]:
             "livez", "operations", "Liveness", "Answers while the process serves HTTP.",
             {"200": _json_response("Live.", _ref("Live")), **_errors()}, scope=None)},
         "/readyz": {"get": _op(
-            "readyz", "operations", "Readiness", "Ready when Kafka, MinIO and Cassandra each answer within 2 s.",
+            "readyz", "operations", "Readiness",
+            "Ready when the last background probe (every 2 s) found Kafka, MinIO and Cassandra each answering "
+            "within 2 s. Answered from memory, never behind a backing service or an overload gate.",
             {"200": _json_response("Ready.", _ref("Ready")), "503": _ref("NotReady", "responses"), **_errors()},
             scope=None)},
         "/metrics": {"get": _op(

@@ -12,9 +12,13 @@ PROBLEM_TYPE_BASE = "https://detectflow.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
 
 # Stable codes -> (HTTP status, title). Clients switch on `code`; titles may be reworded.
+# Every 429 and 503 carries Retry-After (integer seconds): the project's clients wait that long and retry.
+DEFAULT_RETRY_AFTER_S = 1
+
 CODES: dict[str, tuple[int, str]] = {
     "INVALID_REQUEST": (400, "The request is malformed"),
     "INVALID_PARAMS": (400, "A parameter is out of range or of the wrong type"),
+    "JSON_TOO_DEEP": (400, "The JSON body nests deeper than the gateway accepts"),
     "UNAUTHENTICATED": (401, "A bearer token is required"),
     "INVALID_TOKEN": (401, "The bearer token is not valid"),
     "INSUFFICIENT_SCOPE": (403, "The token lacks the scope this call needs"),
@@ -28,6 +32,7 @@ CODES: dict[str, tuple[int, str]] = {
     "TOO_MANY_ITEMS": (422, "Too many items in one job"),
     "RATE_LIMITED": (429, "Too many requests"),
     "QUOTA_EXCEEDED": (429, "The daily quota is used up"),
+    "FAIR_SHARE_EXCEEDED": (429, "This tenant holds its share of the sync capacity; retry later"),
     "INTERNAL": (500, "Internal error"),
     "PIPELINE_FAILED": (502, "The detection pipeline failed this request"),
     "OVERLOADED": (503, "The service is overloaded; retry later"),
@@ -48,6 +53,8 @@ class Problem(Exception):
         self.title = CODES[code][1]
         self.detail = detail
         self.headers = dict(headers or {})
+        if self.status in (429, 503):
+            self.headers.setdefault("Retry-After", str(DEFAULT_RETRY_AFTER_S))
         self.extra = extra
 
     def body(self, instance: str | None = None) -> dict[str, Any]:

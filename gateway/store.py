@@ -106,8 +106,13 @@ class GatewayStore:
         self._put_policy = p(
             "INSERT INTO tenant_policies (tenant, hidden_classes, review_classes, review_retention_days, revision, "
             "updated_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-        self._quota_get = p("SELECT images FROM quota_usage WHERE tenant = ? AND day = ?")
-        self._quota_add = p("UPDATE quota_usage SET images = images + ? WHERE tenant = ? AND day = ?")
+        self._quota_get = p("SELECT images FROM quota_daily WHERE tenant = ? AND day = ?")
+        self._quota_first = p("INSERT INTO quota_daily (tenant, day, images) VALUES (?, ?, ?) IF NOT EXISTS")
+        self._quota_cas = p("UPDATE quota_daily SET images = ? WHERE tenant = ? AND day = ? IF images = ?")
+        self._heartbeat = p(
+            "INSERT INTO gateway_instances (deployment, instance_id, last_seen) VALUES (?, ?, ?) USING TTL ?")
+        self._instances = p("SELECT instance_id FROM gateway_instances WHERE deployment = ?")
+        self._instance_gone = p("DELETE FROM gateway_instances WHERE deployment = ? AND instance_id = ?")
         self._audit = p(AUDIT_INSERT)
         self._audit_read = p(
             "SELECT event_time, subject, action, resource, outcome, status, request_id, detail FROM audit_log "
@@ -230,11 +235,17 @@ class GatewayStore:
     async def job_results_page(self, tenant: str, job_id: str, after: str | None,
                                limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Up to ``limit`` results in request-id order, strictly after ``after``: pages never overlap."""
+        return [(rid, json.loads(raw)) for rid, raw in await self.job_results_raw(tenant, job_id, after, limit) if raw]
+
+    async def job_results_raw(self, tenant: str, job_id: str, after: str | None,
+                              limit: int) -> list[tuple[str, str | None]]:
+        """As job_results_page, the results still as stored (JSON text, None while missing): parsing a large
+        page is left to the caller, off the event loop."""
         if after is None:
             rows = await self._execute(self._job_page_first, (tenant, job_id, limit))
         else:
             rows = await self._execute(self._job_page_after, (tenant, job_id, after, limit))
-        return [(r.request_id, json.loads(r.result)) for r in rows if r.result]
+        return [(r.request_id, r.result) for r in rows]
 
     # ---- images --------------------------------------------------------------------------------------
     async def image_request_ids(self, tenant: str, sha256: str) -> list[str]:
@@ -277,12 +288,42 @@ class GatewayStore:
                              self._execute(self._delete_image_requests, (tenant, sha256)))
 
     # ---- quota ---------------------------------------------------------------------------------------
-    async def quota_used(self, tenant: str, day: str) -> int:
+    async def quota_used(self, tenant: str, day: str) -> int | None:
+        """Images charged to the tenant that day; None before the day's first charge."""
         rows = await self._execute(self._quota_get, (tenant, day))
-        return int(rows[0].images or 0) if rows else 0
+        return rows[0].images if rows else None
 
-    async def quota_add(self, tenant: str, day: str, n: int) -> None:
-        await self._execute(self._quota_add, (n, tenant, day))
+    async def quota_compare_and_set(self, tenant: str, day: str, expected: int | None,
+                                    new: int) -> tuple[bool, int | None]:
+        """Set the day's count to ``new`` if it is still ``expected`` (None: no row yet), as one lightweight
+        transaction. (applied, the count now): on a lost race, the value that won."""
+        if expected is None:
+            rows = await self._execute(self._quota_first, (tenant, day, new))
+        else:
+            rows = await self._execute(self._quota_cas, (new, tenant, day, expected))
+        row = rows[0]
+        if row.applied:
+            return True, new
+        return False, getattr(row, "images", None)
+
+    async def quota_add(self, tenant: str, day: str, n: int, *, attempts: int = 32) -> None:
+        """Add ``n`` whatever the count (no limit): compare-and-set until it applies."""
+        current = await self.quota_used(tenant, day)
+        for _ in range(attempts):
+            applied, current = await self.quota_compare_and_set(tenant, day, current, (current or 0) + n)
+            if applied:
+                return
+        raise Problem("UNAVAILABLE", "the quota row is contended")
+
+    # ---- instances -----------------------------------------------------------------------------------
+    async def heartbeat(self, deployment: str, instance_id: str, at_ms: int, ttl_s: int) -> None:
+        await self._execute(self._heartbeat, (deployment, instance_id, from_ms(at_ms), ttl_s))
+
+    async def live_instances(self, deployment: str) -> int:
+        return len(await self._execute(self._instances, (deployment,)))
+
+    async def instance_gone(self, deployment: str, instance_id: str) -> None:
+        await self._execute(self._instance_gone, (deployment, instance_id))
 
     # ---- audit ---------------------------------------------------------------------------------------
     def _audit_params(self, event: Mapping[str, Any], day: str) -> tuple[Any, ...]:
@@ -379,6 +420,6 @@ ERASABLE_TABLES: dict[str, tuple[str, ...]] = {
     "image_requests": ("image_sha256",),
     "image_tombstones": ("image_sha256",),
     "idempotency_keys": ("idempotency_key",),
-    "quota_usage": ("day",),
+    "quota_daily": ("day",),
     "tenant_policies": (),
 }

@@ -130,7 +130,7 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     store = loop.run_until_complete(_make(lambda: GatewayStore(
         sessions["gateway"], result_ttl_s=settings.result_ttl_s, idempotency_ttl_s=gws.idempotency_ttl_s,
         audit_ttl_s=gws.audit_ttl_s)))
-    quota = DailyQuota(gws.daily_quota, store.quota_used, store.quota_add)
+    quota = DailyQuota(gws.daily_quota, store.quota_used, store.quota_compare_and_set)
     audit = loop.run_until_complete(_make(lambda: AuditLog(_NoBus(), store, "bench.audit")))  # type: ignore[arg-type]
     scan_results = ResultStore(sessions["scan"], result_ttl_s=settings.result_ttl_s, cache_ttl_s=settings.cache_ttl_s)
     scan_gov = Governance(sessions["scan"], policy_cache_s=settings.policy_cache_s)
@@ -174,7 +174,7 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
 
         loop.run_until_complete(all_of())
 
-    quota_every_time = DailyQuota(gws.daily_quota, store.quota_used, store.quota_add, read_cache_s=0.0)
+    quota_every_time = DailyQuota(gws.daily_quota, store.quota_used, store.quota_compare_and_set, read_cache_s=0.0)
 
     def gateway_before(rs: list[dict[str, Any]]) -> None:
         """As before issue 14: the quota read on every charge, one audit INSERT per call."""

@@ -43,12 +43,13 @@ ROLE_RIGHTS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     # (processors/jobs.py), and the audit rows of TENANT_MISMATCH refusals (processors/recorder.py; no reads).
     "recorder": {"requests": (MODIFY,), "job_results": RW, "image_requests": (MODIFY,), "jobs": RW,
                  "image_tombstones": (SELECT,), "audit_log": (MODIFY,)},
-    # The HTTP API (gateway/store.py): requests, jobs, idempotency keys (LWT), quota, audit, tenant policies,
+    # The HTTP API (gateway/store.py): requests, jobs, idempotency keys (LWT), quota (LWT), the instances
+    # that share the rate limit (heartbeats), audit, tenant policies,
     # image deletion (which removes an image's results and cache rows and leaves a tombstone), tenant erasure
     # (which finds the tenant's partitions of every tenant-keyed table, image_cache included, then deletes them).
     "gateway": {"requests": RW, "job_results": RW, "image_requests": RW, "image_cache": RW, "jobs": RW,
-                "idempotency_keys": RW, "image_tombstones": RW, "quota_usage": RW, "audit_log": RW,
-                "tenant_policies": RW},
+                "idempotency_keys": RW, "image_tombstones": RW, "quota_daily": RW, "gateway_instances": RW,
+                "audit_log": RW, "tenant_policies": RW},
     # The guardrail's rollback (LWT on routing, audited) and the shadow agreement counters (processors/monitor.py).
     "monitor": {"model_routing": RW, "shadow_agreement": (MODIFY,), "audit_log": (MODIFY,)},
     # `detectflow models` and the demo's bootstrap (model_store/registry.py): the registry's only writer.

@@ -17,7 +17,8 @@ from infra.settings import StackSettings
 from stream.topics import lane_topic
 
 LIMITS = {"DETECTFLOW_RATE_PER_S": "1", "DETECTFLOW_RATE_BURST": "5", "DETECTFLOW_DAILY_QUOTA": "3",
-          "DETECTFLOW_MAX_INFLIGHT": "1", "DETECTFLOW_MAX_ONLINE_LAG": "5", "DETECTFLOW_LAG_CHECK_INTERVAL_S": "0.2"}
+          "DETECTFLOW_MAX_INFLIGHT": "1", "DETECTFLOW_MAX_ONLINE_LAG": "5", "DETECTFLOW_MAX_ONLINE_LAG_HARD": "10",
+          "DETECTFLOW_LAG_CHECK_INTERVAL_S": "0.2"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,8 @@ def test_sync_calls_past_the_in_flight_bound_get_a_fast_503(limited: Gateway, sa
 
 def test_sync_calls_get_a_fast_503_while_the_online_lane_has_a_backlog(limited: Gateway, stack: StackSettings,
                                                                      sample_jpeg: bytes) -> None:
+    """Past the hard bound (MAX_ONLINE_LAG_HARD) every tenant is refused; below it only a heavy tenant is
+    (test_gateway_overload.py)."""
     assert limited.pipeline is not None
     prefix = limited.pipeline.prefix
     topic = lane_topic(prefix, "online", "submitted")

@@ -38,24 +38,88 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
 
 
+class QuotaRow:
+    """The quota table as the store's compare-and-set sees it: one value per (tenant, day), None before the first
+    charge. ``race`` charges that land between this instance's read and its compare-and-set (other instances)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], int] = {}
+        self.reads = 0
+        self.cas_calls = 0
+        self.race: list[int] = []
+
+    async def read(self, t: str, d: str) -> int | None:
+        self.reads += 1
+        return self.rows.get((t, d))
+
+    async def cas(self, t: str, d: str, expected: int | None, new: int) -> tuple[bool, int | None]:
+        self.cas_calls += 1
+        if self.race:
+            self.rows[(t, d)] = self.rows.get((t, d), 0) + self.race.pop(0)
+        await asyncio.sleep(0)  # let concurrent charges interleave, as awaiting the store does
+        current = self.rows.get((t, d))
+        if current != expected:
+            return False, current
+        self.rows[(t, d)] = new
+        return True, new
+
+
 def test_daily_quota_refuses_past_the_limit_until_midnight() -> None:
-    used: dict[tuple[str, str], int] = {}
-
-    async def read(t: str, d: str) -> int:
-        return used.get((t, d), 0)
-
-    async def add(t: str, d: str, n: int) -> None:
-        used[(t, d)] = used.get((t, d), 0) + n
-
+    row = QuotaRow()
     now = dt.datetime(2026, 3, 1, 23, 59, 0, tzinfo=dt.UTC).timestamp()
-    quota = DailyQuota(5, read, add, clock=lambda: now)
+    quota = DailyQuota(5, row.read, row.cas, clock=lambda: now)
     assert asyncio.run(quota.charge("a", 3)) == 2
     assert asyncio.run(quota.charge("a", 2)) == 0
     with pytest.raises(Problem) as info:
         asyncio.run(quota.charge("a", 1))
     assert info.value.code == "QUOTA_EXCEEDED" and info.value.headers["Retry-After"] == "60"
-    assert used == {("a", "2026-03-01"): 5}
+    assert row.rows == {("a", "2026-03-01"): 5}
     assert utc_day(now) == "2026-03-01" and seconds_to_midnight(now) == 60
+
+
+def test_concurrent_charges_never_pass_the_quota() -> None:
+    """50 concurrent charges of 3 under a quota of 20 (the race check-then-add lost): 6 admitted, 18 charged."""
+    row = QuotaRow()
+    quota = DailyQuota(20, row.read, row.cas, read_cache_s=0.0)
+
+    async def all_of() -> list[object]:
+        return await asyncio.gather(*(quota.charge("a", 3) for _ in range(50)), return_exceptions=True)
+
+    outcomes = asyncio.run(all_of())
+    admitted = [o for o in outcomes if isinstance(o, int)]
+    refused = [o for o in outcomes if isinstance(o, Problem)]
+    assert len(admitted) == 6 and len(refused) == 44
+    assert all(p.code == "QUOTA_EXCEEDED" for p in refused)
+    assert sum(row.rows.values()) == 18
+
+
+def test_two_instances_racing_on_one_row_never_pass_the_quota() -> None:
+    """Two DailyQuota objects (two gateway instances) share the row; each loses races to the other."""
+    row = QuotaRow()
+    one, two = (DailyQuota(30, row.read, row.cas, read_cache_s=10.0) for _ in range(2))
+
+    async def all_of() -> list[object]:
+        calls = [q.charge("a", 2) for _ in range(25) for q in (one, two)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(all_of())
+    admitted = [o for o in outcomes if isinstance(o, int)]
+    assert len(admitted) == 15 and sum(row.rows.values()) == 30
+    assert all(isinstance(o, Problem) and o.code in ("QUOTA_EXCEEDED", "OVERLOADED") for o in outcomes
+               if not isinstance(o, int))
+
+
+def test_a_lost_race_retries_with_the_value_that_won_and_gives_up_bounded() -> None:
+    row = QuotaRow()
+    row.race = [1, 1]  # two other charges land first
+    quota = DailyQuota(10, row.read, row.cas, backoff_s=0.0)
+    assert asyncio.run(quota.charge("a", 1)) == 7  # 1 + 1 by the others, then ours
+    assert row.cas_calls == 3 and row.reads == 1  # no read after a lost race: the answer carries the value
+    row.race = [1] * 20  # the row changes under every attempt
+    busy = DailyQuota(1000, row.read, row.cas, max_attempts=4, backoff_s=0.0)
+    with pytest.raises(Problem) as info:
+        asyncio.run(busy.charge("a", 1))
+    assert info.value.code == "OVERLOADED" and info.value.status == 503 and info.value.headers["Retry-After"] == "1"
 
 
 def test_presigned_put_signs_length_type_and_marker() -> None:
@@ -118,30 +182,34 @@ def test_problem_body_is_rfc9457() -> None:
         Problem("NO_SUCH_CODE")
 
 
-def test_daily_quota_reads_the_shared_counter_once_per_interval_and_refuses_only_on_a_fresh_read() -> None:
-    used = {"n": 0}
-    reads: list[int] = []
+def test_daily_quota_uses_the_value_it_saw_and_refuses_only_on_a_fresh_one() -> None:
+    row = QuotaRow()
     mono = {"t": 0.0}
-
-    async def read(t: str, d: str) -> int:
-        reads.append(used["n"])
-        return used["n"]
-
-    async def add(t: str, d: str, n: int) -> None:
-        used["n"] += n
-
-    quota = DailyQuota(5, read, add, read_cache_s=1.0, monotonic=lambda: mono["t"])
+    quota = DailyQuota(5, row.read, row.cas, read_cache_s=1.0, monotonic=lambda: mono["t"])
     for _ in range(3):
         asyncio.run(quota.charge("a", 1))
-    assert len(reads) == 1 and used["n"] == 3  # one read, three charges
-    used["n"] += 1  # another gateway instance charged one meanwhile: this one does not know yet
-    asyncio.run(quota.charge("a", 1))
-    asyncio.run(quota.charge("a", 1))  # its estimate (5) fits: admitted, one past the limit (the documented bound)
-    assert len(reads) == 1 and used["n"] == 6
+    assert row.reads == 1 and row.rows[("a", utc_day())] == 3  # one read, three compare-and-sets
+    row.rows[("a", utc_day())] += 2  # another gateway instance charged two meanwhile: this one does not know
     with pytest.raises(Problem):
-        asyncio.run(quota.charge("a", 1))  # the estimate says it does not fit: a fresh read decides
-    assert reads[-1] == 6 and len(reads) == 2
-    mono["t"] = 2.0
-    used["n"] = 0  # (a new counter, say): past the interval the counter is read again
-    asyncio.run(quota.charge("a", 1))
-    assert len(reads) == 3 and used["n"] == 1
+        asyncio.run(quota.charge("a", 1))  # its expectation (3) loses the race; the winner's value (5) refuses
+    assert row.rows[("a", utc_day())] == 5 and row.reads == 1
+    row.rows[("a", utc_day())] = 0  # (erased, say): the stale value (5) refuses nothing before a fresh read
+    assert asyncio.run(quota.charge("a", 1)) == 4
+    assert row.reads == 2
+
+
+def test_token_buckets_divide_the_rate_among_live_instances() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=10.0, burst=9, clock=clock)
+    buckets.set_instances(3)
+    assert (buckets.rate, buckets.burst) == (10.0 / 3, 3)
+    assert [buckets.take("a").allowed for _ in range(4)] == [True, True, True, False]
+    clock.t += 0.31  # 10/3 per second: one token back after 0.3 s
+    assert buckets.take("a").allowed and not buckets.take("a").allowed
+    buckets.set_instances(0)  # never below one instance
+    assert (buckets.rate, buckets.burst) == (10.0, 9)
+    one = TokenBuckets(rate=1.0, burst=1, clock=clock)
+    one.check("c")
+    with pytest.raises(Problem) as info:
+        one.check("c")
+    assert info.value.code == "RATE_LIMITED" and info.value.headers["Retry-After"] == "1"
