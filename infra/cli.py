@@ -158,6 +158,12 @@ def _jobs(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_jobs(args, settings)
 
 
+def _dlq(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.dlq_cmd import run_dlq
+
+    return run_dlq(args)
+
+
 def _tenants(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.tenants_cmd import run_tenants
 
@@ -210,6 +216,12 @@ def _bench(args: argparse.Namespace, settings: StackSettings) -> int:
 
     return run_bench(settings, n_batch=args.images, n_online=args.online, baseline_repeats=args.baseline_repeats,
                      int8=args.int8)
+
+
+def _chaos(args: argparse.Namespace, settings: StackSettings) -> int:
+    from infra.chaos import run_cli
+
+    return run_cli(args, settings)
 
 
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -281,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_jobs_cli(sub).set_defaults(func=_jobs)
 
+    from infra.dlq_cmd import add_cli as add_dlq_cli
+
+    add_dlq_cli(sub).set_defaults(func=_dlq)
+
     from infra.tenants_cmd import add_cli as add_tenants_cli
 
     add_tenants_cli(sub).set_defaults(func=_tenants)
@@ -296,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infra.bench import add_cli as add_bench_cli
 
     add_bench_cli(sub).set_defaults(func=_bench)
+
+    from infra.chaos import add_cli as add_chaos_cli
+
+    add_chaos_cli(sub).set_defaults(func=_chaos)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")
