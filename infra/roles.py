@@ -152,7 +152,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from stream.cassandra import AuditLog, connect
 
         session = connect(stream, role)
-        jobs = JobTracker(CassandraJobs(session), stream.topic_prefix)
+        jobs = JobTracker(CassandraJobs(session), stream.topic_prefix, recheck_s=settings.job_recheck_s)
         results = _results(settings, role, session)
         return RecorderStage(results, stream.topic_prefix, jobs, _governance(settings, results),
                              audit=AuditLog(session)), {}

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from processors.params import CacheKey
+from stream.cassandra import WriteFailed, execute_each
 from stream.errors import TransientError
 from stream.serde import epoch_ms
 
@@ -62,14 +63,11 @@ class ResultStore:
         self._get_request = session.prepare("SELECT result, status FROM requests WHERE tenant = ? AND request_id = ?")
 
     def _run(self, statements: Sequence[tuple[Any, tuple[Any, ...] | None]]) -> list[Any]:
-        from cassandra import DriverException
-        from cassandra.cluster import NoHostAvailable
-
-        try:
-            futures = [self._session.execute_async(stmt, params, timeout=self._timeout) for stmt, params in statements]
-            return [f.result() for f in futures]
-        except (DriverException, NoHostAvailable, OSError) as exc:
-            raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
+        answers = execute_each(self._session, statements, self._timeout)
+        for a in answers:
+            if isinstance(a, TransientError):
+                raise a
+        return answers
 
     def save_results(self, results: Sequence[Mapping[str, Any]], *, supersede: bool = False, index: bool = True,
                      cache: Sequence[tuple[CacheKey, Mapping[str, Any]]] = ()) -> None:
@@ -78,15 +76,20 @@ class ResultStore:
         ``supersede`` writes one microsecond later than the result's own write time: it replaces a result
         already stored for the same request (an IMAGE_DELETED result replacing the one stored a moment before).
         ``index=False`` leaves image_requests alone: for results whose requests scan indexed already (the
-        same row and write time, processors/scan.py), i.e. postprocess's."""
+        same row and write time, processors/scan.py), i.e. postprocess's.
+
+        Every statement runs even when others fail (no extra round trip: the same concurrent statements).
+        WriteFailed (a TransientError) names the positions in ``results`` of the results whose rows were not
+        all written; the others are stored. A failed cache row fails every result (the caller retries all)."""
         from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
 
         def keep(value: Any) -> Any:  # a value the result lacks leaves the gateway's column as it is
             return UNSET_VALUE if value is None else value
 
         stmts: list[tuple[Any, tuple[Any, ...] | None]] = []
-        jobs: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-        for r in results:
+        owners: list[tuple[int, ...]] = []  # per statement: the positions of the results it writes
+        jobs: dict[tuple[str, str], list[tuple[int, tuple[Any, ...]]]] = {}
+        for i, r in enumerate(results):
             text = result_json(r)
             done = _ts(r.get("completed_at"))
             at = write_time_us(r) + (1 if supersede else 0)
@@ -94,22 +97,34 @@ class ResultStore:
                 self._result_ttl, at, r["status"], keep(r.get("model_name")), r.get("model_version"),
                 r.get("error_code"), bool(r.get("cache_hit")), text, done, keep(r.get("job_id")), r.get("lane"),
                 keep(r.get("image_sha256")), r["tenant"], r["request_id"])))
+            owners.append((i,))
             if r.get("job_id"):
-                jobs.setdefault((r["tenant"], r["job_id"]), []).append((
+                jobs.setdefault((r["tenant"], r["job_id"]), []).append((i, (
                     r["tenant"], r["job_id"], r["request_id"], r["status"], r.get("error_code"), text, done,
-                    self._result_ttl, at))
+                    self._result_ttl, at)))
             if index and r.get("image_sha256"):
                 stmts.append((self._put_image, (r["tenant"], r["image_sha256"], r["request_id"], self._result_ttl,
                                                 at)))
+                owners.append((i,))
         for rows in jobs.values():
+            owners.append(tuple(i for i, _ in rows))
             if len(rows) == 1:
-                stmts.append((self._put_job, rows[0]))
+                stmts.append((self._put_job, rows[0][1]))
                 continue
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)  # one partition: one mutation on the node
-            for row in rows:
+            for _, row in rows:
                 batch.add(self._put_job, row)
             stmts.append((batch, None))
-        self._run([*stmts, *self._cache_rows(cache)])
+        cache_rows = self._cache_rows(cache)
+        owners += [tuple(range(len(results)))] * len(cache_rows)
+        answers = execute_each(self._session, [*stmts, *cache_rows], self._timeout)
+        errors = [a for a in answers if isinstance(a, TransientError)]
+        if errors:
+            failed = frozenset(i for a, own in zip(answers, owners, strict=True) if isinstance(a, TransientError)
+                               for i in own)
+            first = errors[0]
+            raise WriteFailed(f"{len(failed)} of {len(results)} results not stored ({first})",
+                              failed) from first.__cause__
 
     def index_images(self, entries: Sequence[tuple[str, str, str, int | None]]) -> None:
         """(tenant, sha256, request id, submitted_at ms): scan's index of every request past it, so a deletion

@@ -18,7 +18,10 @@ from typing import Any
 from cassandra import AuthenticationFailed, DriverException
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.policies import DCAwareRoundRobinPolicy
+from cassandra.connection import ConnectionBusy, ConnectionException, ProtocolError
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy
+from cassandra.pool import NoConnectionsAvailable
+from cassandra.protocol import ErrorMessage
 
 from infra.settings import Login, SettingsError, StreamSettings
 from schemas import SCHEMA_DIR
@@ -33,6 +36,51 @@ class CassandraLoginRefused(StreamError):
     """The node refused this role's credentials: a configuration error (retrying will not help)."""
 
 
+# What the driver raises while a node is away, restarting, slow or overloaded. Several are not DriverExceptions
+# (NoHostAvailable, a connection's errors, the node's own error messages); every one must reach the stage as a
+# TransientError: one escaping as a bug would restart the process again and again for as long as the outage lasts.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (DriverException, NoHostAvailable, ConnectionException, ConnectionBusy,
+                                              ProtocolError, NoConnectionsAvailable, ErrorMessage, OSError)
+
+
+def transient(exc: Exception, what: str = "cassandra") -> TransientError:
+    """A driver error as the TransientError that stands for it (the driver's error as its cause)."""
+    err = TransientError(f"{what}: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+class WriteFailed(TransientError):
+    """Some writes of a batch failed, the others are durable: ``failed`` holds the positions (in the batch the
+    caller passed) of the items not wholly written, so only those are retried."""
+
+    def __init__(self, message: str, failed: frozenset[int]):
+        super().__init__(message)
+        self.failed = failed
+
+
+def execute_each(session: Session, statements: Sequence[tuple[Any, Any]], timeout_s: float
+                 ) -> list[Any | TransientError]:
+    """Run every (statement, parameters) concurrently and wait for all: per statement its first page of rows, or
+    the TransientError it failed with. One failure neither hides nor cancels the others' outcomes."""
+    futures: list[Any] = []
+    for stmt, params in statements:
+        try:
+            futures.append(session.execute_async(stmt, params, timeout=timeout_s))
+        except DRIVER_ERRORS as exc:
+            futures.append(transient(exc))
+    out: list[Any | TransientError] = []
+    for f in futures:
+        if isinstance(f, TransientError):
+            out.append(f)
+            continue
+        try:
+            out.append(f.result())
+        except DRIVER_ERRORS as exc:
+            out.append(transient(exc))
+    return out
+
+
 def tls_context(ca_file: Path) -> ssl.SSLContext:
     """TLS 1.2+ that accepts only a certificate chaining to ``ca_file`` and naming the address dialled
     (the driver passes each node's address as server_hostname)."""
@@ -45,12 +93,19 @@ def tls_context(ca_file: Path) -> ssl.SSLContext:
     return ctx
 
 
+RECONNECT_MAX_S = 5.0
+
+
 def open_session(hosts: Sequence[str], port: int, credentials: Login, ca_file: Path, *,
                  timeout_s: float = 10.0) -> Session:
     """A session (no keyspace) as ``credentials`` over verified TLS. TransientError if no node answers,
     CassandraLoginRefused if the credentials are refused."""
     profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(), request_timeout=timeout_s)
+    # A node marked down is dialled again after 1 s, doubling to RECONNECT_MAX_S, for as long as it takes (the
+    # driver's default grows to 10 minutes, and gives up after 64 tries): while every node is down each query
+    # fails at once, so this bounds how long a process keeps failing after Cassandra is back.
     cluster = Cluster(list(hosts), port=port, connect_timeout=timeout_s, protocol_version=5,
+                      reconnection_policy=ExponentialReconnectionPolicy(1.0, RECONNECT_MAX_S, max_attempts=None),
                       execution_profiles={EXEC_PROFILE_DEFAULT: profile}, ssl_context=tls_context(ca_file),
                       auth_provider=PlainTextAuthProvider(credentials.username, credentials.password))
     try:
@@ -130,11 +185,11 @@ class AuditLog:
         self._timeout = timeout_s
 
     def write(self, events: Sequence[Mapping[str, Any]]) -> None:
-        """Each event, concurrently; returns once all are written."""
-        try:
-            futures = [self._session.execute_async(self._insert, audit_row(e, self._ttl), timeout=self._timeout)
-                       for e in events]
-            for f in futures:
-                f.result()
-        except (DriverException, NoHostAvailable, OSError) as exc:
-            raise TransientError(f"cassandra: audit_log: {type(exc).__name__}: {exc}") from exc
+        """Each event, concurrently; returns once all are written. WriteFailed (a TransientError) names the
+        positions of the events that were not."""
+        answers = execute_each(self._session, [(self._insert, audit_row(e, self._ttl)) for e in events],
+                               self._timeout)
+        failed = frozenset(i for i, a in enumerate(answers) if isinstance(a, TransientError))
+        if failed:
+            first = next(a for a in answers if isinstance(a, TransientError))
+            raise WriteFailed(f"audit_log: {len(failed)} of {len(events)} events not written ({first})", failed)
