@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.problems import Problem
-from stream.cassandra import AUDIT_INSERT, audit_row, timestamp_ms
+from stream.cassandra import AUDIT_INSERT, DRIVER_ERRORS, audit_row, timestamp_ms
 
 to_ms = timestamp_ms
 
@@ -143,14 +143,12 @@ class GatewayStore:
 
     async def _all(self, stmt: Any, params: Sequence[Any]) -> list[Any]:
         """Every row, across pages (in the executor: paging is synchronous in the driver)."""
-        from cassandra import DriverException
-
         def run() -> list[Any]:
             return list(self._session.execute(stmt, params, timeout=self._timeout))
 
         try:
             return await asyncio.get_running_loop().run_in_executor(None, run)
-        except (DriverException, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise Problem("UNAVAILABLE", f"the result store did not answer ({type(exc).__name__})") from exc
 
     async def ping(self) -> None:

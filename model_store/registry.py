@@ -123,15 +123,12 @@ class RegistryStore:
             "WHERE model_name = ? AND production_version = ? AND shadow_version = ? AND class_name = ?")
 
     def _execute(self, stmt: Any, params: Sequence[Any]) -> Any:
-        from cassandra import DriverException
-        from cassandra.cluster import NoHostAvailable
+        from stream.cassandra import DRIVER_ERRORS, transient  # the Cassandra driver: only where the registry is used
 
         try:
             return self._s.execute(stmt, tuple(params), timeout=self._timeout)
-        except (DriverException, NoHostAvailable, OSError) as exc:
-            from stream.errors import TransientError
-
-            raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise transient(exc) from exc
 
     # routing
     def routing(self, model: str) -> Routing | None:

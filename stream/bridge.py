@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stream.errors import InvalidRecord, TransientError
+from stream.errors import InvalidRecord
 from stream.records import Failure, Outcome, Output, Record, now_ms
 from stream.topics import TENANT_RE, lane_topic
 
@@ -110,12 +110,12 @@ class CassandraClaims:
             "INSERT INTO bridge_objects (object_id, request_id, source, claimed_at) VALUES (?, ?, ?, ?) IF NOT EXISTS")
 
     def claim(self, object_id: str, request_id: str, source: str) -> bool:
-        from cassandra import DriverException
+        from stream.cassandra import DRIVER_ERRORS, transient  # the Cassandra driver: only where the bridge runs
 
         try:
             row = self._session.execute(self._insert, (object_id, request_id, source, now_ms())).one()
-        except DriverException as exc:
-            raise TransientError(f"cassandra: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise transient(exc) from exc
         return bool(row.applied) or row.source == source
 
 
