@@ -108,6 +108,14 @@ async def _heartbeat_loop(gw: Gateway, deployment: str, instance_id: str) -> Non
         await asyncio.sleep(max(0.1, period - (time.monotonic() - t0)))
 
 
+async def _quota_lease_loop(gw: Gateway) -> None:
+    """Give back the quota leases not taken from for quota_lease_idle_s, so that other instances can charge
+    them (gateway/limits.py DailyQuota). Off every request's path."""
+    while True:
+        await asyncio.sleep(max(0.1, gw.settings.quota_lease_idle_s / 2))
+        await gw.quota.release_idle()
+
+
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 BODIES = web.AppKey("bodies", ByteBudget)
@@ -146,7 +154,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     objects = GatewayObjects(settings)
     gw = Gateway(settings=settings, auth=auth, bus=bus, store=store, objects=objects,
                  buckets=TokenBuckets(settings.rate_per_s, settings.rate_burst),
-                 quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_compare_and_set),
+                 quota=DailyQuota(settings.daily_quota, store.quota_used, store.quota_compare_and_set,
+                                  lease_max=settings.quota_lease_max, lease_idle_s=settings.quota_lease_idle_s),
                  audit=AuditLog(bus, store, f"{p.stream.topic_prefix}audit"), catalog=catalog,
                  shares=FairShares(settings.max_inflight, floor=settings.sync_share_floor,
                                    window_s=settings.active_tenant_window_s),
@@ -155,7 +164,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[BODIES] = ByteBudget(settings.max_inflight_body_bytes)
     deployment, instance_id = p.stream.topic_prefix or "-", uuid.uuid4().hex
     tasks = [asyncio.create_task(_health_loop(gw), name="health"),
-             asyncio.create_task(_heartbeat_loop(gw, deployment, instance_id), name="heartbeat")]
+             asyncio.create_task(_heartbeat_loop(gw, deployment, instance_id), name="heartbeat"),
+             asyncio.create_task(_quota_lease_loop(gw), name="quota-leases")]
     log.info("gateway ready: reply partition %s", bus.router.reply_to)
     try:
         yield
@@ -163,6 +173,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # unused leases back to the tenants' rows (a crash loses them for the day)
+            await asyncio.wait_for(gw.quota.release_all(), timeout=10)
+        except TimeoutError:
+            log.warning("quota leases not all given back within 10 s (lost for the day)")
         try:
             await gw.store.instance_gone(deployment, instance_id)
         except Problem as exc:

@@ -181,9 +181,9 @@ def _admit(gw: Gateway, tenant: str) -> None:
     GM.SYNC_INFLIGHT.set(gw.shares.total)
 
 
-async def _charge(gw: Gateway, tenant: str, n: int) -> None:
+async def _charge(gw: Gateway, tenant: str, n: int, *, lease: bool = False) -> None:
     try:
-        await gw.quota.charge(tenant, n)
+        await gw.quota.charge(tenant, n, lease=lease)
     except Problem as exc:
         GM.REFUSED.labels("quota" if exc.code == "QUOTA_EXCEEDED" else "quota_contention").inc()
         raise
@@ -277,7 +277,7 @@ async def _submit(request: web.Request, gw: Gateway, who: Principal, image: Imag
     """Charge the quota, store the request (and the image), publish it: (submitted_at, correlation, reply
     future). Raises before anything reached the online lane, or not at all."""
     params, sha = image.params, image.sha256
-    await _charge(gw, who.tenant, 1)
+    await _charge(gw, who.tenant, 1, lease=True)  # the sync path spends from this instance's lease
     submitted_at = now_ms()
     writes = [gw.store.put_request(who.tenant, request_id, lane="ONLINE", image_sha256=sha,
                                    source=f"{gw.objects.bucket}/{key}", model_name=params.model,

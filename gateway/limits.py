@@ -2,7 +2,8 @@
 
 - ``TokenBuckets``: the per-tenant rate, shared by every gateway instance by dividing it by the live
   instance count (``set_instances``; gateway/app.py keeps the count from heartbeats in Cassandra).
-- ``DailyQuota``: images per tenant per UTC day, charged atomically (compare-and-set on one row).
+- ``DailyQuota``: images per tenant per UTC day, charged atomically (compare-and-set on one row), the sync
+  path in leases spent locally.
 - ``ByteBudget``: request bodies held in memory at once, reserved before a body is read.
 - ``FairShares``: each tenant's share of the sync lane, so one tenant's burst cannot refuse another's calls.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import math
 import random
 import time
@@ -20,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.problems import Problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,22 +101,41 @@ def seconds_to_midnight(now: float | None = None) -> int:
 CompareAndSet = Callable[[str, str, "int | None", int], Awaitable[tuple[bool, "int | None"]]]
 
 
+@dataclass
+class QuotaLease:
+    """Images of one (tenant, day) this instance has charged to the shared row and not yet spent."""
+
+    left: int
+    spent_at: float  # monotonic: when a charge last took from it
+
+
 class DailyQuota:
     """Images per tenant per UTC day, one row per (tenant, day) shared by every gateway instance.
 
-    A charge is a compare-and-set of the row from the value this instance last saw to that value plus ``n``
-    (a Cassandra lightweight transaction): two concurrent charges can never both apply on the same value, so
-    the sum of admitted charges never passes the limit. A lost race answers with the row's current value, which
-    becomes the next expectation (no extra read); after ``max_attempts`` lost races the call is refused as
-    OVERLOADED (contention, retry soon). Charges of one tenant on one instance take turns (a local lock), so
-    only charges from other instances can race. ``read_cache_s`` is how long the last value seen is used as
-    the expectation before it is read afresh: a stale value costs one lost race, never a wrong admission.
+    The row only changes by compare-and-set from the value this instance last saw (a Cassandra lightweight
+    transaction): two concurrent changes can never both apply on the same value, so the sum of what the row
+    grants never passes the limit. A lost race answers with the row's current value, which becomes the next
+    expectation (no extra read); after ``max_attempts`` lost races the call is refused as OVERLOADED
+    (contention, retry soon). Changes of one tenant's row on one instance take turns (a local lock), so only
+    other instances can race. ``read_cache_s`` is how long the last value seen is used as the expectation before
+    it is read afresh: a stale value costs one lost race, never a wrong admission, and a refusal is only ever
+    decided on a value just read or just answered by a lost race.
+
+    A charge with ``lease`` (the sync path) spends from this instance's lease of the row and, when that holds
+    too few, charges the row a new block of ``min(remaining, max(needed, block))`` images, where ``block`` is
+    ``min(lease_max, ceil(remaining / 8))``: one transaction per block instead of one per call, and near the
+    limit a lease is exactly what the call needs. A lease not taken from for ``lease_idle_s`` is given back
+    (``release_idle``, run by a background task; ``release_all`` at shutdown) so that other instances can charge
+    it; a crashed instance's unused lease (at most ``lease_max`` images per tenant) is lost for that day.
+    A charge without ``lease`` (a job) charges the row exactly ``n``.
     """
 
     def __init__(self, limit: int, read: Callable[[str, str], Awaitable[int | None]], cas: CompareAndSet, *,
                  clock: Callable[[], float] = time.time, read_cache_s: float = 1.0,
                  monotonic: Callable[[], float] = time.monotonic, max_tenants: int = 100_000,
-                 max_attempts: int = 16, backoff_s: float = 0.005):
+                 max_attempts: int = 16, backoff_s: float = 0.005, lease_max: int = 50, lease_idle_s: float = 10.0):
+        if lease_max < 1:
+            raise ValueError("lease_max must be >= 1")
         self.limit = limit
         self._read = read
         self._cas = cas
@@ -125,6 +148,10 @@ class DailyQuota:
         self._max = max_tenants
         self._attempts = max_attempts
         self._backoff_s = backoff_s
+        self.lease_max = lease_max
+        self.lease_idle_s = lease_idle_s
+        # One per tenant that charged in the last lease_idle_s (the idle ones are given back).
+        self.leases: dict[tuple[str, str], QuotaLease] = {}
 
     def _remember(self, key: tuple[str, str], value: int | None) -> None:
         self._known.pop(key, None)
@@ -132,36 +159,110 @@ class DailyQuota:
         while len(self._known) > self._max:
             self._known.popitem(last=False)
 
-    async def charge(self, tenant: str, n: int) -> int:
-        """Count ``n`` images against today's quota; QUOTA_EXCEEDED if they do not fit. Returns images left."""
-        now = self._clock()
-        key = (tenant, utc_day(now))
+    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        async with lock:
-            known = self._known.get(key)
-            fresh = known is None or self._monotonic() - known[1] >= self._cache_s
-            expected = await self._read(*key) if fresh else known[0]  # type: ignore[index]
-            for attempt in range(self._attempts):
-                used = expected or 0
-                if used + n > self.limit:
-                    if not fresh:  # refuse only on a value just read or just answered by a lost race
-                        expected, fresh = await self._read(*key), True
-                        self._remember(key, expected)
-                        continue
+        return lock
+
+    def _block(self, remaining: int, needed: int) -> int:
+        """The images to lease: what the call needs, at least a block that shrinks as the quota runs out."""
+        return min(remaining, max(needed, min(self.lease_max, math.ceil(remaining / 8))))
+
+    async def charge(self, tenant: str, n: int, *, lease: bool = False) -> int:
+        """Count ``n`` images against today's quota; QUOTA_EXCEEDED if they do not fit. Returns the images left
+        as this instance knows them (other instances' leases count as used)."""
+        now = self._clock()
+        key = (tenant, utc_day(now))
+        async with self._lock(key):
+            held = self.leases.get(key) if lease else None
+            have = held.left if held is not None else 0
+            if have < n:
+                needed = n - have
+                grant = (lambda used: self._block(self.limit - used, needed)) if lease else (lambda used: n)
+                used, added = await self._add(key, needed, grant, now)
+                if not lease:
+                    return self.limit - used - added
+                held = self.leases.setdefault(key, QuotaLease(0, 0.0))
+                held.left += added
+            assert held is not None
+            held.left -= n
+            held.spent_at = self._monotonic()
+            row = self._known.get(key, (None, 0.0))[0] or 0
+            return self.limit - row + held.left
+
+    async def _add(self, key: tuple[str, str], needed: int, grant: Callable[[int], int],
+                   now: float) -> tuple[int, int]:
+        """Raise the row from ``used`` by ``grant(used)`` (at least ``needed``) by compare-and-set: (used, added)."""
+        known = self._known.get(key)
+        fresh = known is None or self._monotonic() - known[1] >= self._cache_s
+        expected = await self._read(*key) if fresh else known[0]  # type: ignore[index]
+        for attempt in range(self._attempts):
+            used = expected or 0
+            if used + needed > self.limit:
+                if not fresh:  # refuse only on a value just read or just answered by a lost race
+                    expected, fresh = await self._read(*key), True
                     self._remember(key, expected)
-                    raise Problem("QUOTA_EXCEEDED", f"the daily quota of {self.limit} images is used up "
-                                  f"({used} used, {n} asked)", headers={"Retry-After": str(seconds_to_midnight(now))})
-                applied, current = await self._cas(key[0], key[1], expected, used + n)
-                if applied:
-                    self._remember(key, used + n)
-                    return self.limit - used - n
-                expected, fresh = current, True
-                if attempt:  # other instances charge the same tenant: spread the retries
-                    await asyncio.sleep(random.uniform(0, self._backoff_s * attempt))  # noqa: S311
+                    continue
+                self._remember(key, expected)
+                raise Problem("QUOTA_EXCEEDED", f"the daily quota of {self.limit} images is used up "
+                              f"({used} used, {needed} asked)",
+                              headers={"Retry-After": str(seconds_to_midnight(now))})
+            added = grant(used)
+            applied, current = await self._cas(key[0], key[1], expected, used + added)
+            if applied:
+                self._remember(key, used + added)
+                return used, added
+            expected, fresh = current, True
+            if attempt:  # other instances charge the same tenant: spread the retries
+                await asyncio.sleep(random.uniform(0, self._backoff_s * attempt))  # noqa: S311
         raise Problem("OVERLOADED", f"the quota of this tenant is being charged by many calls at once "
                       f"({self._attempts} attempts)", headers={"Retry-After": "1"})
+
+    async def release_idle(self) -> int:
+        """Give back the leases not taken from for ``lease_idle_s``, drop those of past days (their quota is
+        gone anyway). Returns the images given back."""
+        today = utc_day(self._clock())
+        given = 0
+        for key in list(self.leases):
+            if key[1] != today:
+                self.leases.pop(key, None)
+            else:
+                given += await self._give_back(key, idle_only=True)
+        return given
+
+    async def release_all(self) -> int:
+        """Give back every lease (at shutdown). Returns the images given back."""
+        given = 0
+        for key in list(self.leases):
+            given += await self._give_back(key, idle_only=False)
+        return given
+
+    async def _give_back(self, key: tuple[str, str], *, idle_only: bool) -> int:
+        async with self._lock(key):  # a charge spending from the lease meanwhile has finished
+            held = self.leases.get(key)
+            if held is None or (idle_only and self._monotonic() - held.spent_at < self.lease_idle_s):
+                return 0
+            del self.leases[key]
+            if held.left == 0:
+                return 0
+            try:
+                known = self._known.get(key)
+                expected = await self._read(*key) if known is None else known[0]
+                for _ in range(self._attempts):
+                    if expected is None:  # no row (the tenant's data erased): nothing to give back
+                        return 0
+                    new = max(0, expected - held.left)
+                    applied, expected = await self._cas(key[0], key[1], expected, new)
+                    if applied:
+                        self._remember(key, new)
+                        return held.left
+            except Problem as exc:
+                log.warning("quota lease of %d images not given back (lost for the day): %s", held.left, exc)
+                return 0
+            log.warning("quota lease of %d images not given back after %d attempts (lost for the day)",
+                        held.left, self._attempts)
+            return 0
 
 
 class ByteBudget:
@@ -189,8 +290,11 @@ class FairShares:
     """Per-tenant shares of this instance's sync capacity (``capacity`` calls in flight at most).
 
     A tenant may hold ``share`` calls in flight: capacity divided among the tenants seen in the last
-    ``window_s`` seconds plus one seat kept for a tenant not yet seen, never below ``floor``. So a tenant alone
-    takes half the lane, and a burst can never fill the seats a quiet tenant needs. While the online lane lags
+    ``window_s`` seconds plus one seat kept for a tenant not yet seen, never below ``floor``. Past its share a
+    tenant is still admitted while that leaves ``floor`` free seats for every other tenant seen and for one not
+    yet seen (work-conserving: a tenant alone may use all but ``floor`` seats), so a burst can never fill the
+    seats a quiet tenant needs, and as the burst's calls end, their seats go to the tenants under their share.
+    While the online lane lags
     (``lagging``), a tenant that submitted more than its fair part of the window's admissions is refused too,
     so the backlog drains, while the other tenants' calls are still admitted up to the hard cap.
     """
@@ -238,7 +342,8 @@ class FairShares:
                           headers={"Retry-After": "1"})
         share = self.share()
         mine = self.inflight.get(tenant, 0)
-        if mine >= share:
+        reserve = self.floor * len(self._seen)  # the other tenants seen (``tenant`` is one of them) + a newcomer
+        if mine >= share and self.capacity - self.total - 1 < reserve:
             raise Problem("FAIR_SHARE_EXCEEDED", f"this tenant has {mine} sync calls in flight, its share of "
                           f"this instance is {share}", headers={"Retry-After": "1"})
         if lagging:

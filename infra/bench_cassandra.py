@@ -8,6 +8,8 @@ fresh images of one throwaway tenant (the result cache never answers, as in `ben
 - scan: the cache lookup per image, then the batch's image index and tombstone check (processors/scan.py);
 - postprocess: `PostprocessStage._store` (policy, cache row, results, tombstone check);
 - recorder: `RecorderStage.process` over the batch's OK results (stored by postprocess already);
+- "a quota LWT per call": the gateway path with quota leases of one image (a compare-and-set of the tenant's
+  row per call, as before the leases), for a same-run comparison;
 - "as before issue 14": the gateway's and postprocess's statements as they were (quota read per charge,
   one audit INSERT per call; postprocess's own image_requests rows, its cache rows in a round trip of
   their own), for a same-run comparison;
@@ -130,7 +132,10 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     store = loop.run_until_complete(_make(lambda: GatewayStore(
         sessions["gateway"], result_ttl_s=settings.result_ttl_s, idempotency_ttl_s=gws.idempotency_ttl_s,
         audit_ttl_s=gws.audit_ttl_s)))
-    quota = DailyQuota(gws.daily_quota, store.quota_used, store.quota_compare_and_set)
+    quota = DailyQuota(gws.daily_quota, store.quota_used, store.quota_compare_and_set,
+                       lease_max=gws.quota_lease_max, lease_idle_s=gws.quota_lease_idle_s)
+    # As before the leases: one compare-and-set of the quota row per call (a lease of exactly one image).
+    quota_per_call = DailyQuota(gws.daily_quota, store.quota_used, store.quota_compare_and_set, lease_max=1)
     audit = loop.run_until_complete(_make(lambda: AuditLog(_NoBus(), store, "bench.audit")))  # type: ignore[arg-type]
     scan_results = ResultStore(sessions["scan"], result_ttl_s=settings.result_ttl_s, cache_ttl_s=settings.cache_ttl_s)
     scan_gov = Governance(sessions["scan"], policy_cache_s=settings.policy_cache_s)
@@ -159,9 +164,9 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     def record(r: dict[str, Any]) -> Record:
         return Record("detections", 0, 0, r["request_id"], r, {}, "online")
 
-    def gateway(rs: list[dict[str, Any]]) -> None:
+    def gateway(rs: list[dict[str, Any]], q: DailyQuota = quota) -> None:
         async def one(r: dict[str, Any]) -> None:
-            await quota.charge(tenant, 1)
+            await q.charge(tenant, 1, lease=True)
             await store.put_request(tenant, r["request_id"], lane="ONLINE", image_sha256=r["image_sha256"],
                                     source=f"uploads/{tenant}/{r['image_sha256']}", model_name="yolov4-tiny",
                                     submitted_at=r["submitted_at"])
@@ -236,6 +241,7 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     same: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rs: rs  # noqa: E731
     paths: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], Callable[..., list[dict[str, Any]]]]] = [
         ("gateway (detect)", "gateway", gateway, same),
+        ("gateway, a quota LWT per call (lease of 1)", "gateway-lwt", lambda rs: gateway(rs, quota_per_call), same),
         ("gateway, as before issue 14", "gateway-before", gateway_before, same), ("scan", "scan", scan, same),
         ("postprocess", "postprocess", postprocess, same),
         ("postprocess, as before issue 14", "postprocess-before", postprocess_before, same),

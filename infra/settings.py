@@ -674,6 +674,11 @@ class GatewaySettings:
     rate_per_s: float = 50.0
     rate_burst: int = 100
     daily_quota: int = 1_000_000
+    # The sync path charges the quota row in leases of at most quota_lease_max images (fewer near the limit)
+    # and spends them locally; a lease not taken from for quota_lease_idle_s is given back. 1 = one
+    # lightweight transaction per call.
+    quota_lease_max: int = 50
+    quota_lease_idle_s: float = 10.0
     instance_heartbeat_s: float = 5.0
     # Backpressure (docs/api.md, "Overload and fairness"): max_inflight sync calls per instance, each tenant
     # a share of them (capacity / (tenants active in the last active_tenant_window_s + 1), at least
@@ -726,6 +731,8 @@ class GatewaySettings:
             rate_per_s=num("RATE_PER_S", 50.0),
             rate_burst=int(num("RATE_BURST", 100)),
             daily_quota=int(num("DAILY_QUOTA", 1_000_000)),
+            quota_lease_max=_at_least(env, "QUOTA_LEASE_MAX", 50, 1),
+            quota_lease_idle_s=_positive(env, "QUOTA_LEASE_IDLE_S", 10.0),
             instance_heartbeat_s=num("INSTANCE_HEARTBEAT_S", 5.0),
             max_inflight=int(num("MAX_INFLIGHT", 256)),
             max_online_lag=int(num("MAX_ONLINE_LAG", 500)),

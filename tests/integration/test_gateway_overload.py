@@ -28,11 +28,12 @@ from infra.settings import PipelineSettings, StackSettings
 from stream.topics import lane_topic
 
 QUOTA = 20
+LEASE_IDLE_S = 3.0
 PAGE_MAX_BYTES = 2 * 1024 * 1024
 ENV = {"DETECTFLOW_DAILY_QUOTA": str(QUOTA), "DETECTFLOW_PAGE_MAX_BYTES": str(PAGE_MAX_BYTES),
        "DETECTFLOW_MAX_INFLIGHT": "8", "DETECTFLOW_SYNC_SHARE_FLOOR": "2", "DETECTFLOW_ACTIVE_TENANT_WINDOW_S": "60",
        "DETECTFLOW_MAX_ONLINE_LAG": "5", "DETECTFLOW_MAX_ONLINE_LAG_HARD": "100000",
-       "DETECTFLOW_LAG_CHECK_INTERVAL_S": "0.2"}
+       "DETECTFLOW_LAG_CHECK_INTERVAL_S": "0.2", "DETECTFLOW_QUOTA_LEASE_IDLE_S": str(LEASE_IDLE_S)}
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
@@ -181,6 +182,18 @@ def test_concurrent_jobs_never_charge_past_the_daily_quota(gw: Gateway, cql: Any
     day = time.strftime("%Y-%m-%d", time.gmtime())
     row = cql.execute("SELECT images FROM quota_daily WHERE tenant = %s AND day = %s", (t, day)).one()
     assert row.images == len(accepted) * 3
+
+
+def test_a_sync_calls_unused_quota_lease_is_given_back_when_idle(gw: Gateway, cql: Any, sample_jpeg: bytes) -> None:
+    t = tenant()
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+
+    def charged() -> int:
+        return cql.execute("SELECT images FROM quota_daily WHERE tenant = %s AND day = %s", (t, day)).one().images
+
+    assert gw.detect(t, sample_jpeg, params={"timeout_ms": 1}).status_code == 202
+    assert charged() == 3  # a lease of ceil(20 / 8) images, one of them spent
+    wait_for(lambda: charged() == 1, 5 * LEASE_IDLE_S, "the idle lease given back")
 
 
 # ---------------------------------------------------------------------------------------------- pages

@@ -76,25 +76,27 @@ def test_a_tenants_burst_leaves_room_for_the_others() -> None:
     shares = FairShares(16, floor=2, window_s=5.0, clock=clock)
     admitted = 0
     with pytest.raises(Problem) as info:
-        for _ in range(100):  # tenant A bursts
+        for _ in range(100):  # tenant A bursts, alone
             shares.admit("a")
             admitted += 1
     assert info.value.code == "FAIR_SHARE_EXCEEDED" and info.value.status == 429
     assert info.value.headers["Retry-After"] == "1"
-    assert admitted == 8  # alone: half the lane (16 // (1 + 1)), the other half kept for newcomers
-    for _ in range(5):  # tenant B is admitted beside A's burst ...
+    assert admitted == 14  # alone it may use all but `floor` seats (work-conserving), kept for a newcomer
+    shares.admit("b")  # tenant B finds the kept seats at once ...
+    shares.admit("b")
+    with pytest.raises(Problem) as full:
         shares.admit("b")
-    assert shares.inflight == {"a": 8, "b": 5} and shares.share() == 5  # ... and the shares shrink: 16 // 3
-    with pytest.raises(Problem):
-        shares.admit("b")
+    assert full.value.code == "OVERLOADED"  # ... and then the instance is full
     for _ in range(3):
         shares.release("a")
-    with pytest.raises(Problem):
-        shares.admit("a")  # still over its share of a lane of two tenants
+    with pytest.raises(Problem) as again:
+        shares.admit("a")  # over its share (16 // 3 = 5): the seats A's calls free are kept for the others
+    assert again.value.code == "FAIR_SHARE_EXCEEDED"
+    for _ in range(3):
+        shares.admit("b")  # they go to B, under its share
+    assert shares.inflight == {"a": 11, "b": 5} and shares.share() == 5
     clock.t += 10  # both go quiet: the window forgets them
     assert shares.active() == 0
-    shares.admit("a")
-    assert shares.inflight["a"] == 6 and shares.total == 11
 
 
 def test_the_hard_cap_holds_whatever_the_shares() -> None:
