@@ -29,10 +29,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from stream import headers as H
 from stream.serde import AvroSerde, SerdeError, epoch_ms
 
-REDRIVEN_FROM = "x-redriven-from"
+REDRIVEN_FROM = H.REDRIVEN_FROM
 # What a redriven record does not carry on: the retry bookkeeping and the dead-letter provenance.
-DROPPED_HEADERS = frozenset({H.ATTEMPT, H.NOT_BEFORE_MS, H.ORIGIN_TOPIC, H.ERROR_CLASS, H.ERROR_MESSAGE,
-                             H.DLQ_TOPIC, H.DLQ_PARTITION, H.DLQ_OFFSET})
+DROPPED_HEADERS = frozenset({H.ATTEMPT, H.NOT_BEFORE_MS, H.ORIGIN_TOPIC, H.FIRST_FAILED_MS, H.ERROR_CLASS,
+                             H.ERROR_MESSAGE, H.DLQ_TOPIC, H.DLQ_PARTITION, H.DLQ_OFFSET})
 DLQ_SUFFIX = ".dlq"
 RETRY_SUFFIX = ".retry"
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)\s*$")

@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-from stream_kit import EchoStage, make_topics, new_prefix, produce, read_all, stream_settings, submission
+from confluent_kafka import Producer
+from stream_kit import (
+    EchoStage,
+    kafka_admin,
+    make_topics,
+    new_prefix,
+    produce,
+    read_all,
+    stream_settings,
+    submission,
+)
 
 from infra.settings import StackSettings
 from stream import headers as H
@@ -151,3 +161,21 @@ def test_a_record_that_kills_its_process_is_set_aside_after_three_crashes(
     assert all(seen[f"p-{i}"]["status"] == "OK" for i in (0, 1, 3, 4))
     letter = _letters(stack, serde, topic, 1)["p-2"]
     assert letter["error_class"] == "PoisonRecord" and letter["hdrs"][H.DLQ_OFFSET]
+
+
+def test_a_record_of_another_event_type_is_rejected_and_the_stage_goes_on(
+        stack: StackSettings, serde: AvroSerde, prefix: str) -> None:
+    topic = T.lane_topic(prefix, "batch", "submitted")
+    # A DetectionResult (its schema id registered for `detections`) written where ImageSubmitted is expected.
+    wrong = {"request_id": "wrong-type", "tenant": "t1", "status": "OK", "detections": [], "timings_ms": {},
+             "lane": "BATCH", "completed_at": 0}
+    p = Producer(kafka_admin(stack))
+    p.produce(topic, key=b"wrong-type", value=serde.encode(T.detections_topic(prefix), "DetectionResult", wrong))
+    assert p.flush(10) == 0
+    produce(stack, serde, topic, [submission("right-type")])
+    seen = _serve_until(StageRunner(EchoStage(prefix), stream_settings(stack, prefix)), stack, serde, prefix,
+                        {"wrong-type", "right-type"})
+    assert seen["right-type"]["status"] == "OK"
+    assert (seen["wrong-type"]["status"], seen["wrong-type"]["error_code"]) == ("REJECTED", "INVALID_EVENT")
+    letter = _letters(stack, serde, topic, 1)["wrong-type"]
+    assert letter["error_class"] == "DecodeError" and "ImageSubmitted" in letter["error_message"]
