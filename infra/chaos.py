@@ -380,6 +380,24 @@ def rss_growth(samples: Sequence[tuple[float, int]], window_s: float = 300.0) ->
     return (sum(last) / len(last)) / base - 1 if base else None
 
 
+def rss_late_growth(samples: Sequence[tuple[float, int]], window_s: float = 300.0) -> float | None:
+    """Growth over the run's second half only (the window ending at the midpoint against the last window): a
+    process that grew while it warmed up and then held still shows ~0 here; one that leaks shows about half its
+    whole-run growth. None when the run is too short for two windows in each half."""
+    if len(samples) < 2:
+        return None
+    t0, t1 = samples[0][0], samples[-1][0]
+    mid = (t0 + t1) / 2
+    if mid - t0 < 2 * window_s:
+        return None
+    middle = [b for t, b in samples if mid - window_s <= t <= mid]
+    last = [b for t, b in samples if t >= t1 - window_s]
+    if not middle or not last:
+        return None
+    base = sum(middle) / len(middle)
+    return (sum(last) / len(last)) / base - 1 if base else None
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

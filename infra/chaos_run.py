@@ -46,6 +46,7 @@ from infra.chaos import (
     recovery_times,
     result_copy,
     rss_growth,
+    rss_late_growth,
     split_latencies,
 )
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
@@ -719,13 +720,17 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
         summary = drill.summarize(t0, started)
         summary.lag_end = lag
     growth = {role: rss_growth(s) for role, s in samples.items()}
+    series = drill.log_dir / "soak-rss.csv"  # every sample, to see the shape of a growth (warm-up or leak)
+    series.write_text("role,time,rss_bytes\n" + "".join(
+        f"{role},{t:.1f},{b}\n" for role in sorted(samples) for t, b in samples[role]))
     log(format_summary(summary))
     grown = []
     for role in sorted(samples):
-        g = growth[role]
+        g, late = growth[role], rss_late_growth(samples[role])
         mean_mib = sum(b for _t, b in samples[role]) / len(samples[role]) / 2**20
         log(f"RSS {role:<12} mean {mean_mib:7.1f}MiB growth {'-' if g is None else f'{g * 100:+.1f}%'} "
-            f"({len(samples[role])} samples{', restarted' if len(restarts[role]) > 1 else ''})")
+            f"(second half {'-' if late is None else f'{late * 100:+.1f}%'}; "
+            f"{len(samples[role])} samples{', restarted' if len(restarts[role]) > 1 else ''})")
         if g is not None and g >= 0.10:
             grown.append(role)
     errors = sum(summary.sync_errors.values()) + sum(1 for c in drill.calls if c.status != 200)
@@ -735,5 +740,5 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
         f"{', '.join(grown) or 'none'}; consumer lag at the end {sum(lag.values())}; sync P99 "
         f"{'-' if p99 is None else f'{p99:.0f}ms'}")
     ok = summary.passed and not grown and not crashed and not any(lag.values()) and errors == 0
-    log(f"soak verdict: {'PASS' if ok else 'FAIL'}")
+    log(f"soak verdict: {'PASS' if ok else 'FAIL'} (RSS samples: {series})")
     return 0 if ok else 1

@@ -276,3 +276,14 @@ def test_each_lost_or_duplicated_request_is_described_with_its_faults_dlq_and_st
         "  lost sync s1: sent at +12.0s near faults [pause cassandra]; on DLQ: p.detect.online.scanned.dlq; "
         "API: PENDING",
         "  duplicated job j1 (lane BATCH), sent at +1.0s"]
+
+
+def test_late_growth_tells_a_warm_up_from_a_leak() -> None:
+    from infra.chaos import rss_late_growth
+
+    warm = [(float(t), 100 + min(t, 600) // 6) for t in range(0, 1800, 5)]  # grows 10 min, then holds still
+    leak = [(float(t), 100 + t // 18) for t in range(0, 1800, 5)]           # grows all the way
+    assert rss_late_growth(warm) == 0.0
+    late = rss_late_growth(leak)
+    assert late is not None and late > 0.2
+    assert rss_late_growth(warm[:100]) is None  # 500 s: too short for two windows per half
