@@ -78,7 +78,7 @@ async def _probe(gw: Gateway) -> dict[str, str]:
         try:
             await asyncio.wait_for(aw, timeout=Health.PROBE_TIMEOUT_S)
             results[name] = "ok"
-        except (Problem, TimeoutError, OSError) as exc:
+        except Exception as exc:  # whatever a probe raises, that service is not ready
             results[name] = f"unavailable: {type(exc).__name__}"
     return results
 
@@ -103,7 +103,7 @@ async def _heartbeat_loop(gw: Gateway, deployment: str, instance_id: str) -> Non
             if n != gw.buckets.instances:
                 log.info("%d gateway instances share the rate limits", n)
             gw.buckets.set_instances(n)
-        except Problem as exc:  # Cassandra away: keep the last count (the calls fail on the store anyway)
+        except Exception as exc:  # Cassandra away (or worse): keep the last count, try again
             log.warning("gateway heartbeat not written: %s", exc)
         await asyncio.sleep(max(0.1, period - (time.monotonic() - t0)))
 
@@ -113,7 +113,10 @@ async def _quota_lease_loop(gw: Gateway) -> None:
     them (gateway/limits.py DailyQuota). Off every request's path."""
     while True:
         await asyncio.sleep(max(0.1, gw.settings.quota_lease_idle_s / 2))
-        await gw.quota.release_idle()
+        try:
+            await gw.quota.release_idle()
+        except Exception as exc:  # a background loop must outlive any one failure
+            log.warning("idle quota leases not given back this round: %s", exc)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
