@@ -19,7 +19,7 @@ import signal
 import ssl
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -546,10 +546,19 @@ class Drill:
         """Wait (to the drain deadline) until every request sent has a result on `detections`."""
         assert self.reader is not None
         deadline = time.monotonic() + self.opts.drain_deadline_s
+        started = next_report = time.monotonic()
         while time.monotonic() < deadline and not self.abort.is_set():
             missing = {s.request_id for s in self.sent} - self.reader.keys
             if not missing:
                 return
+            if time.monotonic() >= next_report:  # a long drain says what it waits for, by kind and age
+                waiting = [s for s in self.sent if s.request_id in missing]
+                kinds = Counter(s.kind for s in waiting)
+                oldest = min(waiting, key=lambda s: s.sent_at)
+                self.opts.log(f"drain {time.monotonic() - started:5.0f}s: {len(missing)} requests without a result "
+                              f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); the oldest sent "
+                              f"{time.time() - oldest.sent_at:.0f}s ago ({oldest.kind} {oldest.request_id})")
+                next_report += 30.0
             time.sleep(0.5)
 
     async def check_jobs(self, deadline_s: float) -> None:

@@ -748,9 +748,14 @@ class StageRunner:
             log.warning("%s: last checkpoint failed at close: %s", self.stage.name, exc)
         finally:
             self.consumer.close()
-            self.producer.flush(self.settings.flush_timeout_s)
-            if self.txn_producer is not None:
-                self.txn_producer.flush(self.settings.flush_timeout_s)
+            for producer in (self.producer, self.txn_producer):
+                try:
+                    if producer is not None:
+                        producer.flush(self.settings.flush_timeout_s)
+                except KafkaException as exc:  # a fenced producer (its transaction outlived the broker's
+                    # timeout) raises here: what it held was aborted and is read again by the next owner; the
+                    # error that stopped the loop, not this one, is what the process exits with
+                    log.warning("%s: producer flush at close failed: %s", self.stage.name, exc)
 
     def _produce(self, producer: Producer, out: Output) -> None:
         value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)
