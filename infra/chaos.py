@@ -280,6 +280,8 @@ class Summary:
     lost_detail: list[str] = field(default_factory=list)
     lag_end: dict[str, int] | None = None  # consumer group (without the prefix) -> records not committed
     stall_from_s: float | None = None  # when the longest stall began, seconds after the load started
+    health_ms: dict[str, list[float]] = field(default_factory=dict)  # /livez, /readyz -> answer times (200s)
+    health_failed: dict[str, int] = field(default_factory=dict)  # probes not answered 200 within 2 s
 
     def jobs_ok(self) -> bool:
         return all(j.get("status") == "COMPLETED" and j.get("done") == j.get("total") == j.get("paged")
@@ -293,6 +295,10 @@ class Summary:
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms"
+
+
+def _ms2(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms"
 
 
 def format_summary(s: Summary) -> str:
@@ -315,6 +321,11 @@ def format_summary(s: Summary) -> str:
         "sync call errors (no request id): "
         + (", ".join(f"{k} x{n}" for k, n in sorted(s.sync_errors.items())) or "none"),
     ]
+    for path in sorted(set(s.health_ms) | set(s.health_failed)):
+        times = s.health_ms.get(path, [])
+        lines.append(f"health {path}: P50 {_ms2(percentile(times, 0.5))} P99 {_ms2(percentile(times, 0.99))} "
+                     f"max {_ms2(max(times, default=None))} (n={len(times)}; not 200 within 2s: "
+                     f"{s.health_failed.get(path, 0)})")
     for job in s.jobs:
         lines.append(f"job {job.get('job_id')}: {job.get('status')} {job.get('done')}/{job.get('total')} "
                      f"counts {job.get('counts')} paged {job.get('paged')}")
@@ -441,7 +452,9 @@ def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="the fault schedule's and load's random seed")
     p.add_argument("--soak", action="store_true", help="no faults: ~70%% of capacity, RSS growth and errors")
     p.add_argument("--rate", type=float, default=None,
-                   help="--soak: sync calls per second (default: 70%% of a capacity measured first)")
+                   help="--soak: sync calls per second (default: --load-factor x a capacity measured first)")
+    p.add_argument("--load-factor", type=float, default=0.7,
+                   help="--soak: the load as a share of the measured capacity (default 0.7; 4 for an overload run)")
     p.add_argument("--job-images", type=int, default=None,
                    help="images in the batch job (default 1000 in the long form, 60 in the short)")
     return p
@@ -459,7 +472,8 @@ def run_cli(args: argparse.Namespace, stack: Any) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     try:
         if args.soak:
-            return run_soak(stack, duration_s=args.duration or 1800.0, seed=seed, rate=args.rate)
+            return run_soak(stack, duration_s=args.duration or 1800.0, seed=seed, rate=args.rate,
+                            load_factor=args.load_factor)
         duration = args.duration or 180.0
         short = duration <= SHORT_FORM_MAX_S
         jobs = args.job_images if args.job_images is not None else (60 if short else 1000)

@@ -222,6 +222,8 @@ class Drill:
         self.sent: list[Sent] = []
         self.calls: list[SyncCall] = []
         self.refused: dict[int, int] = defaultdict(int)
+        self.health_ms: dict[str, list[float]] = defaultdict(list)  # /livez, /readyz -> answer times
+        self.health_failed: dict[str, int] = defaultdict(int)  # probes that were not a 200 within 2 s
         self.sync_errors: dict[str, int] = defaultdict(int)
         self.windows: list[FaultWindow] = []
         self.jobs: list[dict[str, Any]] = []
@@ -539,8 +541,32 @@ class Drill:
                           f"{self.opts.job_images}; faults: {', '.join(f.label for f in plan) or 'none'}")
             await asyncio.gather(self.sync_load(session, stop_at, sync_rate),
                                  self.ingest_load(stop_at, self.opts.ingest_rate),
-                                 self.fault_loop(plan, t0))
+                                 self.fault_loop(plan, t0),
+                                 self.health_probe(stop_at))
             return t0
+
+    async def health_probe(self, stop_at: float, every_s: float = 0.5) -> None:
+        """/livez and /readyz every ``every_s`` through the load, on their own connection (as an orchestrator's
+        probe would be): their answer times, and how many were not a 200 within 2 s."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2, ssl=self.tls()),
+                                         timeout=timeout) as session:
+            while time.time() < stop_at and not self.abort.is_set():
+                for path in ("/livez", "/readyz"):
+                    began = time.perf_counter()
+                    try:
+                        async with session.get(self.gw.base_url + path) as resp:
+                            await resp.read()
+                            ok = resp.status == 200
+                    except (aiohttp.ClientError, TimeoutError):
+                        ok = False
+                    if ok:
+                        self.health_ms[path].append((time.perf_counter() - began) * 1000)
+                    else:
+                        self.health_failed[path] += 1
+                await asyncio.sleep(every_s)
 
     def drain(self) -> None:
         """Wait (to the drain deadline) until every request sent has a result on `detections`."""
@@ -617,7 +643,8 @@ class Drill:
         outside, during = split_latencies(self.calls, self.windows)
         summary = Summary(rec, self.windows, recovery_times(self.windows, rec.first_completion.values()), stall,
                           outside, during, dict(self.refused), dict(self.sync_errors), self.jobs, end - started,
-                          stall_from_s=stall_at - t0)
+                          stall_from_s=stall_at - t0, health_ms={k: list(v) for k, v in self.health_ms.items()},
+                          health_failed=dict(self.health_failed))
         if rec.lost or rec.duplicated:
             every = [*T.all_topics(self.prefix), *T.tenant_topics(self.prefix, self.ingest_tenant)]
             on_dlq = _keys_on(self.admin, [t.name for t in every if t.name.endswith(".dlq")])
@@ -688,7 +715,7 @@ def measure_capacity(drill: Drill, seconds: float = 20.0, callers: int = 4) -> f
 
 
 def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float | None,
-             sample_every_s: float = 5.0, log: Callable[[str], None] = print) -> int:
+             load_factor: float = 0.7, sample_every_s: float = 5.0, log: Callable[[str], None] = print) -> int:
     """No faults, a steady load at ~70% of capacity; RSS of every role and the gateway sampled throughout.
     Fails when a process grew 10% or more (first vs last 5 minutes), on any lost request or error, or when
     the consumer lag does not return to 0 at the end."""
@@ -700,7 +727,7 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
         capacity = None
         if rate is None:
             capacity = measure_capacity(drill)
-            rate = max(0.2, 0.7 * capacity - opts.ingest_rate)
+            rate = max(0.2, load_factor * capacity - opts.ingest_rate)
         log(f"soak {drill.run_id}: capacity {'not measured' if capacity is None else f'{capacity:.1f}/s'}; sync "
             f"{rate:.2f}/s + ingest {opts.ingest_rate}/s for {duration_s:.0f}s; RSS every {sample_every_s:.0f}s")
         stop = threading.Event()
