@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
 from infra.jobs_cmd import client_tls
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 
 DEFAULT_LEVELS = (1, 4, 16)

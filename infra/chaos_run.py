@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.chaos import (
     KILL_ROLE,
     PAUSE,
@@ -49,7 +50,6 @@ from infra.chaos import (
     rss_late_growth,
     split_latencies,
 )
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -277,7 +277,7 @@ class Drill:
             f"(logs: {self.log_dir})")
 
     def _make_ingest_tenant(self) -> None:
-        from infra.settings import Login
+        from config import Login
         from infra.stack.kafka_access import provision_tenant
         from stream.ingest import principal
         from stream.topics import tenant_topics

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from infra.settings import SettingsError, StackSettings
+from config import SettingsError, StackSettings
 from infra.stack import manager
 from infra.stack.base import StackError
 
@@ -62,7 +62,7 @@ def _model_quantize(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
-    from infra.settings import StreamSettings
+    from config import StreamSettings
     from stream import topics
 
     stream = StreamSettings.from_env()
@@ -73,7 +73,7 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
             print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
         return 0
-    from infra.settings import kafka_client
+    from config import kafka_client
     from infra.stack.kafka_access import provision
 
     actions = provision(kafka_client(stream), stream.topic_prefix, specs)
@@ -85,16 +85,16 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
 def _run(args: argparse.Namespace, settings: StackSettings) -> int:
     import logging
 
+    from config import PipelineSettings
     from infra.roles import run_role
-    from infra.settings import PipelineSettings
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {args.role}: %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "cassandra"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = PipelineSettings.from_env()
     if args.role == "all":
+        from config import kafka_client
         from infra.roles import SERVICES
-        from infra.settings import kafka_client
         from infra.stack.kafka_access import provision
         from infra.supervisor import Supervisor
         from stream import topics
@@ -128,9 +128,9 @@ def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _token(args: argparse.Namespace, settings: StackSettings) -> int:
+    from config import GatewaySettings
     from gateway.auth import SCOPES
     from gateway.devkeys import ensure_dev_keys, mint
-    from infra.settings import GatewaySettings
 
     gw = GatewaySettings.from_env()
     # Dev tokens are signed with keys made on this machine; only a dev-mode gateway trusts them.

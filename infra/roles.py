@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from infra.settings import PipelineSettings, kafka_client
+from config import PipelineSettings, kafka_client
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -176,9 +176,9 @@ def run_role(role: str, settings: PipelineSettings) -> None:
 def run_gateway() -> None:
     from dataclasses import replace
 
+    from config import GatewaySettings, StackSettings
     from gateway.app import run_gateway as serve
     from gateway.devkeys import ensure_dev_keys
-    from infra.settings import GatewaySettings, StackSettings
 
     settings = GatewaySettings.from_env()
     stream = replace(settings.pipeline.stream, kafka_user="gateway")  # its own Kafka principal

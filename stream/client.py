@@ -21,7 +21,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.settings import PipelineSettings, StreamSettings, kafka_client
+from config import PipelineSettings, StreamSettings, kafka_client
 from stream import headers as H
 from stream.errors import TransientError
 from stream.ingest import principal

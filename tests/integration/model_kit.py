@@ -10,7 +10,7 @@ import onnx
 from object_kit import root_minio
 from onnx import TensorProto, helper, numpy_helper
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from model_store.config import CONFIG_FILE, MODEL_FILE
 
 
@@ -80,7 +80,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
 
     from stream_kit import new_prefix
 
-    from infra.settings import kafka_client
+    from config import kafka_client
     from infra.stack.cassandra_access import grant_keyspace
     from infra.stack.kafka_access import provision
     from infra.stack.minio import encrypt_by_default

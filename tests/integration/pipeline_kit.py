@@ -8,8 +8,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.roles import ROLES
-from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
 from stream.client import DetectClient

@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.settings import StackSettings, StreamSettings, kafka_client
+from config import StackSettings, StreamSettings, kafka_client
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs

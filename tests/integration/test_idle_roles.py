@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from infra.stack.kafka_access import provision
 from model_store.registry import ModelEventLog
 from model_store.routing import Routing

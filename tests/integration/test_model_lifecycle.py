@@ -26,7 +26,7 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import new_prefix
 
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import provision
 from model_store.routing import bucket_of
 

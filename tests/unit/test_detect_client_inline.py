@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from stream.client import DetectClient, InlineLimitExceeded
 from stream.errors import TransientError
 

@@ -74,7 +74,7 @@ def test_reply_address() -> None:
 
 
 def test_scan_refuses_an_inline_image_past_the_inline_limit_unless_it_is_also_stored() -> None:
-    from infra.settings import PipelineSettings
+    from config import PipelineSettings
     from processors.scan import image_bytes
     from stream.errors import InvalidRecord
 
@@ -115,7 +115,7 @@ class _Msg:
 
 
 def test_a_partition_waits_uncommitted_while_the_registry_is_away() -> None:
-    from infra.settings import StreamSettings
+    from config import StreamSettings
     from stream.runtime import StageRunner
     from stream.serde import RegistryUnavailable
 

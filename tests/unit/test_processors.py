@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infra.settings import PipelineSettings, StreamSettings
+from config import PipelineSettings, StreamSettings
 from model_store.catalog import ModelCatalog
 from model_store.config import CONFIG_FILE, MODEL_FILE
 from model_store.detect import letterbox

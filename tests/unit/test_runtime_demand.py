@@ -8,7 +8,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, OFFSET_INVALID, TopicPartition
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.routing import Routing
 from model_store.watch import RoutingTable
 from processors.monitor import MonitorStage

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import MinioCredentials, SettingsError, StackSettings
+from config import MinioCredentials, SettingsError, StackSettings
 
 
 def test_defaults_bind_loopback_under_home(tmp_path: Path) -> None:
