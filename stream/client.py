@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Producer
@@ -53,7 +53,7 @@ class DetectClient:
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
         if as_tenant:
-            settings = replace(settings, kafka_user=principal(tenant))
+            settings = settings.replace(kafka_user=principal(tenant))
         self.settings = settings
         self.tenant = tenant
         self.as_tenant = as_tenant

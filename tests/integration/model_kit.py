@@ -76,7 +76,6 @@ SUITE_POLICY = "-suite-models"
 def reset_suite_registry(stack: StackSettings) -> None:
     """The suite's registry (its keyspace and models bucket, never a user's) emptied, then the default model
     pushed through the release gate: v1 is production, as after `make demo` on a fresh machine."""
-    from dataclasses import replace
 
     from stream_kit import new_prefix
 
@@ -92,7 +91,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
     settings = PipelineSettings.from_env()
     # The registry publishes on its own prefix's `models` topic, never the default deployment's (a user's
     # serving processes would follow the suite's routing); test pipelines republish on theirs.
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=new_prefix()))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=new_prefix()))
     provision(kafka_client(settings.stream, "admin"), settings.stream.topic_prefix)
     drop_suite_state(settings)
     # The suite's keyspace is made as the admin role, and each role granted its tables there (as on the stack's).

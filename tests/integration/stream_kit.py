@@ -22,11 +22,10 @@ from stream.serde import AvroSerde
 def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> StreamSettings:
     """The environment's settings (the suite's keyspace, the stack's ports, CA and credentials) on ``prefix``,
     with short batches and delays."""
-    from dataclasses import replace
 
     base = {"topic_prefix": prefix, "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50,
             "retry_delay_ms": 300}
-    return replace(StreamSettings.from_env(), **{**base, **overrides})
+    return StreamSettings.from_env().replace(**{**base, **overrides})
 
 
 _PREFIXES: list[str] = []
