@@ -137,6 +137,11 @@ class Settings(BaseSettings):
             out[name] = raw
         return out
 
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        """The declared default of field ``name`` (a class's field is not a class attribute)."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
+
     # ---- building -------------------------------------------------------------------------------------------
 
     @classmethod

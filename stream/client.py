@@ -49,7 +49,7 @@ class DetectClient:
     its own reply topic; docs/events.md, "Producing into Kafka as a tenant")."""
 
     def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
-                 inline_max_bytes: int = PipelineSettings.inline_max_bytes,
+                 inline_max_bytes: int = PipelineSettings.default_of("inline_max_bytes"),
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
         if as_tenant:
