@@ -224,6 +224,13 @@ def _chaos(args: argparse.Namespace, settings: StackSettings) -> int:
     return run_cli(args, settings)
 
 
+def _config(args: argparse.Namespace, settings: StackSettings) -> int:
+    from config.show import render
+
+    print(render(), end="")
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.demo import run_demo
 
@@ -316,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infra.chaos import add_cli as add_chaos_cli
 
     add_chaos_cli(sub).set_defaults(func=_chaos)
+
+    cf = sub.add_parser("config", help="the effective configuration: every setting, its variable and source")
+    cf.add_argument("action", choices=("show",))
+    cf.set_defaults(func=_config)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")
