@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Mapping, Self
+from typing import Annotated, Any, Mapping, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError
@@ -96,9 +96,6 @@ class Settings(BaseSettings):
     """The base of every settings class: frozen, strict about unknown names, infinities and NaN."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
-
-    # A one-line description used by `detectflow config show`.
-    section_doc: ClassVar[str] = ""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

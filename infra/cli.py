@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from config import SettingsError, StackSettings
+from config.show import render
 from infra.stack import manager
 from infra.stack.base import StackError
 
@@ -225,8 +226,6 @@ def _chaos(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _config(args: argparse.Namespace, settings: StackSettings) -> int:
-    from config.show import render
-
     print(render(), end="")
     return 0
 
