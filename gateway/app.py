@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from config import GatewaySettings, SettingsError, kafka_client
 from gateway import metrics as GM
 from gateway.audit import AuditLog
 from gateway.auth import Authenticator
@@ -22,7 +23,6 @@ from gateway.limits import ByteBudget, DailyQuota, FairShares, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
-from infra.settings import GatewaySettings, SettingsError, kafka_client
 
 log = logging.getLogger(__name__)
 

@@ -641,7 +641,7 @@ async def erase_tenant(request: web.Request) -> web.StreamResponse:
 
 
 def _policy_body(body: dict[str, Any], classes: tuple[str, ...] | None) -> dict[str, Any]:
-    from infra.settings import REVIEW_RETENTION_DAYS
+    from config import REVIEW_RETENTION_DAYS
 
     out: dict[str, Any] = {}
     for name in ("hidden_classes", "review_classes"):

@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from config import GatewaySettings
 from gateway.problems import Problem
-from infra.settings import GatewaySettings
 from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
 
 MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from config import REVIEW_RETENTION_DAYS, GatewaySettings
 from gateway.auth import SCOPES
 from gateway.inputs import (
     FORMATS,
@@ -24,7 +25,6 @@ from gateway.inputs import (
 )
 from gateway.problems import CODES, PROBLEM_TYPE_BASE
 from gateway.problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
-from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings
 from stream.bridge import SUBMITTED_MARK
 
 Schema = dict[str, Any]

@@ -32,9 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import StackSettings
 from infra.bench import cpu_seconds
 from infra.bench_sync import BenchError, reencode_jpeg, with_comment
-from infra.settings import StackSettings
 from infra.stack.clamd import SCAN_OPTIONS, SIGNATURE_DIR, clamd_binary, render_conf
 from processors.scanner import ClamdScanner, ScanVerdict, send_stream
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 
 INT8_SUFFIX = "-int8"
 FP32 = "FP32"

@@ -32,15 +32,15 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
 from infra.jobs_cmd import client_tls
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 
 DEFAULT_LEVELS = (1, 4, 16)
@@ -445,7 +445,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
            "DETECTFLOW_AUTH_DEV": "true",
            "DETECTFLOW_RATE_BURST": "100000", "DETECTFLOW_MAX_INFLIGHT": str(max(256, 4 * max(levels)))}
     settings = PipelineSettings.from_env(env)
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=prefix))
     gw = GatewaySettings.from_env(env)
     convert(settings.models_dir / settings.default_model / "1")
     bases = [reencode_jpeg(p.read_bytes()) for p in ensure_samples(stack.samples_dir, stack.cache_dir)]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import StackSettings
+from config import StackSettings
 
 SIZE = (416, 416)
 PAD = 128
@@ -124,8 +124,8 @@ def measure_broker(stack: StackSettings, values: dict[str, list[bytes]], passes:
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from config import StreamSettings, kafka_client
     from infra.bench import service_pids
-    from infra.settings import StreamSettings, kafka_client
 
     kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     broker_pid = service_pids(stack).get("kafka")

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from infra.settings import StackSettings
+from config import StackSettings
 
 SIZES = (1_000, 512 * 1024)
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -21,9 +21,10 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.chaos import (
     KILL_ROLE,
     PAUSE,
@@ -49,7 +50,6 @@ from infra.chaos import (
     rss_late_growth,
     split_latencies,
 )
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -209,7 +209,7 @@ class Drill:
                     # A per-tenant rate limit far above the load: the overload gates (in-flight, lag) stay real.
                     "DETECTFLOW_RATE_PER_S": "1000", "DETECTFLOW_RATE_BURST": "1000"}
         settings = PipelineSettings.from_env(self.env)
-        self.settings = replace(settings, stream=replace(settings.stream, topic_prefix=self.prefix))
+        self.settings = settings.replace(stream=settings.stream.replace(topic_prefix=self.prefix))
         self.gw = GatewaySettings.from_env(self.env)
         check_loopback(stack, self.settings)
         self.admin = kafka_client(self.settings.stream, "admin")
@@ -279,7 +279,7 @@ class Drill:
             f"(logs: {self.log_dir})")
 
     def _make_ingest_tenant(self) -> None:
-        from infra.settings import Login
+        from config import Login
         from infra.stack.kafka_access import provision_tenant
         from stream.ingest import principal
         from stream.topics import tenant_topics
@@ -419,7 +419,7 @@ class Drill:
         from stream.serde import AvroSerde
         from stream.topics import ingest_topic
 
-        stream = replace(self.settings.stream, kafka_user=principal(self.ingest_tenant))
+        stream = self.settings.stream.replace(kafka_user=principal(self.ingest_tenant))
         serde = AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         topic = ingest_topic(self.prefix, self.ingest_tenant)
         producer = Producer({**kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 5,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
 from infra.stack.kafka_access import provision
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from stream.client import DetectClient, InlineLimitExceeded
 from stream.errors import TransientError
 from stream.reply import ReplyTimeout

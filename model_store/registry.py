@@ -564,9 +564,9 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 
 
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
-    """The registry on the local stack (``settings``: infra.settings.PipelineSettings), as ``role`` in MinIO and
+    """The registry on the local stack (``settings``: config.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from infra.settings import kafka_client
+    from config import kafka_client
     from processors.objects import minio_client
     from stream.cassandra import connect
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
 from model_store.decoders import DecoderError, decode_outputs
 from model_store.detect import Candidates, to_model_input

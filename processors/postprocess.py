@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.detect import Candidates, nms, unletterbox
 from processors import metrics as PM

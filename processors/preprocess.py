@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.detect import letterbox_region
 from processors import metrics as PM

@@ -18,7 +18,7 @@ import logging
 from collections import Counter as Tally
 from typing import Any
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.routing import Routing
 from processors.inference import InferenceStage

@@ -16,12 +16,12 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.settings import PipelineSettings, StreamSettings, kafka_client
+from config import PipelineSettings, StreamSettings, kafka_client
 from stream import headers as H
 from stream.errors import TransientError
 from stream.ingest import principal
@@ -49,11 +49,11 @@ class DetectClient:
     its own reply topic; docs/events.md, "Producing into Kafka as a tenant")."""
 
     def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
-                 inline_max_bytes: int = PipelineSettings.inline_max_bytes,
+                 inline_max_bytes: int = PipelineSettings.default_of("inline_max_bytes"),
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
         if as_tenant:
-            settings = replace(settings, kafka_user=principal(tenant))
+            settings = settings.replace(kafka_user=principal(tenant))
         self.settings = settings
         self.tenant = tenant
         self.as_tenant = as_tenant

@@ -53,7 +53,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from infra.settings import StreamSettings, kafka_client
+from config import StreamSettings, kafka_client
 from stream import headers as H
 from stream import ingest
 from stream import metrics as M

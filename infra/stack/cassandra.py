@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from infra.settings import Login
+from config import Login
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
 from infra.stack.pki import Leaf, Pki, issue
 
@@ -305,7 +305,7 @@ auto_snapshot: false
         # driver from logging connection errors on every poll while the node boots.
         if not tcp_open(host, port, timeout_s=1.0):
             return False, f"CQL port {port} closed"
-        from infra.settings import SettingsError
+        from config import SettingsError
         from infra.stack.cassandra_access import admin_credentials
 
         try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from infra.settings import Login, StackSettings
+from config import Login, StackSettings
 from infra.stack.base import StackError
 
 SELECT, MODIFY = "SELECT", "MODIFY"  # MODIFY is INSERT, UPDATE, DELETE and TRUNCATE

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from infra.settings import StackSettings
+from config import StackSettings
 from stream.topics import (
     LANES,
     detections_topic,
@@ -221,7 +221,7 @@ def ensure_users(settings: StackSettings) -> None:
     """A SCRAM-SHA-512 credential per principal (password made once, 0600); re-sent on every `stack up`."""
     from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
-    from infra.settings import Login
+    from config import Login
 
     upserts = []
     for name in (ADMIN, *ROLES):

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import urllib3
 
-from infra.settings import SettingsError
+from config import SettingsError
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
 
 NOTIFY_ID = "PRIMARY"
@@ -124,7 +124,7 @@ class MinioService(Service):
         return self.data / "certs"
 
     def prepare(self, log: Callable[[str], None]) -> None:
-        from infra.settings import write_private
+        from config import write_private
         from infra.stack.pki import Pki, issue
 
         # MinIO serves HTTPS only once <certs-dir> holds public.crt (leaf + CA chain) and private.key; it
@@ -192,7 +192,7 @@ def kms_key(settings) -> str:  # type: ignore[no-untyped-def]
     import base64
     import secrets
 
-    from infra.settings import write_private
+    from config import write_private
 
     path = settings.secrets_dir / "minio-kms.key"
     if not path.exists():
@@ -214,7 +214,7 @@ def lifecycle_rules(settings) -> dict[str, list]:  # type: ignore[no-untyped-def
     from minio.commonconfig import ENABLED, Filter, Tag
     from minio.lifecycleconfig import Expiration, Rule
 
-    from infra.settings import REVIEW_RETENTION_DAYS
+    from config import REVIEW_RETENTION_DAYS
 
     def rule(rule_id: str, days: int, tag: tuple[str, str] | None = None) -> Rule:
         return Rule(ENABLED, rule_filter=Filter(tag=Tag(*tag)) if tag else Filter(prefix=""), rule_id=rule_id,

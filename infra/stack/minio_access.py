@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from infra.settings import MinioCredentials, StackSettings
+from config import MinioCredentials, StackSettings
 
 GET, PUT, DELETE, LIST = "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"
 # Tags drive the lifecycle rules (infra/stack/minio.py): an upload's URL tags it unclaimed, the gateway

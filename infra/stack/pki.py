@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.settings import write_private
+from config import write_private
 
 CA_DAYS = 3650
 LEAF_DAYS = 397  # the longest a browser accepts; renewed a month before its end

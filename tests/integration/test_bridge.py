@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from object_kit import minio_as
 from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
-from infra.settings import StackSettings, StreamSettings
+from config import StackSettings, StreamSettings
 from stream import topics as T
 from stream.bridge import EVENTS_TOPIC, SUBMITTED_MARK, BridgeStage, CassandraClaims
 from stream.cassandra import connect

@@ -12,8 +12,8 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
+from config import StackSettings, kafka_client
 from infra.cli import main
-from infra.settings import StackSettings, kafka_client
 from stream import headers as H
 from stream.client import DetectClient
 from stream.records import now_ms

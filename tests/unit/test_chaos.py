@@ -252,9 +252,9 @@ def test_only_a_loopback_stack_is_accepted() -> None:
 
 
 def test_the_cli_refuses_a_non_loopback_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config import PipelineSettings, StackSettings
     from infra.chaos import ChaosError
     from infra.chaos_run import check_loopback
-    from infra.settings import PipelineSettings, StackSettings
 
     monkeypatch.setenv("DETECTFLOW_KAFKA_BOOTSTRAP", "10.2.3.4:9092")
     with pytest.raises(ChaosError, match=re.escape("kafka=10.2.3.4:9092")):

@@ -5,11 +5,12 @@ built without its producer and reply router, and submit_image is captured)."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings, StreamSettings
 from stream.client import DetectClient, InlineLimitExceeded
 from stream.errors import TransientError
 
@@ -28,7 +29,7 @@ def test_the_default_inline_limit_is_the_pipelines() -> None:
     import inspect
 
     default = inspect.signature(DetectClient.__init__).parameters["inline_max_bytes"].default
-    assert default == PipelineSettings(stream=None, models_dir=None).inline_max_bytes  # type: ignore[arg-type]
+    assert default == PipelineSettings(stream=StreamSettings(), models_dir=Path("/nonexistent")).inline_max_bytes
 
 
 def test_up_to_the_limit_inline_past_it_by_reference_under_the_gateways_key() -> None:
