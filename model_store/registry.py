@@ -34,12 +34,12 @@ from typing import Any
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
 from model_store.convert import sha256_file as file_sha256
 from model_store.routing import Routing, RoutingError, report_key
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 log = logging.getLogger(__name__)
 
 PLATFORM_TENANT = "_platform"  # audit partition of registry changes; API tenants cannot start with '_'
 MAX_MODEL_BYTES = 2 * 1024 * 1024 * 1024
-MODEL_NAME_MAX = 64
 
 
 class RegistryError(RuntimeError):
@@ -52,11 +52,6 @@ class GateRefused(RegistryError):
     def __init__(self, message: str, report: Mapping[str, Any]):
         super().__init__(message)
         self.report = dict(report)
-
-
-def valid_model_name(name: str) -> bool:
-    return (0 < len(name) <= MODEL_NAME_MAX and (name[0].isalnum())
-            and all(c.isalnum() or c in "-_." for c in name) and ".." not in name)
 
 
 def comparable_config(config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -405,8 +400,7 @@ class Registry:
     # ---- push -------------------------------------------------------------------------------------------
     def push(self, model: str, source: Path, *, actor: str, gate: GateRunner) -> PushOutcome:
         if not valid_model_name(model):
-            raise RegistryError(f"invalid model name {model!r}: letters, digits, '-', '_', '.', at most "
-                                f"{MODEL_NAME_MAX}")
+            raise RegistryError(f"invalid model name {model!r}: {MODEL_NAME_RULE}")
         source = Path(source)
         model_file = source / MODEL_FILE
         if not model_file.is_file():
