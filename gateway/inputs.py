@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
 from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
+from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -38,8 +39,8 @@ class DetectParams:
     version: int | None = None
 
     def event_params(self) -> dict[str, Any]:
-        return {"score_threshold": self.score_threshold, "max_detections": self.max_detections,
-                "classes": list(self.classes)}
+        return events.detect_params(score_threshold=self.score_threshold, max_detections=self.max_detections,
+                                    classes=self.classes)
 
     def canonical(self) -> str:
         return json.dumps({**self.event_params(), "model": self.model, "version": self.version}, sort_keys=True)
