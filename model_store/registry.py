@@ -34,6 +34,7 @@ from typing import Any
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
 from model_store.convert import sha256_file as file_sha256
 from model_store.routing import Routing, RoutingError, report_key
+from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 log = logging.getLogger(__name__)
@@ -333,14 +334,14 @@ class ModelEventLog:
 
     def publish_state(self, routing: Routing, action: str, version: int, *, actor: str, sha256: str | None = None,
                       reason: str | None = None) -> dict[str, Any]:
-        event = {"model_name": routing.model, "version": version, "action": action, **routing.event_fields(),
-                 "sha256": sha256, "actor": actor, "reason": reason, "at": int(time.time() * 1000)}
+        event = events.model_event(model_name=routing.model, version=version, action=action, **routing.event_fields(),
+                                   sha256=sha256, actor=actor, reason=reason, at=int(time.time() * 1000))
         self._send(self.topic, routing.model, "ModelEvent", event)
         return event
 
     def report(self, model: str, version: int, action: str, instance: str, reason: str | None = None) -> None:
-        event = {"model_name": model, "version": version, "action": action, "actor": instance, "reason": reason,
-                 "at": int(time.time() * 1000)}
+        event = events.model_event(model_name=model, version=version, action=action, actor=instance, reason=reason,
+                                   at=int(time.time() * 1000))
         self._send(self.topic, report_key(model, version, instance), "ModelEvent", event)
 
     def audit(self, event: Mapping[str, Any]) -> None:
@@ -349,9 +350,9 @@ class ModelEventLog:
 
 def audit_event(subject: str, action: str, resource: str, *, outcome: str = "success", status: int = 200,
                 detail: str | None = None) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "tenant": PLATFORM_TENANT, "subject": subject, "action": action,
-            "resource": resource, "outcome": outcome, "status": status, "request_id": None, "detail": detail,
-            "event_time": int(time.time() * 1000)}
+    return events.audit_event(event_id=str(uuid.uuid4()), tenant=PLATFORM_TENANT, subject=subject, action=action,
+                              resource=resource, outcome=outcome, status=status, detail=detail,
+                              event_time=int(time.time() * 1000))
 
 
 def utc_day(epoch_ms: int) -> str:
