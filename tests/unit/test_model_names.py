@@ -85,3 +85,20 @@ def test_the_catalog_refuses_what_the_rule_refuses(name: str, tmp_path: Path) ->
     with pytest.raises(ModelNotFound, match="invalid model name"):
         catalog.get(name, 1)
     assert catalog.versions(name) == []
+
+
+def test_the_default_model_is_named_in_the_settings_only() -> None:
+    """The default model comes from PipelineSettings.default_model (DETECTFLOW_DEFAULT_MODEL) wherever a request
+    names none: no layer below the settings spells out a model name of its own."""
+    import ast
+
+    from infra.settings import PipelineSettings
+
+    root = Path(__file__).resolve().parents[2]
+    default = PipelineSettings.from_env({}).default_model
+    found = [f"{path.relative_to(root)}:{node.lineno}"
+             for package in ("stream", "processors", "gateway", "schemas")
+             for path in sorted((root / package).rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and node.value == default]
+    assert found == []
