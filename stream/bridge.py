@@ -123,7 +123,7 @@ class BridgeStage:
                  buckets: tuple[str, ...] = ("uploads",), clock: Callable[[], int] = now_ms):
         """``default_model``: what every upload is detected with (PipelineSettings.default_model)."""
         if not valid_model_name(default_model):
-            raise ValueError(f"default model {default_model!r}: {MODEL_NAME_RULE}")
+            raise ValueError(f"default model {default_model!r} (DETECTFLOW_DEFAULT_MODEL): {MODEL_NAME_RULE}")
         self.claims = claims
         self.default_model = default_model
         self.prefix = prefix

@@ -55,7 +55,7 @@ class DetectClient:
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
         if not valid_model_name(default_model):
-            raise ValueError(f"default model {default_model!r}: {MODEL_NAME_RULE}")
+            raise ValueError(f"default model {default_model!r} (DETECTFLOW_DEFAULT_MODEL): {MODEL_NAME_RULE}")
         if as_tenant:
             settings = replace(settings, kafka_user=principal(tenant))
         self.settings = settings

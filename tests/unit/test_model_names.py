@@ -102,3 +102,13 @@ def test_the_default_model_is_named_in_the_settings_only() -> None:
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Constant) and node.value == default]
     assert found == []
+
+
+@pytest.mark.parametrize("name", ["YoloV5", "x..y"])
+def test_the_gateway_refuses_to_start_with_a_default_model_that_is_not_a_name(name: str) -> None:
+    from gateway.app import create_app
+    from infra.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="DETECTFLOW_DEFAULT_MODEL"):
+        create_app(GatewaySettings.from_env({"DETECTFLOW_DEFAULT_MODEL": name}))
+    create_app(GatewaySettings.from_env({"DETECTFLOW_DEFAULT_MODEL": "ppe-v2"}))  # registers routes only
