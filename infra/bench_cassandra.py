@@ -35,6 +35,7 @@ from typing import Any
 
 from config import GatewaySettings, PipelineSettings, StackSettings
 from infra.bench import cpu_seconds, service_pids
+from schemas import events
 
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE)
 
@@ -152,11 +153,10 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
 
     def images_of(n: int, tag: str, job_id: str | None = None) -> list[dict[str, Any]]:
         at = now_ms()
-        return [{"request_id": f"{run}-{tag}-{i}", "tenant": tenant, "status": "OK", "detections": [],
-                 "image_width": 640, "image_height": 480, "image_sha256": uuid.uuid4().hex * 2,
-                 "model_name": "yolov4-tiny", "model_version": 1, "timings_ms": {}, "error_code": None,
-                 "error_message": None, "job_id": job_id, "lane": "ONLINE", "cache_hit": False,
-                 "completed_at": at, "submitted_at": at, "review": False} for i in range(n)]
+        return [events.detection_result(request_id=f"{run}-{tag}-{i}", tenant=tenant, status="OK", image_width=640,
+                                        image_height=480, image_sha256=uuid.uuid4().hex * 2, model_name="yolov4-tiny",
+                                        model_version=1, job_id=job_id, lane="ONLINE", submitted_at=at,
+                                        completed_at=at) for i in range(n)]
 
     def key_of(r: dict[str, Any]) -> CacheKey:
         return CacheKey(tenant, r["image_sha256"], "yolov4-tiny", 1, "bench")
@@ -189,9 +189,9 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
                 await store.put_request(tenant, r["request_id"], lane="ONLINE", image_sha256=r["image_sha256"],
                                         source=f"uploads/{tenant}/{r['image_sha256']}", model_name="yolov4-tiny",
                                         submitted_at=r["submitted_at"])
-                event = {"event_id": str(uuid.uuid4()), "tenant": tenant, "subject": "bench", "action": "detect",
-                         "resource": None, "outcome": "success", "status": 200, "request_id": r["request_id"],
-                         "detail": None, "event_time": now_ms()}
+                event = events.audit_event(event_id=str(uuid.uuid4()), tenant=tenant, subject="bench",
+                                           action="detect", outcome="success", status=200,
+                                           request_id=r["request_id"], event_time=now_ms())
                 await store.audit(event, utc_day())
 
         loop.run_until_complete(all_of())

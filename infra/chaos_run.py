@@ -50,6 +50,7 @@ from infra.chaos import (
     rss_late_growth,
     split_latencies,
 )
+from schemas import events
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -437,11 +438,12 @@ class Drill:
         while time.time() < stop_at and not self.abort.is_set():
             rid = str(uuid.uuid4())
             data = self.body("ingest")
-            event = {"request_id": rid, "tenant": self.ingest_tenant, "lane": "BATCH",
-                     "image": {"data": data, "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"},
-                     "model": {"name": self.settings.default_model, "version": None},
-                     "params": {"score_threshold": None, "max_detections": None, "classes": []},
-                     "deadline_ms": None, "idempotency_key": None, "job_id": None, "submitted_at": now_ms()}
+            event = events.image_submitted(
+                request_id=rid, tenant=self.ingest_tenant, lane="BATCH",
+                image=events.inline_image(data=data, sha256=hashlib.sha256(data).hexdigest(),
+                                          content_type="image/jpeg"),
+                model=events.model_selector(name=self.settings.default_model), params=events.detect_params(),
+                submitted_at=now_ms())
             producer.produce(topic, key=rid.encode(), value=serde.encode(topic, "ImageSubmitted", event),
                              on_delivery=delivered(Sent(rid, "ingest", "BATCH", time.time())))
             producer.poll(0)

@@ -83,7 +83,8 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from stream.bridge import BridgeStage, CassandraClaims
         from stream.cassandra import connect
 
-        return BridgeStage(CassandraClaims(connect(stream, role)), prefix=stream.topic_prefix), {"exactly_once": True}
+        return BridgeStage(CassandraClaims(connect(stream, role)), default_model=settings.default_model,
+                           prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
         from processors.objects import ObjectStore, minio_client
         from processors.scan import ScanStage

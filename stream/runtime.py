@@ -54,6 +54,7 @@ from confluent_kafka import (
 )
 
 from config import StreamSettings, kafka_client
+from schemas import events
 from stream import headers as H
 from stream import ingest
 from stream import metrics as M
@@ -610,12 +611,11 @@ class StageRunner:
         provenance = {H.DLQ_TOPIC: msg.topic().encode(), H.DLQ_PARTITION: str(msg.partition()).encode(),
                       H.DLQ_OFFSET: str(msg.offset()).encode(), H.ERROR_CLASS: error_class.encode(),
                       H.ERROR_MESSAGE: message[:500].encode(), H.ATTEMPT: str(attempts).encode()}
-        letter = {
-            "stage": self.stage.name, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
-            "key": msg.key(), "value": msg.value() or b"", "headers": original, "error_class": error_class,
-            "error_message": message[:2000], "attempts": attempts,
-            "request_id": request_fields(value).get("request_id") or key, "failed_at": now_ms(),
-        }
+        letter = events.dead_letter(
+            stage=self.stage.name, topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+            key=msg.key(), value=msg.value() or b"", headers=original, error_class=error_class,
+            error_message=message[:2000], attempts=attempts,
+            request_id=request_fields(value).get("request_id") or key, failed_at=now_ms())
         # The original headers (correlation id, traceparent) travel on, provenance on top.
         outputs = [Output(dlq_topic(origin), key or "", letter, "DeadLetter", {**original, **provenance})]
         if self.stage.emits_terminal_results:

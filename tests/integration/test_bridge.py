@@ -54,7 +54,8 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
 
     settings: StreamSettings = stream_settings(stack, prefix, max_batch=200)
     session = connect(settings, "bridge")
-    runner = StageRunner(BridgeStage(CassandraClaims(session), prefix=prefix), settings, exactly_once=True)
+    stage = BridgeStage(CassandraClaims(session), default_model="yolov4-tiny", prefix=prefix)
+    runner = StageRunner(stage, settings, exactly_once=True)
     runner.run(idle_stop_s=3.0)
     session.cluster.shutdown()
 
