@@ -15,8 +15,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.problems import Problem
+from imaging.headers import read_header, sniff_format
+from imaging.limits import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected
 from infra.settings import GatewaySettings
-from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
 
 MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

@@ -42,9 +42,9 @@ def instance_name(role: str, settings: PipelineSettings) -> str:
 def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tuple[Any, ...] = ()) -> Any:
     """The role's model catalog: version folders fetched from the registry on first use; with ``watch``,
     routed by the registry's `models` topic (read to its end before this returns)."""
-    from model_store.catalog import ModelCatalog
-    from model_store.registry import ModelObjects, fetcher
-    from model_store.watch import ModelWatcher
+    from model_store.control.registry import ModelObjects, fetcher
+    from model_store.control.watch import ModelWatcher
+    from model_store.serving.catalog import ModelCatalog
     from processors.objects import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
@@ -60,7 +60,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
 
 
 def _reporter(role: str, settings: PipelineSettings) -> Any:
-    from model_store.registry import ModelEventLog
+    from model_store.control.registry import ModelEventLog
 
     events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
                            registry_ca=settings.stream.tls_ca_file)
@@ -141,7 +141,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                         "queue_delay_ms": {"online": settings.batch_queue_delay_ms,
                                            "batch": settings.batch_queue_delay_ms}}
     if role == "monitor":
-        from model_store.registry import connect_registry
+        from model_store.control.registry import connect_registry
         from processors.monitor import MonitorStage
 
         registry = connect_registry(settings, role=role)

@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from imaging.letterbox import to_model_input
 from infra.settings import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
-from model_store.decoders import DecoderError, decode_outputs
-from model_store.detect import Candidates, to_model_input
-from model_store.routing import Routing
-from model_store.session import SessionError, SessionSettings, create_session
+from model_store.serving.boxes import Candidates
+from model_store.serving.catalog import ModelCatalog, ModelNotFound, ModelVersion
+from model_store.serving.decoders import DecoderError, decode_outputs
+from model_store.serving.routing import Routing
+from model_store.serving.session import SessionError, SessionSettings, create_session
 from processors import metrics as PM
 from processors.params import effective_params
 from processors.tensor_encoding import model_input

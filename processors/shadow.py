@@ -19,8 +19,8 @@ from collections import Counter as Tally
 from typing import Any
 
 from infra.settings import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.routing import Routing
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
+from model_store.serving.routing import Routing
 from processors.inference import InferenceStage
 from processors.params import effective_params
 from processors.postprocess import detections

@@ -26,9 +26,9 @@ from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
 from infra.settings import PipelineSettings, StackSettings
 from infra.stack.kafka_access import provision
-from model_store.registry import ModelEventLog
-from model_store.routing import Routing
-from model_store.watch import ModelWatcher
+from model_store.control.registry import ModelEventLog
+from model_store.control.watch import ModelWatcher
+from model_store.serving.routing import Routing
 from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage, shadow_topic
 from stream.records import Outcome, Output, Record

@@ -1,4 +1,4 @@
-"""The decode budget of processors.imaging: what an image costs once decoded, charged from its header alone."""
+"""The decode budget of imaging: what an image costs once decoded, charged from its header alone."""
 
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imaging.decode import prepare
+from imaging.headers import read_header
+from imaging.limits import DECODE_BUDGET_EXCEEDED, REJECTION_CODES, ImageLimits, ImageRejected
 from infra.settings import PipelineSettings, SettingsError
-from processors.imaging import (
-    DECODE_BUDGET_EXCEEDED,
-    REJECTION_CODES,
-    ImageLimits,
-    ImageRejected,
-    prepare,
-    read_header,
-)
 
 UNLIMITED = ImageLimits(max_decoded_bytes=10**15)
 

@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from imaging.letterbox import letterbox
 from infra.settings import PipelineSettings, StreamSettings
-from model_store.catalog import ModelCatalog
-from model_store.config import CONFIG_FILE, MODEL_FILE
-from model_store.detect import letterbox
-from model_store.routing import Routing
-from model_store.watch import RoutingTable
+from model_store.serving.catalog import ModelCatalog
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE
+from model_store.serving.routing import Routing, RoutingTable
 from processors.inference import InferenceStage, LoadedModel
 from processors.params import CacheKey, effective_params
 from processors.postprocess import PostprocessStage
@@ -30,7 +29,7 @@ SETTINGS = PipelineSettings(stream=StreamSettings(topic_prefix="u."), models_dir
 
 @pytest.fixture()
 def catalog(tmp_path: Path) -> ModelCatalog:
-    from model_store.convert import default_out_dir
+    from model_store.tools.convert import default_out_dir
 
     src = default_out_dir()
     if not (src / CONFIG_FILE).is_file():
@@ -336,7 +335,7 @@ def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_loa
     import threading
     import time
 
-    from model_store.session import SessionError
+    from model_store.serving.session import SessionError
 
     d = catalog.root / "yolov4-tiny" / "3"
     d.mkdir()

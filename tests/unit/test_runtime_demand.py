@@ -9,8 +9,7 @@ from typing import Any
 from confluent_kafka import OFFSET_END, OFFSET_INVALID, TopicPartition
 
 from infra.settings import PipelineSettings
-from model_store.routing import Routing
-from model_store.watch import RoutingTable
+from model_store.serving.routing import Routing, RoutingTable
 from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage
 from stream.runtime import StageRunner

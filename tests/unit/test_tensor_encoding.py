@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 import schemas
+from imaging.decode import prepare
+from imaging.letterbox import letterbox, letterbox_region
+from imaging.limits import ImageLimits
 from infra.settings import PipelineSettings, StreamSettings
-from model_store.catalog import ModelCatalog
-from model_store.config import InputSpec
-from model_store.detect import letterbox, letterbox_region
-from processors.imaging import ImageLimits, prepare
+from model_store.serving.catalog import ModelCatalog
+from model_store.serving.config import InputSpec
 from processors.inference import InferenceStage, load_onnx
 from processors.preprocess import PreprocessStage
 from processors.tensor_encoding import RAW, REGION, encoded, model_input
@@ -175,8 +176,8 @@ class InlineObjects:
 
 @pytest.fixture(scope="module")
 def model_catalog() -> ModelCatalog:
-    from model_store.config import CONFIG_FILE, MODEL_FILE
-    from model_store.convert import default_out_dir
+    from model_store.serving.config import CONFIG_FILE, MODEL_FILE
+    from model_store.tools.convert import default_out_dir
 
     version_dir = default_out_dir()
     if not (version_dir / CONFIG_FILE).is_file() or not (version_dir / MODEL_FILE).is_file():
