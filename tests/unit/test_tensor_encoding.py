@@ -21,7 +21,8 @@ from imaging.limits import ImageLimits
 from infra.settings import PipelineSettings, StreamSettings
 from model_store.serving.catalog import ModelCatalog
 from model_store.serving.config import InputSpec
-from processors.inference import InferenceStage, load_onnx
+from model_store.serving.pool import ModelPool, load_onnx
+from processors.inference import InferenceStage
 from processors.preprocess import PreprocessStage
 from processors.tensor_encoding import RAW, REGION, encoded, model_input
 from stream.errors import InvalidRecord
@@ -200,7 +201,7 @@ def test_region_records_give_the_same_detections_as_raw_ones(model_catalog: Mode
                                                  cv2.COLOR_BGR2GRAY))
     assert ok
     scanned.append(_scanned(gray.tobytes(), "grayscale"))
-    inference = InferenceStage(model_catalog, SETTINGS, loader=lambda mv: load_onnx(mv, 2))
+    inference = InferenceStage(model_catalog, SETTINGS, ModelPool(model_catalog, lambda mv: load_onnx(mv, 2)))
     candidates: dict[str, list[Any]] = {}
     sizes: dict[str, int] = {}
     for encoding in (RAW, REGION):
