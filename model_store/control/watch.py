@@ -43,8 +43,15 @@ class ModelWatcher:
         self._caught_up = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener, *, current: bool = False) -> None:
+        """``listener`` gets every routing change from now on (on the watcher thread); with ``current``, also each
+        model's routing as it stands, here and now (a change in between may reach it twice)."""
         self._listeners.append(listener)
+        if current:
+            for model in self.table.models():
+                routing = self.table.routing(model)
+                if routing is not None:
+                    listener(routing)
 
     def start(self, catch_up_s: float = 30.0) -> ModelWatcher:
         """Start the thread and wait (at most ``catch_up_s``) until the topic has been read to its end."""

@@ -128,7 +128,7 @@ def roles(stack: StackSettings) -> Iterator[Roles]:
     pipeline = PipelineSettings.from_env()
     settings = replace(pipeline, stream=stream_settings(stack, prefix))
     catalog = type("Catalog", (), {"table": watcher.table})()
-    shadow = ProbeShadow(catalog, settings, inference=object())  # type: ignore[arg-type]
+    shadow = ProbeShadow(catalog, settings, pool=object())  # type: ignore[arg-type]
     monitor = ProbeMonitor(watcher.table, None, settings)
     runners = {role: StageRunner(stage, stream_settings(stack, prefix, kafka_user=role))
                for role, stage in (("shadow", shadow), ("monitor", monitor))}
