@@ -1,4 +1,5 @@
-"""ModelPool: load once with warm-up, least-recently-used eviction of unwanted versions, typed failures, listeners."""
+"""ModelPool: load once with warm-up, LRU eviction of unwanted versions, typed failures, listeners; routing reaching
+the stages through model watcher listeners."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from infra.settings import PipelineSettings, StreamSettings
+from model_store.control.watch import ModelWatcher
 from model_store.serving import pool as pool_module
 from model_store.serving.catalog import ModelCatalog, ModelNotFound, ModelVersion
 from model_store.serving.config import MODEL_FILE, InputSpec, ModelConfig, OutputSpec, Provenance
@@ -25,9 +27,10 @@ from model_store.serving.pool import (
     StillLoading,
     load_onnx,
 )
-from model_store.serving.routing import RoutingTable
+from model_store.serving.routing import Routing, RoutingTable
 from model_store.serving.session import SessionError
 from processors.inference import InferenceStage
+from processors.shadow import ShadowStage
 from stream.errors import InvalidRecord, TransientError
 
 
@@ -215,3 +218,23 @@ def test_the_inference_stage_maps_pool_errors_to_record_failure_paths(catalog: M
             stage.model("m", 4)
     finally:
         gate.set()
+
+
+def test_routing_reaches_the_stages_through_watcher_listeners(catalog: ModelCatalog) -> None:
+    assert catalog.table is not None
+    routing = Routing("m").pushed(1).pushed(2).promoted(2)
+    catalog.table.apply({"action": "PROMOTED", "model_name": "m", **routing.event_fields()})
+    watcher = ModelWatcher({}, "https://registry.invalid", table=catalog.table)  # never started: no Kafka here
+    settings = PipelineSettings(stream=StreamSettings(), models_dir=catalog.root)
+    inference_loader, shadow_loader = Loader(), Loader()
+    inference = InferenceStage(catalog, settings, ModelPool(catalog, inference_loader))
+    shadow = ShadowStage(catalog, settings, ModelPool(catalog, shadow_loader))
+    watcher.add_listener(inference.on_routing, current=True)  # the routing as it stands reaches it at once
+    watcher.add_listener(shadow.on_routing, current=True)
+    wait_until(lambda: inference.pool.loaded_versions() == [("m", 1), ("m", 2)])  # production, previous, newest
+    assert shadow.pool.loaded_versions() == [] and shadow_loader.loads == []  # no shadow version: nothing
+    changed = routing.pushed(3).with_shadow(3)
+    catalog.table.apply({"action": "SHADOW", "model_name": "m", **changed.event_fields()})
+    watcher._notify("m")  # what the watcher thread does after folding in a change
+    wait_until(lambda: ("m", 3) in shadow.pool.loaded_versions() and ("m", 3) in inference.pool.loaded_versions())
+    assert shadow.pool.loaded_versions() == [("m", 3)]  # the shadow (also the newest)
