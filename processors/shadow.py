@@ -22,6 +22,7 @@ from infra.settings import PipelineSettings
 from model_store.serving.catalog import ModelCatalog, ModelNotFound
 from model_store.serving.pool import ModelPool
 from model_store.serving.routing import Routing
+from processors import metrics as PM
 from processors.inference import InferenceStage, model_pool
 from processors.params import effective_params
 from processors.postprocess import detections
@@ -123,8 +124,6 @@ class ShadowStage:
         return out
 
     def _skip(self, why: str, n: int, detail: str) -> None:
-        from processors import metrics as PM
-
         self.skipped[why] += n
         PM.SHADOW_SKIPPED.labels(why).inc(n)
         log.warning("shadow: %d record(s) skipped (%s): %s", n, why, detail)

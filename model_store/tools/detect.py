@@ -20,6 +20,7 @@ from imaging.letterbox import letterbox, to_model_input
 from model_store.serving.boxes import DetectError, Detection
 from model_store.serving.detector import Detector
 from model_store.serving.session import SessionSettings
+from model_store.tools.samples import ensure_samples
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -72,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from infra.settings import StackSettings  # only entry points read settings
-    from model_store.tools.convert import convert, default_out_dir
-    from model_store.tools.samples import ensure_samples
+    from model_store.tools.convert import convert, default_out_dir  # onnx, only to build the default model
 
     settings = StackSettings.from_env()
     model_dir = args.model or default_out_dir()
