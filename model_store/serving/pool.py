@@ -151,10 +151,6 @@ class ModelPool:
         with self._lock:
             return sorted(self._models)
 
-    def close(self) -> None:
-        """Stop the background loader (a load under way finishes; queued ones are dropped)."""
-        self._background.shutdown(wait=False, cancel_futures=True)
-
     def _load(self, key: tuple[str, int]) -> LoadedModel:
         name, version = key
         mv = self.catalog.get(name, version)
