@@ -40,7 +40,7 @@ class Gateway:
     buckets: TokenBuckets
     quota: DailyQuota
     audit: AuditLog
-    catalog: Any  # model_store.catalog.ModelCatalog, or None when no local model repository
+    catalog: Any  # model_store.serving.catalog.ModelCatalog, or None when no local model repository
     shares: FairShares
     health: Health
     cluster: Any = field(default=None, repr=False)
@@ -130,8 +130,8 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 def _catalog(settings: GatewaySettings) -> Any:
     """Pins are checked against the registry's routing (the `models` topic), else the local repository."""
-    from model_store.catalog import ModelCatalog
-    from model_store.watch import ModelWatcher
+    from model_store.control.watch import ModelWatcher
+    from model_store.serving.catalog import ModelCatalog
 
     p = settings.pipeline
     watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix,

@@ -103,7 +103,7 @@ def _class_names(gw: Gateway, model: str | None = None) -> tuple[str, ...] | Non
     """The default model's class names when the gateway sees the model repository (else the pipeline checks)."""
     if gw.catalog is None:
         return None
-    from model_store.catalog import ModelNotFound
+    from model_store.serving.catalog import ModelNotFound
 
     try:
         return tuple(gw.catalog.resolve(model or gw.settings.pipeline.default_model).config.class_names)
@@ -114,7 +114,7 @@ def _class_names(gw: Gateway, model: str | None = None) -> tuple[str, ...] | Non
 def _check_model(gw: Gateway, name: str, version: int | None) -> None:
     if gw.catalog is None:
         return
-    from model_store.catalog import ModelNotFound
+    from model_store.serving.catalog import ModelNotFound
 
     try:
         gw.catalog.check(name, version)

@@ -16,7 +16,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from config import GatewaySettings
 from gateway.problems import Problem
-from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
+from imaging.headers import read_header, sniff_format
+from imaging.limits import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected
 from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
 

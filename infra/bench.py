@@ -114,14 +114,17 @@ def service_pids(stack: StackSettings) -> dict[str, int]:
 def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 0) -> dict[str, float]:
     """ms per image and images per second of one process looping over ``images``; ``threads``: ONNX Runtime's
     intra-op threads, as the inference role's session (settings.intra_op_threads; 0: its default)."""
-    from model_store.detect import Detector, letterbox, to_model_input
-    from model_store.session import SessionSettings
-    from processors.imaging import ImageLimits, prepare
+    from imaging.decode import prepare
+    from imaging.letterbox import letterbox, to_model_input
+    from imaging.limits import ImageLimits
+    from model_store.serving.detector import Detector
+    from model_store.serving.session import SessionSettings
 
     det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads), conf_threshold=0.25,
                                   iou_threshold=0.45, max_detections=100)
     spec = det.config.input
-    from model_store.detect import decode, nms
+    from model_store.serving.boxes import nms
+    from model_store.serving.decoders import decode
 
     def one(data: bytes) -> None:
         img = prepare(data, ImageLimits()).image
@@ -159,8 +162,8 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
     from infra.supervisor import Supervisor
-    from model_store.convert import convert
-    from model_store.samples import ensure_samples
+    from model_store.tools.convert import convert
+    from model_store.tools.samples import ensure_samples
 
     run_id = uuid.uuid4().hex[:6]
     prefix = f"bench{run_id}."

@@ -231,7 +231,7 @@ def _verdict_name(v: ScanVerdict) -> str | None:
 
 
 def run_bench_clamd(stack: StackSettings, *, images: int) -> int:
-    from model_store.samples import ensure_samples
+    from model_store.tools.samples import ensure_samples
 
     binary = clamd_binary()
     if binary is None:

@@ -18,7 +18,7 @@ from typing import Any
 from infra.bench import cpu_seconds
 
 # The model's time per image on a GPU, for the projection: replace with a figure measured on a device
-# (e.g. `python -m model_store.detect --bench` on a TensorRT host) when there is one.
+# (e.g. `python -m model_store.tools.detect --bench` on a TensorRT host) when there is one.
 GPU_MODEL_MS_PER_IMG = 0.40
 GPU_MODEL_SOURCE = ("ONNX Runtime 1.31 CUDA provider, FP32, numpy in/out, batch 8, on an NVIDIA H200: the service as "
                     "written (measured 2026-11-30, docs/bench_gpu/)")
@@ -60,9 +60,11 @@ def measure_model_cost(bodies: Sequence[bytes], model_dir: Path, threads: int, r
     """Process CPU time (every thread: ONNX Runtime's intra-op pool works on its own threads) of prepare() and of
     session.run at batch 1 over ``bodies``, with the inference role's session settings. Run it while the
     pipeline idles; the process's other threads (an idle client) add a little noise."""
-    from model_store.detect import Detector, letterbox, to_model_input
-    from model_store.session import SessionSettings
-    from processors.imaging import ImageLimits, prepare
+    from imaging.decode import prepare
+    from imaging.letterbox import letterbox, to_model_input
+    from imaging.limits import ImageLimits
+    from model_store.serving.detector import Detector
+    from model_store.serving.session import SessionSettings
 
     det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads))
     spec = det.config.input

@@ -1,8 +1,8 @@
 """`python -m infra.bench_gpu`: one model version alone on a GPU, per execution provider and batch size.
 
-The service's own pieces, measured per batch size: the session from ``model_store/session.py``
+The service's own pieces, measured per batch size: the session from ``model_store/serving/session.py``
 (``create_session``), fed the float32 NCHW batch that ``model_store/detect.py`` ``to_model_input``
-builds, its outputs decoded by ``model_store/decoders.py`` ``decode_outputs``. Sections:
+builds, its outputs decoded by ``model_store/serving/decoders.py`` ``decode_outputs``. Sections:
 
 - ``ort-cpu``: ONNX Runtime's CPU provider, a few iterations, for reference;
 - ``ort-cuda``: the CUDA provider with numpy in and out (what ``processors/inference.py`` does), with
@@ -50,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig
-from model_store.decoders import decode_outputs
-from model_store.detect import letterbox, to_model_input
+from imaging.letterbox import letterbox, to_model_input
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig
+from model_store.serving.decoders import decode_outputs
 
 SECTIONS = ("ort-cpu", "ort-cuda", "ort-cuda-fp16", "ort-cuda-graph", "ort-trt", "torch", "tax")
 BUDGET_S = {"ort-cpu": 45.0, "ort-cuda": 60.0, "ort-cuda-fp16": 60.0, "ort-cuda-graph": 90.0, "ort-trt": 180.0,
@@ -192,7 +192,7 @@ def environment() -> dict[str, Any]:
     """What the host has: GPU, ONNX Runtime build and providers, PyTorch, TensorRT libraries."""
     import onnxruntime as ort
 
-    from model_store.session import usable_providers
+    from model_store.serving.session import usable_providers
 
     env: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": sys.version.split()[0],
                            "platform": platform.platform(), "cpus": os.cpu_count(),
@@ -253,7 +253,7 @@ def load_inputs(model_dir: Path, images: Path | None) -> Inputs:
 def reference(inputs: Inputs, model_dir: Path) -> None:
     """The CPU provider's FP32 outputs for every input tensor: what the other engines are compared with,
     and the real outputs that the decode figures decode."""
-    from model_store.session import CPU, SessionSettings, create_session
+    from model_store.serving.session import CPU, SessionSettings, create_session
 
     session, _ = create_session(model_dir / MODEL_FILE, SessionSettings(providers=(CPU,)))
     names = [o.name for o in session.get_outputs()]
@@ -312,7 +312,7 @@ def _ort_rows(report: Report, section: str, budget: Budget, session: Any, inputs
 
 
 def _available(report: Report, section: str, provider: str) -> bool:
-    from model_store.session import usable_providers
+    from model_store.serving.session import usable_providers
 
     if provider in usable_providers():
         return True
@@ -324,7 +324,7 @@ def _available(report: Report, section: str, provider: str) -> bool:
 
 
 def ort_section(report: Report, section: str, inputs: Inputs, args: argparse.Namespace) -> None:
-    from model_store.session import CPU, CUDA, TENSORRT, SessionSettings, create_session
+    from model_store.serving.session import CPU, CUDA, TENSORRT, SessionSettings, create_session
 
     budget = Budget(args.budget[section])
     model = args.model_dir / MODEL_FILE
@@ -393,7 +393,7 @@ def cuda_graph_rows(report: Report, budget: Budget, inputs: Inputs, args: argpar
     output addresses, so one session per precision and batch size, fed through IO binding and replayed."""
     import onnxruntime as ort
 
-    from model_store.session import CPU, CUDA
+    from model_store.serving.session import CPU, CUDA
 
     section = "ort-cuda-graph"
     name = inputs.config.input.name

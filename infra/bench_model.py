@@ -103,11 +103,11 @@ def serve(settings: PipelineSettings, stack: StackSettings, *, int8: bool) -> Se
 
 def _serve_int8(settings: PipelineSettings, stack: StackSettings, fp32: ServedModel) -> ServedModel:
     from infra.models_cmd import actor_name
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
-    from model_store.quantize import STATIC, QuantizeError, default_out_dir, quantize_version, read_images
-    from model_store.registry import RegistryError, VersionInfo, connect_registry
-    from model_store.samples import ensure_samples
+    from model_store.control.registry import RegistryError, VersionInfo, connect_registry
+    from model_store.tools.evalset import ensure_eval_set
+    from model_store.tools.gate import gate_runner
+    from model_store.tools.quantize import STATIC, QuantizeError, default_out_dir, quantize_version, read_images
+    from model_store.tools.samples import ensure_samples
 
     out = default_out_dir(stack.home, STATIC)
     try:

@@ -25,8 +25,10 @@ DETECT_ROUTE = "/v1/detect"
 
 
 def build_app(detector: Any) -> web.Application:
-    from model_store.detect import DetectError
-    from processors.imaging import ImageLimits, ImageRejected, prepare
+    from imaging.decode import prepare
+    from imaging.letterbox import LetterboxError
+    from imaging.limits import ImageLimits, ImageRejected
+    from model_store.serving.boxes import DetectError
 
     limits = ImageLimits()
 
@@ -39,7 +41,7 @@ def build_app(detector: Any) -> web.Application:
         body = await request.read()
         try:
             detections = await asyncio.get_running_loop().run_in_executor(None, detect_one, body)
-        except (ImageRejected, DetectError) as exc:
+        except (ImageRejected, LetterboxError, DetectError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"detections": detections})
 
@@ -98,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from model_store.detect import Detector
-    from model_store.session import SessionSettings
+    from model_store.serving.detector import Detector
+    from model_store.serving.session import SessionSettings
 
     detector = Detector.from_model_dir(args.model_dir, SessionSettings(intra_op_threads=args.threads),
                                        conf_threshold=0.25, iou_threshold=0.45, max_detections=100)

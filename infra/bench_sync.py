@@ -429,8 +429,8 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     from infra.bench_cost import HopMeter, per_image
     from infra.roles import SERVICES
     from infra.supervisor import Supervisor
-    from model_store.convert import convert
-    from model_store.samples import ensure_samples
+    from model_store.tools.convert import convert
+    from model_store.tools.samples import ensure_samples
     from stream import topics as T
 
     run_id = uuid.uuid4().hex[:6]

@@ -43,7 +43,7 @@ class Codec:
 
 
 def _place(region: np.ndarray, at: tuple[int, int]) -> np.ndarray:
-    from model_store.detect import place
+    from imaging.letterbox import place
 
     return place(region, SIZE, PAD, at)
 
@@ -74,9 +74,10 @@ def codecs() -> list[Codec]:
 
 
 def regions(stack: StackSettings) -> list[Image]:
-    from model_store.detect import letterbox_region
-    from model_store.samples import ensure_samples
-    from processors.imaging import ImageLimits, prepare
+    from imaging.decode import prepare
+    from imaging.letterbox import letterbox_region
+    from imaging.limits import ImageLimits
+    from model_store.tools.samples import ensure_samples
 
     out = []
     for path in ensure_samples(stack.samples_dir, stack.cache_dir):

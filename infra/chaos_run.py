@@ -261,8 +261,8 @@ class Drill:
         from infra.bench_sync import reencode_jpeg
         from infra.demo import bootstrap_default_model
         from infra.stack.kafka_access import provision
-        from model_store.convert import convert
-        from model_store.samples import ensure_samples
+        from model_store.tools.convert import convert
+        from model_store.tools.samples import ensure_samples
         from stream import topics as T
 
         log = self.opts.log

@@ -51,13 +51,13 @@ def _stack(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _model(args: argparse.Namespace, settings: StackSettings) -> int:
-    from model_store.convert import run_cli
+    from model_store.tools.convert import run_cli
 
     return run_cli(args)
 
 
 def _model_quantize(args: argparse.Namespace, settings: StackSettings) -> int:
-    from model_store.quantize import run_cli
+    from model_store.tools.quantize import run_cli
 
     return run_cli(args)
 
@@ -178,7 +178,7 @@ def _models(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _eval(args: argparse.Namespace, settings: StackSettings) -> int:
-    from model_store.evaluate import run_cli
+    from model_store.tools.evaluate import run_cli
 
     return run_cli(args)
 
@@ -249,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("model", help="the default model")
     md_sub = md.add_subparsers(dest="action", required=True)
-    from model_store.convert import add_cli as add_convert_cli
+    from model_store.tools.convert import add_cli as add_convert_cli
 
     add_convert_cli(md_sub).set_defaults(func=_model)
-    from model_store.quantize import add_cli as add_quantize_cli
+    from model_store.tools.quantize import add_cli as add_quantize_cli
 
     add_quantize_cli(md_sub).set_defaults(func=_model_quantize)
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_cli(sub).set_defaults(func=_models)
 
-    from model_store.evaluate import add_cli as add_eval_cli
+    from model_store.tools.evaluate import add_cli as add_eval_cli
 
     add_eval_cli(sub).set_defaults(func=_eval)
 

@@ -16,7 +16,7 @@ from infra.stack import manager
 from infra.stack.kafka_access import provision
 
 if TYPE_CHECKING:
-    from model_store.routing import Routing
+    from model_store.serving.routing import Routing
 
 
 def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings, *, quiet: bool = False) -> Routing:
@@ -24,9 +24,9 @@ def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings,
     its routing is published on the settings' topic prefix (serving follows only the registry's routing);
     returns that routing."""
     from infra.models_cmd import actor_name
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
-    from model_store.registry import connect_registry
+    from model_store.control.registry import connect_registry
+    from model_store.tools.evalset import ensure_eval_set
+    from model_store.tools.gate import gate_runner
 
     registry = connect_registry(pipeline)
     source = pipeline.models_dir / pipeline.default_model / "1"
@@ -47,8 +47,8 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
     from infra.detect_cmd import detect_files, format_results, make_client
     from infra.roles import LIFECYCLE_ROLES, ROLES
     from infra.supervisor import Supervisor
-    from model_store.convert import convert
-    from model_store.samples import ensure_samples
+    from model_store.tools.convert import convert
+    from model_store.tools.samples import ensure_samples
     from stream import topics
 
     pipeline = PipelineSettings.from_env()

@@ -1,6 +1,6 @@
 """`detectflow models list|push|promote|canary|shadow|rollback|retire|purge|compare`: the registry's CLI.
 
-Every change goes through model_store.registry (compare-and-set in Cassandra, published on the
+Every change goes through model_store.control.registry (compare-and-set in Cassandra, published on the
 compacted `models` topic, audited). promote and canary first wait (``ready_wait_s``) for an inference
 process to report the version READY (loaded and warmed up), so traffic never switches to a version
 that is still loading; a LOAD_FAILED report stops the switch. Exit codes: 0 done, 1 refused (gate
@@ -70,7 +70,7 @@ def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_models(args: argparse.Namespace, stack: StackSettings) -> int:
-    from model_store.registry import GateRefused, RegistryError, connect_registry
+    from model_store.control.registry import GateRefused, RegistryError, connect_registry
     from stream.errors import TransientError
 
     settings = PipelineSettings.from_env()
@@ -133,7 +133,7 @@ def describe(state: Any) -> str:
 
 def _await_ready(registry: Any, settings: PipelineSettings, model: str, version: int, force: bool) -> bool:
     """Wait for an inference process's READY (or LOAD_FAILED) report on the version."""
-    from model_store.watch import ModelWatcher, wait_for_report
+    from model_store.control.watch import ModelWatcher, wait_for_report
 
     info = registry.store.version(model, version)
     if info is None:
@@ -163,15 +163,15 @@ def _await_ready(registry: Any, settings: PipelineSettings, model: str, version:
 
 def _push(registry: Any, args: argparse.Namespace, settings: PipelineSettings, stack: StackSettings,
           actor: str) -> int:
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
+    from model_store.tools.evalset import ensure_eval_set
+    from model_store.tools.gate import gate_runner
 
     source = args.source
     if source is None:
         if args.name != settings.default_model:
             print("detectflow models push: give the folder holding model.onnx and config.json", file=sys.stderr)
             return 2
-        from model_store.convert import convert
+        from model_store.tools.convert import convert
 
         source = settings.models_dir / settings.default_model / "1"
         convert(source)

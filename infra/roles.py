@@ -39,38 +39,47 @@ def instance_name(role: str, settings: PipelineSettings) -> str:
     return f"{role}@{settings.stream.instance_id or socket.gethostname()}:{os.getpid()}"
 
 
-def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tuple[Any, ...] = ()) -> Any:
+def catalog(settings: PipelineSettings, role: str, *, watch: bool, table: Any = None) -> Any:
     """The role's model catalog: version folders fetched from the registry on first use; with ``watch``,
-    routed by the registry's `models` topic (read to its end before this returns)."""
-    from model_store.catalog import ModelCatalog
-    from model_store.registry import ModelObjects, fetcher
-    from model_store.watch import ModelWatcher
+    routed by the registry's `models` topic (read to its end before this returns); else by ``table`` if given
+    (a ``model_watcher``'s)."""
+    from model_store.control.registry import ModelObjects, fetcher
+    from model_store.serving.catalog import ModelCatalog
     from processors.objects import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     fetch = fetcher(objects, settings.models_dir)
-    if not watch:
-        return ModelCatalog(settings.models_dir, fetch=fetch)
+    if watch:
+        table = model_watcher(settings).table
+    return ModelCatalog(settings.models_dir, table=table, fetch=fetch)
+
+
+def model_watcher(settings: PipelineSettings) -> Any:
+    """A started ModelWatcher: the registry's `models` topic read to its end (within the catch-up deadline)."""
+    from model_store.control.watch import ModelWatcher
+
     watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
                            registry_ca=settings.stream.tls_ca_file)
-    for listener in listeners:
-        watcher.add_listener(listener)
-    watcher.start(settings.lifecycle.watch_catch_up_s)
-    return ModelCatalog(settings.models_dir, table=watcher.table, fetch=fetch)
+    return watcher.start(settings.lifecycle.watch_catch_up_s)
 
 
 def _reporter(role: str, settings: PipelineSettings) -> Any:
-    from model_store.registry import ModelEventLog
+    """A ModelPool listener that reports READY and LOAD_FAILED on `models` (the registry and the other
+    processes route around a version no instance could load)."""
+    from model_store.control.registry import ModelEventLog
+    from model_store.serving.pool import LOAD_FAILED, READY
 
     events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
                            registry_ca=settings.stream.tls_ca_file)
     instance = instance_name(role, settings)
 
-    def report(model: str, version: int, action: str, reason: str | None) -> None:
+    def report(event: Any) -> None:
+        if event.action not in (READY, LOAD_FAILED):
+            return
         try:
-            events.report(model, version, action, instance, reason)
+            events.report(event.model, event.version, event.action, instance, event.reason)
         except Exception as exc:  # a report is information; serving must not stop when Kafka hiccups
-            log.warning("could not report %s %s v%s: %s", action, model, version, exc)
+            log.warning("could not report %s %s v%s: %s", event.action, event.model, event.version, exc)
     return report
 
 
@@ -101,18 +110,15 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         return PreprocessStage(ObjectStore(minio_client(settings, role)), catalog(settings, role, watch=False),
                                settings), eos
     if role == "inference":
-        from processors.inference import InferenceStage
+        from processors.inference import InferenceStage, model_pool
 
-        holder: list[InferenceStage] = []
-        cat = catalog(settings, role, watch=True,
-                      listeners=(lambda routing: holder and holder[0].on_routing(routing),))
-        stage = InferenceStage(cat, settings, reporter=_reporter(role, settings))
-        holder.append(stage)
+        watcher = model_watcher(settings)
+        cat = catalog(settings, role, watch=False, table=watcher.table)
+        pool = model_pool(cat, settings)
+        pool.add_listener(_reporter(role, settings))
+        stage = InferenceStage(cat, settings, pool)
         loaded = stage.warm_up()  # load -> warm-up -> only then consume
-        for model in cat.table.models():  # what the registry routes to, loaded in the background
-            routing = cat.table.routing(model)
-            if routing is not None:
-                stage.on_routing(routing)
+        watcher.add_listener(stage.on_routing, current=True)  # what the registry routes to, loaded in the background
         if loaded is not None:
             log.info("inference: serving %s v%s on %s", loaded.version.name, loaded.version.version,
                      ", ".join(loaded.providers))
@@ -129,20 +135,14 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
     if role == "shadow":
         from processors.shadow import ShadowStage
 
-        holder_s: list[ShadowStage] = []
-        cat = catalog(settings, role, watch=True,
-                      listeners=(lambda routing: holder_s and holder_s[0].on_routing(routing),))
-        shadow = ShadowStage(cat, settings)
-        holder_s.append(shadow)
-        for model in cat.table.models():
-            routing = cat.table.routing(model)
-            if routing is not None:
-                shadow.on_routing(routing)
+        watcher = model_watcher(settings)
+        shadow = ShadowStage(catalog(settings, role, watch=False, table=watcher.table), settings)
+        watcher.add_listener(shadow.on_routing, current=True)
         return shadow, {"max_batch": settings.inference_max_batch,
                         "queue_delay_ms": {"online": settings.batch_queue_delay_ms,
                                            "batch": settings.batch_queue_delay_ms}}
     if role == "monitor":
-        from model_store.registry import connect_registry
+        from model_store.control.registry import connect_registry
         from processors.monitor import MonitorStage
 
         registry = connect_registry(settings, role=role)

@@ -7,34 +7,42 @@ grouped by model version, stacked into one input per chunk of the version's batc
 decoded by the version's decoder family; only candidates at or above each request's score threshold
 leave, best first and bounded, to keep records small.
 
-Hot reload: the stage listens to the registry (``on_routing``, called by the model watcher). Versions
-that will take traffic (production, canary, the previous production for an instant rollback, the newest pushed) are
-loaded and warmed up on a background thread while the current ones keep serving, then reported READY
-on `models`; a version that fails to load is reported LOAD_FAILED, routed around, and the old one
-keeps serving. A record for a version still loading waits for that load (never a second one). At
-most ``max_loaded_versions`` sessions stay loaded; the least recently used unneeded one goes first.
+Hot reload: the stage follows the registry (``on_routing``, a listener on the model watcher) and tells its
+``ModelPool`` (model_store/serving/pool.py) which versions will take traffic (production, canary, the previous
+production for an instant rollback, the newest pushed). The pool loads and warms them up on a background thread
+while the current ones keep serving, reports READY or LOAD_FAILED to its listeners (``pool_metrics`` here, the
+role's reports on `models`), and unloads the least recently used unneeded version past ``max_loaded_versions``.
+A version that fails to load is routed around and the old one keeps serving; a record for a version still
+loading waits for that load (never a second one).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from config import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
-from model_store.decoders import DecoderError, decode_outputs
-from model_store.detect import Candidates, to_model_input
-from model_store.routing import Routing
-from model_store.session import SessionError, SessionSettings, create_session
+from imaging.letterbox import to_model_input
+from model_store.serving.boxes import Candidates
+from model_store.serving.catalog import ModelCatalog, ModelNotFound, ModelVersion
+from model_store.serving.decoders import DecoderError, decode_outputs
+from model_store.serving.pool import (
+    LOAD_FAILED,
+    READY,
+    UNLOADED,
+    LoadedModel,
+    LoadFailed,
+    ModelPool,
+    PoolEvent,
+    StillLoading,
+    load_onnx,
+)
+from model_store.serving.routing import Routing
 from processors import metrics as PM
 from processors.params import effective_params
 from processors.tensor_encoding import model_input
@@ -46,33 +54,24 @@ from stream.topics import LANES, lane_topic
 
 log = logging.getLogger(__name__)
 
-Reporter = Callable[[str, int, str, "str | None"], None]  # (model, version, READY|LOAD_FAILED, reason)
-LOAD_WAIT_S = 120.0
+
+def model_pool(catalog: ModelCatalog, settings: PipelineSettings) -> ModelPool:
+    """The pool a stage serves from: ONNX Runtime sessions on ``intra_op_threads``, at most ``max_loaded_versions``
+    loaded, its READY/LOAD_FAILED/UNLOADED events on the metrics."""
+    pool = ModelPool(catalog, lambda mv: load_onnx(mv, settings.intra_op_threads),
+                     max_loaded=settings.lifecycle.max_loaded_versions)
+    pool.add_listener(pool_metrics)
+    return pool
 
 
-@dataclass
-class LoadedModel:
-    """A model version ready to serve: its session, warmed up."""
-
-    version: ModelVersion
-    run: Callable[[np.ndarray], dict[str, np.ndarray]]  # float32 NCHW batch -> outputs by name
-    providers: Sequence[str]
-
-
-def load_onnx(mv: ModelVersion, threads: int) -> LoadedModel:
-    """Open the version's session on the best usable providers and warm it up (first runs plan and allocate)."""
-    spec = mv.config.input
-    session, providers = create_session(mv.model_file, SessionSettings(intra_op_threads=threads),
-                                        max_batch=mv.config.max_batch,
-                                        input_shape=(spec.name, 3, spec.height, spec.width))
-    names = [o.name for o in session.get_outputs()]
-
-    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {spec.name: batch}), strict=True))
-
-    for n in (1, 2):
-        run(np.zeros((n, 3, spec.height, spec.width), dtype=np.float32))
-    return LoadedModel(mv, run, providers)
+def pool_metrics(event: PoolEvent) -> None:
+    labels = (event.model, str(event.version))
+    if event.action == READY:
+        PM.MODEL_READY.labels(*labels, event.provider).set(1)
+    elif event.action == UNLOADED:
+        PM.MODEL_READY.labels(*labels, event.provider).set(0)
+    elif event.action == LOAD_FAILED:
+        PM.MODEL_LOAD_FAILURES.labels(*labels).inc()
 
 
 def tensor_of(value: dict[str, Any], mv: ModelVersion) -> np.ndarray:
@@ -94,21 +93,12 @@ class InferenceStage:
     input_event = "ImagePreprocessed"
     emits_terminal_results = True
 
-    def __init__(self, catalog: ModelCatalog, settings: PipelineSettings,
-                 loader: Callable[[ModelVersion], LoadedModel] | None = None,
-                 clock: Callable[[], int] = now_ms, reporter: Reporter | None = None):
+    def __init__(self, catalog: ModelCatalog, settings: PipelineSettings, pool: ModelPool | None = None,
+                 clock: Callable[[], int] = now_ms):
         self.catalog = catalog
         self.settings = settings
         self.prefix = settings.stream.topic_prefix
-        self._loader = loader or (lambda mv: load_onnx(mv, settings.intra_op_threads))
-        self._models: dict[tuple[str, int], LoadedModel] = {}
-        self._loading: dict[tuple[str, int], Future[LoadedModel]] = {}
-        self._last_used: dict[tuple[str, int], float] = {}
-        self._wanted: dict[str, set[int]] = {}
-        self._lock = threading.Lock()
-        # One background load at a time: loading competes with serving for the same cores.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
-        self._report = reporter
+        self.pool = pool or model_pool(catalog, settings)
         self.clock = clock
 
     def input_topics(self) -> list[str]:
@@ -126,94 +116,22 @@ class InferenceStage:
         return self.model(mv.name, mv.version)
 
     def model(self, name: str, version: int) -> LoadedModel:
-        """The loaded version; loads it here if no background load is under way, else waits for that one."""
-        key = (name, version)
-        with self._lock:
-            loaded = self._models.get(key)
-            pending = self._loading.get(key)
-            if loaded is not None:
-                self._last_used[key] = time.monotonic()
-                return loaded
-        if pending is not None:
-            try:
-                return pending.result(timeout=LOAD_WAIT_S)
-            except FutureTimeout as exc:
-                raise TransientError(f"model {name} v{version} still loading after {LOAD_WAIT_S:.0f}s") from exc
-        return self._load(key)
-
-    def _load(self, key: tuple[str, int]) -> LoadedModel:
-        name, version = key
+        """The pool's loaded version, its errors mapped to a record's failure paths: a version that does not exist
+        is the record's fault (MODEL_NOT_FOUND), one that did not load (yet) is transient."""
         try:
-            mv = self.catalog.get(name, version)
+            return self.pool.get(name, version)
         except ModelNotFound as exc:
             raise InvalidRecord("MODEL_NOT_FOUND", str(exc)) from exc
-        t0 = time.perf_counter()
-        try:
-            loaded = self._loader(mv)
-        except SessionError as exc:
-            self._reported(name, version, "LOAD_FAILED", str(exc)[:500])
-            raise TransientError(f"model {name} v{version} failed to load: {exc}") from exc
-        log.info("model %s v%s ready on %s in %.1fs", name, version, loaded.providers[0], time.perf_counter() - t0)
-        PM.MODEL_READY.labels(name, str(version), loaded.providers[0]).set(1)
-        with self._lock:
-            self._models[key] = loaded
-            self._last_used[key] = time.monotonic()
-        self._reported(name, version, "READY", f"on {loaded.providers[0]} in {time.perf_counter() - t0:.1f}s")
-        self._evict()
-        return loaded
+        except (LoadFailed, StillLoading) as exc:
+            raise TransientError(str(exc)) from exc
 
-    def _reported(self, name: str, version: int, action: str, reason: str | None) -> None:
-        if action == "LOAD_FAILED":
-            PM.MODEL_LOAD_FAILURES.labels(name, str(version)).inc()
-            log.error("model %s v%s failed to load; the versions already loaded keep serving: %s", name, version,
-                      reason)
-        if self.catalog.table is not None:
-            self.catalog.table.mark_failed(name, version, action == "LOAD_FAILED")
-        if self._report is not None:
-            self._report(name, version, action, reason)
-
-    # ---- following the registry ------------------------------------------------------------------------
     def on_routing(self, routing: Routing) -> None:
-        """The registry changed: load what will take traffic, in the background (the watcher's thread)."""
+        """The registry changed (a model watcher listener): what will take traffic is loaded in the background."""
         # Production, the canary, the previous production (an instant rollback) and the newest pushed
         # version (the likely next canary: READY before anyone routes to it).
         newest = max(routing.versions, default=None)
         wanted = {v for v in (routing.production, routing.canary, *routing.previous[:1], newest) if v is not None}
-        with self._lock:
-            self._wanted[routing.model] = wanted
-            todo = [(routing.model, v) for v in sorted(wanted, reverse=True)
-                    if (routing.model, v) not in self._models and (routing.model, v) not in self._loading]
-            for key in todo:
-                future = self._pool.submit(self._background_load, key)
-                self._loading[key] = future
-        self._evict()
-
-    def _background_load(self, key: tuple[str, int]) -> LoadedModel:
-        try:
-            return self._load(key)
-        except (InvalidRecord, TransientError) as exc:
-            if not isinstance(exc, TransientError) or "failed to load" not in str(exc):
-                self._reported(key[0], key[1], "LOAD_FAILED", str(exc)[:500])
-            raise
-        finally:
-            with self._lock:
-                self._loading.pop(key, None)
-
-    def _evict(self) -> None:
-        limit = max(1, self.settings.lifecycle.max_loaded_versions)
-        with self._lock:
-            if len(self._models) <= limit:
-                return
-            unneeded = sorted((k for k in self._models if k[1] not in self._wanted.get(k[0], set())),
-                              key=lambda k: self._last_used.get(k, 0.0))
-            for key in unneeded[: len(self._models) - limit]:
-                PM.MODEL_READY.labels(key[0], str(key[1]), self._models.pop(key).providers[0]).set(0)
-                self._last_used.pop(key, None)
-                log.info("model %s v%s unloaded (not needed, least recently used)", *key)
-
-    def loaded_versions(self) -> list[tuple[str, int]]:
-        with self._lock:
-            return sorted(self._models)
+        self.pool.want(routing.model, wanted)
 
     # ---- records ----------------------------------------------------------------------------------
     def process(self, batch: list[Record]) -> list[Outcome]:
@@ -245,12 +163,12 @@ class InferenceStage:
                 continue
             limit = max(1, min(self.settings.inference_max_batch, loaded.version.config.max_batch))
             for start in range(0, len(idx), limit):
-                for i, outcome in self._run_chunk(loaded, [(i, batch[i]) for i in idx[start:start + limit]]):
+                for i, outcome in self.run_chunk(loaded, [(i, batch[i]) for i in idx[start:start + limit]]):
                     outcomes[i] = outcome
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None]
 
-    def _run_chunk(self, loaded: LoadedModel, chunk: list[tuple[int, Record]]) -> list[tuple[int, Outcome]]:
+    def run_chunk(self, loaded: LoadedModel, chunk: list[tuple[int, Record]]) -> list[tuple[int, Outcome]]:
         mv = loaded.version
         done: list[tuple[int, Outcome]] = []
         ready: list[tuple[int, Record, np.ndarray, float]] = []

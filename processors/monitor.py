@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from config import LifecycleSettings, PipelineSettings
-from model_store.detect import box_iou
-from model_store.watch import RoutingTable
+from model_store.serving.boxes import box_iou
+from model_store.serving.routing import RoutingTable
 from processors import metrics as PM
 from processors.shadow import shadow_topic
 from stream.errors import TransientError
@@ -147,7 +147,7 @@ class MonitorStage:
     def __init__(self, table: RoutingTable, registry: Any, settings: PipelineSettings,
                  clock: Any = time.monotonic):
         self.table = table
-        self.registry = registry  # model_store.registry.Registry: rollback() and store.add_agreement()
+        self.registry = registry  # model_store.control.registry.Registry: rollback() and store.add_agreement()
         self.settings = settings
         self.lifecycle = settings.lifecycle
         self.prefix = settings.stream.topic_prefix
@@ -216,7 +216,7 @@ class MonitorStage:
                 self._roll_back(model, routing.canary, *verdict)
 
     def _roll_back(self, model: str, version: int, cause: str, why: str) -> None:
-        from model_store.registry import RegistryError
+        from model_store.control.registry import RegistryError
 
         try:
             self.registry.rollback(model, actor="guardrail", reason=f"guardrail breach ({cause}): {why}",

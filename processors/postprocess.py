@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from config import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.detect import Candidates, nms, unletterbox
+from model_store.serving.boxes import Candidates, nms, unletterbox
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
 from processors import metrics as PM
 from processors.governance import (
     IMAGE_DELETED,

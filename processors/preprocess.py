@@ -4,7 +4,7 @@ Sniff by magic bytes, check byte and pixel limits from the header before decodin
 bombs), decode, apply the EXIF orientation, normalise to 8-bit BGR (grayscale, alpha, 16-bit, CMYK),
 then letterbox as the served model version's config says; the tensor leaves without its padding
 (``processors.tensor_encoding``, encoding ``region``) and inference pads it back. Bad input closes the
-request REJECTED with the precise code from processors.imaging.
+request REJECTED with the precise code from imaging.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from config import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.detect import letterbox_region
+from imaging.decode import prepare
+from imaging.letterbox import letterbox_region
+from imaging.limits import ImageLimits, ImageRejected
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
 from processors import metrics as PM
-from processors.imaging import ImageLimits, ImageRejected, prepare
 from processors.tensor_encoding import ENCODINGS, REGION, encoded
 from schemas import events
 from stream.errors import InvalidRecord

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from config import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
 from processors import metrics as PM
 from processors.governance import IMAGE_DELETED, apply_policy, deleted_at_of, deleted_result, hidden
 from processors.params import CacheKey, effective_params

@@ -19,9 +19,11 @@ from collections import Counter as Tally
 from typing import Any
 
 from config import PipelineSettings
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.routing import Routing
-from processors.inference import InferenceStage
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
+from model_store.serving.pool import ModelPool
+from model_store.serving.routing import Routing
+from processors import metrics as PM
+from processors.inference import InferenceStage, model_pool
 from processors.params import effective_params
 from processors.postprocess import detections
 from schemas import events
@@ -54,11 +56,12 @@ class ShadowStage:
     input_event = "ImagePreprocessed"
     emits_terminal_results = False
 
-    def __init__(self, catalog: ModelCatalog, settings: PipelineSettings, inference: InferenceStage | None = None):
+    def __init__(self, catalog: ModelCatalog, settings: PipelineSettings, pool: ModelPool | None = None):
         self.catalog = catalog
         self.settings = settings
         self.prefix = settings.stream.topic_prefix
-        self.runner = inference or InferenceStage(catalog, settings)
+        self.pool = pool or model_pool(catalog, settings)
+        self.runner = InferenceStage(catalog, settings, self.pool)  # runs chunks exactly as production does
         self.skipped: Tally[str] = Tally()
 
     def input_topics(self) -> list[str]:
@@ -73,10 +76,10 @@ class ShadowStage:
         return dict.fromkeys(self.input_topics(), shadowed)
 
     def on_routing(self, routing: Routing) -> None:
-        """Load a new shadow version in the background, before its records arrive."""
+        """The registry changed (a model watcher listener): load a new shadow version in the background, before
+        its records arrive, and the newest pushed version (the likely next shadow)."""
         if routing.shadow is not None:
-            self.runner.on_routing(Routing(model=routing.model, production=routing.shadow,
-                                           versions=routing.versions))
+            self.pool.want(routing.model, {routing.shadow, max(routing.versions, default=routing.shadow)})
 
     def _shadow_of(self, rec: Record) -> tuple[str, int] | None:
         model = rec.value["context"]["model"]
@@ -101,7 +104,7 @@ class ShadowStage:
             limit = max(1, min(self.settings.inference_max_batch, loaded.version.config.max_batch))
             for start in range(0, len(idx), limit):
                 chunk = [(i, batch[i]) for i in idx[start:start + limit]]
-                for i, outcome in self.runner._run_chunk(loaded, chunk):
+                for i, outcome in self.runner.run_chunk(loaded, chunk):
                     outcomes[i] = self._results(outcome, loaded.version.config.class_names)
         return outcomes
 
@@ -120,8 +123,6 @@ class ShadowStage:
         return out
 
     def _skip(self, why: str, n: int, detail: str) -> None:
-        from processors import metrics as PM
-
         self.skipped[why] += n
         PM.SHADOW_SKIPPED.labels(why).inc(n)
         log.warning("shadow: %d record(s) skipped (%s): %s", n, why, detail)

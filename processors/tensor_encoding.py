@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from model_store.config import InputSpec
-from model_store.detect import place
+from imaging.letterbox import place
+from model_store.serving.config import InputSpec
 from stream.errors import InvalidRecord
 
 RAW = "raw"

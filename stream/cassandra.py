@@ -155,7 +155,7 @@ def timestamp_ms(value: dt.datetime | None) -> int | None:
 # ---- the audit log -------------------------------------------------------------------------------------------
 # One row per AuditEvent (schemas/cql/003_gateway.cql, partition (tenant, UTC day)), keyed by its event id, so
 # writing an event again is a no-op. One statement for every writer: the gateway (gateway/store.py), the
-# registry (model_store/registry.py) and the recorder's TENANT_MISMATCH refusals (processors/recorder.py).
+# registry (model_store/control/registry.py) and the recorder's TENANT_MISMATCH refusals (processors/recorder.py).
 AUDIT_INSERT = (
     "INSERT INTO audit_log (tenant, day, event_time, event_id, subject, action, resource, outcome, status, "
     "request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")

@@ -34,7 +34,7 @@ def settings() -> StackSettings:
 @pytest.fixture(scope="session", autouse=True)
 def default_model_converted() -> Path | None:
     """The default model converted into the suite's repository (0.2 s; a no-op when up to date)."""
-    from model_store.convert import SourceMissingError, convert, locate_source
+    from model_store.tools.convert import SourceMissingError, convert, locate_source
 
     try:
         source = locate_source()
@@ -48,7 +48,7 @@ def default_model_converted() -> Path | None:
 @pytest.fixture(scope="session")
 def sample_images(settings: StackSettings) -> dict[str, Path]:
     """Sample images from package files (ultralytics, Debian darknet, scikit-image), by file name."""
-    from model_store.samples import ensure_samples
+    from model_store.tools.samples import ensure_samples
 
     paths = ensure_samples(settings.samples_dir, settings.cache_dir)
     return {p.name: p for p in paths}

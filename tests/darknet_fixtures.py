@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_store import darknet
+from model_store.tools import darknet
 
 
 def random_weights_file(network: darknet.Network, rng: np.random.Generator, *, conv_std: float,

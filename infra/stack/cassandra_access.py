@@ -52,7 +52,7 @@ ROLE_RIGHTS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
                 "audit_log": RW, "tenant_policies": RW},
     # The guardrail's rollback (LWT on routing, audited) and the shadow agreement counters (processors/monitor.py).
     "monitor": {"model_routing": RW, "shadow_agreement": (MODIFY,), "audit_log": (MODIFY,)},
-    # `detectflow models` and the demo's bootstrap (model_store/registry.py): the registry's only writer.
+    # `detectflow models` and the demo's bootstrap (model_store/control/registry.py): the registry's only writer.
     "registry": {"model_versions": RW, "model_routing": RW, "shadow_agreement": RW, "audit_log": RW},
 }
 ROLES = tuple(ROLE_RIGHTS)

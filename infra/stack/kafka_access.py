@@ -79,7 +79,7 @@ def bindings(prefix: str = "") -> list[Grant]:
         return [lane_topic(prefix, lane, step) for lane in LANES]
 
     models, audit, shadow = f"{prefix}models", f"{prefix}audit", f"{prefix}detections.shadow"
-    watchers = ("scan", "inference", "shadow", "monitor", "gateway", "registry")  # model_store.watch readers
+    watchers = ("scan", "inference", "shadow", "monitor", "gateway", "registry")  # model_store.control.watch readers
     watch = [g for p in watchers for g in _topic(p, [models], "read")]
     grants = [
         *stage_grants("bridge", prefix, [f"{prefix}{MINIO_EVENTS}"], [lane_topic(prefix, "batch", "submitted")]),

@@ -11,7 +11,7 @@ from object_kit import root_minio
 from onnx import TensorProto, helper, numpy_helper
 
 from config import PipelineSettings, StackSettings
-from model_store.config import CONFIG_FILE, MODEL_FILE
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE
 
 
 def variant(src: Path, dst: Path, *, tag: str, slow_matmuls: int = 0) -> Path:
@@ -84,9 +84,9 @@ def reset_suite_registry(stack: StackSettings) -> None:
     from infra.stack.kafka_access import provision
     from infra.stack.minio import encrypt_by_default
     from infra.stack.minio_access import grant_area
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
-    from model_store.registry import connect_registry
+    from model_store.control.registry import connect_registry
+    from model_store.tools.evalset import ensure_eval_set
+    from model_store.tools.gate import gate_runner
 
     settings = PipelineSettings.from_env()
     # The registry publishes on its own prefix's `models` topic, never the default deployment's (a user's

@@ -44,7 +44,7 @@ TEST_ENV = {"DETECTFLOW_RETRY_DELAY_MS": "1000", "DETECTFLOW_RETRY_MAX_ATTEMPTS"
 
 def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: Sequence[str] = ROLES,
                    extra_env: Mapping[str, str] | None = None, convert_default: bool = True) -> Iterator[Pipeline]:
-    from model_store.convert import convert
+    from model_store.tools.convert import convert
 
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
@@ -52,7 +52,7 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
     admin = kafka_client(settings.stream, "admin")
     provision(admin, prefix)
     if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix
-        from model_store.registry import connect_registry
+        from model_store.control.registry import connect_registry
 
         convert(settings.models_dir / settings.default_model / "1")
         registry = connect_registry(settings)

@@ -187,8 +187,8 @@ def test_each_role_can_run_what_its_code_runs(stack: StackSettings) -> None:
     import asyncio
 
     from gateway.store import GatewayStore
-    from model_store.registry import RegistryStore, audit_event
-    from model_store.routing import Routing
+    from model_store.control.registry import RegistryStore, audit_event
+    from model_store.serving.routing import Routing
     from processors.governance import Governance, store_unless_deleted
     from processors.jobs import CassandraJobs
     from processors.params import CacheKey

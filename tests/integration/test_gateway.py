@@ -33,9 +33,10 @@ from schemathesis.specs.openapi.checks import (
 from stream_kit import read_all
 
 from config import StackSettings
+from imaging.decode import prepare
+from imaging.limits import ImageLimits
 from infra.jobs_cmd import JobsClient
-from model_store.detect import Detector
-from processors.imaging import ImageLimits, prepare
+from model_store.serving.detector import Detector
 from stream.serde import AvroSerde
 
 PROBLEM = "application/problem+json"
@@ -49,7 +50,7 @@ def gw(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def reference() -> Detector:
-    from model_store.convert import default_out_dir
+    from model_store.tools.convert import default_out_dir
 
     return Detector.from_model_dir(default_out_dir(), conf_threshold=0.25, iou_threshold=0.45, max_detections=100)
 

@@ -26,9 +26,9 @@ from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
 from config import PipelineSettings, StackSettings
 from infra.stack.kafka_access import provision
-from model_store.registry import ModelEventLog
-from model_store.routing import Routing
-from model_store.watch import ModelWatcher
+from model_store.control.registry import ModelEventLog
+from model_store.control.watch import ModelWatcher
+from model_store.serving.routing import Routing
 from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage, shadow_topic
 from stream.records import Outcome, Output, Record
@@ -128,7 +128,7 @@ def roles(stack: StackSettings) -> Iterator[Roles]:
     pipeline = PipelineSettings.from_env()
     settings = pipeline.replace(stream=stream_settings(stack, prefix))
     catalog = type("Catalog", (), {"table": watcher.table})()
-    shadow = ProbeShadow(catalog, settings, inference=object())  # type: ignore[arg-type]
+    shadow = ProbeShadow(catalog, settings, pool=object())  # type: ignore[arg-type]
     monitor = ProbeMonitor(watcher.table, None, settings)
     runners = {role: StageRunner(stage, stream_settings(stack, prefix, kafka_user=role))
                for role, stage in (("shadow", shadow), ("monitor", monitor))}

@@ -28,7 +28,7 @@ from stream_kit import new_prefix
 
 from config import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import provision
-from model_store.routing import bucket_of
+from model_store.serving.routing import bucket_of
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ class Lifecycle:
 
     def detect_many(self, n: int, *, tenant: str, lane: str = "batch", params_of: Any = None,
                     version: int | None = None) -> list[dict[str, Any]]:
-        from model_store.samples import ensure_samples
+        from model_store.tools.samples import ensure_samples
 
         stack = self.pipeline.stack
         images = [p.read_bytes() for p in ensure_samples(stack.samples_dir, stack.cache_dir)]
@@ -68,10 +68,10 @@ class Lifecycle:
 
 @pytest.fixture(scope="module")
 def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
-    from model_store.convert import convert
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
-    from model_store.registry import connect_registry
+    from model_store.control.registry import connect_registry
+    from model_store.tools.convert import convert
+    from model_store.tools.evalset import ensure_eval_set
+    from model_store.tools.gate import gate_runner
 
     prefix = new_prefix()
     model = "lc-" + prefix.rstrip(".")
@@ -85,8 +85,8 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     registry = connect_registry(settings)
     gate = gate_runner(settings.lifecycle, ensure_eval_set(stack))
     assert registry.push(model, source, actor="test", gate=gate).version == 1
-    from model_store.quantize import quantize_version, read_images
-    from model_store.samples import ensure_samples
+    from model_store.tools.quantize import quantize_version, read_images
+    from model_store.tools.samples import ensure_samples
 
     quantize_version(source, work / "v2", calibration_images=read_images(ensure_samples(stack.samples_dir,
                                                                                         stack.cache_dir)))
@@ -134,7 +134,7 @@ def test_rollback_under_traffic_fails_no_request(lc: Lifecycle) -> None:
     errors: list[BaseException] = []
 
     def traffic() -> None:
-        from model_store.samples import ensure_samples
+        from model_store.tools.samples import ensure_samples
 
         stack = lc.pipeline.stack
         images = [p.read_bytes() for p in ensure_samples(stack.samples_dir, stack.cache_dir)]

@@ -21,9 +21,10 @@ from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
 from config import StackSettings
+from imaging.decode import prepare
+from imaging.limits import ImageLimits
 from infra.stack import manager
-from model_store.detect import Detector
-from processors.imaging import ImageLimits, prepare
+from model_store.serving.detector import Detector
 from stream.serde import AvroSerde
 from stream.topics import detections_topic, dlq_topic, lane_topic, retry_topic
 
@@ -39,7 +40,7 @@ def pipeline(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def reference(stack: StackSettings) -> Detector:
-    from model_store.convert import default_out_dir
+    from model_store.tools.convert import default_out_dir
 
     return Detector.from_model_dir(default_out_dir(), conf_threshold=0.25, iou_threshold=0.45, max_detections=100)
 

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from infra.bench_gpu import Report, fp16_model, keep_shape_constants_on_host, main, parse_batches
-from model_store.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
+from model_store.serving.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
 
 
 def _tiny_model(folder: Path) -> Path:

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from imaging.headers import read_header
 from infra.bench_sync import (
     NO_RESPONSE,
     BenchError,
@@ -25,7 +26,6 @@ from infra.bench_sync import (
     summarize,
     with_comment,
 )
-from processors.imaging import read_header
 
 
 def _png(seed: int, w: int = 64, h: int = 48) -> bytes:
@@ -171,7 +171,7 @@ def test_the_plain_server_answers_detections_as_json_and_rejects_what_does_not_d
     from aiohttp.test_utils import TestClient, TestServer
 
     from infra.bench_plain import DETECT_ROUTE, build_app, command
-    from model_store.detect import Detection
+    from model_store.serving.boxes import Detection
 
     class StandIn:  # the model: records what it was given, answers one box
         def __init__(self) -> None:

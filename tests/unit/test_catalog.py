@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.config import MODEL_FILE, InputSpec, ModelConfig, OutputSpec, Provenance
-from model_store.routing import Routing
-from model_store.watch import RoutingTable
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
+from model_store.serving.config import MODEL_FILE, InputSpec, ModelConfig, OutputSpec, Provenance
+from model_store.serving.routing import Routing, RoutingTable
 
 
 @pytest.fixture

@@ -15,11 +15,12 @@ import onnx
 import pytest
 from darknet_fixtures import random_weights_file
 
-from model_store import darknet
-from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig
-from model_store.convert import DarknetSource, SourceMissingError, build_model, convert, locate_source
-from model_store.detect import Detector, letterbox, to_model_input
-from model_store.session import CPU, SessionSettings, create_session, usable_providers
+from imaging.letterbox import letterbox, to_model_input
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig
+from model_store.serving.detector import Detector
+from model_store.serving.session import CPU, SessionSettings, create_session, usable_providers
+from model_store.tools import darknet
+from model_store.tools.convert import DarknetSource, SourceMissingError, build_model, convert, locate_source
 
 BOX_ATOL_PX = 2e-3
 SCORE_ATOL = 5e-5

@@ -11,18 +11,21 @@ import pytest
 from darknet_fixtures import random_weights_file
 
 from config import StackSettings
-from model_store import darknet
-from model_store.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
-from model_store.decoders import (
+from imaging.letterbox import letterbox, to_model_input
+from model_store.serving.boxes import Candidates
+from model_store.serving.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
+from model_store.serving.decoders import (
     DECODERS,
     SSD_DEFAULT_OUTPUTS,
     DecoderError,
     check_output_contract,
+    decode,
     decode_outputs,
     decoder_for,
 )
-from model_store.detect import Candidates, Detector, decode, letterbox, to_model_input
-from model_store.session import CPU, SessionSettings
+from model_store.serving.detector import Detector
+from model_store.serving.session import CPU, SessionSettings
+from model_store.tools import darknet
 
 PROVENANCE = Provenance("p", "0", (), "", "", "", "0", 17)
 

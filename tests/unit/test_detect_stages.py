@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_store.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
-from model_store.detect import (
-    Candidates,
-    DetectError,
-    box_iou,
-    decode,
-    letterbox,
-    nms,
-    to_model_input,
-    unletterbox,
-)
+from imaging.letterbox import LetterboxError, letterbox, to_model_input
+from model_store.serving.boxes import Candidates, DetectError, box_iou, nms, unletterbox
+from model_store.serving.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
+from model_store.serving.decoders import decode
 
 
 def _image(h: int, w: int) -> np.ndarray:
@@ -62,9 +55,9 @@ def test_unletterbox_clips_to_the_image() -> None:
 
 
 def test_letterbox_rejects_non_bgr_images() -> None:
-    with pytest.raises(DetectError):
+    with pytest.raises(LetterboxError):
         letterbox(np.zeros((10, 10), np.uint8), (416, 416), 128)
-    with pytest.raises(DetectError):
+    with pytest.raises(LetterboxError):
         letterbox(np.zeros((10, 10, 3), np.float32), (416, 416), 128)
 
 

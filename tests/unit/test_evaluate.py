@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from config import StackSettings
-from model_store import evalset
-from model_store.detect import Detection
-from model_store.evalset import (
+from model_store.serving.boxes import Detection
+from model_store.tools import evalset
+from model_store.tools.evalset import (
     COCO80,
     VOC20,
     EvalSetError,
@@ -27,7 +27,7 @@ from model_store.evalset import (
     canonical_name,
     labelme_boxes,
 )
-from model_store.evaluate import EvalError, add_cli, evaluate, format_report
+from model_store.tools.evaluate import EvalError, add_cli, evaluate, format_report
 
 
 def _png(width: int, height: int, marker: int) -> bytes:
@@ -56,7 +56,7 @@ def test_coco80_and_voc_names_map_onto_coco() -> None:
 
 def test_darknet_class_order_is_coco80() -> None:
     """The model numbers classes as COCO80 does (darknet spellings), so category ids are model class ids."""
-    from model_store.convert import SourceMissingError, locate_source, read_class_names
+    from model_store.tools.convert import SourceMissingError, locate_source, read_class_names
 
     try:
         names = read_class_names(locate_source().names)
@@ -309,8 +309,8 @@ def test_cli_parser_defaults() -> None:
 
 def test_real_set_gives_sane_map_for_yolov4_tiny(settings: StackSettings) -> None:
     """On the assembled set (when cached) the default model scores in a plausible range."""
-    from model_store.config import CONFIG_FILE
-    from model_store.detect import Detector
+    from model_store.serving.config import CONFIG_FILE
+    from model_store.serving.detector import Detector
 
     dest = evalset.set_dir(settings.home)
     model_dir = settings.models_dir / "yolov4-tiny" / "1"

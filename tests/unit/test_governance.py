@@ -21,7 +21,7 @@ from test_processors import (  # noqa: F401  (catalog is a fixture)
 
 from config import REVIEW_RETENTION_DAYS, GatewaySettings, SettingsError, StackSettings
 from infra.stack.minio import RETENTION_TAG, UNCLAIMED_TAG, lifecycle_rules
-from model_store.catalog import ModelCatalog
+from model_store.serving.catalog import ModelCatalog
 from processors.governance import (
     ERASED,
     IMAGE_DELETED,

@@ -1,4 +1,4 @@
-"""processors.imaging on real encoded images (cv2.imencode / Pillow / hand-built bytes) and the sample photos."""
+"""imaging on real encoded images (cv2.imencode / Pillow / hand-built bytes) and the sample photos."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from imaging_fixtures import (
 )
 from PIL import Image, ImageOps
 
-from processors import imaging
-from processors.imaging import (
-    ALPHA_BACKGROUND,
+from imaging.decode import ALPHA_BACKGROUND, apply_orientation, decode, prepare
+from imaging.headers import ImageHeader, read_header, sniff_format
+from imaging.limits import (
     CORRUPT_IMAGE,
     EMPTY_IMAGE,
     IMAGE_TOO_LARGE,
@@ -32,14 +32,8 @@ from processors.imaging import (
     REJECTION_CODES,
     TRUNCATED_IMAGE,
     UNSUPPORTED_FORMAT,
-    ImageHeader,
     ImageLimits,
     ImageRejected,
-    apply_orientation,
-    decode,
-    prepare,
-    read_header,
-    sniff_format,
 )
 
 W, H = 64, 48  # stored size of the synthetic images: multiples of 16, so JPEG blocks do not blur the corners
@@ -487,7 +481,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_decoding(*_: object) -> None:
         raise AssertionError("cv2.imdecode must not run")
 
-    monkeypatch.setattr(imaging.cv2, "imdecode", no_decoding)
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)  # the decoder imaging.decode calls
 
 
 def test_a_png_chunk_longer_than_the_data_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:

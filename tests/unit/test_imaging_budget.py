@@ -1,4 +1,4 @@
-"""The decode budget of processors.imaging: what an image costs once decoded, charged from its header alone."""
+"""The decode budget of imaging: what an image costs once decoded, charged from its header alone."""
 
 from __future__ import annotations
 
@@ -14,14 +14,9 @@ import pytest
 from PIL import Image
 
 from config import PipelineSettings, SettingsError
-from processors.imaging import (
-    DECODE_BUDGET_EXCEEDED,
-    REJECTION_CODES,
-    ImageLimits,
-    ImageRejected,
-    prepare,
-    read_header,
-)
+from imaging.decode import prepare
+from imaging.headers import read_header
+from imaging.limits import DECODE_BUDGET_EXCEEDED, REJECTION_CODES, ImageLimits, ImageRejected
 
 UNLIMITED = ImageLimits(max_decoded_bytes=10**15)
 

@@ -13,9 +13,8 @@ import pytest
 
 from config import LifecycleSettings
 from infra.models_cmd import summarize_agreement
-from model_store.registry import Registry, RegistryError, VersionInfo
-from model_store.routing import BUCKETS, Routing, RoutingError, bucket_of
-from model_store.watch import RoutingTable
+from model_store.control.registry import Registry, RegistryError, VersionInfo
+from model_store.serving.routing import BUCKETS, Routing, RoutingError, RoutingTable, bucket_of
 from processors.monitor import Window, WindowStats, agreement, breach
 
 
@@ -156,7 +155,7 @@ class MemoryEvents:
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    from model_store.config import InputSpec, ModelConfig, OutputSpec, Provenance
+    from model_store.serving.config import InputSpec, ModelConfig, OutputSpec, Provenance
 
     cfg = ModelConfig(name="x", decoder="yolov8", input=InputSpec("images", 32, 32),
                       outputs=(OutputSpec("output0", ("N", 6, 21), "boxes"),), class_names=("a", "b"), heads=(),

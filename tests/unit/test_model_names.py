@@ -10,8 +10,8 @@ import pytest
 from config import GatewaySettings
 from gateway.inputs import parse_body_params, parse_params
 from gateway.problems import Problem
-from model_store.catalog import ModelCatalog, ModelNotFound
-from model_store.watch import RoutingTable
+from model_store.serving.catalog import ModelCatalog, ModelNotFound
+from model_store.serving.routing import RoutingTable
 from schemas.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN, valid_model_name
 
 VALID = ["yolov4-tiny", "yolov5", "a", "0", "ssd_mobilenet.v2", "m-1.2_3", "x." * 32, "a" * MODEL_NAME_MAX, "v1."]
@@ -68,7 +68,7 @@ def test_the_gateway_default_model_is_the_setting() -> None:
 # ---- the registry -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["YoloV5", "x..y", "../etc", "a" * (MODEL_NAME_MAX + 1)])
 def test_models_push_refuses_what_the_gateway_refuses(name: str, tmp_path: Path) -> None:
-    from model_store.registry import Registry, RegistryError
+    from model_store.control.registry import Registry, RegistryError
 
     registry = Registry(None, None, None)  # type: ignore[arg-type]  # the name is checked before anything is read
     with pytest.raises(RegistryError, match="invalid model name"):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from config import PipelineSettings, StreamSettings
-from model_store.catalog import ModelCatalog
-from model_store.config import CONFIG_FILE, MODEL_FILE
-from model_store.detect import letterbox
-from model_store.routing import Routing
-from model_store.watch import RoutingTable
-from processors.inference import InferenceStage, LoadedModel
+from imaging.letterbox import letterbox
+from model_store.serving.catalog import ModelCatalog
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE
+from model_store.serving.pool import LoadedModel, ModelPool
+from model_store.serving.routing import Routing, RoutingTable
+from processors.inference import InferenceStage
 from processors.params import CacheKey, effective_params
 from processors.postprocess import PostprocessStage
 from processors.recorder import RecorderStage
@@ -29,7 +29,7 @@ SETTINGS = PipelineSettings(stream=StreamSettings(topic_prefix="u."), models_dir
 
 @pytest.fixture()
 def catalog(tmp_path: Path) -> ModelCatalog:
-    from model_store.convert import default_out_dir
+    from model_store.tools.convert import default_out_dir
 
     src = default_out_dir()
     if not (src / CONFIG_FILE).is_file():
@@ -254,7 +254,7 @@ def fake_model(calls: list[int]) -> Any:
 
 def test_inference_batches_drops_expired_and_keeps_candidates_above_the_threshold(catalog: ModelCatalog) -> None:
     calls: list[int] = []
-    stage = InferenceStage(catalog, SETTINGS.replace(inference_max_batch=4), loader=fake_model(calls))
+    stage = InferenceStage(catalog, SETTINGS.replace(inference_max_batch=4), ModelPool(catalog, fake_model(calls)))
     image = np.full((300, 400, 3), 90, np.uint8)
     recs = [record(preprocessed(catalog, image, f"r{i}"), lane="batch") for i in range(6)]
     recs.append(record(preprocessed(catalog, image, "late", deadline_ms=now_ms() - 5), lane="batch"))
@@ -271,7 +271,7 @@ def test_inference_batches_drops_expired_and_keeps_candidates_above_the_threshol
 
 
 def test_inference_refuses_a_tensor_that_breaks_the_input_contract(catalog: ModelCatalog) -> None:
-    stage = InferenceStage(catalog, SETTINGS, loader=fake_model([]))
+    stage = InferenceStage(catalog, SETTINGS, ModelPool(catalog, fake_model([])))
     value = preprocessed(catalog, np.zeros((10, 10, 3), np.uint8), "r")
     value["shape"] = [3, 100, 100]
     (out,) = stage.process([record(value)])
@@ -335,7 +335,7 @@ def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_loa
     import threading
     import time
 
-    from model_store.session import SessionError
+    from model_store.serving.session import SessionError
 
     d = catalog.root / "yolov4-tiny" / "3"
     d.mkdir()
@@ -354,17 +354,18 @@ def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_loa
 
     reports: list[tuple[Any, ...]] = []
     table = RoutingTable()
-    stage = InferenceStage(ModelCatalog(catalog.root, table=table), SETTINGS, loader=loader,
-                           reporter=lambda *a: reports.append(a))
+    pool = ModelPool(ModelCatalog(catalog.root, table=table), loader)
+    pool.add_listener(lambda e: reports.append((e.model, e.version, e.action, e.reason)))
+    stage = InferenceStage(pool.catalog, SETTINGS, pool)
     routing = Routing("yolov4-tiny").pushed(1).pushed(2)
     stage.on_routing(routing)  # production 1 and the newest, 2: loaded on the loader thread
-    assert stage.loaded_versions() == []  # on_routing returned while the loads wait
+    assert pool.loaded_versions() == []  # on_routing returned while the loads wait
     release.set()
     assert stage.model("yolov4-tiny", 2).version.version == 2  # waits for the background load
     deadline = time.monotonic() + 10
-    while len(stage.loaded_versions()) < 2 and time.monotonic() < deadline:
+    while len(pool.loaded_versions()) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert stage.loaded_versions() == [("yolov4-tiny", 1), ("yolov4-tiny", 2)]
+    assert pool.loaded_versions() == [("yolov4-tiny", 1), ("yolov4-tiny", 2)]
     assert sorted(loads) == [1, 2]  # one load each, never a second one for the record that waited
     assert {(r[1], r[2]) for r in reports} == {(1, "READY"), (2, "READY")}
 
@@ -374,4 +375,4 @@ def test_inference_hot_loads_in_the_background_reports_and_survives_a_failed_loa
     failed = [r for r in reports if r[2] == "LOAD_FAILED"]
     assert failed and failed[0][1] == 3 and "broken graph" in failed[0][3]
     assert table.unavailable("yolov4-tiny") == {3}
-    assert ("yolov4-tiny", 3) not in stage.loaded_versions() and len(stage.loaded_versions()) == 2
+    assert ("yolov4-tiny", 3) not in pool.loaded_versions() and len(pool.loaded_versions()) == 2

@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from model_store.config import (
+from imaging.letterbox import letterbox, to_model_input
+from model_store.serving.config import (
     CONFIG_FILE,
     MODEL_FILE,
     InputSpec,
@@ -22,8 +23,7 @@ from model_store.config import (
     Provenance,
     YoloHeadSpec,
 )
-from model_store.detect import letterbox, to_model_input
-from model_store.quantize import (
+from model_store.tools.quantize import (
     DYNAMIC,
     STATIC,
     QuantizeError,

@@ -22,7 +22,7 @@ from test_processors import SETTINGS, FakeResults, catalog, inferred, record  # 
 
 import stream.cassandra
 from config import Login
-from model_store.catalog import ModelCatalog
+from model_store.serving.catalog import ModelCatalog
 from processors.governance import IMAGE_DELETED
 from processors.jobs import CassandraJobs, JobTracker
 from processors.postprocess import PostprocessStage

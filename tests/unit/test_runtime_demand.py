@@ -8,8 +8,7 @@ from typing import Any
 from confluent_kafka import OFFSET_END, OFFSET_INVALID, TopicPartition
 
 from config import PipelineSettings
-from model_store.routing import Routing
-from model_store.watch import RoutingTable
+from model_store.serving.routing import Routing, RoutingTable
 from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage
 from stream.runtime import StageRunner
@@ -170,7 +169,7 @@ def _table(*routings: Routing) -> RoutingTable:
 def test_shadow_reads_the_tensors_only_while_a_model_has_a_shadow() -> None:
     table = _table(Routing("m", production=1, versions=(1, 2)))
     catalog = type("Catalog", (), {"table": table})()
-    stage = ShadowStage(catalog, _settings(), inference=object())  # type: ignore[arg-type]
+    stage = ShadowStage(catalog, _settings(), pool=object())  # type: ignore[arg-type]
     tensors = ["u.detect.online.preprocessed", "u.detect.batch.preprocessed"]
     assert stage.on_demand_topics() == dict.fromkeys(tensors, False)
     table._routing["m"] = Routing("m", production=1, canary=2, canary_percent=10, versions=(1, 2))

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from model_store import samples
+from model_store.tools import samples
 
 
 def _fake_wheel(cache: Path, source: samples.WheelSource, members: dict[str, bytes]) -> None:

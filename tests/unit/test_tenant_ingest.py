@@ -277,7 +277,7 @@ def replace_value(rec: Record, value: dict[str, Any]) -> Record:
 
 
 def test_scan_stamps_the_topics_tenant_and_lane_on_a_matching_record(tmp_path: Path) -> None:
-    from model_store.catalog import ModelCatalog, ModelNotFound
+    from model_store.serving.catalog import ModelCatalog, ModelNotFound
 
     class _Catalog(ModelCatalog):
         def resolve(self, *args: Any) -> Any:

@@ -16,11 +16,13 @@ import pytest
 
 import schemas
 from config import PipelineSettings, StreamSettings
-from model_store.catalog import ModelCatalog
-from model_store.config import InputSpec
-from model_store.detect import letterbox, letterbox_region
-from processors.imaging import ImageLimits, prepare
-from processors.inference import InferenceStage, load_onnx
+from imaging.decode import prepare
+from imaging.letterbox import letterbox, letterbox_region
+from imaging.limits import ImageLimits
+from model_store.serving.catalog import ModelCatalog
+from model_store.serving.config import InputSpec
+from model_store.serving.pool import ModelPool, load_onnx
+from processors.inference import InferenceStage
 from processors.preprocess import PreprocessStage
 from processors.tensor_encoding import RAW, REGION, encoded, model_input
 from stream.errors import InvalidRecord
@@ -175,8 +177,8 @@ class InlineObjects:
 
 @pytest.fixture(scope="module")
 def model_catalog() -> ModelCatalog:
-    from model_store.config import CONFIG_FILE, MODEL_FILE
-    from model_store.convert import default_out_dir
+    from model_store.serving.config import CONFIG_FILE, MODEL_FILE
+    from model_store.tools.convert import default_out_dir
 
     version_dir = default_out_dir()
     if not (version_dir / CONFIG_FILE).is_file() or not (version_dir / MODEL_FILE).is_file():
@@ -199,7 +201,7 @@ def test_region_records_give_the_same_detections_as_raw_ones(model_catalog: Mode
                                                  cv2.COLOR_BGR2GRAY))
     assert ok
     scanned.append(_scanned(gray.tobytes(), "grayscale"))
-    inference = InferenceStage(model_catalog, SETTINGS, loader=lambda mv: load_onnx(mv, 2))
+    inference = InferenceStage(model_catalog, SETTINGS, ModelPool(model_catalog, lambda mv: load_onnx(mv, 2)))
     candidates: dict[str, list[Any]] = {}
     sizes: dict[str, int] = {}
     for encoding in (RAW, REGION):

@@ -35,8 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_store import darknet
-from model_store.config import (
+from model_store.serving.config import (
     CONFIG_FILE,
     MODEL_FILE,
     InputSpec,
@@ -46,6 +45,7 @@ from model_store.config import (
     Provenance,
     YoloHeadSpec,
 )
+from model_store.tools import darknet
 
 log = logging.getLogger(__name__)
 

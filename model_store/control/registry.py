@@ -10,7 +10,7 @@ Layout of the models bucket (Triton's repository, in object storage)::
     <model>/<version>/gate.json         the release gate's report
 
 Files are written before the Cassandra row that makes a version exist, so a version row always has
-its files. The routing state (``model_store.routing.Routing``) lives in ``model_routing`` and changes
+its files. The routing state (``model_store.serving.routing.Routing``) lives in ``model_routing`` and changes
 only by compare-and-set on its revision; after each change the full state is published on the
 compacted `models` topic (key: the model name) for the serving processes, and an audit event is
 written (tenant ``_platform``, which no API tenant can name).
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
-from model_store.convert import sha256_file as file_sha256
-from model_store.routing import Routing, RoutingError, report_key
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
+from model_store.serving.routing import Routing, RoutingError, report_key
+from model_store.tools.convert import sha256_file as file_sha256
 from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
 
@@ -543,7 +543,7 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     from minio.error import MinioException
     from urllib3.exceptions import HTTPError
 
-    from model_store.catalog import ModelNotFound
+    from model_store.serving.catalog import ModelNotFound
     from stream.errors import TransientError
 
     def fetch(model: str, version: int) -> Path:

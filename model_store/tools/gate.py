@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from model_store.config import ModelConfig
-from model_store.registry import GateRefused, VersionInfo
+from model_store.control.registry import GateRefused, VersionInfo
+from model_store.serving.config import ModelConfig
 
 
 def _check(name: str, passed: bool, detail: str, **figures: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def structural_checks(model_file: Path, config: ModelConfig) -> tuple[list[dict[
     import onnx
     import onnxruntime as ort
 
-    from model_store.decoders import DecoderError, check_output_contract
+    from model_store.serving.decoders import DecoderError, check_output_contract
 
     checks: list[dict[str, Any]] = []
 
@@ -83,7 +83,7 @@ def structural_checks(model_file: Path, config: ModelConfig) -> tuple[list[dict[
 
 def latency_ms(session: Any, config: ModelConfig, images: list[np.ndarray], rounds: int) -> list[float]:
     """Model latency of single images (preprocessed outside the timing), ``rounds`` passes over ``images``."""
-    from model_store.detect import letterbox, to_model_input
+    from imaging.letterbox import letterbox, to_model_input
 
     spec = config.input
     batches = []
@@ -104,9 +104,10 @@ def latency_ms(session: Any, config: ModelConfig, images: list[np.ndarray], roun
 def run_gate(model_file: Path, config: ModelConfig, production: VersionInfo | None, *, eval_dir: Path,
              max_map_drop: float, p95_budget_ms: float, rounds: int = 3) -> dict[str, Any]:
     """The gate report: ``passed`` (all checks), ``checks``, and ``metrics`` to store with the version."""
-    from model_store.decoders import DecoderError
-    from model_store.detect import DetectError, Detector
-    from model_store.evaluate import EvalError, evaluate, load_ground_truth, load_images
+    from model_store.serving.boxes import DetectError
+    from model_store.serving.decoders import DecoderError
+    from model_store.serving.detector import Detector
+    from model_store.tools.evaluate import EvalError, evaluate, load_ground_truth, load_images
 
     checks, session = structural_checks(model_file, config)
     try:

@@ -53,8 +53,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from model_store.config import CONFIG_FILE, MODEL_FILE, InputSpec, ModelConfig, ModelConfigError
-from model_store.detect import letterbox, to_model_input
+from imaging.letterbox import letterbox, to_model_input
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE, InputSpec, ModelConfig, ModelConfigError
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     from config import StackSettings  # only entry points read settings
-    from model_store.convert import ConversionError, convert
-    from model_store.convert import default_out_dir as default_source_dir
-    from model_store.samples import SamplesError, ensure_samples
+    from model_store.tools.convert import ConversionError, convert
+    from model_store.tools.convert import default_out_dir as default_source_dir
+    from model_store.tools.samples import SamplesError, ensure_samples
 
     settings = StackSettings.from_env()
     source = args.source or default_source_dir()

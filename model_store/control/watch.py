@@ -3,7 +3,8 @@
 Every process that routes or serves (scan, inference, shadow, the monitor, the gateway) runs one
 ``ModelWatcher``. It reads the compacted `models` topic from the beginning with no consumer group
 commits (every process needs the whole state, not a share of it), keeps the latest ``Routing`` per
-model, and the latest READY/LOAD_FAILED report per (model, version, instance). ``start`` returns once
+model, and the latest READY/LOAD_FAILED report per (model, version, instance) (the
+``RoutingTable`` of ``model_store.serving.routing``). ``start`` returns once
 the topic has been read to its end (with a deadline), so a process never routes on a partial state.
 Listeners are called on the watcher thread after each change.
 """
@@ -15,80 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_store.routing import REPORT_ACTIONS, STATE_ACTIONS, Routing
-from stream.serde import epoch_ms
+from model_store.serving.routing import Report, Routing, RoutingTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Report:
-    model: str
-    version: int
-    action: str  # READY | LOAD_FAILED
-    instance: str
-    reason: str | None
-    at_ms: int
-
-
-class RoutingTable:
-    """The latest routing state per model and the load reports; thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._routing: dict[str, Routing] = {}
-        self._reports: dict[tuple[str, int, str], Report] = {}
-        self._local_failures: set[tuple[str, int]] = set()
-
-    def apply(self, event: dict[str, Any]) -> str | None:
-        """Fold one ModelEvent in; returns the model name whose routing changed, if any."""
-        action = event.get("action")
-        name = event["model_name"]
-        with self._lock:
-            if action in STATE_ACTIONS:
-                self._routing[name] = Routing.from_event(event)
-                return name
-            if action in REPORT_ACTIONS:
-                version = int(event["version"])
-                self._reports[(name, version, event["actor"])] = Report(
-                    name, version, action, event["actor"], event.get("reason"), epoch_ms(event["at"]) or 0)
-        return None
-
-    def routing(self, model: str) -> Routing | None:
-        with self._lock:
-            return self._routing.get(model)
-
-    def models(self) -> list[str]:
-        with self._lock:
-            return sorted(self._routing)
-
-    def reports(self, model: str, version: int) -> list[Report]:
-        with self._lock:
-            return [r for (m, v, _), r in self._reports.items() if m == model and v == version]
-
-    def mark_failed(self, model: str, version: int, failed: bool = True) -> None:
-        """This process could not load the version: route around it here (others decide for themselves)."""
-        with self._lock:
-            (self._local_failures.add if failed else self._local_failures.discard)((model, version))
-
-    def unavailable(self, model: str) -> frozenset[int]:
-        """Versions that failed to load: here, or (newest report per instance) in an inference process."""
-        with self._lock:
-            failed = {v for (m, v) in self._local_failures if m == model}
-            latest: dict[int, Report] = {}
-            for (m, v, _), r in self._reports.items():
-                if m == model and (v not in latest or r.at_ms > latest[v].at_ms):
-                    latest[v] = r
-        failed |= {v for v, r in latest.items() if r.action == "LOAD_FAILED"}
-        return frozenset(failed)
-
-    def route(self, model: str, request_id: str) -> int | None:
-        r = self.routing(model)
-        return None if r is None else r.route(request_id, self.unavailable(model))
 
 
 Listener = Callable[[Routing], None]
@@ -110,8 +43,15 @@ class ModelWatcher:
         self._caught_up = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener, *, current: bool = False) -> None:
+        """``listener`` gets every routing change from now on (on the watcher thread); with ``current``, also each
+        model's routing as it stands, here and now (a change in between may reach it twice)."""
         self._listeners.append(listener)
+        if current:
+            for model in self.table.models():
+                routing = self.table.routing(model)
+                if routing is not None:
+                    listener(routing)
 
     def start(self, catch_up_s: float = 30.0) -> ModelWatcher:
         """Start the thread and wait (at most ``catch_up_s``) until the topic has been read to its end."""

@@ -8,7 +8,7 @@ its tensors are laid out, and each family accepts only the layouts listed in ``L
 
 ``darknet_yolo``  (``cxcywh_obj_cls``) one output [N, boxes, 5 + C]: cx, cy, w, h (input pixels),
                   objectness, class probabilities, decoded in-graph (our converter's output);
-                  score = objectness * best class probability.  This is ``detect.decode``.
+                  score = objectness * best class probability.  This is ``decode``.
 ``darknet_yolo_raw`` (``cxcywh_obj_cls``) one output per yolo head, in ``config.heads`` order, each
                   [N, A * (5 + C), H, W] logits, channels per anchor tx, ty, tw, th, obj, classes;
                   decoded with the head's anchors, stride, grid and scale_x_y like darknet's [yolo].
@@ -34,8 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from model_store.config import ModelConfig, OutputSpec
-from model_store.detect import Candidates, DetectError, decode
+from model_store.serving.boxes import Candidates, DetectError
+from model_store.serving.config import ModelConfig, OutputSpec
 
 Decoder = Callable[[Mapping[str, np.ndarray], ModelConfig, float], list[Candidates]]
 
@@ -193,6 +193,29 @@ def _per_image(n: int, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
 # --------------------------------------------------------------------------- families
 
 
+def decode(outputs: np.ndarray, config: ModelConfig, conf_threshold: float) -> list[Candidates]:
+    """Per image: boxes whose best ``objectness * class probability`` reaches ``conf_threshold``.
+
+    ``outputs``: the model's decoded tensor [N, boxes, 5 + classes] (cx, cy, w, h, obj, classes...).
+    """
+    if outputs.ndim != 3 or outputs.shape[2] != 5 + config.num_classes:
+        raise DetectError(f"expected [N, boxes, {5 + config.num_classes}], got {list(outputs.shape)}")
+    result = []
+    for image_out in outputs:
+        # Objectness first: it rejects almost every box before the 80-wide class product.
+        keep = image_out[:, 4] >= conf_threshold
+        rows = image_out[keep]
+        class_scores = rows[:, 5:] * rows[:, 4:5]
+        class_ids = class_scores.argmax(axis=1)
+        scores = class_scores[np.arange(rows.shape[0]), class_ids]
+        ok = scores >= conf_threshold
+        rows, scores, class_ids = rows[ok], scores[ok], class_ids[ok]
+        half = rows[:, 2:4] / 2
+        boxes = np.concatenate([rows[:, 0:2] - half, rows[:, 0:2] + half], axis=1).astype(np.float32)
+        result.append(Candidates(boxes, scores.astype(np.float32), class_ids.astype(np.int64)))
+    return result
+
+
 def _decode_obj_cls(family: str, outputs: Mapping[str, np.ndarray], config: ModelConfig,
                     floor: float) -> list[Candidates]:
     (out,) = _arrays(family, outputs, config)
@@ -203,7 +226,7 @@ def _decode_obj_cls(family: str, outputs: Mapping[str, np.ndarray], config: Mode
 
 
 def decode_darknet_yolo(outputs: Mapping[str, np.ndarray], config: ModelConfig, floor: float) -> list[Candidates]:
-    """Our converter's in-graph decoded output: exactly ``detect.decode``."""
+    """Our converter's in-graph decoded output: exactly ``decode``."""
     return _decode_obj_cls("darknet_yolo", outputs, config, floor)
 
 

@@ -10,7 +10,7 @@ Rules (stated in the output too):
 - detections are matched to categories by class *name* (VOC/darknet spellings normalised), so a
   detector's class order does not matter;
 - on an image that lists ``exhaustive_category_ids``, detections of other classes are dropped
-  before scoring: those classes were not labelled there (see ``model_store.evalset``);
+  before scoring: those classes were not labelled there (see ``model_store.tools.evalset``);
 - a low score threshold (0.001 by default, as in COCO practice) so the precision/recall curve is
   complete; ``ms_per_image`` is measured at that threshold (more boxes reach NMS than in serving).
 
@@ -34,8 +34,9 @@ from typing import Any, Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from model_store.detect import Detection, Detector
-from model_store.evalset import ANNOTATIONS_FILE, EvalSetError, canonical_name, ensure_eval_set
+from model_store.serving.boxes import Detection
+from model_store.serving.detector import Detector
+from model_store.tools.evalset import ANNOTATIONS_FILE, EvalSetError, canonical_name, ensure_eval_set
 
 DetectFn = Callable[[Sequence[np.ndarray]], list[list[Detection]]]
 DEFAULT_CONF = 0.001
@@ -266,9 +267,9 @@ def _evaluate_dir(model_dir: Path, eval_dir: Path, args: argparse.Namespace) -> 
 
 def run_cli(args: argparse.Namespace) -> int:
     from config import StackSettings  # only entry points read settings
-    from model_store.config import ModelConfigError
-    from model_store.convert import ConversionError, convert, default_out_dir
-    from model_store.session import SessionError
+    from model_store.serving.config import ModelConfigError
+    from model_store.serving.session import SessionError
+    from model_store.tools.convert import ConversionError, convert, default_out_dir
 
     try:
         eval_dir = ensure_eval_set(StackSettings.from_env())

@@ -1,16 +1,11 @@
-"""Image preparation for the preprocess stage: encoded bytes in, an oriented BGR uint8 image (or a typed rejection) out.
+"""Image headers: the container format by magic bytes, then size and EXIF orientation from the container header.
 
     bytes -> sniff_format        magic bytes only
           -> read_header         size + EXIF orientation from the container header; limits enforced here (bytes,
                                  pixels, sides, and the decode budget: width x height x channels x bytes per
                                  sample), so a decompression bomb is refused before a single pixel is decoded
-          -> decode              completeness checked first (a cut upload is TRUNCATED_IMAGE, not a grey-filled
-                                 image), cv2.imdecode, normalised to BGR uint8 [H, W, 3], image as stored
-          -> apply_orientation   the EXIF orientation, applied exactly once: the result is what a viewer shows
 
-``prepare`` chains them and times each step. Pure: no I/O; every refusal is an ``ImageRejected`` whose ``code``
-is one of ``REJECTION_CODES`` (stable strings the stage puts on its dead-letter records).
-
+``check_complete`` tells a cut upload from a whole one before the decoder runs (cv2 grey-fills a cut JPEG).
 Header parsers read only what they need with bounds checks (``struct.unpack_from`` / ``bytes.find`` on the
 caller's buffer, no copies of the payload) and never trust an offset; a bad EXIF block means orientation 1.
 """
@@ -19,71 +14,27 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-import cv2
 import numpy as np
 
-# --------------------------------------------------------------------------- errors
-
-EMPTY_IMAGE: Final = "EMPTY_IMAGE"
-UNSUPPORTED_FORMAT: Final = "UNSUPPORTED_FORMAT"
-IMAGE_TOO_LARGE: Final = "IMAGE_TOO_LARGE"
-PIXEL_LIMIT_EXCEEDED: Final = "PIXEL_LIMIT_EXCEEDED"
-DECODE_BUDGET_EXCEEDED: Final = "DECODE_BUDGET_EXCEEDED"
-TRUNCATED_IMAGE: Final = "TRUNCATED_IMAGE"
-CORRUPT_IMAGE: Final = "CORRUPT_IMAGE"
-INVALID_DIMENSIONS: Final = "INVALID_DIMENSIONS"
-REJECTION_CODES: Final = frozenset(
-    {
-        EMPTY_IMAGE,
-        UNSUPPORTED_FORMAT,
-        IMAGE_TOO_LARGE,
-        PIXEL_LIMIT_EXCEEDED,
-        DECODE_BUDGET_EXCEEDED,
-        TRUNCATED_IMAGE,
-        CORRUPT_IMAGE,
-        INVALID_DIMENSIONS,
-    }
+from imaging.exif import ORIENTATION_TAG, IfdEntry, TiffError, TiffOutOfRange, TiffStructure, exif_orientation
+from imaging.limits import (
+    CORRUPT_IMAGE,
+    DECODE_BUDGET_EXCEEDED,
+    DEFAULT_LIMITS,
+    EMPTY_IMAGE,
+    IMAGE_TOO_LARGE,
+    INVALID_DIMENSIONS,
+    PIXEL_LIMIT_EXCEEDED,
+    TRUNCATED_IMAGE,
+    UNSUPPORTED_FORMAT,
+    ImageLimits,
+    ImageRejected,
 )
-
-
-class ImageRejected(ValueError):
-    """The bytes are not an image this stage can use; ``code`` is one of ``REJECTION_CODES``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        # args = (code, message) so the exception pickles and re-raises across processes unchanged.
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-# --------------------------------------------------------------------------- public types
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_side: int = 20_000
-    # What the decoder's output may cost (width x height x channels x bytes per sample, from the header): a
-    # 315 KiB 16-bit RGBA PNG of 6300x6300 is under the pixel limit but decodes to 303 MiB (~900 MiB and 7 s of
-    # CPU with the normalisation). 128 MiB admits any 8-bit RGB image under the pixel limit.
-    max_decoded_bytes: int = 128 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if min(self.max_bytes, self.max_pixels, self.max_side, self.max_decoded_bytes) <= 0:
-            raise ValueError(f"image limits must be positive: {self}")
-
-
-DEFAULT_LIMITS: Final = ImageLimits()
 
 
 @dataclass(frozen=True)
@@ -99,31 +50,6 @@ class ImageHeader:
         """(width, height) as a viewer shows the image: orientations 5..8 swap the sides."""
         return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
 
-
-@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays field-wise is ambiguous
-class PreparedImage:
-    image: np.ndarray  # BGR uint8 [height, width, 3], C-contiguous, oriented
-    format: str
-    orientation: int
-    width: int  # of the oriented image
-    height: int
-    stored_width: int
-    stored_height: int
-    timings_ms: dict[str, float]  # "sniff" (magic + header), "decode", "orient"
-
-
-# Transparent pixels are composited on the letterbox grey (ModelConfig.pad_value's default), so the model sees
-# them as padding rather than as whatever colour the encoder left under alpha 0 (often black).
-ALPHA_BACKGROUND: Final = 128
-
-# IMREAD_UNCHANGED keeps 16-bit depth and alpha for us to normalise; it also skips OpenCV's EXIF rotation (the
-# loader rotates only when flags != IMREAD_UNCHANGED). -1 | 128 == -1: IGNORE_ORIENTATION states the intent.
-_IMREAD_FLAGS: Final = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
-
-# OpenCV's TIFF decoder applies tag 274 itself, whatever the flags (grfmt_tiff.cpp fixOrientation).
-_DECODER_ORIENTS: Final = frozenset({"tiff"})
-
-_ORIENTATION_TAG: Final = 0x0112
 
 # --------------------------------------------------------------------------- sniff
 
@@ -208,119 +134,6 @@ def _need(data: bytes, end: int, what: str) -> None:
         raise ImageRejected(TRUNCATED_IMAGE, f"data ends at byte {len(data)}, inside the {what}")
 
 
-# ---- EXIF / TIFF structure
-
-
-class _TiffError(Exception):
-    """A TIFF structure (a TIFF file, or an EXIF block) is malformed."""
-
-
-class _TiffOutOfRange(_TiffError):
-    """An offset or count in a TIFF structure points past the end of its data."""
-
-
-class _IfdEntry(NamedTuple):
-    type: int
-    count: int
-    value_pos: int  # absolute position of the 4-byte value/offset field
-
-
-_TIFF_UINT_TYPES: Final = {1: "u1", 3: "u2", 4: "u4"}  # BYTE, SHORT, LONG: the unsigned integers we read
-_IFD_ENTRY_DTYPES: Final = {  # one 12-byte IFD entry; "v" is the value itself or the offset of the values
-    e: np.dtype([("tag", e + "u2"), ("type", e + "u2"), ("count", e + "u4"), ("v", e + "u4")]) for e in "<>"
-}
-# Bytes per value of each TIFF field type (index = type code); unknown types count 0, as libtiff skips them.
-_TIFF_TYPE_SIZES: Final = np.array([0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 8, 8], dtype=np.uint64)
-
-
-class _TiffStructure:
-    """Bounds-checked reader of the TIFF structure at ``data[base:end]``; offsets in it are relative to ``base``."""
-
-    def __init__(self, data: bytes, base: int, end: int) -> None:
-        if base < 0 or end > len(data) or end - base < 8:
-            raise _TiffOutOfRange("shorter than a TIFF header")
-        order = data[base : base + 2]
-        if order == b"II":
-            self._endian = "<"
-        elif order == b"MM":
-            self._endian = ">"
-        else:
-            raise _TiffError(f"byte order mark {order!r}")
-        magic, self.ifd0 = struct.unpack_from(self._endian + "HI", data, base + 2)
-        if magic != 42:
-            raise _TiffError(f"TIFF magic {magic}")
-        self._data, self._base, self._end = data, base, end
-        self._table_dtype = _IFD_ENTRY_DTYPES[self._endian]
-
-    def _table(self, ifd_offset: int) -> tuple[np.ndarray, int]:
-        """The IFD's entry table (a view) and the absolute position of the table."""
-        pos = self._base + ifd_offset
-        if ifd_offset < 8 or pos + 2 > self._end:
-            raise _TiffOutOfRange(f"IFD at offset {ifd_offset} is outside the data")
-        (count,) = struct.unpack_from(self._endian + "H", self._data, pos)
-        if count == 0:
-            raise _TiffError("empty IFD")
-        if pos + 2 + 12 * count > self._end:
-            raise _TiffOutOfRange(f"IFD of {count} entries runs past the data")
-        # Vectorised: a hostile IFD may hold 65535 entries; a Python loop over them would cost ~30 ms.
-        return np.frombuffer(self._data, dtype=self._table_dtype, count=count, offset=pos + 2), pos + 2
-
-    def entries(self, ifd_offset: int, wanted: frozenset[int]) -> dict[int, _IfdEntry]:
-        """The ``wanted`` tags of the IFD at ``ifd_offset`` (first occurrence wins)."""
-        table, pos = self._table(ifd_offset)
-        tags, found = table["tag"], {}
-        for tag in wanted:  # a few tags: one vectorised comparison each (np.isin costs ~20x more here)
-            hits = np.flatnonzero(tags == tag)
-            if hits.size:
-                i = int(hits[0])
-                found[tag] = _IfdEntry(int(table["type"][i]), int(table["count"][i]), pos + 12 * i + 8)
-        return found
-
-    def values_end(self, ifd_offset: int) -> int:
-        """Absolute end of the IFD and of every value it stores out of line (all must be in the data)."""
-        table, pos = self._table(ifd_offset)
-        sizes = _TIFF_TYPE_SIZES[np.minimum(table["type"], len(_TIFF_TYPE_SIZES) - 1)] * table["count"]
-        out_of_line = sizes > 4
-        end = pos + 12 * len(table) + 4  # the table, then the next-IFD offset
-        if out_of_line.any():
-            end = max(end, self._base + int((table["v"][out_of_line] + sizes[out_of_line]).max()))
-        return end
-
-    def uints(self, entry: _IfdEntry) -> np.ndarray:
-        """The entry's values, which must be BYTE, SHORT or LONG (a view on the data, not a copy)."""
-        code = _TIFF_UINT_TYPES.get(entry.type)
-        if code is None:
-            raise _TiffError(f"field type {entry.type} where an unsigned integer is expected")
-        if entry.count == 0:
-            raise _TiffError("field with no values")
-        dtype = np.dtype(self._endian + code)
-        nbytes = dtype.itemsize * entry.count
-        if nbytes <= 4:
-            pos = entry.value_pos  # small values sit in the entry itself
-        else:
-            (offset,) = struct.unpack_from(self._endian + "I", self._data, entry.value_pos)
-            pos = self._base + offset
-        if pos + nbytes > self._end:
-            raise _TiffOutOfRange("field values run past the data")
-        return np.frombuffer(self._data, dtype=dtype, count=entry.count, offset=pos)
-
-    def uint(self, entry: _IfdEntry) -> int:
-        return int(self.uints(entry)[0])
-
-
-def _exif_orientation(data: bytes, start: int, end: int) -> int:
-    """Tag 0x0112 of IFD0 of the EXIF block at ``data[start:end]``; 1 when absent, invalid or unreadable."""
-    if data.startswith(b"Exif\x00", start):
-        start += 6  # JPEG APP1 framing; some PNG/WebP writers copy it into their chunk too
-    try:
-        tiff = _TiffStructure(data, start, end)
-        entry = tiff.entries(tiff.ifd0, frozenset({_ORIENTATION_TAG})).get(_ORIENTATION_TAG)
-        value = tiff.uint(entry) if entry is not None else 1
-    except (_TiffError, struct.error):
-        return 1  # a broken EXIF block is metadata damage, not a reason to refuse the pixels
-    return value if 1 <= value <= 8 else 1
-
-
 # ---- JPEG
 
 _JPEG_SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCA, 0xCB})
@@ -384,7 +197,7 @@ def _jpeg_header(data: bytes) -> _Parsed:
     for seg in _jpeg_segments(data):
         if seg.marker == _JPEG_APP1 and not exif_seen and data.startswith(b"Exif\x00", seg.start):
             exif_seen = True  # the first EXIF block counts, as in every viewer
-            orientation = _exif_orientation(data, seg.start, seg.end)
+            orientation = exif_orientation(data, seg.start, seg.end)
         elif seg.marker in _JPEG_SOF:
             if seg.end - seg.start < 6:
                 raise ImageRejected(CORRUPT_IMAGE, "JPEG frame header is too short")
@@ -462,7 +275,7 @@ def _png_ancillary(data: bytes) -> tuple[int, bool]:
             # libpng drops an ancillary chunk with a bad CRC, so viewers would not rotate: neither do we.
             (crc,) = struct.unpack_from(">I", data, end - 4)
             if zlib.crc32(data[pos + 4 : end - 4]) == crc:
-                orientation = _exif_orientation(data, pos + 8, end - 4)
+                orientation = exif_orientation(data, pos + 8, end - 4)
         pos = end
     return orientation, transparency
 
@@ -544,7 +357,7 @@ def _webp_header(data: bytes) -> _Parsed:
         chunk_end = pos + 8 + size
         _need(data, chunk_end, f"WebP {fourcc.decode('latin-1')} chunk")
         if fourcc == b"EXIF":
-            orientation = _exif_orientation(data, pos + 8, chunk_end)
+            orientation = exif_orientation(data, pos + 8, chunk_end)
         elif fourcc in (b"VP8 ", b"VP8L") and not flags & _VP8X_ANIMATION:
             # The decoder's size is the bitstream's; a canvas that disagrees would dodge the pixel limit.
             frame = _vp8_size(data, pos + 8) if fourcc == b"VP8 " else _vp8l_size(data, pos + 8)
@@ -624,7 +437,7 @@ _TIFF_TAGS: Final = frozenset(
         _TIFF_HEIGHT,
         _TIFF_BITS_PER_SAMPLE,
         _TIFF_SAMPLES_PER_PIXEL,
-        _ORIENTATION_TAG,
+        ORIENTATION_TAG,
         _TIFF_ROWS_PER_STRIP,
         _TIFF_TILE_WIDTH,
         _TIFF_TILE_LENGTH,
@@ -636,14 +449,14 @@ _TIFF_TAGS: Final = frozenset(
 )
 
 
-def _tiff_ifd0(data: bytes) -> tuple[_TiffStructure, dict[int, _IfdEntry]]:
+def _tiff_ifd0(data: bytes) -> tuple[TiffStructure, dict[int, IfdEntry]]:
     # libtiff writes IFD0 after the pixel data, so a cut TIFF usually loses it: out of range means truncated.
     try:
-        tiff = _TiffStructure(data, 0, len(data))
+        tiff = TiffStructure(data, 0, len(data))
         return tiff, tiff.entries(tiff.ifd0, _TIFF_TAGS)
-    except _TiffOutOfRange as exc:
+    except TiffOutOfRange as exc:
         raise ImageRejected(TRUNCATED_IMAGE, f"TIFF data ends inside its first directory: {exc}") from exc
-    except (_TiffError, struct.error) as exc:
+    except (TiffError, struct.error) as exc:
         raise ImageRejected(CORRUPT_IMAGE, f"TIFF first directory is unreadable: {exc}") from exc
 
 
@@ -654,13 +467,13 @@ def _tiff_header(data: bytes) -> _Parsed:
         height = tiff.uint(entries[_TIFF_HEIGHT])
     except KeyError as exc:
         raise ImageRejected(CORRUPT_IMAGE, "TIFF without ImageWidth/ImageLength") from exc
-    except _TiffError as exc:
+    except TiffError as exc:
         raise ImageRejected(CORRUPT_IMAGE, f"TIFF image size is unreadable: {exc}") from exc
     orientation = 1
-    if _ORIENTATION_TAG in entries:
+    if ORIENTATION_TAG in entries:
         try:
-            orientation = tiff.uint(entries[_ORIENTATION_TAG])
-        except _TiffError:
+            orientation = tiff.uint(entries[ORIENTATION_TAG])
+        except TiffError:
             orientation = 1
     orientation = orientation if 1 <= orientation <= 8 else 1
     channels, sample_bytes = _tiff_sample_layout(tiff, entries)
@@ -668,19 +481,19 @@ def _tiff_header(data: bytes) -> _Parsed:
                    sample_bytes)
 
 
-def _tiff_sample_layout(tiff: _TiffStructure, entries: dict[int, _IfdEntry]) -> tuple[int, int]:
+def _tiff_sample_layout(tiff: TiffStructure, entries: dict[int, IfdEntry]) -> tuple[int, int]:
     """(samples per pixel, bytes per sample of the widest sample): TIFF's defaults are 1 and 1 bit."""
     try:
         samples = tiff.uint(entries[_TIFF_SAMPLES_PER_PIXEL]) if _TIFF_SAMPLES_PER_PIXEL in entries else 1
         bits = int(tiff.uints(entries[_TIFF_BITS_PER_SAMPLE]).max()) if _TIFF_BITS_PER_SAMPLE in entries else 1
-    except _TiffOutOfRange as exc:  # one value per sample, stored out of line: cut off with the data
+    except TiffOutOfRange as exc:  # one value per sample, stored out of line: cut off with the data
         raise ImageRejected(TRUNCATED_IMAGE, f"TIFF data ends inside its sample layout: {exc}") from exc
-    except _TiffError as exc:
+    except TiffError as exc:
         raise ImageRejected(CORRUPT_IMAGE, f"TIFF sample layout is unreadable: {exc}") from exc
     return max(1, samples), max(1, (bits + 7) // 8)
 
 
-def _tiff_buffer_pixels(tiff: _TiffStructure, entries: dict[int, _IfdEntry], width: int, height: int) -> int:
+def _tiff_buffer_pixels(tiff: TiffStructure, entries: dict[int, IfdEntry], width: int, height: int) -> int:
     """Pixels in OpenCV's per-tile (or per-strip) buffer, which is sized from the tags, not from the image:
     a 1x1 TIFF declaring a 12000x12000 tile costs 600 MB (grfmt_tiff.cpp only refuses buffers of 1 GB)."""
     try:
@@ -690,7 +503,7 @@ def _tiff_buffer_pixels(tiff: _TiffStructure, entries: dict[int, _IfdEntry], wid
         if _TIFF_ROWS_PER_STRIP in entries:
             rows = tiff.uint(entries[_TIFF_ROWS_PER_STRIP])
             return width * (height if rows in (0, 0xFFFFFFFF) else rows)
-    except _TiffError as exc:
+    except TiffError as exc:
         raise ImageRejected(CORRUPT_IMAGE, f"TIFF tile/strip size is unreadable: {exc}") from exc
     return 0
 
@@ -704,9 +517,9 @@ def _tiff_complete(data: bytes) -> None:
         if offsets_tag in entries and counts_tag in entries:
             try:
                 offsets, counts = tiff.uints(entries[offsets_tag]), tiff.uints(entries[counts_tag])
-            except _TiffOutOfRange as exc:
+            except TiffOutOfRange as exc:
                 raise ImageRejected(TRUNCATED_IMAGE, "TIFF data ends inside its strip/tile table") from exc
-            except _TiffError as exc:
+            except TiffError as exc:
                 raise ImageRejected(CORRUPT_IMAGE, f"TIFF strip/tile table is unreadable: {exc}") from exc
             if len(offsets) == len(counts):
                 end = int((offsets.astype(np.uint64) + counts).max())
@@ -730,115 +543,7 @@ _COMPLETENESS_CHECKS: Final = {
     "tiff": _tiff_complete,
 }
 
-# --------------------------------------------------------------------------- decode
 
-
-def decode(data: bytes, header: ImageHeader, *, alpha_background: int = ALPHA_BACKGROUND) -> np.ndarray:
-    """The pixels as stored (before orientation) as BGR uint8 [H, W, 3].
-
-    Grey becomes BGR; alpha is composited on ``alpha_background`` grey; 16 bits become 8 by ``>> 8``.
-    """
-    image, oriented = _decode_normalised(data, header, alpha_background)
-    if oriented:  # undo the TIFF decoder's rotation so this function means the same for every format
-        image = apply_orientation(image, _INVERSE_ORIENTATION[header.orientation])
-    return image
-
-
-def _decode_normalised(data: bytes, header: ImageHeader, alpha_background: int) -> tuple[np.ndarray, bool]:
-    """Decoded, normalised image, and whether the decoder has already applied ``header.orientation``."""
-    _COMPLETENESS_CHECKS[header.format](data)  # cv2 grey-fills a cut JPEG rather than failing
-    try:
-        raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMREAD_FLAGS)
-    except cv2.error as exc:
-        raise ImageRejected(CORRUPT_IMAGE, f"{header.format} decoder failed: {exc.err}") from exc
-    if raw is None:
-        raise ImageRejected(CORRUPT_IMAGE, f"{header.format} decoder could not read the image")
-    oriented = header.format in _DECODER_ORIENTS and header.orientation != 1
-    width, height = header.oriented_size if oriented else (header.width, header.height)
-    if raw.shape[:2] != (height, width):
-        raise ImageRejected(
-            CORRUPT_IMAGE, f"decoded {raw.shape[1]}x{raw.shape[0]} but the header says {width}x{height}"
-        )
-    return _to_bgr8(raw, alpha_background), oriented
-
-
-def _to_bgr8(image: np.ndarray, background: int) -> np.ndarray:
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)  # keep the top byte: a linear map, no clipping
-    elif image.dtype != np.uint8:
-        raise ImageRejected(UNSUPPORTED_FORMAT, f"pixel type {image.dtype} is not supported")
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels == 3:
-        return image
-    if channels == 1:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if channels == 4:
-        return _composite(image[:, :, :3], image[:, :, 3], background)
-    if channels == 2:
-        grey = _composite(image[:, :, :1], image[:, :, 1], background)
-        return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    raise ImageRejected(UNSUPPORTED_FORMAT, f"images with {channels} channels are not supported")
-
-
-def _composite(colour: np.ndarray, alpha: np.ndarray, background: int) -> np.ndarray:
-    """``colour`` over a flat ``background`` grey, exact to rounding, in uint16."""
-    if alpha.min() == 255:
-        return np.ascontiguousarray(colour)  # opaque (most "RGBA" uploads): no arithmetic
-    a = alpha[:, :, None].astype(np.uint16)
-    mixed = colour * a + np.uint16(background) * (255 - a)  # at most 255 * 255: fits uint16
-    mixed += 128
-    return ((mixed + (mixed >> 8)) >> 8).astype(np.uint8)  # round(x / 255) without a division
-
-
-# --------------------------------------------------------------------------- orientation
-
-_INVERSE_ORIENTATION: Final = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
-
-
-def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
-    """The image as a viewer shows it, given its EXIF orientation (1..8); 1 returns ``image`` itself."""
-    if orientation == 1:
-        return image
-    if orientation == 2:
-        return cv2.flip(image, 1)  # mirror left-right
-    if orientation == 3:
-        return cv2.rotate(image, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(image, 0)  # mirror top-bottom
-    if orientation == 5:
-        return cv2.transpose(image)  # mirror along the top-left/bottom-right diagonal
-    if orientation == 6:
-        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.flip(cv2.transpose(image), -1)  # mirror along the other diagonal
-    if orientation == 8:
-        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    raise ValueError(f"EXIF orientation must be 1..8, got {orientation}")
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-def prepare(
-    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, alpha_background: int = ALPHA_BACKGROUND
-) -> PreparedImage:
-    """sniff -> read_header -> decode -> apply_orientation, timed; raises ImageRejected."""
-    t0 = time.perf_counter()
-    header = read_header(data, limits)
-    t1 = time.perf_counter()
-    image, oriented = _decode_normalised(data, header, alpha_background)
-    t2 = time.perf_counter()
-    if not oriented:
-        image = apply_orientation(image, header.orientation)
-    t3 = time.perf_counter()
-    height, width = image.shape[:2]
-    return PreparedImage(
-        image=image,
-        format=header.format,
-        orientation=header.orientation,
-        width=width,
-        height=height,
-        stored_width=header.width,
-        stored_height=header.height,
-        timings_ms={"sniff": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "orient": (t3 - t2) * 1e3},
-    )
+def check_complete(data: bytes, fmt: str) -> None:
+    """Raise ``ImageRejected(TRUNCATED_IMAGE)`` unless the ``fmt`` container in ``data`` is whole."""
+    _COMPLETENESS_CHECKS[fmt](data)

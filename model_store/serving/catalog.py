@@ -4,12 +4,13 @@ Layout (Triton's): ``<root>/<model name>/<integer version>/{config.json, model.o
 folder is servable when both files exist.
 
 A request's version is decided by the registry, never by what happens to be on disk. With a routing
-table (``model_store.watch``, fed by the registry's `models` topic) a request's version is its pin (one
-of the registry's servable versions) or its route (production, or the canary for its share of
-request-id hashes); missing version folders are fetched from the registry on first use (``fetch``).
-A model the table has no routing for serves nothing: the local folder may hold a version that was
-pushed but never promoted, or retired. Without a table (the stages that run a version already chosen
-upstream, offline tools) only pinned versions resolve.
+table (``model_store.serving.routing.RoutingTable``, which the watcher ``model_store.control.watch``
+feeds from the registry's `models` topic) a request's version is its pin (one of the registry's servable
+versions) or its route (production, or the canary for its share of request-id hashes); missing version
+folders are fetched from the registry on first use (``fetch``). A model the table has no routing for
+serves nothing: the local folder may hold a version that was pushed but never promoted, or retired.
+Without a table (the stages that run a version already chosen upstream, offline tools) only pinned
+versions resolve.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
+from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
+from model_store.serving.routing import RoutingTable
 from schemas.names import MODEL_NAME_RULE, valid_model_name
-
-if TYPE_CHECKING:
-    from model_store.watch import RoutingTable
 
 
 class ModelNotFound(LookupError):

@@ -9,13 +9,20 @@ publishes it on the compacted `models` topic, which the serving processes fold b
 A request's route is deterministic: the first 8 bytes of sha256(request id) give it a bucket in
 0..9999, and buckets below ``canary_percent * 100`` go to the canary. The same request id (a retry,
 a redelivery, an Idempotency-Key replay) always lands on the same version.
+
+A ``RoutingTable`` holds the latest state per model and the READY/LOAD_FAILED reports of the serving
+processes; the watcher (``model_store.control.watch``) folds the `models` topic into it, and the catalog
+(``model_store.serving.catalog``) routes requests with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
+
+from stream.serde import epoch_ms
 
 BUCKETS = 10_000
 MAX_PREVIOUS = 5  # rollback depth kept in the state
@@ -140,3 +147,69 @@ REPORT_ACTIONS = frozenset({"READY", "LOAD_FAILED"})
 
 def report_key(model: str, version: int, instance: str) -> str:
     return f"{model}/{version}/{instance}"
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    version: int
+    action: str  # READY | LOAD_FAILED
+    instance: str
+    reason: str | None
+    at_ms: int
+
+
+class RoutingTable:
+    """The latest routing state per model and the load reports; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routing: dict[str, Routing] = {}
+        self._reports: dict[tuple[str, int, str], Report] = {}
+        self._local_failures: set[tuple[str, int]] = set()
+
+    def apply(self, event: dict[str, Any]) -> str | None:
+        """Fold one ModelEvent in; returns the model name whose routing changed, if any."""
+        action = event.get("action")
+        name = event["model_name"]
+        with self._lock:
+            if action in STATE_ACTIONS:
+                self._routing[name] = Routing.from_event(event)
+                return name
+            if action in REPORT_ACTIONS:
+                version = int(event["version"])
+                self._reports[(name, version, event["actor"])] = Report(
+                    name, version, action, event["actor"], event.get("reason"), epoch_ms(event["at"]) or 0)
+        return None
+
+    def routing(self, model: str) -> Routing | None:
+        with self._lock:
+            return self._routing.get(model)
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._routing)
+
+    def reports(self, model: str, version: int) -> list[Report]:
+        with self._lock:
+            return [r for (m, v, _), r in self._reports.items() if m == model and v == version]
+
+    def mark_failed(self, model: str, version: int, failed: bool = True) -> None:
+        """This process could not load the version: route around it here (others decide for themselves)."""
+        with self._lock:
+            (self._local_failures.add if failed else self._local_failures.discard)((model, version))
+
+    def unavailable(self, model: str) -> frozenset[int]:
+        """Versions that failed to load: here, or (newest report per instance) in an inference process."""
+        with self._lock:
+            failed = {v for (m, v) in self._local_failures if m == model}
+            latest: dict[int, Report] = {}
+            for (m, v, _), r in self._reports.items():
+                if m == model and (v not in latest or r.at_ms > latest[v].at_ms):
+                    latest[v] = r
+        failed |= {v for v, r in latest.items() if r.action == "LOAD_FAILED"}
+        return frozenset(failed)
+
+    def route(self, model: str, request_id: str) -> int | None:
+        r = self.routing(model)
+        return None if r is None else r.route(request_id, self.unavailable(model))

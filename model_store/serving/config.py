@@ -83,7 +83,7 @@ class ModelConfig:
     max_batch: int
     provenance: Provenance
     # Decoded output columns: x, y, w, h (input pixels, box centre), objectness, class probabilities.
-    # Other families use other layouts; model_store.decoders lists which layouts each family accepts.
+    # Other families use other layouts; model_store.serving.decoders lists which layouts each family accepts.
     box_layout: str = "cxcywh_obj_cls"
     # Subtracted from class ids a model emits as values (SSD's detection_classes) to index class_names:
     # 1 for TF Object Detection API exports, whose label ids start at 1 (0 is background).

@@ -1,0 +1,1 @@
+"""The model control plane: the registry (versions, routing, release) and the `models` watcher that follows it."""
