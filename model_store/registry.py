@@ -123,12 +123,9 @@ class RegistryStore:
             "WHERE model_name = ? AND production_version = ? AND shadow_version = ? AND class_name = ?")
 
     def _execute(self, stmt: Any, params: Sequence[Any]) -> Any:
-        from stream.cassandra import DRIVER_ERRORS, transient  # the Cassandra driver: only where the registry is used
+        from stream.cassandra import execute  # the Cassandra driver: only where the registry is used
 
-        try:
-            return self._s.execute(stmt, tuple(params), timeout=self._timeout)
-        except DRIVER_ERRORS as exc:
-            raise transient(exc) from exc
+        return execute(self._s, stmt, tuple(params), timeout_s=self._timeout)
 
     # routing
     def routing(self, model: str) -> Routing | None:
