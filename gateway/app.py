@@ -22,7 +22,8 @@ from gateway.limits import ByteBudget, DailyQuota, FairShares, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
-from infra.settings import GatewaySettings, SettingsError, kafka_client
+from infra.settings import GatewaySettings, SettingsError
+from stream.kafka import kafka_connection
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _catalog(settings: GatewaySettings) -> Any:
     from model_store.watch import ModelWatcher
 
     p = settings.pipeline
-    watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix,
+    watcher = ModelWatcher(kafka_connection(p.stream), p.stream.registry_url, p.stream.topic_prefix,
                            registry_ca=p.stream.tls_ca_file)
     watcher.start(p.lifecycle.watch_catch_up_s)
     return ModelCatalog(p.models_dir, table=watcher.table)

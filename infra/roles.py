@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from infra.settings import PipelineSettings, kafka_client
+from infra.settings import PipelineSettings
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -46,13 +46,14 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
     from model_store.registry import ModelObjects, fetcher
     from model_store.watch import ModelWatcher
     from processors.objects import minio_client
+    from stream.kafka import kafka_connection
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     fetch = fetcher(objects, settings.models_dir)
     if not watch:
         return ModelCatalog(settings.models_dir, fetch=fetch)
-    watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
-                           registry_ca=settings.stream.tls_ca_file)
+    watcher = ModelWatcher(kafka_connection(settings.stream), settings.stream.registry_url,
+                           settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     for listener in listeners:
         watcher.add_listener(listener)
     watcher.start(settings.lifecycle.watch_catch_up_s)
@@ -61,9 +62,10 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
 
 def _reporter(role: str, settings: PipelineSettings) -> Any:
     from model_store.registry import ModelEventLog
+    from stream.kafka import kafka_connection
 
-    events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
-                           registry_ca=settings.stream.tls_ca_file)
+    events = ModelEventLog(kafka_connection(settings.stream), settings.stream.registry_url,
+                           settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     instance = instance_name(role, settings)
 
     def report(model: str, version: int, action: str, reason: str | None) -> None:

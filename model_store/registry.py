@@ -310,15 +310,13 @@ class ModelEventLog:
 
     def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0,
                  *, registry_ca: Path | None = None):
-        from confluent_kafka import Producer
-
+        from stream.kafka import kafka_producer
         from stream.serde import AvroSerde
 
         self.topic = f"{prefix}models"
         self.audit_topic = f"{prefix}audit"
         self._serde = AvroSerde.from_url(registry_url, registry_ca)
-        self._producer = Producer({**kafka, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 0, "log_level": 3})
+        self._producer = kafka_producer(kafka, linger_ms=0)
         self._timeout = flush_timeout_s
 
     def _send(self, topic: str, key: str, event_name: str, value: dict[str, Any]) -> None:
@@ -563,12 +561,12 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
     """The registry on the local stack (``settings``: infra.settings.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from infra.settings import kafka_client
     from processors.objects import minio_client
     from stream.cassandra import connect
+    from stream.kafka import kafka_connection
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()
     return Registry(RegistryStore(connect(settings.stream, role)), objects,
-                    ModelEventLog(kafka_client(settings.stream, role), settings.stream.registry_url,
+                    ModelEventLog(kafka_connection(settings.stream, role), settings.stream.registry_url,
                                   settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file))

@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra.roles import ROLES
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from infra.settings import PipelineSettings, StackSettings
 from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
 from stream.client import DetectClient
+from stream.kafka import kafka_connection
 
 
 @dataclass
@@ -49,7 +50,7 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
-    admin = kafka_client(settings.stream, "admin")
+    admin = kafka_connection(settings.stream, "admin")
     provision(admin, prefix)
     if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix
         from model_store.registry import connect_registry

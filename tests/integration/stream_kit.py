@@ -12,9 +12,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.settings import StackSettings, StreamSettings, kafka_client
+from infra.settings import StackSettings, StreamSettings
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
+from stream.kafka import kafka_connection
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
 from stream.serde import AvroSerde
 
@@ -34,7 +35,7 @@ _PREFIXES: list[str] = []
 
 def kafka_admin(stack: StackSettings) -> dict[str, Any]:
     """The operator's Kafka connection (the `admin` principal: the tests act as the operator)."""
-    return kafka_client(stream_settings(stack, ""), "admin")
+    return kafka_connection(stream_settings(stack, ""), "admin")
 
 
 def new_prefix() -> str:

@@ -167,21 +167,22 @@ def test_kafka_refuses_plaintext_unauthenticated_and_unknown_ca_clients(stack: S
 def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSettings) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    from infra.settings import StreamSettings, kafka_client
+    from infra.settings import StreamSettings
     from infra.stack.kafka_access import deprovision, provision
+    from stream.kafka import kafka_connection
     from stream.topics import lane_topic
 
     prefix = f"acl{uuid.uuid4().hex[:6]}."
     admin = kafka_admin(stack)
     provision(admin, prefix)
     try:
-        scan = kafka_client(StreamSettings.from_env(), "scan")
+        scan = kafka_connection(StreamSettings.from_env(), "scan")
         assert _kafka_refused(scan, lane_topic(prefix, "online", "scanned")) is None  # its output
         for foreign in (f"{prefix}models", lane_topic(prefix, "online", "preprocessed"), f"{prefix}audit",
                         f"{prefix}detections.shadow"):
             assert "AUTHORIZATION_FAILED" in (_kafka_refused(scan, foreign) or ""), foreign
         # The recorder audits TENANT_MISMATCH refusals (scan may not): `audit` yes, `models` no.
-        recorder = kafka_client(StreamSettings.from_env(), "recorder")
+        recorder = kafka_connection(StreamSettings.from_env(), "recorder")
         assert _kafka_refused(recorder, f"{prefix}audit") is None
         assert "AUTHORIZATION_FAILED" in (_kafka_refused(recorder, f"{prefix}models") or "")
         consumer = Consumer({**scan, "group.id": f"{prefix}detectflow.scan", "log_level": 0})

@@ -13,9 +13,10 @@ from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
 from infra.cli import main
-from infra.settings import StackSettings, kafka_client
+from infra.settings import StackSettings
 from stream import headers as H
 from stream.client import DetectClient
+from stream.kafka import kafka_connection
 from stream.records import now_ms
 from stream.serde import AvroSerde
 from stream.topics import ingest_topic, lane_topic, tenant_replies_topic
@@ -46,7 +47,7 @@ def tenants(pipeline: Pipeline) -> Iterator[tuple[str, str]]:
 
 
 def _login(stack: StackSettings, tenant: str) -> dict[str, Any]:
-    return kafka_client(_stream(stack), f"tenant-{tenant}")
+    return kafka_connection(_stream(stack), f"tenant-{tenant}")
 
 
 def _stream(stack: StackSettings) -> Any:
