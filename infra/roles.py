@@ -45,8 +45,8 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, listeners: tu
     from model_store.catalog import ModelCatalog
     from model_store.registry import ModelObjects, fetcher
     from model_store.watch import ModelWatcher
-    from processors.objects import minio_client
     from stream.kafka import kafka_connection
+    from stream.objectstore import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     fetch = fetcher(objects, settings.models_dir)
@@ -87,17 +87,19 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
 
         return BridgeStage(CassandraClaims(connect(stream, role)), prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.scan import ScanStage
         from processors.scanner import ClamdScanner
+        from stream.objectstore import minio_client
 
         scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
         results = _results(settings, role)
         return ScanStage(ObjectStore(minio_client(settings, role)), scanner, catalog(settings, role, watch=True),
                          results, settings, _governance(settings, results)), eos
     if role == "preprocess":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.preprocess import PreprocessStage
+        from stream.objectstore import minio_client
 
         return PreprocessStage(ObjectStore(minio_client(settings, role)), catalog(settings, role, watch=False),
                                settings), eos
@@ -121,8 +123,9 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.postprocess import PostprocessStage
+        from stream.objectstore import minio_client
 
         results = _results(settings, role)
         return PostprocessStage(catalog(settings, role, watch=False), results, settings,

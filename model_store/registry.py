@@ -540,11 +540,9 @@ class Registry:
 
 def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     """The catalog's ``fetch``: a registry version into the local repository; errors in the stage's terms."""
-    from minio.error import MinioException
-    from urllib3.exceptions import HTTPError
-
     from model_store.catalog import ModelNotFound
     from stream.errors import TransientError
+    from stream.objectstore import MINIO_ERRORS
 
     def fetch(model: str, version: int) -> Path:
         try:
@@ -553,7 +551,7 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
             raise ModelNotFound(str(exc)) from exc
         except ModelConfigError as exc:
             raise ModelNotFound(f"model {model!r} version {version}: {exc}") from exc
-        except (MinioException, HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"model registry unavailable: {type(exc).__name__}: {exc}") from exc
     return fetch
 
@@ -561,9 +559,9 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
     """The registry on the local stack (``settings``: infra.settings.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from processors.objects import minio_client
     from stream.cassandra import connect
     from stream.kafka import kafka_connection
+    from stream.objectstore import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()

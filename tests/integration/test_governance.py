@@ -21,9 +21,9 @@ from stream_kit import kafka_admin, read_all
 from gateway.store import ERASABLE_TABLES
 from infra.jobs_cmd import JobsClient
 from infra.settings import REVIEW_RETENTION_DAYS, PipelineSettings, StackSettings
-from infra.stack.minio import RETENTION_TAG
 from processors.governance import ERASED
 from stream import topics as T
+from stream.objectstore import RETENTION_TAG
 from stream.serde import AvroSerde
 
 ADMIN = ["admin"]

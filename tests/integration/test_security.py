@@ -256,8 +256,8 @@ def test_clients_trusting_another_ca_are_refused(gw: Gateway, stack: StackSettin
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.common._httpx_compat import httpx  # the HTTP client it uses
 
-    from infra.stack.minio import https_pool
     from infra.stack.pki import Pki, issue
+    from stream.objectstore import https_pool
     from stream.serde import registry_config
 
     other = Pki(tmp_path / "other-ca")

@@ -21,7 +21,7 @@ from test_processors import (  # noqa: F401  (catalog is a fixture)
 )
 
 from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings, SettingsError, StackSettings
-from infra.stack.minio import RETENTION_TAG, UNCLAIMED_TAG, lifecycle_rules
+from infra.stack.minio import lifecycle_rules
 from model_store.catalog import ModelCatalog
 from processors.governance import (
     ERASED,
@@ -39,6 +39,7 @@ from processors.params import CacheKey, effective_params
 from processors.postprocess import PostprocessStage
 from processors.recorder import RecorderStage
 from processors.scan import ScanStage
+from stream.objectstore import RETENTION_TAG, UNCLAIMED_TAG
 from stream.records import Failure, now_ms
 
 
