@@ -20,9 +20,9 @@ from typing import Any
 
 from gateway import metrics as GM
 from gateway.bus import Bus
-from gateway.limits import utc_day
 from gateway.problems import Problem
 from gateway.store import GatewayStore
+from stream.cassandra import utc_day
 from stream.records import now_ms
 
 log = logging.getLogger(__name__)

@@ -97,7 +97,7 @@ def _server_counts(admin: Any, keyspace: str) -> Counter[tuple[str, str]]:
 
 def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int = 8, passes: int = 5) -> int:
     from gateway.audit import AuditLog
-    from gateway.limits import DailyQuota, utc_day
+    from gateway.limits import DailyQuota
     from gateway.store import GatewayStore
     from processors.governance import Governance
     from processors.jobs import CassandraJobs, JobTracker
@@ -105,7 +105,7 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     from processors.postprocess import PostprocessStage
     from processors.recorder import RecorderStage
     from processors.results import ResultStore
-    from stream.cassandra import connect, open_session
+    from stream.cassandra import connect, open_session, utc_day
     from stream.records import Record, now_ms
 
     settings = PipelineSettings.from_env()

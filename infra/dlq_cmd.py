@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from gateway.views import iso
 from stream import headers as H
 from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.serde import AvroSerde, SerdeError, epoch_ms
@@ -101,10 +102,6 @@ def redrive_group(prefix: str, dlq_topic: str) -> str:
     """The consumer group whose committed offsets mark how far ``dlq_topic`` was redriven (under the deployment's
     prefix, so a deployment's groups go with it)."""
     return f"{prefix}detectflow.redrive.{dlq_topic.removeprefix(prefix)}"
-
-
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def parse_letter(msg: Any, serde: AvroSerde, *, keep_value: bool) -> Letter:

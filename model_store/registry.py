@@ -354,12 +354,6 @@ def audit_event(subject: str, action: str, resource: str, *, outcome: str = "suc
             "event_time": int(time.time() * 1000)}
 
 
-def utc_day(epoch_ms: int) -> str:
-    from stream.cassandra import audit_day
-
-    return audit_day(epoch_ms)
-
-
 # ---------------------------------------------------------------------------------------------- commands
 GateRunner = Callable[[Path, ModelConfig, "VersionInfo | None"], dict[str, Any]]
 
@@ -383,8 +377,10 @@ class Registry:
     # ---- audit ------------------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, resource: str, *, outcome: str = "success", status: int = 200,
               detail: str | None = None) -> None:
+        from stream.cassandra import utc_day  # the Cassandra driver: only where the registry is used
+
         event = audit_event(actor, action, resource, outcome=outcome, status=status, detail=detail)
-        self.store.audit(event, utc_day(event["event_time"]))
+        self.store.audit(event, utc_day(event["event_time"] / 1000))
         self.events.audit(event)
 
     # ---- reads ------------------------------------------------------------------------------------------

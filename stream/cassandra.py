@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import re
 import ssl
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,15 +234,16 @@ AUDIT_INSERT = (
 AUDIT_TTL_S = 400 * 24 * 3600
 
 
-def audit_day(epoch_ms: int) -> str:
-    """The audit_log partition day (UTC) of an event time."""
-    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+def utc_day(epoch_s: float | None = None) -> str:
+    """The UTC day (YYYY-MM-DD) of a time (default: now): the partition of the day-partitioned tables
+    (audit_log, the daily quota rows)."""
+    return dt.datetime.fromtimestamp(time.time() if epoch_s is None else epoch_s, dt.UTC).strftime("%Y-%m-%d")
 
 
 def audit_row(event: Mapping[str, Any], ttl_s: int, day: str | None = None) -> tuple[Any, ...]:
     """AUDIT_INSERT's parameters for an AuditEvent (by default in the partition of its own event time)."""
     at = dt.datetime.fromtimestamp(event["event_time"] / 1000, dt.UTC)
-    return (event["tenant"], day or audit_day(event["event_time"]), at, event["event_id"], event["subject"],
+    return (event["tenant"], day or utc_day(event["event_time"] / 1000), at, event["event_id"], event["subject"],
             event["action"], event.get("resource"), event["outcome"], event["status"], event.get("request_id"),
             event.get("detail"), ttl_s)
 
