@@ -129,6 +129,13 @@ def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float =
     return _READERS[key].read(until, timeout_s)
 
 
+def detection_results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int,
+                      timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """The DetectionResults on the prefix's `detections` so far (up to ``n``, waiting at most ``timeout_s``)."""
+    return [serde.decode(m.value(), "DetectionResult")
+            for m in read_all(stack, T.detections_topic(prefix), until=n, timeout_s=timeout_s)]
+
+
 def close_readers() -> None:
     for reader in _READERS.values():
         reader.consumer.close()
