@@ -85,11 +85,14 @@ class _NoBus:
 
 
 def _server_counts(admin: Any, keyspace: str) -> Counter[tuple[str, str]]:
+    from stream.cassandra import fetch_all  # the Cassandra driver: only when the bench runs
+
     counts: Counter[tuple[str, str]] = Counter()
     if admin is None:
         return counts
     for view, kind in (("coordinator_read_latency", "read"), ("coordinator_write_latency", "write")):
-        for row in admin.execute(f"SELECT keyspace_name, table_name, count FROM system_views.{view}"):  # noqa: S608
+        for row in fetch_all(admin, f"SELECT keyspace_name, table_name, count FROM system_views.{view}",  # noqa: S608
+                             timeout_s=10.0):
             if row.keyspace_name == keyspace and row.count:
                 counts[(row.table_name, kind)] += row.count
     return counts

@@ -53,15 +53,16 @@ def transient(exc: Exception, what: str = "cassandra") -> TransientError:
 
 
 def statement_name(stmt: Any) -> str:
-    """A statement as its error messages name it: the verb and the table (``SELECT jobs``), else its text."""
+    """A statement as its error messages name it: the verb and the table (``SELECT jobs``), else its first two
+    words (``ALTER ROLE``). Never more of its text: a literal in it may be a password."""
     text = stmt if isinstance(stmt, str) else (
         getattr(stmt, "query_string", None) or getattr(getattr(stmt, "prepared_statement", None), "query_string", None)
         or getattr(stmt, "cql", None))
     if not isinstance(text, str):
         return type(stmt).__name__
     verb = text.split(None, 1)[0].upper() if text.strip() else ""
-    table = re.search(r"\b(?:FROM|INTO|UPDATE|TABLE)\s+([\w.]+)", text, re.IGNORECASE)
-    return f"{verb} {table.group(1)}" if verb and table else " ".join(text.split())[:60]
+    table = re.search(r"\b(?:FROM|INTO|UPDATE|TABLE)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?([\w.]+)", text, re.IGNORECASE)
+    return f"{verb} {table.group(1)}" if verb and table else " ".join(text.split()[:2])
 
 
 def _failed(exc: Exception, stmt: Any) -> TransientError:

@@ -82,6 +82,8 @@ def test_statements_are_named_by_verb_and_table() -> None:
     assert statement_name("INSERT INTO bridge_objects (a) VALUES (?) IF NOT EXISTS") == "INSERT bridge_objects"
     assert statement_name("UPDATE jobs SET status = ? WHERE tenant = ?") == "UPDATE jobs"
     assert statement_name("SELECT release_version FROM system.local") == "SELECT system.local"
+    assert statement_name("CREATE TABLE IF NOT EXISTS ks.jobs (a int PRIMARY KEY)") == "CREATE ks.jobs"
+    assert statement_name("ALTER ROLE admin WITH PASSWORD = 'secret' AND LOGIN = true") == "ALTER ROLE"
     assert statement_name(object()) == "object"
 
 
