@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from infra.settings import StackSettings, StreamSettings
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
-from stream.kafka import kafka_connection
+from stream.kafka import kafka_admin as kafka_admin_client
+from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
 from stream.serde import AvroSerde
 
@@ -49,11 +50,10 @@ def delete_test_topics(stack: StackSettings) -> None:
     the broker; a group's offsets would stay for the broker's offsets retention)."""
     if _PREFIXES:
         from confluent_kafka import KafkaException
-        from confluent_kafka.admin import AdminClient
 
         from infra.stack.kafka_access import bindings, delete_acls
 
-        admin = AdminClient({**kafka_admin(stack)})
+        admin = kafka_admin_client(kafka_admin(stack))
         try:
             for prefix in _PREFIXES:
                 delete_acls(kafka_admin(stack), bindings(prefix))
@@ -89,7 +89,7 @@ def submission(request_id: str, *, tenant: str = "t1", lane: str = "BATCH") -> d
 
 def produce(stack: StackSettings, serde: AvroSerde, topic: str, records: Iterable[dict[str, Any]],
             headers: dict[str, bytes] | None = None) -> None:
-    p = Producer({**kafka_admin(stack), "enable.idempotence": True, "linger.ms": 5})
+    p = kafka_producer(kafka_admin(stack), linger_ms=5)
     for rec in records:
         p.produce(topic, key=rec["request_id"].encode(), value=serde.encode(topic, "ImageSubmitted", rec),
                   headers=list((headers or {}).items()))
@@ -105,8 +105,7 @@ class _Reader:
     """
 
     def __init__(self, kafka: dict[str, Any], topic: str):
-        self.consumer = Consumer({**kafka, "group.id": f"it-read-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+        self.consumer = kafka_consumer(kafka, f"it-read-{uuid.uuid4().hex}")
         parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         self.msgs: list[Any] = []
