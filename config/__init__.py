@@ -10,7 +10,7 @@ from config.credentials import Login, MinioCredentials, write_private
 from config.gateway import UPLOAD_GRACE_S, GatewaySettings
 from config.pipeline import REVIEW_RETENTION_DAYS, LifecycleSettings, PipelineSettings
 from config.stack import StackSettings, Versions
-from config.stream import StreamSettings, kafka_client
+from config.stream import StreamSettings
 
 __all__ = [
     "ENV_PREFIX",
@@ -26,6 +26,5 @@ __all__ = [
     "StackSettings",
     "StreamSettings",
     "Versions",
-    "kafka_client",
     "write_private",
 ]

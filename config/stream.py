@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from config.base import ENV_PREFIX, Hosts, OptionalPath, Port, Settings, SettingsError, setting
@@ -91,16 +90,3 @@ class StreamSettings(Settings):
             raise SettingsError(f"invalid Cassandra role {role!r}")
         return Login.load(self.cassandra_secrets_dir / f"{role}.json")
 
-
-def kafka_client(settings: StreamSettings, user: str | None = None) -> dict[str, Any]:
-    """The librdkafka settings every client starts from: the brokers, TLS verified against the project
-    CA, and SCRAM-SHA-512 as ``user`` (default: the settings' principal)."""
-    name = user or settings.kafka_user
-    if settings.kafka_users_dir is None or settings.tls_ca_file is None:
-        raise SettingsError("Kafka needs DETECTFLOW_KAFKA_USERS_DIR and DETECTFLOW_TLS_CA_FILE")
-    if not name.replace("-", "").replace("_", "").isalnum():  # a role, or tenant-<tenant name>
-        raise SettingsError(f"invalid Kafka principal {name!r}")
-    password = Login.load(Path(settings.kafka_users_dir) / f"{name}.json").password
-    return {"bootstrap.servers": settings.bootstrap, "security.protocol": "SASL_SSL",
-            "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": name, "sasl.password": password,
-            "ssl.ca.location": str(settings.tls_ca_file)}

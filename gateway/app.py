@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from config import GatewaySettings, SettingsError, kafka_client
+from config import GatewaySettings, SettingsError
 from gateway import metrics as GM
 from gateway.audit import AuditLog
 from gateway.auth import Authenticator
@@ -24,6 +24,7 @@ from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
 from schemas.names import MODEL_NAME_RULE, valid_model_name
+from stream.kafka import kafka_connection
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _catalog(settings: GatewaySettings) -> Any:
     from model_store.serving.catalog import ModelCatalog
 
     p = settings.pipeline
-    watcher = ModelWatcher(kafka_client(p.stream), p.stream.registry_url, p.stream.topic_prefix,
+    watcher = ModelWatcher(kafka_connection(p.stream), p.stream.registry_url, p.stream.topic_prefix,
                            registry_ca=p.stream.tls_ca_file)
     watcher.start(p.lifecycle.watch_catch_up_s)
     return ModelCatalog(p.models_dir, table=watcher.table)

@@ -20,10 +20,10 @@ from typing import Any
 
 from gateway import metrics as GM
 from gateway.bus import Bus
-from gateway.limits import utc_day
 from gateway.problems import Problem
 from gateway.store import GatewayStore
 from schemas import events
+from stream.cassandra import utc_day
 from stream.records import now_ms
 
 log = logging.getLogger(__name__)

@@ -11,12 +11,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
-from config import GatewaySettings, kafka_client
+from config import GatewaySettings
 from gateway import metrics as GM
 from gateway.problems import Problem
+from stream.kafka import kafka_admin, kafka_connection, kafka_producer
 from stream.reply import ReplyRouter
 from stream.serde import AvroSerde, SerdeError
 from stream.topics import STAGE_INPUTS, lane_topic, replies_topic
@@ -33,11 +34,11 @@ class Bus:
         self.settings = settings
         self.prefix = stream.topic_prefix
         self.serde = serde or AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
-        self.producer = Producer({
-            **kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 1,
-            "compression.type": stream.compression, "message.max.bytes": stream.max_message_bytes + 64 * 1024,
-            "message.timeout.ms": 15000, "queue.buffering.max.messages": 200_000, "log_level": 3})
-        self.admin = AdminClient({**kafka_client(stream), "log_level": 3})
+        kafka = kafka_connection(stream)
+        self.producer = kafka_producer(kafka, linger_ms=1, compression=stream.compression,
+                                       max_record_bytes=stream.max_message_bytes,
+                                       extra={"message.timeout.ms": 15000, "queue.buffering.max.messages": 200_000})
+        self.admin = kafka_admin(kafka)
         partition = settings.reply_partition if settings.reply_partition >= 0 else random.randrange(16)  # noqa: S311
         self.router = ReplyRouter(stream, self.serde, replies_topic(self.prefix), partition)
         self.online_lag = 0

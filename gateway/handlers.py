@@ -688,7 +688,7 @@ async def put_policy(request: web.Request) -> web.StreamResponse:
 @endpoint("audit.read", "admin")
 async def audit_events(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    from gateway.limits import utc_day
+    from stream.cassandra import utc_day
 
     day = request.query.get("day", utc_day())
     if not DAY_RE.fullmatch(day):

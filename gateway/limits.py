@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.problems import Problem
+from stream.cassandra import utc_day
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,6 @@ class TokenBuckets:
             raise Problem("RATE_LIMITED", f"more than {self.configured_rate:g} requests per second for this tenant",
                           headers={"Retry-After": str(decision.retry_after_s), **decision.headers()})
         return decision
-
-
-def utc_day(now: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(time.time() if now is None else now, tz=dt.UTC).strftime("%Y-%m-%d")
 
 
 def seconds_to_midnight(now: float | None = None) -> int:

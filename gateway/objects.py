@@ -12,15 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import urllib3
-from minio import Minio
-from minio.error import MinioException, S3Error
+from minio.error import S3Error
 
 from config import GatewaySettings
 from gateway.presign import presign_put
 from gateway.problems import Problem
-from infra.stack.minio import UNCLAIMED_TAG, https_pool
 from stream.bridge import SUBMITTED_MARK
+from stream.objectstore import MINIO_ERRORS, UNCLAIMED_TAG, minio_at
 
 T = TypeVar("T")
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
@@ -54,9 +52,8 @@ class GatewayObjects:
         own = p.minio_credentials("gateway")
         self._signer = p.minio_credentials("gateway-signer")
         self._marker_secret = hashlib.sha256(b"detectflow-upload-marker\n" + self._signer.secret_key.encode()).digest()
-        http = https_pool(p.stream.tls_ca_file, connect_s=3.0, read_s=20.0, maxsize=threads, retries=1)
-        self.client = Minio(p.minio_endpoint, access_key=own.access_key, secret_key=own.secret_key,
-                            secure=True, http_client=http, region=settings.minio_region)
+        self.client = minio_at(p.minio_endpoint, own, p.stream.tls_ca_file, region=settings.minio_region,
+                               connect_s=3.0, read_s=20.0, maxsize=threads, retries=1)
         self.bucket = p.uploads_bucket
         self.settings = settings
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-minio")
@@ -71,7 +68,7 @@ class GatewayObjects:
             if exc.code in _MISSING:
                 raise Problem("NOT_FOUND", "no such object") from exc
             raise Problem("UNAVAILABLE", f"object store error {exc.code}") from exc
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise Problem("UNAVAILABLE", f"the object store did not answer ({type(exc).__name__})") from exc
 
     async def put_image(self, key: str, data: bytes, media_type: str) -> None:

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.problems import Problem
-from stream.cassandra import AUDIT_INSERT, DRIVER_ERRORS, audit_row, timestamp_ms
+from stream.cassandra import AUDIT_INSERT, audit_row, execute_async, fetch_all, timestamp_ms
+from stream.errors import TransientError
 
 to_ms = timestamp_ms
+
+
+def _cause_name(exc: BaseException) -> str:
+    """The driver's error behind a TransientError (what an operator can look up), else the error itself."""
+    return type(exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc).__name__
 
 
 def from_ms(ms: int) -> dt.datetime:
@@ -129,12 +135,12 @@ class GatewayStore:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(rows))
 
         def failed(exc: BaseException) -> None:
-            err = Problem("UNAVAILABLE", f"the result store did not answer ({type(exc).__name__})")
+            err = Problem("UNAVAILABLE", f"the result store did not answer ({_cause_name(exc)})")
             err.__cause__ = exc
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
 
         try:
-            rf = self._session.execute_async(stmt, params, timeout=self._timeout)
+            rf = execute_async(self._session, stmt, params, timeout_s=self._timeout)
         except Exception as exc:
             failed(exc)
             return fut
@@ -144,12 +150,12 @@ class GatewayStore:
     async def _all(self, stmt: Any, params: Sequence[Any]) -> list[Any]:
         """Every row, across pages (in the executor: paging is synchronous in the driver)."""
         def run() -> list[Any]:
-            return list(self._session.execute(stmt, params, timeout=self._timeout))
+            return fetch_all(self._session, stmt, params, timeout_s=self._timeout)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(None, run)
-        except DRIVER_ERRORS as exc:
-            raise Problem("UNAVAILABLE", f"the result store did not answer ({type(exc).__name__})") from exc
+        except TransientError as exc:
+            raise Problem("UNAVAILABLE", f"the result store did not answer ({_cause_name(exc)})") from exc
 
     async def ping(self) -> None:
         await self._execute(self._ping, ())

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from config import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings
 from infra.stack.kafka_access import deprovision, provision
+from stream.kafka import kafka_connection
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,11 +178,11 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     # Every request its own bytes, made before any timing: clamd caches the verdicts of identical bytes.
     bodies = iter(distinct_bodies(datas, 3 + n_online + n_batch, run_id))
     threads = settings.intra_op_threads
-    provision(kafka_client(settings.stream), prefix)
+    provision(kafka_connection(settings.stream), prefix)
     try:
         served = serve(settings, stack, int8=int8)  # production on the bench's prefix
     except BaseException:
-        deprovision(kafka_client(settings.stream), prefix)
+        deprovision(kafka_connection(settings.stream), prefix)
         raise
     model_dir = served.model_dir
     env["DETECTFLOW_DEFAULT_MODEL"] = served.name  # what the roles serve by default
@@ -233,7 +234,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         rss = {role: peak_rss_mib(pid) for role, pid in sup.pids().items()}
     finally:
         sup.stop()
-        deprovision(kafka_client(settings.stream), prefix)
+        deprovision(kafka_connection(settings.stream), prefix)
 
     n_runs = metric_sum(after, "detectflow_inference_batch_size_count") - metric_sum(
         before, "detectflow_inference_batch_size_count")

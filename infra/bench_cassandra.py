@@ -86,11 +86,14 @@ class _NoBus:
 
 
 def _server_counts(admin: Any, keyspace: str) -> Counter[tuple[str, str]]:
+    from stream.cassandra import fetch_all  # the Cassandra driver: only when the bench runs
+
     counts: Counter[tuple[str, str]] = Counter()
     if admin is None:
         return counts
     for view, kind in (("coordinator_read_latency", "read"), ("coordinator_write_latency", "write")):
-        for row in admin.execute(f"SELECT keyspace_name, table_name, count FROM system_views.{view}"):  # noqa: S608
+        for row in fetch_all(admin, f"SELECT keyspace_name, table_name, count FROM system_views.{view}",  # noqa: S608
+                             timeout_s=10.0):
             if row.keyspace_name == keyspace and row.count:
                 counts[(row.table_name, kind)] += row.count
     return counts
@@ -98,7 +101,7 @@ def _server_counts(admin: Any, keyspace: str) -> Counter[tuple[str, str]]:
 
 def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int = 8, passes: int = 5) -> int:
     from gateway.audit import AuditLog
-    from gateway.limits import DailyQuota, utc_day
+    from gateway.limits import DailyQuota
     from gateway.store import GatewayStore
     from processors.governance import Governance
     from processors.jobs import CassandraJobs, JobTracker
@@ -106,7 +109,7 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
     from processors.postprocess import PostprocessStage
     from processors.recorder import RecorderStage
     from processors.results import ResultStore
-    from stream.cassandra import connect, open_session
+    from stream.cassandra import connect, open_session, utc_day
     from stream.records import Record, now_ms
 
     settings = PipelineSettings.from_env()

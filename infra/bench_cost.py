@@ -194,12 +194,11 @@ class HopMeter:
     join, no commits; read_uncommitted, so aborted records count: the broker stored them too)."""
 
     def __init__(self, kafka: Mapping[str, Any], prefix: str) -> None:
-        from confluent_kafka import Consumer
+        from stream.kafka import kafka_consumer
 
         self.prefix = prefix
-        self._consumer = Consumer({**kafka, "group.id": f"bench-hops-{uuid.uuid4().hex[:8]}",
-                                   "enable.auto.commit": False, "enable.partition.eof": True,
-                                   "isolation.level": "read_uncommitted"})
+        self._consumer = kafka_consumer(kafka, f"bench-hops-{uuid.uuid4().hex[:8]}", isolation="read_uncommitted",
+                                        extra={"enable.partition.eof": True})
         meta = self._consumer.list_topics(timeout=30)
         self.partitions = [(t, p) for t, tm in meta.topics.items() if t.startswith(prefix) for p in tm.partitions]
 

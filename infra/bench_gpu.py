@@ -1,7 +1,7 @@
 """`python -m infra.bench_gpu`: one model version alone on a GPU, per execution provider and batch size.
 
 The service's own pieces, measured per batch size: the session from ``model_store/serving/session.py``
-(``create_session``), fed the float32 NCHW batch that ``model_store/detect.py`` ``to_model_input``
+(``create_session``), fed the float32 NCHW batch that ``imaging/letterbox.py`` ``to_model_input``
 builds, its outputs decoded by ``model_store/serving/decoders.py`` ``decode_outputs``. Sections:
 
 - ``ort-cpu``: ONNX Runtime's CPU provider, a few iterations, for reference;

@@ -13,7 +13,6 @@ import statistics
 import time
 import uuid
 
-from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from config import StackSettings
@@ -29,16 +28,15 @@ def broker_setting(admin: AdminClient, name: str) -> str:
 
 
 def run_bench_hop(stack: StackSettings, *, rounds: int = 50, warmup: int = 5) -> int:
-    from config import StreamSettings, kafka_client
+    from config import StreamSettings
+    from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 
-    kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
-    admin = AdminClient(kafka)
+    kafka = kafka_connection(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
+    admin = kafka_admin(kafka)
     topic = f"bench-hop-{uuid.uuid4().hex[:8]}"
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
-    producer = Producer({**kafka, "acks": "all", "enable.idempotence": True,
-                         "linger.ms": 2, "compression.type": "lz4", "message.max.bytes": 2 * 1024 * 1024})
-    consumer = Consumer({**kafka, "group.id": topic, "enable.auto.commit": False,
-                         "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+    producer = kafka_producer(kafka, linger_ms=2, compression="lz4", extra={"message.max.bytes": 2 * 1024 * 1024})
+    consumer = kafka_consumer(kafka, topic, offset_reset="earliest")
     consumer.subscribe([topic])
     linger = broker_setting(admin, "group.coordinator.append.linger.ms")
     print(f"detectflow bench hop: {rounds} rounds per size; broker group.coordinator.append.linger.ms = {linger}")

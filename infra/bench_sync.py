@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
+from config import GatewaySettings, PipelineSettings, StackSettings
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
 from infra.jobs_cmd import client_tls
 from infra.stack.kafka_access import deprovision, provision
+from stream.kafka import kafka_connection
 
 DEFAULT_LEVELS = (1, 4, 16)
 CACHE_LEVELS = (1, 16)  # callers of the cache-hit replay
@@ -467,7 +468,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
     tls = client_tls(gw.pipeline.stream.tls_ca_file)  # the gateway's HTTPS, verified against the project CA
     log_dir = stack.log_dir / "bench-sync"
 
-    kafka = kafka_client(settings.stream)
+    kafka = kafka_connection(settings.stream)
     provision(kafka, prefix, T.all_topics(prefix, max_message_bytes=settings.stream.max_message_bytes))
     try:
         served = serve(settings, stack, int8=int8)  # production on the bench's prefix

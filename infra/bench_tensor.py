@@ -122,30 +122,28 @@ def _cpu_ms(pid: int) -> float:
 def measure_broker(stack: StackSettings, values: dict[str, list[bytes]], passes: int = 4,
                    rounds: int = 3) -> dict[tuple[str, str], dict[str, float]]:
     """Per (codec, producer compression): wire bytes, client and broker CPU-ms per record (medians of passes)."""
-    from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
 
-    from config import StreamSettings, kafka_client
+    from config import StreamSettings
     from infra.bench import service_pids
+    from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 
-    kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
+    kafka = kafka_connection(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     broker_pid = service_pids(stack).get("kafka")
-    admin = AdminClient(kafka)
+    admin = kafka_admin(kafka)
     topic = f"bench-tensor-{uuid.uuid4().hex[:8]}"
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
                                   config={"max.message.bytes": str(2 * 1024 * 1024)})])[topic].result(timeout=30)
-    consumer = Consumer({**kafka, "group.id": topic, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         "fetch.max.bytes": 64 * 1024 * 1024})
+    consumer = kafka_consumer(kafka, topic, offset_reset="earliest", extra={"fetch.max.bytes": 64 * 1024 * 1024})
     consumer.subscribe([topic])
     samples: dict[tuple[str, str], dict[str, list[float]]] = {}
     try:
         for _ in range(passes):
             for compression in ("lz4", "none"):
                 stats: list[dict[str, Any]] = []
-                producer = Producer({**kafka, "acks": "all", "enable.idempotence": True, "linger.ms": 1,
-                                     "compression.type": compression, "message.max.bytes": 2 * 1024 * 1024,
-                                     "statistics.interval.ms": 100,
-                                     "stats_cb": lambda s, into=stats: into.append(json.loads(s))})
+                producer = kafka_producer(kafka, linger_ms=1, compression=compression, extra={
+                    "message.max.bytes": 2 * 1024 * 1024, "statistics.interval.ms": 100,
+                    "stats_cb": lambda s, into=stats: into.append(json.loads(s))})
                 producer.produce(topic, b"warm-up")
                 producer.flush(30)
                 _consume(consumer, 1)

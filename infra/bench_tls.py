@@ -46,6 +46,7 @@ def _start_broker(settings: StackSettings, work: Path) -> tuple[subprocess.Popen
     from infra.stack.base import java_binary
     from infra.stack.kafka import new_cluster_id
     from infra.stack.pki import Pki, issue
+    from stream.kafka import plaintext_connection, scram_connection
 
     pki = Pki(work / "tls")
     leaf = issue(pki, "kafka")
@@ -80,19 +81,19 @@ message.max.bytes=2097152
     proc = subprocess.Popen([java, "-Xms384m", "-Xmx384m", "-cp", f"{lib}/*", "kafka.Kafka", str(props)],
                             stdout=log, stderr=subprocess.STDOUT)
     password = uuid.uuid4().hex
-    conf = {"plaintext": {"bootstrap.servers": f"127.0.0.1:{plain}"},
-            "sasl_ssl": {"bootstrap.servers": f"127.0.0.1:{secure}", "security.protocol": "SASL_SSL",
-                         "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "bench", "sasl.password": password,
-                         "ssl.ca.location": str(pki.ca_cert)}}
+    conf = {"plaintext": plaintext_connection(f"127.0.0.1:{plain}"),
+            "sasl_ssl": scram_connection(f"127.0.0.1:{secure}", "bench", password, pki.ca_cert)}
     _await_and_add_user(conf["plaintext"], password, proc)
     return proc, conf
 
 
 def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.Popen[bytes]) -> None:
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
-    admin = AdminClient({**plain, "log_level": 0})
+    from stream.kafka import kafka_admin
+
+    admin = kafka_admin(plain, log_level=0)
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None:
@@ -111,15 +112,14 @@ def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.P
 
 
 def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: int) -> dict[str, float]:
-    from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import NewTopic
+
+    from stream.kafka import kafka_consumer, kafka_producer
 
     topic = f"bench-tls-{uuid.uuid4().hex[:8]}"  # a new topic per pass: every record it gets is this pass's
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
-    producer = Producer({**conf, "acks": "all", "enable.idempotence": True, "linger.ms": 0,
-                         "message.max.bytes": 2 * 1024 * 1024, "log_level": 3})
-    consumer = Consumer({**conf, "group.id": topic, "enable.auto.commit": False, "log_level": 3,
-                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})
+    producer = kafka_producer(conf, linger_ms=0, extra={"message.max.bytes": 2 * 1024 * 1024})
+    consumer = kafka_consumer(conf, topic, offset_reset="earliest", extra={"fetch.wait.max.ms": 10})
     consumer.subscribe([topic])
     deadline = time.monotonic() + 30
     while not consumer.assignment() and time.monotonic() < deadline:
@@ -145,12 +145,12 @@ def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: 
 
 
 def run_bench_tls(settings: StackSettings, *, rounds: int = 200, passes: int = 3) -> int:
-    from confluent_kafka.admin import AdminClient
+    from stream.kafka import kafka_admin
 
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-tls-"))
     proc, conf = _start_broker(settings, work)
     try:
-        admin = AdminClient({**conf["plaintext"], "log_level": 3})
+        admin = kafka_admin(conf["plaintext"])
         print(f"detectflow bench tls: {rounds} hops per pass, {passes} passes alternating, a throwaway broker "
               f"(pid {proc.pid}); medians over passes")
         print(f"{'record':>10} {'listener':>9} {'hop ms':>8} {'client CPU-ms':>14} {'broker CPU-ms':>14}")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
+from config import GatewaySettings, PipelineSettings, StackSettings
 from infra.chaos import (
     KILL_ROLE,
     PAUSE,
@@ -51,6 +51,7 @@ from infra.chaos import (
     split_latencies,
 )
 from schemas import events
+from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -95,11 +96,9 @@ class _ResultReader:
     """Reads `detections` (read_committed) from the start in a thread; keeps each record's key and value."""
 
     def __init__(self, kafka: dict[str, Any], topic: str):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        self.consumer = Consumer({**kafka, "group.id": f"chaos-read-{secrets.token_hex(6)}",
-                                  "enable.auto.commit": False, "isolation.level": "read_committed",
-                                  "log_level": 3})
+        self.consumer = kafka_consumer(kafka, f"chaos-read-{secrets.token_hex(6)}")
         parts = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         self.records: list[tuple[str, bytes]] = []
@@ -126,10 +125,10 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
     """Records each of the prefix's stage groups has yet to commit: per partition, the records a read_committed
     reader finds between the group's committed offset and the end. (End minus committed alone would count a
     transaction's commit marker, which takes an offset, as a record.)"""
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient, OffsetSpec
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
 
-    admin = AdminClient({**kafka})
+    admin = kafka_admin(kafka)
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
     groups = [g.group_id for g in listed.valid if g.group_id.startswith(f"{prefix}detectflow.")]
     lag: dict[str, int] = {}
@@ -149,8 +148,7 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
                 behind.append((group, TopicPartition(tp.topic, tp.partition, pos), end))
     if not behind:
         return lag
-    reader = Consumer({**kafka, "group.id": f"chaos-lag-{secrets.token_hex(6)}", "enable.auto.commit": False,
-                       "isolation.level": "read_committed", "enable.partition.eof": True, "log_level": 3})
+    reader = kafka_consumer(kafka, f"chaos-lag-{secrets.token_hex(6)}", extra={"enable.partition.eof": True})
     try:
         for group, tp, end in behind:
             reader.assign([tp])
@@ -169,13 +167,12 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
 
 def _keys_on(kafka: dict[str, Any], topics: list[str], timeout_s: float = 15.0) -> dict[str, list[str]]:
     """request id (record key) -> the topics (DLQs) holding a record of it."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     found: dict[str, list[str]] = defaultdict(list)
     if not topics:
         return found
-    consumer = Consumer({**kafka, "group.id": f"chaos-dlq-{secrets.token_hex(6)}", "enable.auto.commit": False,
-                         "enable.partition.eof": True, "log_level": 3})
+    consumer = kafka_consumer(kafka, f"chaos-dlq-{secrets.token_hex(6)}", extra={"enable.partition.eof": True})
     try:
         meta = consumer.list_topics(timeout=10).topics
         parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics if t in meta for p in meta[t].partitions]
@@ -213,7 +210,7 @@ class Drill:
         self.settings = settings.replace(stream=settings.stream.replace(topic_prefix=self.prefix))
         self.gw = GatewaySettings.from_env(self.env)
         check_loopback(stack, self.settings)
-        self.admin = kafka_client(self.settings.stream, "admin")
+        self.admin = kafka_connection(self.settings.stream, "admin")
         self.log_dir = stack.log_dir / f"chaos-{self.run_id}"
         from infra.roles import SERVICES
 
@@ -413,8 +410,6 @@ class Drill:
         once Kafka acknowledged it."""
         import uuid
 
-        from confluent_kafka import Producer
-
         from stream.ingest import principal
         from stream.records import now_ms
         from stream.serde import AvroSerde
@@ -423,8 +418,7 @@ class Drill:
         stream = self.settings.stream.replace(kafka_user=principal(self.ingest_tenant))
         serde = AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         topic = ingest_topic(self.prefix, self.ingest_tenant)
-        producer = Producer({**kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                             "message.max.bytes": stream.max_message_bytes + 64 * 1024, "log_level": 3})
+        producer = kafka_producer(kafka_connection(stream), linger_ms=5, max_record_bytes=stream.max_message_bytes)
 
         def delivered(sent: Sent) -> Callable[[Any, Any], None]:
             def on_delivery(err: Any, _msg: Any) -> None:

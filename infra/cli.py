@@ -74,10 +74,10 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
             print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
         return 0
-    from config import kafka_client
     from infra.stack.kafka_access import provision
+    from stream.kafka import kafka_connection
 
-    actions = provision(kafka_client(stream), stream.topic_prefix, specs)
+    actions = provision(kafka_connection(stream), stream.topic_prefix, specs)
     for spec in specs:
         print(f"{spec.name:<42} {actions.get(spec.name, 'unchanged')}")
     return 0
@@ -94,16 +94,16 @@ def _run(args: argparse.Namespace, settings: StackSettings) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = PipelineSettings.from_env()
     if args.role == "all":
-        from config import kafka_client
         from infra.roles import SERVICES
         from infra.stack.kafka_access import provision
         from infra.supervisor import Supervisor
         from stream import topics
+        from stream.kafka import kafka_connection
 
         # The local deployment: its topics and ACLs first, as `detectflow topics apply` makes them (the broker
         # creates no topic by itself, and each role may only use what its ACLs name).
         stream = pipeline.stream
-        provision(kafka_client(stream, "admin"), stream.topic_prefix,
+        provision(kafka_connection(stream, "admin"), stream.topic_prefix,
                   topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes,
                                     raw_retention_hours=stream.raw_retention_hours))
         sup = Supervisor(SERVICES, settings.log_dir, metrics_base_port=pipeline.stream.metrics_port)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from config import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings
 from infra.stack import manager
 from infra.stack.kafka_access import provision
 
@@ -50,6 +50,7 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
     from model_store.tools.convert import convert
     from model_store.tools.samples import ensure_samples
     from stream import topics
+    from stream.kafka import kafka_connection
 
     pipeline = PipelineSettings.from_env()
     if bring_up:
@@ -61,7 +62,7 @@ def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float
               "ACLs; Cassandra a login per role; MinIO a user per role, objects encrypted at rest (SSE-S3); "
               f"credentials in {settings.secrets_dir} (0600; docs/security.md)\n")
     prefix = pipeline.stream.topic_prefix
-    created = [n for n, a in provision(kafka_client(pipeline.stream), prefix, topics.all_topics(prefix)).items()
+    created = [n for n, a in provision(kafka_connection(pipeline.stream), prefix, topics.all_topics(prefix)).items()
                if a == "created"]
     if created:
         print(f"created {len(created)} topics")

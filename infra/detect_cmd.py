@@ -21,7 +21,8 @@ def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = Fa
     """An operator's client (the settings' principal, any tenant; images over the inline limit uploaded to MinIO
     as the `client` role), or with ``as_tenant`` the tenant's own (its principal and ingest topic; it has no MinIO
     user, so images over the inline limit are refused)."""
-    from processors.objects import ObjectStore, minio_client
+    from processors.objects import ObjectStore
+    from stream.objectstore import minio_client
 
     if as_tenant:
         return DetectClient(settings.stream, default_model=settings.default_model, tenant=tenant, as_tenant=True,

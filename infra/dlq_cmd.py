@@ -24,9 +24,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from gateway.views import iso
 from stream import headers as H
+from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.serde import AvroSerde, SerdeError, epoch_ms
 
 REDRIVEN_FROM = H.REDRIVEN_FROM
@@ -102,10 +104,6 @@ def redrive_group(prefix: str, dlq_topic: str) -> str:
     return f"{prefix}detectflow.redrive.{dlq_topic.removeprefix(prefix)}"
 
 
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def parse_letter(msg: Any, serde: AvroSerde, *, keep_value: bool) -> Letter:
     d = serde.decode(msg.value(), "DeadLetter")
     value = d["value"] or b""
@@ -130,9 +128,8 @@ class DeadLetters:
 
     def _consumer(self, group: str | None = None) -> Consumer:
         # Auto-commit off: only a redrive commits, and only after its records are flushed.
-        return Consumer({**self.kafka, "group.id": group or f"{self.prefix}detectflow.dlq-read.{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "fetch.max.bytes": self.max_message_bytes + 1024 * 1024, "log_level": 3})
+        return kafka_consumer(self.kafka, group or f"{self.prefix}detectflow.dlq-read.{uuid.uuid4().hex}",
+                              max_record_bytes=self.max_message_bytes)
 
     def topics(self, name: str | None = None) -> list[str]:
         """The DLQ topics of the prefix, or the one ``name`` means (a DLQ topic, or the topic whose DLQ it is;
@@ -259,8 +256,7 @@ class DeadLetters:
             if err is not None:
                 failures.append(f"{msg.topic()}: {err}")
 
-        producer = Producer({**self.kafka, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                             "message.max.bytes": self.max_message_bytes + 64 * 1024, "log_level": 3})
+        producer = kafka_producer(self.kafka, linger_ms=5, max_record_bytes=self.max_message_bytes)
         for x in letters:
             producer.produce(x.target, key=x.key, value=x.value, headers=x.redrive_headers(), on_delivery=delivered)
             producer.poll(0)
@@ -318,10 +314,10 @@ def show_text(x: Letter, redriven: bool) -> str:
 
 
 def run_dlq(args: argparse.Namespace) -> int:
-    from config import StreamSettings, kafka_client
+    from config import StreamSettings
 
     stream = StreamSettings.from_env()
-    dlq = DeadLetters(kafka_client(stream), AvroSerde.from_url(stream.registry_url, stream.tls_ca_file),
+    dlq = DeadLetters(kafka_connection(stream), AvroSerde.from_url(stream.registry_url, stream.tls_ca_file),
                       stream.topic_prefix, max_message_bytes=stream.max_message_bytes)
     try:
         if args.action == "show":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from config import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings
 
 
 def actor_name() -> str:
@@ -134,11 +134,12 @@ def describe(state: Any) -> str:
 def _await_ready(registry: Any, settings: PipelineSettings, model: str, version: int, force: bool) -> bool:
     """Wait for an inference process's READY (or LOAD_FAILED) report on the version."""
     from model_store.control.watch import ModelWatcher, wait_for_report
+    from stream.kafka import kafka_connection
 
     info = registry.store.version(model, version)
     if info is None:
         return True  # the command itself says why
-    watcher = ModelWatcher(kafka_client(settings.stream, "registry"), settings.stream.registry_url,
+    watcher = ModelWatcher(kafka_connection(settings.stream, "registry"), settings.stream.registry_url,
                            settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     watcher.start(settings.lifecycle.watch_catch_up_s)
     try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from config import PipelineSettings, kafka_client
+from config import PipelineSettings
+from stream.kafka import kafka_connection
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -45,7 +46,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, table: Any = 
     (a ``model_watcher``'s)."""
     from model_store.control.registry import ModelObjects, fetcher
     from model_store.serving.catalog import ModelCatalog
-    from processors.objects import minio_client
+    from stream.objectstore import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     fetch = fetcher(objects, settings.models_dir)
@@ -58,8 +59,8 @@ def model_watcher(settings: PipelineSettings) -> Any:
     """A started ModelWatcher: the registry's `models` topic read to its end (within the catch-up deadline)."""
     from model_store.control.watch import ModelWatcher
 
-    watcher = ModelWatcher(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
-                           registry_ca=settings.stream.tls_ca_file)
+    watcher = ModelWatcher(kafka_connection(settings.stream), settings.stream.registry_url,
+                           settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     return watcher.start(settings.lifecycle.watch_catch_up_s)
 
 
@@ -68,9 +69,10 @@ def _reporter(role: str, settings: PipelineSettings) -> Any:
     processes route around a version no instance could load)."""
     from model_store.control.registry import ModelEventLog
     from model_store.serving.pool import LOAD_FAILED, READY
+    from stream.kafka import kafka_connection
 
-    events = ModelEventLog(kafka_client(settings.stream), settings.stream.registry_url, settings.stream.topic_prefix,
-                           registry_ca=settings.stream.tls_ca_file)
+    events = ModelEventLog(kafka_connection(settings.stream), settings.stream.registry_url,
+                           settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)
     instance = instance_name(role, settings)
 
     def report(event: Any) -> None:
@@ -95,17 +97,19 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         return BridgeStage(CassandraClaims(connect(stream, role)), default_model=settings.default_model,
                            prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.scan import ScanStage
         from processors.scanner import ClamdScanner
+        from stream.objectstore import minio_client
 
         scanner = ClamdScanner(settings.clamd_host, settings.clamd_port, settings.clamd_timeout_s)
         results = _results(settings, role)
         return ScanStage(ObjectStore(minio_client(settings, role)), scanner, catalog(settings, role, watch=True),
                          results, settings, _governance(settings, results)), eos
     if role == "preprocess":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.preprocess import PreprocessStage
+        from stream.objectstore import minio_client
 
         return PreprocessStage(ObjectStore(minio_client(settings, role)), catalog(settings, role, watch=False),
                                settings), eos
@@ -126,8 +130,9 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
-        from processors.objects import ObjectStore, minio_client
+        from processors.objects import ObjectStore
         from processors.postprocess import PostprocessStage
+        from stream.objectstore import minio_client
 
         results = _results(settings, role)
         return PostprocessStage(catalog(settings, role, watch=False), results, settings,

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import Login, SettingsError, StackSettings, StreamSettings, kafka_client
+from config import Login, SettingsError, StackSettings, StreamSettings
+from stream.kafka import kafka_connection
 
 
 def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def run_tenants(args: argparse.Namespace, stack: StackSettings) -> int:
     stream = StreamSettings.from_env()
     if stream.kafka_users_dir is None:
         raise SettingsError("no Kafka credentials directory (DETECTFLOW_KAFKA_USERS_DIR)")
-    admin = kafka_client(stream, "admin")
+    admin = kafka_connection(stream, "admin")
     path = stream.kafka_users_dir / f"{principal(tenant)}.json"
     if args.tenants_action == "create":
         return _create(args, stream, admin, tenant, path)

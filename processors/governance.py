@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas import events
-from stream.cassandra import DRIVER_ERRORS, timestamp_ms
-from stream.errors import TransientError
+from stream.cassandra import execute_all, timestamp_ms
 from stream.records import now_ms
 from stream.serde import epoch_ms
 
@@ -149,12 +148,8 @@ class Governance:
         self.reads = 0  # Cassandra queries issued (the cost docs/security.md states)
 
     def _run(self, statements: list[tuple[Any, tuple[Any, ...]]]) -> list[Any]:
-        try:
-            futures = [self._session.execute_async(s, p, timeout=self._timeout) for s, p in statements]
-            self.reads += len(futures)
-            return [f.result() for f in futures]
-        except DRIVER_ERRORS as exc:  # every driver error of an outage, not only DriverException's
-            raise TransientError(f"cassandra: {type(exc).__name__}: {exc}") from exc
+        self.reads += len(statements)
+        return execute_all(self._session, statements, self._timeout)
 
     def tombstones(self, images: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str], int]:
         """(tenant, sha256 or ERASED) -> deleted_at millis, for the given images and their tenants' erasure

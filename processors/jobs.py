@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas import events
-from stream.cassandra import DRIVER_ERRORS, timestamp_ms, transient
+from stream.cassandra import execute, fetch_all, timestamp_ms
 from stream.errors import TransientError
 from stream.records import Output, now_ms
 
@@ -232,10 +232,7 @@ class CassandraJobs:
             "WHERE tenant = ? AND job_id = ?")
 
     def _execute(self, stmt: Any, params: tuple[Any, ...]) -> Any:
-        try:
-            return self._session.execute(stmt, params, timeout=self._timeout)
-        except DRIVER_ERRORS as exc:
-            raise transient(exc) from exc
+        return execute(self._session, stmt, params, timeout_s=self._timeout)
 
     def job(self, tenant: str, job_id: str) -> Mapping[str, Any] | None:
         row = self._execute(self._job, (tenant, job_id)).one()
@@ -250,12 +247,9 @@ class CassandraJobs:
 
     def status_counts(self, tenant: str, job_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
-        rows = self._execute(self._statuses, (tenant, job_id))
-        try:  # a job of more rows than a page fetches the next pages while they are iterated
-            for row in rows:
-                counts[row.status] = counts.get(row.status, 0) + 1
-        except DRIVER_ERRORS as exc:
-            raise transient(exc) from exc
+        # a job of more rows than a page fetches the next pages while they are iterated
+        for row in fetch_all(self._session, self._statuses, (tenant, job_id), timeout_s=self._timeout):
+            counts[row.status] = counts.get(row.status, 0) + 1
         return counts
 
     def mark_completed(self, tenant: str, job_id: str, counts: Mapping[str, int], completed_at: int) -> None:

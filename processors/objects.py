@@ -5,26 +5,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import MinioException, S3Error
+from minio.error import S3Error
 
-from config import PipelineSettings
-from infra.stack.minio import https_pool
 from stream.errors import InvalidRecord, TransientError
+from stream.objectstore import MINIO_ERRORS, RETENTION_TAG
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
-
-
-def minio_client(settings: PipelineSettings, role: str) -> Minio:
-    """A client holding ``role``'s key (infra/stack/minio_access.py says what each role may do)."""
-    creds = settings.minio_credentials(role)
-    # TLS verified against the project CA; bounded waits: a MinIO that hangs must become a transient failure,
-    # not a stuck stage.
-    http = https_pool(settings.stream.tls_ca_file, connect_s=3.0, read_s=30.0, maxsize=8, retries=2)
-    return Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key,
-                 secure=True, http_client=http)
 
 
 class ObjectStore:
@@ -48,7 +36,7 @@ class ObjectStore:
             if exc.code in _MISSING:
                 raise InvalidRecord("OBJECT_NOT_FOUND", f"{bucket}/{key} does not exist") from exc
             raise TransientError(f"minio: {exc.code}") from exc
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
         if len(data) > max_bytes:
             raise InvalidRecord("IMAGE_TOO_LARGE", f"object is over the limit of {max_bytes} bytes")
@@ -59,14 +47,14 @@ class ObjectStore:
         try:
             self._client.put_object(bucket, key, io.BytesIO(data), len(data),
                                     content_type=content_type or "application/octet-stream", metadata=metadata)
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
 
     def remove(self, bucket: str, key: str) -> None:
         """Delete an object; a missing one is not an error (S3 semantics), so a redelivery is harmless."""
         try:
             self._client.remove_object(bucket, key)
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
 
     def review_copy(self, dest_bucket: str, dest_key: str, *, retention_days: int, data: bytes | None = None,
@@ -74,8 +62,6 @@ class ObjectStore:
         """Copy a flagged image to the review bucket (server-side from its object, or its bytes), tagged with
         its retention for the bucket's lifecycle rules. Idempotent (same key). False when the source is gone."""
         from minio.commonconfig import REPLACE, Tags
-
-        from infra.stack.minio import RETENTION_TAG
 
         tags = Tags.new_object_tags()
         tags[RETENTION_TAG] = str(retention_days)
@@ -92,7 +78,7 @@ class ObjectStore:
                 self._client.put_object(dest_bucket, dest_key, io.BytesIO(data), len(data), tags=tags)
             else:
                 return False
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc
         return True
 
@@ -114,5 +100,5 @@ class ObjectStore:
                 self._client.remove_object(bucket, key)
             elif data is not None:
                 self.put(dest_bucket, dest_key, data, metadata=metadata)
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"minio unavailable: {type(exc).__name__}") from exc

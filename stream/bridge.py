@@ -99,18 +99,17 @@ class ClaimStore(Protocol):
 class CassandraClaims:
     """LWT claims in ``bridge_objects``."""
 
-    def __init__(self, session: Any):
+    def __init__(self, session: Any, *, timeout_s: float = 10.0):
         self._session = session
+        self._timeout = timeout_s
         self._insert = session.prepare(
             "INSERT INTO bridge_objects (object_id, request_id, source, claimed_at) VALUES (?, ?, ?, ?) IF NOT EXISTS")
 
     def claim(self, object_id: str, request_id: str, source: str) -> bool:
-        from stream.cassandra import DRIVER_ERRORS, transient  # the Cassandra driver: only where the bridge runs
+        from stream.cassandra import execute  # the Cassandra driver: only where the bridge runs
 
-        try:
-            row = self._session.execute(self._insert, (object_id, request_id, source, now_ms())).one()
-        except DRIVER_ERRORS as exc:
-            raise transient(exc) from exc
+        row = execute(self._session, self._insert, (object_id, request_id, source, now_ms()),
+                      timeout_s=self._timeout).one()
         return bool(row.applied) or row.source == source
 
 

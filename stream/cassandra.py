@@ -10,8 +10,10 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import logging
+import re
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,77 @@ def transient(exc: Exception, what: str = "cassandra") -> TransientError:
     return err
 
 
+def statement_name(stmt: Any) -> str:
+    """A statement as its error messages name it: the verb and the table (``SELECT jobs``), else its first two
+    words (``ALTER ROLE``). Never more of its text: a literal in it may be a password."""
+    text = stmt if isinstance(stmt, str) else (
+        getattr(stmt, "query_string", None) or getattr(getattr(stmt, "prepared_statement", None), "query_string", None)
+        or getattr(stmt, "cql", None))
+    if not isinstance(text, str):
+        return type(stmt).__name__
+    verb = text.split(None, 1)[0].upper() if text.strip() else ""
+    table = re.search(r"\b(?:FROM|INTO|UPDATE|TABLE)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?([\w.]+)", text, re.IGNORECASE)
+    return f"{verb} {table.group(1)}" if verb and table else " ".join(text.split()[:2])
+
+
+def _failed(exc: Exception, stmt: Any) -> TransientError:
+    return transient(exc, f"cassandra {statement_name(stmt)}")
+
+
+def execute(session: Session, stmt: Any, params: Any = None, *, timeout_s: float) -> Any:
+    """One statement, waited for: its result set (first page; ``fetch_all`` follows the pages). Every driver error
+    of an outage raises TransientError naming the statement, the driver's error as its cause."""
+    try:
+        return session.execute(stmt, params, timeout=timeout_s)
+    except DRIVER_ERRORS as exc:
+        raise _failed(exc, stmt) from exc
+
+
+def fetch_all(session: Session, stmt: Any, params: Any = None, *, timeout_s: float) -> list[Any]:
+    """Every row of one statement, across pages (the driver fetches the next page while they are iterated, so a
+    page that fails is as transient as the first)."""
+    try:
+        return list(session.execute(stmt, params, timeout=timeout_s))
+    except DRIVER_ERRORS as exc:
+        raise _failed(exc, stmt) from exc
+
+
+class Pending:
+    """A statement under way (``execute_async``): ``result()`` waits for its first page; ``add_callbacks`` calls
+    back from the driver's thread. Driver errors arrive as TransientError either way."""
+
+    def __init__(self, future: Any, stmt: Any):
+        self._future = future
+        self._stmt = stmt
+
+    def result(self) -> Any:
+        try:
+            return self._future.result()
+        except DRIVER_ERRORS as exc:
+            raise _failed(exc, self._stmt) from exc
+
+    def add_callbacks(self, on_rows: Callable[[Any], None], on_error: Callable[[BaseException], None]) -> None:
+        def failed(exc: BaseException) -> None:
+            on_error(_failed(exc, self._stmt) if isinstance(exc, DRIVER_ERRORS) else exc)
+
+        self._future.add_callbacks(on_rows, failed)
+
+
+def execute_async(session: Session, stmt: Any, params: Any = None, *, timeout_s: float) -> Pending:
+    """One statement, sent: TransientError at once if it cannot be (no node, no connection)."""
+    try:
+        return Pending(session.execute_async(stmt, params, timeout=timeout_s), stmt)
+    except DRIVER_ERRORS as exc:
+        raise _failed(exc, stmt) from exc
+
+
+def execute_all(session: Session, statements: Sequence[tuple[Any, Any]], timeout_s: float) -> list[Any]:
+    """Every (statement, parameters) concurrently, then each one's first page in order; the first failure raises
+    (TransientError) once all were sent."""
+    pending = [execute_async(session, stmt, params, timeout_s=timeout_s) for stmt, params in statements]
+    return [p.result() for p in pending]
+
+
 class WriteFailed(TransientError):
     """Some writes of a batch failed, the others are durable: ``failed`` holds the positions (in the batch the
     caller passed) of the items not wholly written, so only those are retried."""
@@ -63,21 +136,21 @@ def execute_each(session: Session, statements: Sequence[tuple[Any, Any]], timeou
                  ) -> list[Any | TransientError]:
     """Run every (statement, parameters) concurrently and wait for all: per statement its first page of rows, or
     the TransientError it failed with. One failure neither hides nor cancels the others' outcomes."""
-    futures: list[Any] = []
+    sent: list[Pending | TransientError] = []
     for stmt, params in statements:
         try:
-            futures.append(session.execute_async(stmt, params, timeout=timeout_s))
-        except DRIVER_ERRORS as exc:
-            futures.append(transient(exc))
+            sent.append(execute_async(session, stmt, params, timeout_s=timeout_s))
+        except TransientError as exc:
+            sent.append(exc)
     out: list[Any | TransientError] = []
-    for f in futures:
-        if isinstance(f, TransientError):
-            out.append(f)
+    for p in sent:
+        if isinstance(p, TransientError):
+            out.append(p)
             continue
         try:
-            out.append(f.result())
-        except DRIVER_ERRORS as exc:
-            out.append(transient(exc))
+            out.append(p.result())
+        except TransientError as exc:
+            out.append(exc)
     return out
 
 
@@ -162,15 +235,16 @@ AUDIT_INSERT = (
 AUDIT_TTL_S = 400 * 24 * 3600
 
 
-def audit_day(epoch_ms: int) -> str:
-    """The audit_log partition day (UTC) of an event time."""
-    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+def utc_day(epoch_s: float | None = None) -> str:
+    """The UTC day (YYYY-MM-DD) of a time (default: now): the partition of the day-partitioned tables
+    (audit_log, the daily quota rows)."""
+    return dt.datetime.fromtimestamp(time.time() if epoch_s is None else epoch_s, dt.UTC).strftime("%Y-%m-%d")
 
 
 def audit_row(event: Mapping[str, Any], ttl_s: int, day: str | None = None) -> tuple[Any, ...]:
     """AUDIT_INSERT's parameters for an AuditEvent (by default in the partition of its own event time)."""
     at = dt.datetime.fromtimestamp(event["event_time"] / 1000, dt.UTC)
-    return (event["tenant"], day or audit_day(event["event_time"]), at, event["event_id"], event["subject"],
+    return (event["tenant"], day or utc_day(event["event_time"] / 1000), at, event["event_id"], event["subject"],
             event["action"], event.get("resource"), event["outcome"], event["status"], event.get("request_id"),
             event.get("detail"), ttl_s)
 

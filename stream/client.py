@@ -19,14 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Producer
-
-from config import PipelineSettings, StreamSettings, kafka_client
+from config import PipelineSettings, StreamSettings
 from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
 from stream import headers as H
 from stream.errors import TransientError
 from stream.ingest import principal
+from stream.kafka import kafka_connection, kafka_producer
 from stream.records import now_ms
 from stream.reply import ReplyRouter, ReplyTimeout
 from stream.serde import AvroSerde
@@ -66,9 +65,8 @@ class DetectClient:
         self.inline_max_bytes = inline_max_bytes
         self.upload = upload  # (key, data, content type) -> (bucket, key); for images over the inline limit
         self.serde = serde or AvroSerde.from_url(settings.registry_url, settings.tls_ca_file)
-        self.producer = Producer({**kafka_client(settings), "enable.idempotence": True,
-                                  "acks": "all", "linger.ms": 1, "compression.type": settings.compression,
-                                  "message.max.bytes": settings.max_message_bytes + 64 * 1024, "log_level": 3})
+        self.producer = kafka_producer(kafka_connection(settings), linger_ms=1, compression=settings.compression,
+                                       max_record_bytes=settings.max_message_bytes)
         prefix = settings.topic_prefix
         if as_tenant:  # one partition, its own: the tenant's replies topic
             self.router = ReplyRouter(settings, self.serde, tenant_replies_topic(prefix, tenant), reply_partition or 0)

@@ -18,12 +18,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
-from config import StreamSettings, kafka_client
+from config import StreamSettings
 from stream import headers as H
 from stream import metrics as M
 from stream.errors import StreamError
+from stream.kafka import kafka_connection, kafka_consumer
 from stream.serde import AvroSerde, DecodeError
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,12 @@ class ReplyRouter:
         self._thread: threading.Thread | None = None
         self.late = 0
         self.foreign = 0
-        self._consumer = Consumer({
-            **kafka_client(settings),
-            # Assigned, not subscribed: no group coordination, offsets never committed.
-            # Named after its principal, so a tenant's ACL can cover its own (kafka_access.tenant_bindings).
-            "group.id": f"detectflow.replies.{settings.kafka_user}.{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-            "isolation.level": "read_committed",
-            "max.partition.fetch.bytes": settings.max_message_bytes + 1024 * 1024,
-            "log_level": 3,
-        })
+        # Assigned, not subscribed: no group coordination, offsets never committed. The group is named after its
+        # principal, so a tenant's ACL can cover its own (kafka_access.tenant_bindings).
+        self._consumer = kafka_consumer(kafka_connection(settings),
+                                        f"detectflow.replies.{settings.kafka_user}.{uuid.uuid4().hex[:8]}",
+                                        max_record_bytes=settings.max_message_bytes,
+                                        extra={"fetch.wait.max.ms": 10})
 
     @property
     def reply_to(self) -> str:

@@ -53,12 +53,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from config import StreamSettings, kafka_client
+from config import StreamSettings
 from schemas import events
 from stream import headers as H
 from stream import ingest
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
+from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.poison import Offset, PoisonLedger
 from stream.records import (
     Failure,
@@ -162,19 +163,11 @@ class StageRunner:
         ledger_name = f"{self.group_id}-{instance_id}" if instance_id else self.group_id
         self.poison = PoisonLedger(None if settings.state_dir is None else settings.state_dir / "poison",
                                    ledger_name, settings.poison_max_crashes)
-        fetch_max = settings.max_message_bytes + 1024 * 1024
-        kafka = kafka_client(settings)
-        self.consumer = Consumer({
-            **kafka,
-            "group.id": self.group_id,
-            # Offsets are committed by the loop only after outputs are durable.
-            "enable.auto.commit": False,
+        kafka = kafka_connection(settings)
+        # Offsets are committed by the loop only after outputs are durable (auto-commit and auto-store off).
+        self.consumer = kafka_consumer(kafka, self.group_id, offset_reset="earliest",
+                                       max_record_bytes=settings.max_message_bytes, log_level=4, extra={
             "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "fetch.max.bytes": max(fetch_max, 52428800),
-            "max.partition.fetch.bytes": fetch_max,
-            "message.max.bytes": fetch_max,
             "queued.max.messages.kbytes": settings.prefetch_kbytes,
             "max.poll.interval.ms": 300000,
             # An input topic whose metadata was not yet visible when the stage subscribed (created a
@@ -182,22 +175,14 @@ class StageRunner:
             "topic.metadata.refresh.interval.ms": 10000,
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 2000,
-            "log_level": 4,
         })
-        producer_conf: dict[str, Any] = {
-            **kafka,
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": settings.compression,
-            "linger.ms": 2,
-            "message.max.bytes": settings.max_message_bytes + 64 * 1024,
-            "log_level": 4,
-        }
-        self.producer = Producer(producer_conf)  # at-least-once outputs
+        producer_options: dict[str, Any] = {"linger_ms": 2, "compression": settings.compression,
+                                            "max_record_bytes": settings.max_message_bytes, "log_level": 4}
+        self.producer = kafka_producer(kafka, **producer_options)  # at-least-once outputs
         self.txn_producer: Producer | None = None  # exactly-once outputs
         if self.eos_lanes:
-            self.txn_producer = Producer({**producer_conf, "transactional.id":
-                                          f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"})
+            self.txn_producer = kafka_producer(kafka, **producer_options, transactional_id=
+                                               f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}")
 
     # ---- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:

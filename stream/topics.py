@@ -9,13 +9,14 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
-    AdminClient,
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
     NewPartitions,
     NewTopic,
 )
+
+from stream.kafka import kafka_admin
 
 LANES = ("online", "batch")
 STAGE_INPUTS = ("submitted", "scanned", "preprocessed", "inferred")
@@ -167,8 +168,8 @@ def all_topics(prefix: str = "", *, max_message_bytes: int = 16 * 1024 * 1024,
 
 def apply(kafka: Mapping[str, Any], specs: list[TopicSpec], *, timeout_s: float = 30.0) -> dict[str, str]:
     """Create missing topics, grow partition counts, set configs (``kafka``: an admin connection, e.g.
-    ``config.kafka_client(settings)``). Returns name -> action taken."""
-    admin = AdminClient({**kafka, "log_level": 3})
+    ``stream.kafka.kafka_connection(settings, "admin")``). Returns name -> action taken."""
+    admin = kafka_admin(kafka)
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
@@ -206,7 +207,7 @@ def apply(kafka: Mapping[str, Any], specs: list[TopicSpec], *, timeout_s: float 
 
 def delete(kafka: Mapping[str, Any], names: list[str], *, timeout_s: float = 30.0) -> None:
     """Delete topics (missing ones are fine): what a benchmark or test run leaves behind."""
-    admin = AdminClient({**kafka, "log_level": 3})
+    admin = kafka_admin(kafka)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     doomed = [n for n in names if n in existing]
     if not doomed:

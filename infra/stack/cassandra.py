@@ -382,14 +382,14 @@ def query_release_version(host: str, port: int, ca_file: Path, credentials: Logi
     A full ``Cluster`` would also fetch schema and token metadata and open a pool; a
     health probe needs a single round trip.
     """
-    from cassandra import AuthenticationFailed, DriverException, OperationTimedOut, ProtocolVersion
+    from cassandra import AuthenticationFailed, ProtocolVersion
     from cassandra.auth import PlainTextAuthenticator
     from cassandra.cluster import DefaultConnection
-    from cassandra.connection import ConnectionException, DefaultEndPoint
+    from cassandra.connection import DefaultEndPoint
     from cassandra.protocol import QueryMessage, ResultMessage
     from cassandra.query import ConsistencyLevel
 
-    from stream.cassandra import tls_context
+    from stream.cassandra import DRIVER_ERRORS, tls_context
 
     DefaultConnection.initialize_reactor()  # idempotent; a Cluster would do it for us
     authenticator = None if credentials is None else PlainTextAuthenticator(credentials.username,
@@ -400,12 +400,12 @@ def query_release_version(host: str, port: int, ca_file: Path, credentials: Logi
     except AuthenticationFailed as exc:
         who = "no admin login yet" if credentials is None else f"login of {credentials.username} refused"
         raise LoginRequired(who) from exc
-    except (ConnectionException, OperationTimedOut, DriverException, OSError) as exc:
+    except DRIVER_ERRORS as exc:
         raise StackError(f"CQL connect failed: {exc}") from exc
     try:
         msg = QueryMessage(query="SELECT release_version FROM system.local", consistency_level=ConsistencyLevel.ONE)
         result = conn.wait_for_response(msg, timeout=timeout_s)
-    except (ConnectionException, OperationTimedOut, DriverException, OSError) as exc:
+    except DRIVER_ERRORS as exc:
         raise StackError(f"CQL query failed: {exc}") from exc
     finally:
         conn.close()

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
+from stream.kafka import kafka_admin
 
 POM = Path(__file__).resolve().parent.parent / "maven" / "kafka-pom.xml"
 
@@ -254,12 +254,10 @@ log.cleaner.threads=1
             return False, "port closed"
         from infra.stack.kafka_access import internal_admin
 
-        admin = AdminClient({
-            **internal_admin(self.settings),
+        admin = kafka_admin(internal_admin(self.settings), log_level=0, extra={
             "socket.timeout.ms": 2000,
             "socket.connection.setup.timeout.ms": 2000,
             "reconnect.backoff.max.ms": 1000,
-            "log_level": 0,
             "logger": _QUIET,
         })
         try:

@@ -158,11 +158,11 @@ def _acl_bindings(grants: Iterable[Grant]) -> list[Any]:
 
 def apply_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s: float = 30.0) -> int:
     """Create the ACLs (creating one that exists is a no-op); returns how many were sent."""
-    from confluent_kafka.admin import AdminClient
+    from stream.kafka import kafka_admin
 
     acls = _acl_bindings(grants)
     if acls:
-        admin = AdminClient({**kafka, "log_level": 3})
+        admin = kafka_admin(kafka)
         for future in admin.create_acls(acls, request_timeout=timeout_s).values():
             future.result(timeout=timeout_s)
         _await_acls(admin, acls, timeout_s)
@@ -196,12 +196,14 @@ def _key(b: Any) -> tuple[Any, ...]:
 
 
 def delete_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s: float = 30.0) -> None:
-    from confluent_kafka.admin import AclBindingFilter, AdminClient
+    from confluent_kafka.admin import AclBindingFilter
+
+    from stream.kafka import kafka_admin
 
     filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
                                 b.permission_type) for b in _acl_bindings(grants)]
     if filters:
-        admin = AdminClient({**kafka, "log_level": 3})
+        admin = kafka_admin(kafka)
         for future in admin.delete_acls(filters, request_timeout=timeout_s).values():
             future.result(timeout=timeout_s)
 
@@ -209,19 +211,19 @@ def delete_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s:
 def internal_admin(settings: StackSettings) -> dict[str, Any]:
     """The stack's own admin connection: mutual TLS on the internal listener (works before any SCRAM user)."""
     from infra.stack.pki import Pki
+    from stream.kafka import mtls_connection
 
     pki = Pki(settings.tls_dir)
     leaf = pki.leaf(ADMIN)
-    return {"bootstrap.servers": f"{settings.host}:{settings.kafka_internal_port}", "security.protocol": "SSL",
-            "ssl.ca.location": str(pki.ca_cert), "ssl.certificate.location": str(leaf.cert),
-            "ssl.key.location": str(leaf.key)}
+    return mtls_connection(f"{settings.host}:{settings.kafka_internal_port}", pki.ca_cert, leaf.cert, leaf.key)
 
 
 def ensure_users(settings: StackSettings) -> None:
     """A SCRAM-SHA-512 credential per principal (password made once, 0600); re-sent on every `stack up`."""
-    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
     from config import Login
+    from stream.kafka import kafka_admin
 
     upserts = []
     for name in (ADMIN, *ROLES):
@@ -229,7 +231,7 @@ def ensure_users(settings: StackSettings) -> None:
         upserts.append(UserScramCredentialUpsertion(
             name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), login.password.encode(),
             secrets.token_bytes(16)))
-    admin = AdminClient({**internal_admin(settings), "log_level": 3})
+    admin = kafka_admin(internal_admin(settings))
     for future in admin.alter_user_scram_credentials(upserts, request_timeout=30).values():
         future.result(timeout=30)
 
@@ -255,11 +257,13 @@ def deprovision(kafka: Mapping[str, Any], prefix: str) -> None:
 # ---- tenants: `detectflow tenants create|revoke` --------------------------------------------------------------
 def upsert_scram(kafka: Mapping[str, Any], name: str, password: str, *, timeout_s: float = 30.0) -> None:
     """Set ``name``'s SCRAM-SHA-512 credential (``kafka``: an admin connection)."""
-    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    from stream.kafka import kafka_admin
 
     upsert = UserScramCredentialUpsertion(name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
                                           password.encode(), secrets.token_bytes(16))
-    admin = AdminClient({**kafka, "log_level": 3})
+    admin = kafka_admin(kafka)
     for future in admin.alter_user_scram_credentials([upsert], request_timeout=timeout_s).values():
         future.result(timeout=timeout_s)
 
@@ -267,9 +271,11 @@ def upsert_scram(kafka: Mapping[str, Any], name: str, password: str, *, timeout_
 def delete_scram(kafka: Mapping[str, Any], name: str, *, timeout_s: float = 30.0) -> bool:
     """Remove ``name``'s SCRAM-SHA-512 credential: no new connection authenticates as it. False if it had none."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
+    from confluent_kafka.admin import ScramMechanism, UserScramCredentialDeletion
 
-    admin = AdminClient({**kafka, "log_level": 3})
+    from stream.kafka import kafka_admin
+
+    admin = kafka_admin(kafka)
     deletion = UserScramCredentialDeletion(name, ScramMechanism.SCRAM_SHA_512)
     for future in admin.alter_user_scram_credentials([deletion], request_timeout=timeout_s).values():
         try:

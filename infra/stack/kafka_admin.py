@@ -6,15 +6,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
 from infra.stack.base import StackError
+from stream.kafka import kafka_admin
 
 
 def ensure_topic(kafka: Mapping[str, Any], topic: str, *, partitions: int, config: dict[str, str] | None = None,
                  timeout_s: float = 15.0) -> bool:
     """Create ``topic`` unless it exists (``kafka``: an admin connection). Returns True if it was created."""
-    admin = AdminClient({**kafka, "log_level": 3})
+    admin = kafka_admin(kafka)
     existing = admin.list_topics(timeout=timeout_s).topics
     if topic in existing:
         return False

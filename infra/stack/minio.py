@@ -11,20 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import urllib3
-
-from config import SettingsError
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
+from stream.objectstore import RETENTION_TAG, UNCLAIMED_TAG, minio_at
 
 NOTIFY_ID = "PRIMARY"
 NOTIFY_ARN = f"arn:minio:sqs::{NOTIFY_ID}:kafka"
 EVENTS_TOPIC = "minio.events"
 BUCKETS = ("uploads", "derived", "quarantine", "models", "review")
-# Object tags the lifecycle rules read (docs/security.md, Deletion and retention). A pre-signed upload is
-# tagged unclaimed (a signed header of its URL) until a job names it (the gateway removes the tag); a
-# review copy is tagged with the days it is kept (the tenant's policy, one of REVIEW_RETENTION_DAYS).
-UNCLAIMED_TAG = ("detectflow-upload", "unclaimed")
-RETENTION_TAG = "detectflow-retention-days"
+# The object tags the lifecycle rules read (UNCLAIMED_TAG, RETENTION_TAG) are stream/objectstore.py's.
 # Buckets whose object-created events feed the pipeline.
 NOTIFIED_BUCKETS = ("uploads",)
 # The Kafka protocol generation MinIO's client (sarama) speaks; Kafka 4 dropped the oldest ones.
@@ -149,16 +143,13 @@ class MinioService(Service):
 
 def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
     """Create the buckets and the uploads notification (idempotent)."""
-    from minio import Minio
     from minio.notificationconfig import NotificationConfig, QueueConfig
 
     from infra.stack.kafka_access import internal_admin
     from infra.stack.kafka_admin import ensure_topic
 
     ensure_topic(internal_admin(settings), EVENTS_TOPIC, partitions=3)
-    creds = settings.minio_credentials()
-    client = Minio(settings.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=True,
-                   http_client=https_pool(settings.tls_ca_file))
+    client = minio_at(settings.minio_endpoint, settings.minio_credentials(), settings.tls_ca_file)
     for bucket in BUCKETS:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
@@ -169,19 +160,6 @@ def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
         client.set_bucket_notification(bucket, NotificationConfig(queue_config_list=[
             QueueConfig(events=["s3:ObjectCreated:*"], config_id="detectflow-pipeline", queue=NOTIFY_ARN),
         ]))
-
-
-def https_pool(ca_file: Path | None, *, connect_s: float = 3.0, read_s: float = 30.0, maxsize: int = 8,
-               retries: int = 2) -> urllib3.PoolManager:
-    """The HTTP client of every MinIO client: TLS verified against ``ca_file`` (the project CA, hostname
-    checked), bounded waits (a MinIO that hangs becomes an error, not a stuck caller), retries on 5xx."""
-    if ca_file is None:
-        raise SettingsError("MinIO speaks TLS only: set DETECTFLOW_TLS_CA_FILE (the CA its certificate is checked "
-                            "against)")
-    return urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file),
-                               timeout=urllib3.Timeout(connect=connect_s, read=read_s), maxsize=maxsize,
-                               retries=urllib3.Retry(total=retries, backoff_factor=0.2,
-                                                     status_forcelist=[500, 502, 503, 504]))
 
 
 KMS_KEY_NAME = "detectflow-key"

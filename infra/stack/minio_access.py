@@ -73,7 +73,7 @@ def admin_client(settings: StackSettings) -> Any:
     from minio.credentials import StaticProvider
     from minio.minioadmin import MinioAdmin
 
-    from infra.stack.minio import https_pool
+    from stream.objectstore import https_pool
 
     root = settings.minio_credentials()
     return MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(root.access_key, root.secret_key),

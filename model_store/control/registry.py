@@ -119,12 +119,9 @@ class RegistryStore:
             "WHERE model_name = ? AND production_version = ? AND shadow_version = ? AND class_name = ?")
 
     def _execute(self, stmt: Any, params: Sequence[Any]) -> Any:
-        from stream.cassandra import DRIVER_ERRORS, transient  # the Cassandra driver: only where the registry is used
+        from stream.cassandra import execute  # the Cassandra driver: only where the registry is used
 
-        try:
-            return self._s.execute(stmt, tuple(params), timeout=self._timeout)
-        except DRIVER_ERRORS as exc:
-            raise transient(exc) from exc
+        return execute(self._s, stmt, tuple(params), timeout_s=self._timeout)
 
     # routing
     def routing(self, model: str) -> Routing | None:
@@ -309,15 +306,13 @@ class ModelEventLog:
 
     def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0,
                  *, registry_ca: Path | None = None):
-        from confluent_kafka import Producer
-
+        from stream.kafka import kafka_producer
         from stream.serde import AvroSerde
 
         self.topic = f"{prefix}models"
         self.audit_topic = f"{prefix}audit"
         self._serde = AvroSerde.from_url(registry_url, registry_ca)
-        self._producer = Producer({**kafka, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 0, "log_level": 3})
+        self._producer = kafka_producer(kafka, linger_ms=0)
         self._timeout = flush_timeout_s
 
     def _send(self, topic: str, key: str, event_name: str, value: dict[str, Any]) -> None:
@@ -355,12 +350,6 @@ def audit_event(subject: str, action: str, resource: str, *, outcome: str = "suc
                               event_time=int(time.time() * 1000))
 
 
-def utc_day(epoch_ms: int) -> str:
-    from stream.cassandra import audit_day
-
-    return audit_day(epoch_ms)
-
-
 # ---------------------------------------------------------------------------------------------- commands
 GateRunner = Callable[[Path, ModelConfig, "VersionInfo | None"], dict[str, Any]]
 
@@ -384,8 +373,10 @@ class Registry:
     # ---- audit ------------------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, resource: str, *, outcome: str = "success", status: int = 200,
               detail: str | None = None) -> None:
+        from stream.cassandra import utc_day  # the Cassandra driver: only where the registry is used
+
         event = audit_event(actor, action, resource, outcome=outcome, status=status, detail=detail)
-        self.store.audit(event, utc_day(event["event_time"]))
+        self.store.audit(event, utc_day(event["event_time"] / 1000))
         self.events.audit(event)
 
     # ---- reads ------------------------------------------------------------------------------------------
@@ -540,11 +531,10 @@ class Registry:
 
 def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     """The catalog's ``fetch``: a registry version into the local repository; errors in the stage's terms."""
-    from minio.error import MinioException
-    from urllib3.exceptions import HTTPError
 
     from model_store.serving.catalog import ModelNotFound
     from stream.errors import TransientError
+    from stream.objectstore import MINIO_ERRORS
 
     def fetch(model: str, version: int) -> Path:
         try:
@@ -553,7 +543,7 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
             raise ModelNotFound(str(exc)) from exc
         except ModelConfigError as exc:
             raise ModelNotFound(f"model {model!r} version {version}: {exc}") from exc
-        except (MinioException, HTTPError, OSError) as exc:
+        except MINIO_ERRORS as exc:
             raise TransientError(f"model registry unavailable: {type(exc).__name__}: {exc}") from exc
     return fetch
 
@@ -561,12 +551,12 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
     """The registry on the local stack (``settings``: config.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from config import kafka_client
-    from processors.objects import minio_client
     from stream.cassandra import connect
+    from stream.kafka import kafka_connection
+    from stream.objectstore import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()
     return Registry(RegistryStore(connect(settings.stream, role)), objects,
-                    ModelEventLog(kafka_client(settings.stream, role), settings.stream.registry_url,
+                    ModelEventLog(kafka_connection(settings.stream, role), settings.stream.registry_url,
                                   settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file))

@@ -34,7 +34,7 @@ class ModelWatcher:
                  *, poll_timeout_s: float = 0.5, registry_ca: Path | None = None):
         self.topic = f"{prefix}models"
         self.table = table or RoutingTable()
-        self._kafka = dict(kafka)  # librdkafka connection settings (config.kafka_client)
+        self._kafka = dict(kafka)  # a connection (stream/kafka.py)
         self._registry_url = registry_url
         self._registry_ca = registry_ca  # the registry's HTTPS certificate is verified against it
         self._poll = poll_timeout_s
@@ -67,14 +67,13 @@ class ModelWatcher:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+        from stream.kafka import kafka_consumer
         from stream.serde import AvroSerde, SerdeError
 
         serde = AvroSerde.from_url(self._registry_url, self._registry_ca)
-        consumer = Consumer({**self._kafka, "group.id": f"models-watch-{uuid.uuid4().hex}",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3,
-                             "isolation.level": "read_committed"})
+        consumer = kafka_consumer(self._kafka, f"models-watch-{uuid.uuid4().hex}", offset_reset="earliest")
         try:
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
             end = self._end_offset(consumer)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from config import PipelineSettings, StackSettings
 from infra.stack import manager
+from stream.serde import AvroSerde
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,3 +45,29 @@ def stack() -> Iterator[StackSettings]:
 
 # Helpers shared by the integration tests live beside them (stream_kit.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# ---- fixtures several test modules share (a module may define its own under the same name) ----------------------
+@pytest.fixture
+def prefix(stack: StackSettings) -> str:
+    """A topic prefix of this test's own, its pipeline topics made."""
+    from stream_kit import make_topics, new_prefix
+
+    p = new_prefix()
+    make_topics(stack, p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def serde(stack: StackSettings) -> AvroSerde:
+    return AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
+
+
+@pytest.fixture(scope="module")
+def cql() -> Iterator[Any]:
+    """A session as the gateway's Cassandra role (what the gateway itself can read)."""
+    from stream.cassandra import connect
+
+    session = connect(PipelineSettings.from_env().stream, "gateway")
+    yield session
+    session.cluster.shutdown()

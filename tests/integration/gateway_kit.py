@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 import time
@@ -10,12 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import requests
+from confluent_kafka import TopicPartition
 from pipeline_kit import Pipeline, start_pipeline
+from stream_kit import kafka_admin
 
 from config import StackSettings
 from gateway.devkeys import DevKeys, ensure_dev_keys, mint
 from infra.roles import SERVICES
+from stream.kafka import kafka_consumer, kafka_producer
+from stream.topics import lane_topic
 
 # Test gateways: dev auth mode (the tests mint dev tokens), generous limits (tests of the limits start their
 # own gateway), long sync deadlines.
@@ -96,3 +103,30 @@ def start_stack_with_gateway(stack: StackSettings, prefix: str, log_dir: Path,
         yield Gateway(url, keys, stack.tls_ca_file, pipeline)
     finally:
         running.close()  # stops the processes, deletes the prefix's topics
+
+
+def variants(data: bytes, n: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct JPEGs of the same picture (one pixel differs), so no two share a cache entry."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    out = []
+    for i in range(n):
+        copy = image.copy()
+        copy[(i + seed) // image.shape[1] % image.shape[0], (i + seed) % image.shape[1]] = (i * 37 % 256, 0, 255)
+        ok, buf = cv2.imencode(".jpg", copy, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        out.append(buf.tobytes())
+    assert len({hashlib.sha256(b).digest() for b in out}) == n
+    return out
+
+
+def online_backlog(stack: StackSettings, prefix: str, records: int) -> None:
+    """``records`` records on the prefix's online `submitted` topic (partition 0) that the scan stage's group has
+    not read: its committed offset is set to 0, so the gateway sees them all as online lag."""
+    topic = lane_topic(prefix, "online", "submitted")
+    producer = kafka_producer(kafka_admin(stack), linger_ms=0)
+    for i in range(records):
+        producer.produce(topic, key=str(i), value=b"backlog", partition=0)
+    assert producer.flush(10) == 0
+    consumer = kafka_consumer(kafka_admin(stack), f"{prefix}detectflow.scan")
+    consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+    consumer.close()

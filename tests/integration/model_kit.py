@@ -79,7 +79,6 @@ def reset_suite_registry(stack: StackSettings) -> None:
 
     from stream_kit import new_prefix
 
-    from config import kafka_client
     from infra.stack.cassandra_access import grant_keyspace
     from infra.stack.kafka_access import provision
     from infra.stack.minio import encrypt_by_default
@@ -87,12 +86,13 @@ def reset_suite_registry(stack: StackSettings) -> None:
     from model_store.control.registry import connect_registry
     from model_store.tools.evalset import ensure_eval_set
     from model_store.tools.gate import gate_runner
+    from stream.kafka import kafka_connection
 
     settings = PipelineSettings.from_env()
     # The registry publishes on its own prefix's `models` topic, never the default deployment's (a user's
     # serving processes would follow the suite's routing); test pipelines republish on theirs.
     settings = settings.replace(stream=settings.stream.replace(topic_prefix=new_prefix()))
-    provision(kafka_client(settings.stream, "admin"), settings.stream.topic_prefix)
+    provision(kafka_connection(settings.stream, "admin"), settings.stream.topic_prefix)
     drop_suite_state(settings)
     # The suite's keyspace is made as the admin role, and each role granted its tables there (as on the stack's).
     grant_keyspace(stack, settings.stream.keyspace)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from minio import Minio
 
 from config import MinioCredentials, StackSettings
-from infra.stack.minio import https_pool
+from stream.objectstore import minio_at
 
 
 def minio_as(stack: StackSettings, creds: MinioCredentials) -> Minio:
     """A client holding ``creds``, over HTTPS verified against the project CA (MinIO serves nothing else)."""
-    return Minio(stack.minio_endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=True,
-                 http_client=https_pool(stack.tls_ca_file))
+    return minio_at(stack.minio_endpoint, creds, stack.tls_ca_file)
 
 
 def root_minio(stack: StackSettings) -> Minio:

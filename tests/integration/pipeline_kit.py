@@ -8,11 +8,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings
 from infra.roles import ROLES
 from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
 from stream.client import DetectClient
+from stream.kafka import kafka_connection
 
 
 @dataclass
@@ -49,7 +50,7 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
     settings = settings.replace(stream=settings.stream.replace(topic_prefix=prefix))
-    admin = kafka_client(settings.stream, "admin")
+    admin = kafka_connection(settings.stream, "admin")
     provision(admin, prefix)
     if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix
         from model_store.control.registry import connect_registry

@@ -10,11 +10,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from config import StackSettings, StreamSettings, kafka_client
+from config import StackSettings, StreamSettings
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
+from stream.kafka import kafka_admin as kafka_admin_client
+from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
 from stream.serde import AvroSerde
 
@@ -33,7 +35,7 @@ _PREFIXES: list[str] = []
 
 def kafka_admin(stack: StackSettings) -> dict[str, Any]:
     """The operator's Kafka connection (the `admin` principal: the tests act as the operator)."""
-    return kafka_client(stream_settings(stack, ""), "admin")
+    return kafka_connection(stream_settings(stack, ""), "admin")
 
 
 def new_prefix() -> str:
@@ -47,11 +49,10 @@ def delete_test_topics(stack: StackSettings) -> None:
     the broker; a group's offsets would stay for the broker's offsets retention)."""
     if _PREFIXES:
         from confluent_kafka import KafkaException
-        from confluent_kafka.admin import AdminClient
 
         from infra.stack.kafka_access import bindings, delete_acls
 
-        admin = AdminClient({**kafka_admin(stack)})
+        admin = kafka_admin_client(kafka_admin(stack))
         try:
             for prefix in _PREFIXES:
                 delete_acls(kafka_admin(stack), bindings(prefix))
@@ -87,7 +88,7 @@ def submission(request_id: str, *, tenant: str = "t1", lane: str = "BATCH") -> d
 
 def produce(stack: StackSettings, serde: AvroSerde, topic: str, records: Iterable[dict[str, Any]],
             headers: dict[str, bytes] | None = None) -> None:
-    p = Producer({**kafka_admin(stack), "enable.idempotence": True, "linger.ms": 5})
+    p = kafka_producer(kafka_admin(stack), linger_ms=5)
     for rec in records:
         p.produce(topic, key=rec["request_id"].encode(), value=serde.encode(topic, "ImageSubmitted", rec),
                   headers=list((headers or {}).items()))
@@ -103,8 +104,7 @@ class _Reader:
     """
 
     def __init__(self, kafka: dict[str, Any], topic: str):
-        self.consumer = Consumer({**kafka, "group.id": f"it-read-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+        self.consumer = kafka_consumer(kafka, f"it-read-{uuid.uuid4().hex}")
         parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         self.msgs: list[Any] = []
@@ -125,6 +125,13 @@ def read_all(stack: StackSettings, topic: str, *, until: int, timeout_s: float =
     if key not in _READERS:
         _READERS[key] = _Reader(kafka_admin(stack), topic)
     return _READERS[key].read(until, timeout_s)
+
+
+def detection_results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int,
+                      timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """The DetectionResults on the prefix's `detections` so far (up to ``n``, waiting at most ``timeout_s``)."""
+    return [serde.decode(m.value(), "DetectionResult")
+            for m in read_all(stack, T.detections_topic(prefix), until=n, timeout_s=timeout_s)]
 
 
 def close_readers() -> None:

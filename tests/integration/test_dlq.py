@@ -27,11 +27,6 @@ def prefix(stack: StackSettings, monkeypatch: pytest.MonkeyPatch) -> str:
     return p
 
 
-@pytest.fixture(scope="module")
-def serde(stack: StackSettings) -> AvroSerde:
-    return AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
-
-
 def dead_letter(stack: StackSettings, serde: AvroSerde, *, read_from: str, origin: str, value: bytes,
                 headers: dict[str, bytes], request_id: str, offset: int) -> None:
     """One letter on ``origin``'s DLQ topic, as StageRunner._dead_letter writes it: the original record's key,

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import cv2
 import jwt
 import numpy as np
 import pytest
 import requests
 import schemathesis
-from gateway_kit import Gateway, start_stack_with_gateway
+from gateway_kit import Gateway, start_stack_with_gateway, variants
 from hypothesis import HealthCheck, given, settings
 from imaging_fixtures import minimal_pdf, png_header_bomb
 from object_kit import root_minio
@@ -57,20 +56,6 @@ def reference() -> Detector:
 
 def tenant() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-def variants(data: bytes, n: int, seed: int = 0) -> list[bytes]:
-    """``n`` distinct JPEGs of the same picture (one pixel differs), so no two share a cache entry."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    out = []
-    for i in range(n):
-        copy = image.copy()
-        copy[(i + seed) // image.shape[1] % image.shape[0], (i + seed) % image.shape[1]] = (i * 37 % 256, 0, 255)
-        ok, buf = cv2.imencode(".jpg", copy, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        out.append(buf.tobytes())
-    assert len({hashlib.sha256(b).digest() for b in out}) == n
-    return out
 
 
 def assert_matches_reference(body: dict[str, Any], data: bytes, reference: Detector) -> None:

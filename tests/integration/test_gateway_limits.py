@@ -9,12 +9,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from gateway_kit import Gateway, start_stack_with_gateway
-from stream_kit import kafka_admin
+from gateway_kit import Gateway, online_backlog, start_stack_with_gateway
 
 from config import StackSettings
-from stream.topics import lane_topic
 
 LIMITS = {"DETECTFLOW_RATE_PER_S": "1", "DETECTFLOW_RATE_BURST": "5", "DETECTFLOW_DAILY_QUOTA": "3",
           "DETECTFLOW_MAX_INFLIGHT": "1", "DETECTFLOW_MAX_ONLINE_LAG": "5", "DETECTFLOW_MAX_ONLINE_LAG_HARD": "10",
@@ -75,16 +72,7 @@ def test_sync_calls_get_a_fast_503_while_the_online_lane_has_a_backlog(limited: 
     (test_gateway_overload.py)."""
     assert limited.pipeline is not None
     prefix = limited.pipeline.prefix
-    topic = lane_topic(prefix, "online", "submitted")
-    producer = Producer({**kafka_admin(stack)})
-    for i in range(12):
-        producer.produce(topic, key=str(i), value=b"backlog", partition=0)
-    assert producer.flush(10) == 0
-    # The scan stage's group has read nothing of it: its committed offset stays at 0.
-    consumer = Consumer({**kafka_admin(stack), "group.id": f"{prefix}detectflow.scan",
-                         "enable.auto.commit": False})
-    consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
-    consumer.close()
+    online_backlog(stack, prefix, 12)
     deadline = time.monotonic() + 30
     r = None
     while time.monotonic() < deadline:

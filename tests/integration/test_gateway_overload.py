@@ -20,12 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from gateway_kit import Gateway, start_stack_with_gateway
-from stream_kit import kafka_admin
+from gateway_kit import Gateway, online_backlog, start_stack_with_gateway
 
-from config import PipelineSettings, StackSettings
-from stream.topics import lane_topic
+from config import StackSettings
 
 QUOTA = 20
 LEASE_IDLE_S = 3.0
@@ -42,15 +39,6 @@ def gw(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     prefix = f"go{uuid.uuid4().hex[:6]}."
     yield from start_stack_with_gateway(stack, prefix, tmp_path_factory.mktemp("overload-logs"), ENV,
                                         roles=("gateway",))
-
-
-@pytest.fixture(scope="module")
-def cql() -> Iterator[Any]:
-    from stream.cassandra import connect
-
-    session = connect(PipelineSettings.from_env().stream, "gateway")
-    yield session
-    session.cluster.shutdown()
 
 
 def tenant() -> str:
@@ -316,14 +304,7 @@ def test_an_online_backlog_refuses_the_heavy_tenant_only(gw: Gateway, stack: Sta
         assert gw.detect(a, sample_jpeg, params={"timeout_ms": 1}).status_code == 202
     assert gw.pipeline is not None
     prefix = gw.pipeline.prefix
-    topic = lane_topic(prefix, "online", "submitted")
-    producer = Producer({**kafka_admin(stack)})
-    for i in range(12):
-        producer.produce(topic, key=str(i), value=b"backlog", partition=0)
-    assert producer.flush(10) == 0
-    consumer = Consumer({**kafka_admin(stack), "group.id": f"{prefix}detectflow.scan", "enable.auto.commit": False})
-    consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)  # the scan group has read nothing
-    consumer.close()
+    online_backlog(stack, prefix, 12)
     wait_for(lambda: metric(gw, "detectflow_gateway_online_lag") > 5, 30, "the backlog seen by the gateway")
     refused = gw.detect(a, sample_jpeg, params={"timeout_ms": 1})
     assert refused.status_code == 429 and refused.json()["code"] == "FAIR_SHARE_EXCEEDED", refused.text

@@ -18,12 +18,12 @@ from gateway_kit import Gateway, start_stack_with_gateway
 from object_kit import root_minio
 from stream_kit import kafka_admin, read_all
 
-from config import REVIEW_RETENTION_DAYS, PipelineSettings, StackSettings
+from config import REVIEW_RETENTION_DAYS, StackSettings
 from gateway.store import ERASABLE_TABLES
 from infra.jobs_cmd import JobsClient
-from infra.stack.minio import RETENTION_TAG
 from processors.governance import ERASED
 from stream import topics as T
+from stream.objectstore import RETENTION_TAG
 from stream.serde import AvroSerde
 
 ADMIN = ["admin"]
@@ -33,15 +33,6 @@ ADMIN = ["admin"]
 def gw(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     prefix = f"gov{uuid.uuid4().hex[:6]}."
     yield from start_stack_with_gateway(stack, prefix, tmp_path_factory.mktemp("governance-logs"))
-
-
-@pytest.fixture(scope="module")
-def cql() -> Iterator[Any]:
-    from stream.cassandra import connect
-
-    session = connect(PipelineSettings.from_env().stream, "gateway")
-    yield session
-    session.cluster.shutdown()
 
 
 def tenant() -> str:

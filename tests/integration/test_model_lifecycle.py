@@ -26,9 +26,10 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import new_prefix
 
-from config import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings
 from infra.stack.kafka_access import provision
 from model_store.serving.routing import bucket_of
+from stream.kafka import kafka_connection
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +82,7 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = PipelineSettings.from_env(env)
     source = StackSettings.from_env().models_dir / "yolov4-tiny" / "1"
     convert(source)
-    provision(kafka_client(settings.stream, "admin"), prefix)
+    provision(kafka_connection(settings.stream, "admin"), prefix)
     registry = connect_registry(settings)
     gate = gate_runner(settings.lifecycle, ensure_eval_set(stack))
     assert registry.push(model, source, actor="test", gate=gate).version == 1

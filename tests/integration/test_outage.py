@@ -10,7 +10,6 @@ with the `restart` tests, last.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 import uuid
@@ -18,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import cv2
-import numpy as np
 import pytest
 import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from gateway_kit import Gateway, start_stack_with_gateway
+from gateway_kit import Gateway, start_stack_with_gateway, variants
 from stream_kit import kafka_admin, read_all
 
 from config import StackSettings
@@ -41,20 +38,6 @@ OUTAGE_S = 90.0
 OUTAGE_ENV = {"DETECTFLOW_RETRY_BUDGET_MS": "600000", "DETECTFLOW_RETRY_DELAY_MAX_MS": "4000",
               "DETECTFLOW_JOB_RECHECK_S": "5"}
 TERMINAL = {"OK", "REJECTED", "FAILED"}
-
-
-def variants(data: bytes, n: int, seed: int) -> list[bytes]:
-    """``n`` distinct JPEGs of one picture (one pixel differs): no two share a cache entry."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    out = []
-    for i in range(n):
-        copy = image.copy()
-        copy[(i + seed) // image.shape[1] % image.shape[0], (i + seed) % image.shape[1]] = (i * 37 % 256, 0, 255)
-        ok, buf = cv2.imencode(".jpg", copy, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        out.append(buf.tobytes())
-    assert len({hashlib.sha256(b).digest() for b in out}) == n
-    return out
 
 
 class SyncCallers:

@@ -15,9 +15,8 @@ import pytest
 from confluent_kafka import Producer
 from stream_kit import (
     EchoStage,
+    detection_results,
     kafka_admin,
-    make_topics,
-    new_prefix,
     produce,
     read_all,
     stream_settings,
@@ -33,18 +32,6 @@ from stream.serde import AvroSerde
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def prefix(stack: StackSettings) -> str:
-    p = new_prefix()
-    make_topics(stack, p)
-    return p
-
-
-@pytest.fixture(scope="module")
-def serde(stack: StackSettings) -> AvroSerde:
-    return AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
-
-
 def _run_until(runner: StageRunner, stop_when, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     runner.consumer.subscribe(runner.stage.input_topics() + [T.retry_topic(t) for t in runner.stage.input_topics()])
@@ -53,11 +40,6 @@ def _run_until(runner: StageRunner, stop_when, timeout_s: float = 60.0) -> None:
             runner.run_once()
     finally:
         runner.close()
-
-
-def _results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int, timeout_s: float = 60.0) -> list[dict]:
-    return [serde.decode(m.value(), "DetectionResult")
-            for m in read_all(stack, T.detections_topic(prefix), until=n, timeout_s=timeout_s)]
 
 
 def test_poison_record_goes_to_dlq_with_provenance_and_next_record_is_processed(
@@ -71,7 +53,7 @@ def test_poison_record_goes_to_dlq_with_provenance_and_next_record_is_processed(
     runner = StageRunner(EchoStage(prefix), stream_settings(stack, prefix))
     results: dict[str, dict] = {}
     _run_until(runner, lambda: len(results) >= 3 or bool(results.update(
-        {r["request_id"]: r for r in _results(stack, serde, prefix, 3, timeout_s=0.5)})))
+        {r["request_id"]: r for r in detection_results(stack, serde, prefix, 3, timeout_s=0.5)})))
     assert results["good-1"]["status"] == "OK"
     assert results["poison-1"]["status"] == "REJECTED" and results["poison-1"]["error_code"] == "INVALID_EVENT"
     assert results["bad-magic"]["status"] == "REJECTED"
@@ -96,7 +78,7 @@ def test_invalid_record_is_rejected_with_the_stage_code(stack: StackSettings, se
     runner = StageRunner(EchoStage(prefix), stream_settings(stack, prefix))
     seen: dict[str, dict] = {}
     _run_until(runner, lambda: len(seen) >= 2 or bool(seen.update(
-        {r["request_id"]: r for r in _results(stack, serde, prefix, 2, timeout_s=0.5)})))
+        {r["request_id"]: r for r in detection_results(stack, serde, prefix, 2, timeout_s=0.5)})))
     assert (seen["inv-1"]["status"], seen["inv-1"]["error_code"]) == ("REJECTED", "INVALID_TENANT")
     assert seen["ok-1"]["status"] == "OK"
     letters = read_all(stack, T.dlq_topic(topic), until=1, timeout_s=20)
@@ -110,7 +92,7 @@ def test_transient_error_backs_off_then_succeeds(stack: StackSettings, serde: Av
     stage = EchoStage(prefix, transient_calls=2)
     runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=3))
     got: list[dict] = []
-    _run_until(runner, lambda: bool(got) or bool(got.extend(_results(stack, serde, prefix, 1, timeout_s=0.5))))
+    _run_until(runner, lambda: bool(got) or bool(got.extend(detection_results(stack, serde, prefix, 1, timeout_s=0.5))))
     assert [(r["request_id"], r["status"]) for r in got] == [("tr-1", "OK")]
     (out,) = read_all(stack, T.detections_topic(prefix), until=1, timeout_s=10)
     hdrs = H.to_dict(out.headers())
@@ -130,7 +112,7 @@ def test_transient_error_goes_through_the_retry_topic_then_succeeds(
     # A 2 s delay makes the runner poll the retry record before it is due (the hold path).
     runner = StageRunner(stage, stream_settings(stack, prefix, backoff_attempts=2, retry_delay_ms=2000))
     got: list[dict] = []
-    _run_until(runner, lambda: bool(got) or bool(got.extend(_results(stack, serde, prefix, 1, timeout_s=0.3))))
+    _run_until(runner, lambda: bool(got) or bool(got.extend(detection_results(stack, serde, prefix, 1, timeout_s=0.3))))
     assert [(r["request_id"], r["status"]) for r in got] == [("rt-1", "OK")]
     retried = read_all(stack, T.retry_topic(topic), until=1, timeout_s=10)
     assert len(retried) == 1
@@ -145,11 +127,11 @@ def test_online_records_overtake_a_batch_backlog(stack: StackSettings, serde: Av
     thread = threading.Thread(target=runner.run, kwargs={"idle_stop_s": 3.0}, daemon=True)
     thread.start()
     try:
-        started = _results(stack, serde, prefix, 1, timeout_s=60)
+        started = detection_results(stack, serde, prefix, 1, timeout_s=60)
         assert started, "the batch backlog never started"
         produce(stack, serde, T.lane_topic(prefix, "online", "submitted"),
                 [submission(f"o-{i}", lane="ONLINE") for i in range(20)])
-        results = _results(stack, serde, prefix, 1020, timeout_s=120)
+        results = detection_results(stack, serde, prefix, 1020, timeout_s=120)
     finally:
         runner.stop()
         thread.join(30)
@@ -171,25 +153,25 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(stack: StackSettings, serde
     try:
         # Wait until the worker is mid-way, then kill it without warning.
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and len(_results(stack, serde, prefix, 60, timeout_s=1)) < 60:
+        while time.monotonic() < deadline and len(detection_results(stack, serde, prefix, 60, timeout_s=1)) < 60:
             assert first.poll() is None, "worker died on its own"
         first.kill()
         first.wait(10)
-        done_before = {r["request_id"] for r in _results(stack, serde, prefix, n, timeout_s=3)}
+        done_before = {r["request_id"] for r in detection_results(stack, serde, prefix, n, timeout_s=3)}
         assert 0 < len(done_before) < n, "the kill must land mid-way"
         second = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
             seen: set[str] = set()
             while time.monotonic() < deadline and len(seen) < n:
-                seen = {r["request_id"] for r in _results(stack, serde, prefix, 2 * n, timeout_s=2)}
+                seen = {r["request_id"] for r in detection_results(stack, serde, prefix, 2 * n, timeout_s=2)}
         finally:
             second.terminate()
             second.wait(30)
     finally:
         if first.poll() is None:
             first.kill()
-    results = _results(stack, serde, prefix, 2 * n, timeout_s=5)
+    results = detection_results(stack, serde, prefix, 2 * n, timeout_s=5)
     counts = Counter(r["request_id"] for r in results)
     assert set(counts) == {f"k-{i}" for i in range(n)}, "nothing lost"
     if exactly_once:
@@ -240,24 +222,24 @@ def test_sigterm_finishes_the_batch_commits_and_leaves_no_duplicates(
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and len(_results(stack, serde, prefix, 40, timeout_s=1)) < 40:
+        while time.monotonic() < deadline and len(detection_results(stack, serde, prefix, 40, timeout_s=1)) < 40:
             assert first.poll() is None, "worker died on its own"
         first.send_signal(signal.SIGTERM)
         assert first.wait(30) == 0, "a SIGTERM'd stage exits cleanly"
     finally:
         if first.poll() is None:
             first.kill()
-    done_before = len(_results(stack, serde, prefix, n, timeout_s=3))
+    done_before = len(detection_results(stack, serde, prefix, n, timeout_s=3))
     assert 0 < done_before < n
     second = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(_results(stack, serde, prefix, n, timeout_s=2)) < n:
+        while time.monotonic() < deadline and len(detection_results(stack, serde, prefix, n, timeout_s=2)) < n:
             pass
     finally:
         second.terminate()
         second.wait(30)
-    counts = Counter(r["request_id"] for r in _results(stack, serde, prefix, 2 * n, timeout_s=5))
+    counts = Counter(r["request_id"] for r in detection_results(stack, serde, prefix, 2 * n, timeout_s=5))
     assert set(counts) == {f"s-{i}" for i in range(n)}
     # Everything the first process produced was committed before it left: nothing is redone.
     assert max(counts.values()) == 1

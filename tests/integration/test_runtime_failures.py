@@ -10,13 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from confluent_kafka import Producer
 from stream_kit import (
     EchoStage,
+    detection_results,
     kafka_admin,
-    make_topics,
-    new_prefix,
     produce,
     read_all,
     stream_settings,
@@ -32,18 +30,6 @@ from stream.serde import AvroSerde, epoch_ms
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def prefix(stack: StackSettings) -> str:
-    p = new_prefix()
-    make_topics(stack, p)
-    return p
-
-
-@pytest.fixture(scope="module")
-def serde(stack: StackSettings) -> AvroSerde:
-    return AvroSerde.from_url(stack.registry_url, stack.tls_ca_file)
-
-
 def _serve_until(runner: StageRunner, stack: StackSettings, serde: AvroSerde, prefix: str, ids: set[str],
                  timeout_s: float = 60.0) -> dict[str, dict]:
     """Run the stage until every id in ``ids`` has a result on `detections` (or the deadline)."""
@@ -53,15 +39,10 @@ def _serve_until(runner: StageRunner, stack: StackSettings, serde: AvroSerde, pr
     try:
         while time.monotonic() < deadline and not ids <= set(seen):
             runner.run_once()
-            seen.update({r["request_id"]: r for r in _results(stack, serde, prefix, len(ids), 0.2)})
+            seen.update({r["request_id"]: r for r in detection_results(stack, serde, prefix, len(ids), 0.2)})
     finally:
         runner.close()
     return seen
-
-
-def _results(stack: StackSettings, serde: AvroSerde, prefix: str, n: int, timeout_s: float) -> list[dict]:
-    return [serde.decode(m.value(), "DetectionResult")
-            for m in read_all(stack, T.detections_topic(prefix), until=n, timeout_s=timeout_s)]
 
 
 def _letters(stack: StackSettings, serde: AvroSerde, topic: str, n: int) -> dict[str, dict]:
@@ -114,7 +95,7 @@ def test_an_output_that_fits_neither_its_schema_nor_its_topic_is_dead_lettered(
     assert "does not fit its schema" in letters["unencodable"]["error_message"]
     assert "over the" in letters["oversized"]["error_message"]
     # All or none: the record whose second output was too large produced neither.
-    results = _results(stack, serde, prefix, 10, 3)
+    results = detection_results(stack, serde, prefix, 10, 3)
     assert [r["status"] for r in results if r["request_id"] == "oversized"] == ["FAILED"]
 
 
@@ -149,7 +130,7 @@ def test_a_record_that_kills_its_process_is_set_aside_after_three_crashes(
         try:
             # Until it dies (the poison) or everything has a result.
             while worker.poll() is None and len(seen) < 5 and time.monotonic() < deadline:
-                seen = {r["request_id"]: r for r in _results(stack, serde, prefix, 5, 0.5)}
+                seen = {r["request_id"]: r for r in detection_results(stack, serde, prefix, 5, 0.5)}
         finally:
             if worker.poll() is None:
                 worker.terminate()

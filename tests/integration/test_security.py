@@ -167,21 +167,22 @@ def test_kafka_refuses_plaintext_unauthenticated_and_unknown_ca_clients(stack: S
 def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSettings) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    from config import StreamSettings, kafka_client
+    from config import StreamSettings
     from infra.stack.kafka_access import deprovision, provision
+    from stream.kafka import kafka_connection
     from stream.topics import lane_topic
 
     prefix = f"acl{uuid.uuid4().hex[:6]}."
     admin = kafka_admin(stack)
     provision(admin, prefix)
     try:
-        scan = kafka_client(StreamSettings.from_env(), "scan")
+        scan = kafka_connection(StreamSettings.from_env(), "scan")
         assert _kafka_refused(scan, lane_topic(prefix, "online", "scanned")) is None  # its output
         for foreign in (f"{prefix}models", lane_topic(prefix, "online", "preprocessed"), f"{prefix}audit",
                         f"{prefix}detections.shadow"):
             assert "AUTHORIZATION_FAILED" in (_kafka_refused(scan, foreign) or ""), foreign
         # The recorder audits TENANT_MISMATCH refusals (scan may not): `audit` yes, `models` no.
-        recorder = kafka_client(StreamSettings.from_env(), "recorder")
+        recorder = kafka_connection(StreamSettings.from_env(), "recorder")
         assert _kafka_refused(recorder, f"{prefix}audit") is None
         assert "AUTHORIZATION_FAILED" in (_kafka_refused(recorder, f"{prefix}models") or "")
         consumer = Consumer({**scan, "group.id": f"{prefix}detectflow.scan", "log_level": 0})
@@ -255,8 +256,8 @@ def test_clients_trusting_another_ca_are_refused(gw: Gateway, stack: StackSettin
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.common._httpx_compat import httpx  # the HTTP client it uses
 
-    from infra.stack.minio import https_pool
     from infra.stack.pki import Pki, issue
+    from stream.objectstore import https_pool
     from stream.serde import registry_config
 
     other = Pki(tmp_path / "other-ca")

@@ -12,10 +12,11 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
-from config import StackSettings, kafka_client
+from config import StackSettings
 from infra.cli import main
 from stream import headers as H
 from stream.client import DetectClient
+from stream.kafka import kafka_connection
 from stream.records import now_ms
 from stream.serde import AvroSerde
 from stream.topics import ingest_topic, lane_topic, tenant_replies_topic
@@ -46,7 +47,7 @@ def tenants(pipeline: Pipeline) -> Iterator[tuple[str, str]]:
 
 
 def _login(stack: StackSettings, tenant: str) -> dict[str, Any]:
-    return kafka_client(_stream(stack), f"tenant-{tenant}")
+    return kafka_connection(_stream(stack), f"tenant-{tenant}")
 
 
 def _stream(stack: StackSettings) -> Any:
@@ -100,7 +101,7 @@ def _find(stack: StackSettings, serde: AvroSerde, topic: str, event: str, key: s
 def _audit_row(stack: StackSettings, pipeline: Pipeline, event: dict[str, Any]) -> tuple[Any, ...] | None:
     """The audit_log row of ``event`` (as the operator), or None."""
     from infra.stack.cassandra_access import admin_session
-    from stream.cassandra import audit_day
+    from stream.cassandra import utc_day
     from stream.serde import epoch_ms
 
     session = admin_session(stack)
@@ -109,7 +110,7 @@ def _audit_row(stack: StackSettings, pipeline: Pipeline, event: dict[str, Any]) 
         rows = session.execute(
             "SELECT event_id, subject, action, outcome, status, request_id FROM audit_log "
             "WHERE tenant = %s AND day = %s",
-            (event["tenant"], audit_day(epoch_ms(event["event_time"]) or 0)))
+            (event["tenant"], utc_day((epoch_ms(event["event_time"]) or 0) / 1000)))
         mine = [tuple(r)[1:] for r in rows if r.event_id == event["event_id"]]
     finally:
         session.cluster.shutdown()

@@ -38,6 +38,7 @@ from processors.params import CacheKey, effective_params
 from processors.postprocess import PostprocessStage
 from processors.recorder import RecorderStage
 from processors.scan import ScanStage
+from stream.objectstore import RETENTION_TAG, UNCLAIMED_TAG
 from stream.records import Failure, now_ms
 
 

@@ -14,9 +14,10 @@ import pytest
 from config import GatewaySettings, SettingsError, StackSettings, StreamSettings
 from gateway.app import server_tls
 from infra.stack.base import http_ok
-from infra.stack.minio import MinioService, https_pool
+from infra.stack.minio import MinioService
 from infra.stack.pki import Pki, issue
 from infra.stack.registry import RegistryService
+from stream.objectstore import https_pool
 from stream.serde import registry_config
 
 
