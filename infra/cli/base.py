@@ -1,0 +1,81 @@
+"""What every command family of the `detectflow` CLI is built from: commands whose positional arguments carry help,
+groups that list their commands in the order they were declared, and the stack settings every command reads first."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from infra.settings import StackSettings
+
+# -h as well as --help, and room for the longer help lines (inherited by every sub-command's context).
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
+
+
+class HelpedArgument(click.Argument):
+    """A positional argument with a help line (click's own have none), shown under "Arguments"."""
+
+    def __init__(self, param_decls: list[str], help: str | None = None, **attrs: Any):
+        super().__init__(param_decls, **attrs)
+        self.help = help
+
+
+class HelpedCommand(click.Command):
+    """A command whose help lists its positional arguments' help lines before its options."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(p.make_metavar(ctx), p.help) for p in self.get_params(ctx)
+                if isinstance(p, HelpedArgument) and p.help]
+        if rows:
+            with formatter.section("Arguments"):
+                formatter.write_dl(rows)
+        super().format_options(ctx, formatter)
+
+
+class DeclaredOrderGroup(click.Group):
+    """A group that lists its commands in the order they were added (click sorts them by name), each with its whole
+    help line (click cuts it to the terminal's width)."""
+
+    command_class = HelpedCommand
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+DeclaredOrderGroup.group_class = DeclaredOrderGroup
+
+
+def argument(*param_decls: str, **attrs: Any) -> Callable[[Any], Any]:
+    """``click.argument`` with ``help=``."""
+    return click.argument(*param_decls, cls=HelpedArgument, **attrs)
+
+
+def command(name: str, **attrs: Any) -> Callable[[Callable[..., Any]], HelpedCommand]:
+    """A top-level command of the `detectflow` group."""
+    return click.command(name, cls=HelpedCommand, **attrs)
+
+
+def group(name: str, **attrs: Any) -> Callable[[Callable[..., Any]], DeclaredOrderGroup]:
+    """A top-level group of sub-commands of the `detectflow` group."""
+    return click.group(name, cls=DeclaredOrderGroup, **attrs)
+
+
+def pass_stack_settings(callback: Callable[..., int]) -> Callable[..., int]:
+    """Call ``callback(settings, **params)`` with the stack's settings, read when the command runs (after its
+    arguments are parsed, so a usage error is reported first); a bad value stops it before any work (exit 2)."""
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> int:
+        return callback(StackSettings.from_env(), *args, **kwargs)
+
+    return run
