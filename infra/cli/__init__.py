@@ -14,13 +14,12 @@ from collections.abc import Sequence
 import click
 
 from infra.cli import clients, configuration, drills, models, operator, stack
-from infra.cli.base import CONTEXT_SETTINGS, DeclaredOrderGroup
+from infra.cli.base import DeclaredOrderGroup
 from infra.settings import SettingsError
 from infra.stack.base import StackError
 
 
-@click.group("detectflow", cls=DeclaredOrderGroup, context_settings=CONTEXT_SETTINGS,
-             help="Image object detection on Kafka.")
+@click.group("detectflow", cls=DeclaredOrderGroup, help="Image object detection on Kafka.")
 def cli() -> None:
     """The `detectflow` command group."""
 

@@ -11,7 +11,8 @@ import click
 
 from infra.settings import StackSettings
 
-# -h as well as --help, and room for the longer help lines (inherited by every sub-command's context).
+# -h as well as --help, and room for the longer help lines: every command's own (not only inherited from the
+# group's context, so that a command's help option is the same however its context is made).
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
 
@@ -25,6 +26,10 @@ class HelpedArgument(click.Argument):
 
 class HelpedCommand(click.Command):
     """A command whose help lists its positional arguments' help lines before its options."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["context_settings"] = {**CONTEXT_SETTINGS, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(p.make_metavar(ctx), p.help) for p in self.get_params(ctx)
@@ -40,6 +45,10 @@ class DeclaredOrderGroup(click.Group):
     help line (click cuts it to the terminal's width)."""
 
     command_class = HelpedCommand
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["context_settings"] = {**CONTEXT_SETTINGS, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)

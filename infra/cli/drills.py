@@ -85,7 +85,7 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
 
 @command("chaos", help="chaos drill on the local stack: faults under load, then reconcile every request (or --soak: "
                        "steady load, memory growth)")
-@click.option("--duration", type=Duration(), default=None, metavar="DURATION",
+@click.option("--duration", type=Duration(), default=None,
               help="load time (default 180s; --soak: 30m); up to 300s is the short form")
 @click.option("--seed", type=int, default=None, help="the fault schedule's and load's random seed")
 @click.option("--soak", is_flag=True, help="no faults: ~70% of capacity, RSS growth and errors")

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from infra.cli import main
 from infra.bench_model import (
     FP32,
     STATIC_INT8,
@@ -18,6 +17,7 @@ from infra.bench_model import (
     label,
     runs_by_version,
 )
+from infra.cli import main
 
 INT8 = ServedModel("yolov4-tiny-int8", 1, STATIC_INT8, Path("/h/build/yolov4-tiny-int8"), "PASSED", "yolov4-tiny v1")
 DEFAULT = ServedModel("yolov4-tiny", 1, FP32, Path("/h/models/yolov4-tiny/1"))
