@@ -182,7 +182,7 @@ def client_tls(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
-async def _submit(paths: Sequence[Path], *, url: str, token: str, tls: ssl.SSLContext, wait: bool, as_json: bool,
+async def _submit(paths: Sequence[Path], *, url: str, bearer: str, tls: ssl.SSLContext, wait: bool, as_json: bool,
                   score: float | None, timeout_s: float) -> int:
     files = image_files(paths)
     if not files:
@@ -192,7 +192,7 @@ async def _submit(paths: Sequence[Path], *, url: str, token: str, tls: ssl.SSLCo
     params = {"score_threshold": score} if score is not None else {}
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as session:
-        client = JobsClient(session, url, token, retry_s=timeout_s, deadline=deadline)
+        client = JobsClient(session, url, bearer, retry_s=timeout_s, deadline=deadline)
         ids = await client.upload(payload, on_progress=_print_progress("upload"))
         print(file=sys.stderr)
         job = await client.submit_job(ids, params)
@@ -237,7 +237,7 @@ def run_jobs(settings: StackSettings, paths: Sequence[Path], *, wait: bool = Fal
                           scopes=["detect:write", "results:read"], issuer=gw.issuer, audience=gw.audience,
                           tenant_claim=gw.tenant_claim)
     try:
-        return asyncio.run(_submit(paths, url=url or gw.base_url, token=token,
+        return asyncio.run(_submit(paths, url=url or gw.base_url, bearer=token,
                                    tls=client_tls(gw.pipeline.stream.tls_ca_file), wait=wait, as_json=as_json,
                                    score=score, timeout_s=timeout_s))
     except (ApiError, aiohttp.ClientError, TimeoutError, FileNotFoundError) as exc:
