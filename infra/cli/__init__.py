@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import click
 
 from infra.cli import clients, configuration, drills, models, operator, stack
-from infra.cli.base import DeclaredOrderGroup
+from infra.cli.base import DeclaredOrderGroup, invoke
 from infra.settings import SettingsError
 from infra.stack.base import StackError
 
@@ -34,13 +34,7 @@ for _command in (stack.stack_command, models.model, stack.topics_command, stack.
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `detectflow` with ``argv`` (default: the process's arguments) and return its exit code."""
     try:
-        return int(cli.main(args=None if argv is None else list(argv), prog_name="detectflow",
-                            standalone_mode=False) or 0)
-    except click.ClickException as exc:  # a usage error (exit 2) with the command's usage line
-        exc.show()
-        return exc.exit_code
-    except click.Abort:  # click's name for Ctrl-C
-        return 130
+        return invoke(cli, argv, prog_name="detectflow")
     except (StackError, SettingsError) as exc:
         print(f"detectflow: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ groups that list their commands in the order they were declared, and the stack s
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -22,6 +22,23 @@ class HelpedArgument(click.Argument):
     def __init__(self, param_decls: list[str], help: str | None = None, **attrs: Any):
         super().__init__(param_decls, **attrs)
         self.help = help
+
+
+class ParsedBy(click.ParamType):
+    """A value read by ``parse`` (a function of the text that raises ValueError saying what is wrong): click's own
+    wrapping of a function reports only the value, not why it was refused."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]):
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # a default given already parsed
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class HelpedCommand(click.Command):
@@ -88,3 +105,17 @@ def pass_stack_settings(callback: Callable[..., int]) -> Callable[..., int]:
         return callback(StackSettings.from_env(), *args, **kwargs)
 
     return run
+
+
+def invoke(command: click.Command, argv: Sequence[str] | None, prog_name: str, **context: Any) -> int:
+    """Run ``command`` with ``argv`` (default: the process's arguments) and return its exit code: what its callback
+    returns, 0 after --help, 2 for a usage error (shown with the usage line), 130 on Ctrl-C. ``context`` goes to the
+    click context (``obj=...``)."""
+    try:
+        return int(command.main(args=None if argv is None else list(argv), prog_name=prog_name,
+                                standalone_mode=False, **context) or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:  # click's name for Ctrl-C
+        return 130

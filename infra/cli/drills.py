@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
-from infra.cli.base import argument, command, pass_stack_settings
+from infra.cli.base import ParsedBy, argument, command, pass_stack_settings
 from infra.settings import StackSettings
 
 BENCH_TARGETS = ["pipeline", "sync", "hop", "tls", "cassandra", "clamd", "tensor"]
 
 
-class Duration(click.ParamType):
-    """A duration ('180', '180s', '3m', '1h') in seconds, as infra.chaos.parse_duration reads it."""
+def parse_duration(raw: str) -> float:
+    """A duration ('180', '180s', '3m', '1h') in seconds, as infra.chaos reads it."""
+    from infra.chaos import parse_duration  # when the command runs (CLI start-up)
 
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
-        from infra.chaos import parse_duration  # when the command runs (CLI start-up)
-
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+    return parse_duration(raw)
 
 
 @command("bench", help="benchmarks that print figures and ratios against a same-run baseline")
@@ -85,7 +75,7 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
 
 @command("chaos", help="chaos drill on the local stack: faults under load, then reconcile every request (or --soak: "
                        "steady load, memory growth)")
-@click.option("--duration", type=Duration(), default=None,
+@click.option("--duration", type=ParsedBy("duration", parse_duration), default=None,
               help="load time (default 180s; --soak: 30m); up to 300s is the short form")
 @click.option("--seed", type=int, default=None, help="the fault schedule's and load's random seed")
 @click.option("--soak", is_flag=True, help="no faults: ~70% of capacity, RSS growth and errors")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from infra.cli import cli, main
-from infra.cli.base import HelpedArgument
-from infra.cli.drills import Duration
+from infra.cli.base import HelpedArgument, ParsedBy
 
 SURFACE: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "cli_surface.json").read_text())
 NEW_COMMANDS = {"detectflow config", "detectflow config show"}
@@ -51,8 +51,8 @@ def _type_name(param: click.Parameter) -> str | None:
     if isinstance(t, click.Path):
         assert t.type is Path, f"{param.name}: paths arrive as pathlib.Path, as argparse's type=Path gave them"
         return "Path"
-    if isinstance(t, Duration):
-        return "parse_duration"
+    if isinstance(t, ParsedBy):
+        return t.parse.__name__
     return None
 
 
@@ -246,3 +246,51 @@ def test_the_defaults_written_out_for_fast_help_agree_with_model_store() -> None
     assert (models.QUANTIZE_METHODS, models.QUANTIZE_DEFAULT_METHOD) == (METHODS, DEFAULT_METHOD)
     assert models.EVAL_DEFAULT_CONF == DEFAULT_CONF
     assert OUT_NAME in (_resolve("detectflow model quantize").params[2].help or "")  # --out
+
+
+# The standalone benches' own command lines, as their argparse parsers declared them: flag -> (default, required).
+BENCH_GPU_OPTIONS = {
+    "--model-dir": (None, True), "--images": (None, False), "--batches": ([1, 8, 32, 64], False),
+    "--iters": (200, False), "--seconds": (1.5, False), "--cpu-iters": (3, False), "--tax-seconds": (0.5, False),
+    "--sections": (",".join(("ort-cpu", "ort-cuda", "ort-cuda-fp16", "ort-cuda-graph", "ort-trt", "torch", "tax")),
+                   False),
+    "--budget": ("", False), "--trt-cache": (Path(tempfile.gettempdir()) / "detectflow-trt-cache", False),
+    "--torch-on-cpu": (False, False), "--nvidia-libs": (False, False), "--out": (Path("out/bench-gpu"), False)}
+BENCH_PLAIN_OPTIONS = {"--port": (None, True), "--host": ("127.0.0.1", False), "--model-dir": (None, True),
+                       "--threads": (0, False), "--cert": (None, False), "--key": (None, False)}
+
+
+@pytest.mark.parametrize(("module", "want"), [("bench_gpu", BENCH_GPU_OPTIONS), ("bench_plain", BENCH_PLAIN_OPTIONS)])
+def test_the_standalone_benches_keep_their_flags_and_defaults(module: str, want: dict[str, tuple[Any, bool]],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.delenv("OUT", raising=False)
+    cmd = {"bench_gpu": "bench_gpu", "bench_plain": "serve"}[module]
+    command = getattr(importlib.import_module(f"infra.{module}"), cmd)
+    options = {p.opts[0]: p for p in command.params if isinstance(p, click.Option)}
+    assert set(options) == set(want)
+    defaults = _defaults(f"python -m infra.{module}", command)
+    for flag, (default, required) in want.items():
+        assert (defaults[options[flag].name], options[flag].required) == (default, required), flag
+    result = CliRunner().invoke(command, ["-h"], prog_name=f"python -m infra.{module}")
+    assert result.exit_code == 0 and result.output.startswith(f"Usage: python -m infra.{module} [OPTIONS]")
+
+
+def test_the_plain_server_parses_the_argv_the_sync_bench_starts_it_with() -> None:
+    from infra.bench_plain import command, serve
+
+    argv = command(8123, Path("/m/1"), 2, Path("c.pem"), Path("k.pem"))
+    assert argv[1:3] == ["-m", "infra.bench_plain"]
+    with serve.make_context("python -m infra.bench_plain", argv[3:]) as ctx:
+        assert ctx.params == {"port": 8123, "host": "127.0.0.1", "model_dir": Path("/m/1"), "threads": 2,
+                              "cert": Path("c.pem"), "key": Path("k.pem")}
+
+
+@pytest.mark.parametrize("argv", [["--model-dir", "m", "--batches", "0,4"], ["--model-dir", "m", "--sections", "gpu"],
+                                  ["--model-dir", "m", "--budget", "warp=3"], ["--batches", "1"]])
+def test_bench_gpu_refuses_bad_flags_with_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.bench_gpu import main
+
+    assert main(argv) == 2
+    assert "Usage: python -m infra.bench_gpu" in capsys.readouterr().err
