@@ -38,7 +38,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StackError, SettingsError) as exc:
         print(f"detectflow: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
