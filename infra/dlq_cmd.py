@@ -25,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from infra.settings import StreamSettings, kafka_client
 from stream import headers as H
 from stream.serde import AvroSerde, SerdeError, epoch_ms
 
@@ -319,8 +320,6 @@ def show_text(x: Letter, redriven: bool) -> str:
 def run_dlq(action: str, *, topic: str | None = None, since: str | None = None, dry_run: bool = False,
             letter: str | None = None) -> int:
     """`detectflow dlq list|redrive [--topic T] [--since S] [--dry-run]` and `dlq show LETTER`."""
-    from infra.settings import StreamSettings, kafka_client
-
     stream = StreamSettings.from_env()
     dlq = DeadLetters(kafka_client(stream), AvroSerde.from_url(stream.registry_url, stream.tls_ca_file),
                       stream.topic_prefix, max_message_bytes=stream.max_message_bytes)

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.devkeys import ensure_dev_keys, mint
 from infra.http_retry import (
     DEFAULT_POLICY,
     RETRY_STATUSES,
@@ -28,7 +29,7 @@ from infra.http_retry import (
     call_with_retries,
     is_idempotent,
 )
-from infra.settings import StackSettings
+from infra.settings import GatewaySettings, StackSettings
 
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                   ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
@@ -225,9 +226,6 @@ def run_jobs(settings: StackSettings, paths: Sequence[Path], *, wait: bool = Fal
              timeout_s: float = 3600.0) -> int:
     """`detectflow jobs submit`: upload ``paths`` (files or directories) and submit them as one job; with ``wait``
     follow it and print its results. A development token for ``tenant`` is minted when no ``token`` is given."""
-    from gateway.devkeys import ensure_dev_keys, mint
-    from infra.settings import GatewaySettings
-
     gw = GatewaySettings.from_env()
     if token is None and not gw.auth_dev:
         print("detectflow jobs: pass --token (or set DETECTFLOW_AUTH_DEV=true to sign one with the dev keys)",

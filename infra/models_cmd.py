@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import PipelineSettings, StackSettings, kafka_client
+from model_store.evalset import ensure_eval_set
+from model_store.gate import gate_runner
+from model_store.registry import GateRefused, RegistryError, connect_registry
+from model_store.watch import ModelWatcher, wait_for_report
+from stream.errors import TransientError
 
 
 def actor_name() -> str:
@@ -33,9 +38,6 @@ def run_models(stack: StackSettings, action: str, name: str | None = None, *, ve
                no_wait: bool = False, no_guardrail: bool = False, reason: str | None = None,
                actor: str | None = None) -> int:
     """`detectflow models ACTION ...`: ``action`` is the sub-command, the rest its arguments (those it has)."""
-    from model_store.registry import GateRefused, RegistryError, connect_registry
-    from stream.errors import TransientError
-
     settings = PipelineSettings.from_env()
     actor = actor or actor_name()
     try:
@@ -97,8 +99,6 @@ def describe(state: Any) -> str:
 
 def _await_ready(registry: Any, settings: PipelineSettings, model: str, version: int, force: bool) -> bool:
     """Wait for an inference process's READY (or LOAD_FAILED) report on the version."""
-    from model_store.watch import ModelWatcher, wait_for_report
-
     info = registry.store.version(model, version)
     if info is None:
         return True  # the command itself says why
@@ -127,14 +127,11 @@ def _await_ready(registry: Any, settings: PipelineSettings, model: str, version:
 
 def _push(registry: Any, name: str, source: Path | None, settings: PipelineSettings, stack: StackSettings,
           actor: str) -> int:
-    from model_store.evalset import ensure_eval_set
-    from model_store.gate import gate_runner
-
     if source is None:
         if name != settings.default_model:
             print("detectflow models push: give the folder holding model.onnx and config.json", file=sys.stderr)
             return 2
-        from model_store.convert import convert
+        from model_store.convert import convert  # only to convert the default model first: the darknet toolchain
 
         source = settings.models_dir / settings.default_model / "1"
         convert(source)

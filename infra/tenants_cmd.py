@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import Login, SettingsError, StackSettings, StreamSettings, kafka_client
+from infra.stack.kafka_access import provision_tenant, revoke_tenant
+from stream.ingest import principal
+from stream.topics import ingest_tenant, ingest_topic, tenant_replies_topic, tenant_topics
 
 
 def run_tenants(stack: StackSettings, action: str, name: str, *, show_secret: bool = False, rotate: bool = False,
                 delete_topic: bool = False) -> int:
     """`detectflow tenants create NAME [--show-secret] [--rotate]` and `tenants revoke NAME [--delete-topic]`."""
-    from stream.ingest import principal
-    from stream.topics import ingest_tenant
-
     try:
         tenant = ingest_tenant(name)
     except ValueError as exc:
@@ -37,10 +37,6 @@ def run_tenants(stack: StackSettings, action: str, name: str, *, show_secret: bo
 
 def _create(stream: StreamSettings, admin: dict[str, Any], tenant: str, path: Path, *, show_secret: bool,
             rotate: bool) -> int:
-    from infra.stack.kafka_access import provision_tenant
-    from stream.ingest import principal
-    from stream.topics import ingest_topic, tenant_replies_topic, tenant_topics
-
     login = Login.create(path, principal(tenant)) if rotate else Login.load_or_create(path, principal(tenant))
     specs = tenant_topics(stream.topic_prefix, tenant, max_message_bytes=stream.max_message_bytes,
                           raw_retention_hours=stream.raw_retention_hours)
@@ -60,9 +56,6 @@ def _create(stream: StreamSettings, admin: dict[str, Any], tenant: str, path: Pa
 
 
 def _revoke(stream: StreamSettings, admin: dict[str, Any], tenant: str, path: Path, *, delete_topic: bool) -> int:
-    from infra.stack.kafka_access import revoke_tenant
-    from stream.ingest import principal
-
     had = revoke_tenant(admin, stream.topic_prefix, tenant, delete_topics=delete_topic)
     path.unlink(missing_ok=True)  # a revoked secret is no use to anyone
     print(f"tenant {tenant}: ACLs removed; SCRAM credential of {principal(tenant)} "

@@ -35,10 +35,10 @@ class FakeRegistry:
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> FakeRegistry:
-    import model_store.registry
+    import infra.models_cmd
 
     fake = FakeRegistry()
-    monkeypatch.setattr(model_store.registry, "connect_registry", lambda settings: fake)
+    monkeypatch.setattr(infra.models_cmd, "connect_registry", lambda settings: fake)
     return fake
 
 
@@ -73,16 +73,15 @@ def test_a_models_command_with_a_bad_version_exits_2(registry: FakeRegistry,
 
 @pytest.fixture
 def tenant_admin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
-    import infra.stack.kafka_access
     import infra.tenants_cmd
 
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
     monkeypatch.setenv("DETECTFLOW_HOME", str(tmp_path))
     monkeypatch.setenv("DETECTFLOW_KAFKA_USERS_DIR", str(tmp_path / "kafka"))
     monkeypatch.setattr(infra.tenants_cmd, "kafka_client", lambda stream, user: {"user": user})
-    monkeypatch.setattr(infra.stack.kafka_access, "provision_tenant",
+    monkeypatch.setattr(infra.tenants_cmd, "provision_tenant",
                         lambda *a, **k: calls.append(("provision", a, k)) or {})
-    monkeypatch.setattr(infra.stack.kafka_access, "revoke_tenant",
+    monkeypatch.setattr(infra.tenants_cmd, "revoke_tenant",
                         lambda *a, **k: calls.append(("revoke", a, k)) or True)
     return calls
 
@@ -108,7 +107,6 @@ def test_tenants_create_rotate_show_secret_and_revoke(tenant_admin: list[Any], t
 def test_dlq_commands_reach_the_dead_letters(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     import infra.dlq_cmd
-    import infra.settings
 
     calls: list[tuple[Any, ...]] = []
 
@@ -130,7 +128,7 @@ def test_dlq_commands_reach_the_dead_letters(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(infra.dlq_cmd, "DeadLetters", FakeDeadLetters)
     monkeypatch.setattr(infra.dlq_cmd.AvroSerde, "from_url", classmethod(lambda cls, *a: None))
-    monkeypatch.setattr(infra.settings, "kafka_client", lambda stream: {})
+    monkeypatch.setattr(infra.dlq_cmd, "kafka_client", lambda stream: {})
     monkeypatch.setattr(infra.dlq_cmd, "parse_since", lambda raw: 1000 if raw == "2h" else pytest.fail(raw))
     assert main(["dlq", "redrive", "--topic", "detect.batch.submitted", "--since", "2h", "--dry-run"]) == 0
     assert calls == [("topics", "detect.batch.submitted"), ("redrive", "p.detect.batch.submitted.dlq", 1000, True)]
