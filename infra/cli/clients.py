@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from infra.cli.base import argument, command, group, pass_stack_settings
-from infra.settings import StackSettings
+from infra.settings import GatewaySettings, StackSettings
 
 PATH = click.Path(path_type=Path)
 
@@ -28,8 +28,7 @@ PATH = click.Path(path_type=Path)
 @pass_stack_settings
 def detect_command(settings: StackSettings, images: tuple[Path, ...], as_json: bool, draw: Path | None, lane: str,
                    timeout: float, tenant: str | None, operator: bool, score: float | None) -> int:
-    # Imported when the command runs, as in every command here: `detectflow --help` stays fast.
-    from infra.detect_cmd import run_detect
+    from infra.detect_cmd import run_detect  # imported on use: --help stays fast
 
     if operator and tenant is None:
         tenant = "cli"
@@ -51,10 +50,8 @@ def detect_command(settings: StackSettings, images: tuple[Path, ...], as_json: b
 @pass_stack_settings
 def token_command(settings: StackSettings, tenant: str, scope: tuple[str, ...], subject: str | None, ttl: int,
                   alg: str) -> int:
-    # When the command runs (CLI start-up).
-    from gateway.auth import SCOPES
-    from gateway.devkeys import ensure_dev_keys, mint
-    from infra.settings import GatewaySettings
+    from gateway.auth import SCOPES  # imported on use: --help stays fast
+    from gateway.devkeys import ensure_dev_keys, mint  # imported on use: --help stays fast
 
     gw = GatewaySettings.from_env()
     # Dev tokens are signed with keys made on this machine; only a dev-mode gateway trusts them.
@@ -95,7 +92,7 @@ def jobs() -> None:
 @pass_stack_settings
 def jobs_submit(settings: StackSettings, paths: tuple[Path, ...], wait: bool, as_json: bool, url: str | None,
                 tenant: str, token: str | None, score: float | None, timeout: float) -> int:
-    from infra.jobs_cmd import run_jobs  # when the command runs (CLI start-up: aiohttp)
+    from infra.jobs_cmd import run_jobs  # imported on use: --help stays fast
 
     return run_jobs(settings, list(paths), wait=wait, as_json=as_json, url=url, tenant=tenant, token=token,
                     score=score, timeout_s=timeout)

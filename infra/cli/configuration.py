@@ -14,7 +14,7 @@ def config() -> None:
 @config.command("show", help="print every setting: its variable, its value (secrets masked) and where it came from")
 @pass_stack_settings
 def config_show(settings: StackSettings) -> int:
-    from config.show import render  # when the command runs (CLI start-up)
+    from config.show import render  # imported on use: --help stays fast
 
     print(render())
     return 0

@@ -14,7 +14,7 @@ BENCH_TARGETS = ["pipeline", "sync", "hop", "tls", "cassandra", "clamd", "tensor
 
 def parse_duration(raw: str) -> float:
     """A duration ('180', '180s', '3m', '1h') in seconds, as infra.chaos reads it."""
-    from infra.chaos import parse_duration  # when the command runs (CLI start-up)
+    from infra.chaos import parse_duration  # imported on use: --help stays fast
 
     return parse_duration(raw)
 
@@ -38,29 +38,28 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
     if int8 and target not in ("pipeline", "sync"):
         print(f"detectflow bench {target}: --int8 applies to the pipeline and sync benches only", file=sys.stderr)
         return 2
-    # Each bench is imported when it runs, as every command's module here: `detectflow --help` stays fast.
     if target == "clamd":
-        from infra.bench_clamd import run_bench_clamd  # when it runs (CLI start-up)
+        from infra.bench_clamd import run_bench_clamd  # imported on use: --help stays fast
 
         return run_bench_clamd(settings, images=images)
     if target == "tensor":
-        from infra.bench_tensor import run_bench_tensor  # when it runs (CLI start-up)
+        from infra.bench_tensor import run_bench_tensor  # imported on use: --help stays fast
 
         return run_bench_tensor(settings)
     if target == "hop":
-        from infra.bench_hop import run_bench_hop  # when it runs (CLI start-up)
+        from infra.bench_hop import run_bench_hop  # imported on use: --help stays fast
 
         return run_bench_hop(settings)
     if target == "cassandra":
-        from infra.bench_cassandra import run_bench_cassandra  # when it runs (CLI start-up)
+        from infra.bench_cassandra import run_bench_cassandra  # imported on use: --help stays fast
 
         return run_bench_cassandra(settings)
     if target == "tls":
-        from infra.bench_tls import run_bench_tls  # when it runs (CLI start-up)
+        from infra.bench_tls import run_bench_tls  # imported on use: --help stays fast
 
         return run_bench_tls(settings)
     if target == "sync":
-        from infra.bench_sync import parse_levels, run_bench_sync  # when it runs (CLI start-up)
+        from infra.bench_sync import parse_levels, run_bench_sync  # imported on use: --help stays fast
 
         try:
             parsed = parse_levels(levels)
@@ -68,7 +67,7 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
             raise click.BadParameter(str(exc), param_hint="'--levels'") from exc
         return run_bench_sync(settings, levels=parsed, requests=requests, baseline_repeats=baseline_repeats,
                               int8=int8)
-    from infra.bench import run_bench  # when it runs (CLI start-up)
+    from infra.bench import run_bench  # imported on use: --help stays fast
 
     return run_bench(settings, n_batch=images, n_online=online, baseline_repeats=baseline_repeats, int8=int8)
 
@@ -86,6 +85,6 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
 @pass_stack_settings
 def chaos_command(settings: StackSettings, duration: float | None, seed: int | None, soak: bool, rate: float | None,
                   job_images: int | None) -> int:
-    from infra.chaos import run_cli  # when the command runs (CLI start-up)
+    from infra.chaos import run_cli  # imported on use: --help stays fast
 
     return run_cli(settings, duration=duration, seed=seed, soak=soak, rate=rate, job_images=job_images)

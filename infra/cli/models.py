@@ -29,8 +29,7 @@ def model() -> None:
 @click.option("--out", type=PATH, default=None, help="output folder (default: <home>/models/yolov4-tiny/1)")
 @pass_stack_settings
 def model_convert(settings: StackSettings, out: Path | None) -> int:
-    # Imported when the command runs, as in every command here: `detectflow --help` stays fast.
-    from model_store.convert import run_cli
+    from model_store.convert import run_cli  # imported on use: --help stays fast
 
     # model_store's run_cli functions read their arguments as attributes.
     return run_cli(SimpleNamespace(out=out))
@@ -46,7 +45,7 @@ def model_convert(settings: StackSettings, out: Path | None) -> int:
               help="output folder (default: <home>/build/yolov4-tiny-int8, -dynamic appended for dynamic)")
 @pass_stack_settings
 def model_quantize(settings: StackSettings, method: str, source: Path | None, out: Path | None) -> int:
-    from model_store.quantize import run_cli  # when the command runs (CLI start-up: ONNX Runtime)
+    from model_store.quantize import run_cli  # imported on use: --help stays fast
 
     return run_cli(SimpleNamespace(method=method, source=source, out=out))
 
@@ -63,7 +62,7 @@ def model_quantize(settings: StackSettings, method: str, source: Path | None, ou
 @pass_stack_settings
 def eval_command(settings: StackSettings, model_dir: Path | None, conf: float, iou: float, batch: int,
                  compare: tuple[Path, ...], as_json: bool) -> int:
-    from model_store.evaluate import run_cli  # when the command runs (CLI start-up: ONNX Runtime, pycocotools)
+    from model_store.evaluate import run_cli  # imported on use: --help stays fast
 
     return run_cli(SimpleNamespace(model=model_dir, conf=conf, iou=iou, batch=batch, compare=list(compare),
                                    json=as_json))
@@ -87,7 +86,7 @@ def _switch(callback: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_models(settings: StackSettings, action: str, name: str | None = None, **params: Any) -> int:
-    from infra.models_cmd import run_models  # when the command runs (CLI start-up: the registry's drivers)
+    from infra.models_cmd import run_models  # imported on use: --help stays fast
 
     return run_models(settings, action, name, **params)
 

@@ -27,8 +27,7 @@ def _letter_filters(callback: Callable[..., Any]) -> Callable[..., Any]:
 @_letter_filters
 @pass_stack_settings
 def dlq_list(settings: StackSettings, topic: str | None, since: str | None) -> int:
-    # Imported when the command runs, as in every command here: `detectflow --help` stays fast.
-    from infra.dlq_cmd import run_dlq
+    from infra.dlq_cmd import run_dlq  # imported on use: --help stays fast
 
     return run_dlq("list", topic=topic, since=since)
 
@@ -38,7 +37,7 @@ def dlq_list(settings: StackSettings, topic: str | None, since: str | None) -> i
 @click.option("--dry-run", is_flag=True, help="print what would be redriven; produce nothing")
 @pass_stack_settings
 def dlq_redrive(settings: StackSettings, topic: str | None, since: str | None, dry_run: bool) -> int:
-    from infra.dlq_cmd import run_dlq  # when the command runs (CLI start-up: confluent-kafka)
+    from infra.dlq_cmd import run_dlq  # imported on use: --help stays fast
 
     return run_dlq("redrive", topic=topic, since=since, dry_run=dry_run)
 
@@ -47,7 +46,7 @@ def dlq_redrive(settings: StackSettings, topic: str | None, since: str | None, d
 @argument("letter", help="<dlq topic>:<partition>:<offset>, as `dlq list` prints it")
 @pass_stack_settings
 def dlq_show(settings: StackSettings, letter: str) -> int:
-    from infra.dlq_cmd import run_dlq  # when the command runs (CLI start-up: confluent-kafka)
+    from infra.dlq_cmd import run_dlq  # imported on use: --help stays fast
 
     return run_dlq("show", letter=letter)
 
@@ -63,7 +62,7 @@ def tenants() -> None:
 @click.option("--rotate", is_flag=True, help="issue a new password (the old one stops working)")
 @pass_stack_settings
 def tenants_create(settings: StackSettings, name: str, show_secret: bool, rotate: bool) -> int:
-    from infra.tenants_cmd import run_tenants  # when the command runs (CLI start-up)
+    from infra.tenants_cmd import run_tenants  # imported on use: --help stays fast
 
     return run_tenants(settings, "create", name, show_secret=show_secret, rotate=rotate)
 
@@ -73,6 +72,6 @@ def tenants_create(settings: StackSettings, name: str, show_secret: bool, rotate
 @click.option("--delete-topic", is_flag=True, help="also delete its ingest and reply topics")
 @pass_stack_settings
 def tenants_revoke(settings: StackSettings, name: str, delete_topic: bool) -> int:
-    from infra.tenants_cmd import run_tenants  # when the command runs (CLI start-up)
+    from infra.tenants_cmd import run_tenants  # imported on use: --help stays fast
 
     return run_tenants(settings, "revoke", name, delete_topic=delete_topic)

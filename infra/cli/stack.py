@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -9,8 +10,8 @@ import time
 import click
 
 from infra.cli.base import argument, command, pass_stack_settings
-from infra.roles import SERVICES
-from infra.settings import StackSettings
+from infra.roles import SERVICES, run_role
+from infra.settings import PipelineSettings, StackSettings, StreamSettings, kafka_client
 from infra.stack import manager
 
 
@@ -50,9 +51,7 @@ def stack_command(settings: StackSettings, action: str, services: tuple[str, ...
 @argument("action", type=click.Choice(["apply", "list"]), help="apply: create/grow/configure idempotently")
 @pass_stack_settings
 def topics_command(settings: StackSettings, action: str) -> int:
-    # Imported when the command runs, as in every command here: `detectflow --help` stays fast.
-    from infra.settings import StreamSettings
-    from stream import topics
+    from stream import topics  # imported on use: --help stays fast
 
     stream = StreamSettings.from_env()
     specs = topics.all_topics(stream.topic_prefix, max_message_bytes=stream.max_message_bytes,
@@ -62,8 +61,7 @@ def topics_command(settings: StackSettings, action: str) -> int:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
             print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
         return 0
-    from infra.settings import kafka_client  # `apply` only: the Kafka client (CLI start-up)
-    from infra.stack.kafka_access import provision
+    from infra.stack.kafka_access import provision  # imported on use: --help stays fast
 
     actions = provision(kafka_client(stream), stream.topic_prefix, specs)
     for spec in specs:
@@ -76,7 +74,7 @@ def topics_command(settings: StackSettings, action: str) -> int:
 @click.option("--ca", is_flag=True, help="make a new CA first (clients must get the new ca.crt)")
 @pass_stack_settings
 def certs_command(settings: StackSettings, action: str, ca: bool) -> int:
-    from infra.stack.pki import Pki, rotate  # when the command runs (CLI start-up)
+    from infra.stack.pki import Pki, rotate  # imported on use: --help stays fast
 
     leaves = rotate(Pki(settings.tls_dir), new_ca=ca)
     print(f"re-issued {len(leaves)} certificates ({', '.join(leaves)})" + (" under a new CA" if ca else ""))
@@ -89,22 +87,14 @@ def certs_command(settings: StackSettings, action: str, ca: bool) -> int:
           help="one role, or all of them, each in its own process")
 @pass_stack_settings
 def run_command(settings: StackSettings, role: str) -> int:
-    # When the command runs (CLI start-up): a role's dependencies are loaded by the role's process only.
-    import logging
-
-    from infra.roles import run_role
-    from infra.settings import PipelineSettings
-
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role}: %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "cassandra"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = PipelineSettings.from_env()
     if role == "all":
-        # `run all` only (CLI start-up): the supervisor, and the Kafka client that provisions the topics.
-        from infra.settings import kafka_client
-        from infra.stack.kafka_access import provision
-        from infra.supervisor import Supervisor
-        from stream import topics
+        from infra.stack.kafka_access import provision  # imported on use: --help stays fast
+        from infra.supervisor import Supervisor  # imported on use: --help stays fast
+        from stream import topics  # imported on use: --help stays fast
 
         # The local deployment: its topics and ACLs first, as `detectflow topics apply` makes them (the broker
         # creates no topic by itself, and each role may only use what its ACLs name).
@@ -125,6 +115,6 @@ def run_command(settings: StackSettings, role: str) -> int:
 @click.option("--no-stack", is_flag=True, help="skip bringing the stack up")
 @pass_stack_settings
 def demo_command(settings: StackSettings, no_stack: bool) -> int:
-    from infra.demo import run_demo  # when the command runs (CLI start-up)
+    from infra.demo import run_demo  # imported on use: --help stays fast
 
     return run_demo(settings, bring_up=not no_stack)
