@@ -62,6 +62,7 @@ class DeclaredOrderGroup(click.Group):
     help line (click cuts it to the terminal's width)."""
 
     command_class = HelpedCommand
+    group_class = type  # click: sub-groups made with @group.group() are of this class too
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs["context_settings"] = {**CONTEXT_SETTINGS, **(kwargs.get("context_settings") or {})}
@@ -76,9 +77,6 @@ class DeclaredOrderGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
-
-
-DeclaredOrderGroup.group_class = DeclaredOrderGroup
 
 
 def argument(*param_decls: str, **attrs: Any) -> Callable[[Any], Any]:
