@@ -17,7 +17,6 @@ cost load it too (infra/bench_model.py); the header names the model measured.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import socket
@@ -286,19 +285,3 @@ def _detect(client: Any, data: bytes, lane: str, timeout_s: float, model: str) -
     # The client names its model (it does not read the roles' default): the one the bench serves.
     return client.wait(client.submit(data, lane=lane, timeout_s=timeout_s, model=model))
 
-
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a same-run baseline")
-    p.add_argument("target", choices=["pipeline", "sync", "hop", "tls", "cassandra", "clamd", "tensor"],
-                   help="hop: one stage-to-stage hop on the broker (produce+flush, poll, sync commit); "
-                        "tls: the same hop over SASL_SSL against plaintext, on a throwaway broker")
-    p.add_argument("--images", type=int, default=112, help="batch-lane requests")
-    p.add_argument("--online", type=int, default=40, help="online-lane requests, one at a time")
-    p.add_argument("--baseline-repeats", type=int, default=4, help="passes of the baseline over the images")
-    p.add_argument("--levels", default="1,4,16", help="sync: concurrency levels, comma-separated")
-    p.add_argument("--requests", type=int, default=40, help="sync: requests per level (at least 4 per caller)")
-    p.add_argument("--int8", action="store_true",
-                   help="pipeline, sync: serve and measure the static INT8 version of the default model (made as "
-                        "`detectflow model quantize` makes it, pushed through the release gate as model "
-                        "<default>-int8 and promoted); the baseline, model cost and plain server load it too")
-    return p

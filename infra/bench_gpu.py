@@ -30,7 +30,6 @@ waiting for its result); ``cpu ms/img`` is this process's CPU time (all threads)
 
 from __future__ import annotations
 
-import argparse
 import ctypes.util
 import glob
 import importlib.metadata
@@ -46,11 +45,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import click
 import numpy as np
 
 from imaging.letterbox import letterbox, to_model_input
+from infra.cli.base import CONTEXT_SETTINGS, ParsedBy, invoke
 from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig
 from model_store.serving.decoders import decode_outputs
 
@@ -119,7 +121,7 @@ class Budget:
 def parse_batches(text: str) -> list[int]:
     batches = sorted({int(part) for part in text.split(",") if part.strip()})
     if not batches or batches[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+        raise ValueError(f"batch sizes must be positive integers, got {text!r}")
     return batches
 
 
@@ -262,7 +264,7 @@ def reference(inputs: Inputs, model_dir: Path) -> None:
 
 
 def _ort_rows(report: Report, section: str, budget: Budget, session: Any, inputs: Inputs, batches: Sequence[int],
-              label: dict[str, Any], args: argparse.Namespace, *, iobinding: bool) -> None:
+              label: dict[str, Any], args: SimpleNamespace, *, iobinding: bool) -> None:
     import onnxruntime as ort
 
     name = inputs.config.input.name
@@ -323,7 +325,7 @@ def _available(report: Report, section: str, provider: str) -> bool:
     return False
 
 
-def ort_section(report: Report, section: str, inputs: Inputs, args: argparse.Namespace) -> None:
+def ort_section(report: Report, section: str, inputs: Inputs, args: SimpleNamespace) -> None:
     from model_store.serving.session import CPU, CUDA, TENSORRT, SessionSettings, create_session
 
     budget = Budget(args.budget[section])
@@ -370,7 +372,7 @@ def ort_section(report: Report, section: str, inputs: Inputs, args: argparse.Nam
               {"engine": "onnxruntime", "provider": got[0], "precision": "fp16"}, args, iobinding=True)
 
 
-def fp16_model(report: Report, section: str, args: argparse.Namespace) -> Path:
+def fp16_model(report: Report, section: str, args: SimpleNamespace) -> Path:
     """An FP16 copy of the model by ONNX Runtime's own converter, input and output kept float32; made once
     per run, in a temporary folder."""
     if getattr(args, "fp16_model", None) is not None:
@@ -388,7 +390,7 @@ def fp16_model(report: Report, section: str, args: argparse.Namespace) -> Path:
     return target
 
 
-def cuda_graph_rows(report: Report, budget: Budget, inputs: Inputs, args: argparse.Namespace) -> None:
+def cuda_graph_rows(report: Report, budget: Budget, inputs: Inputs, args: SimpleNamespace) -> None:
     """ORT's CUDA provider with ``enable_cuda_graph``: a graph is captured per session, for fixed input and
     output addresses, so one session per precision and batch size, fed through IO binding and replayed."""
     import onnxruntime as ort
@@ -477,7 +479,7 @@ def keep_shape_constants_on_host(net: Any) -> int:
     return moved
 
 
-def torch_section(report: Report, inputs: Inputs, args: argparse.Namespace) -> None:
+def torch_section(report: Report, inputs: Inputs, args: SimpleNamespace) -> None:
     import onnx
     import torch
     from onnx2torch import convert
@@ -504,7 +506,7 @@ def torch_section(report: Report, inputs: Inputs, args: argparse.Namespace) -> N
 
 
 def _torch_rows(report: Report, budget: Budget, net: Any, inputs: Inputs, batch: int, label: dict[str, Any],
-                dtype: Any, args: argparse.Namespace) -> None:
+                dtype: Any, args: SimpleNamespace) -> None:
     import torch
 
     device, scale = label["provider"], inputs.config.input.scale
@@ -579,7 +581,7 @@ def _graph_variants(report: Report, net: Any, u8_host: Any, dtype: Any, scale: f
 # --------------------------------------------------------------------------- the stage's CPU work
 
 
-def tax_section(report: Report, inputs: Inputs, args: argparse.Namespace) -> None:
+def tax_section(report: Report, inputs: Inputs, args: SimpleNamespace) -> None:
     """CPU time per image of the inference stage's work around the model, at each batch size."""
     budget = Budget(args.budget["tax"])
     scale = inputs.config.input.scale
@@ -635,36 +637,40 @@ def render(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m infra.bench_gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="a version folder: model.onnx, config.json")
-    parser.add_argument("--images", type=Path, help="folder of images to letterbox (default: random tensors)")
-    parser.add_argument("--batches", type=parse_batches, default=[1, 8, 32, 64])
-    parser.add_argument("--iters", type=int, default=200, help="most timed calls per GPU row")
-    parser.add_argument("--seconds", type=float, default=1.5, help="time per GPU row, after at least 2 calls")
-    parser.add_argument("--cpu-iters", type=int, default=3, help="timed calls per CPU-provider row")
-    parser.add_argument("--tax-seconds", type=float, default=0.5, help="time per stage-CPU-work figure")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
-    parser.add_argument("--budget", default="", help="per-section seconds, e.g. ort-trt=120,torch=60")
-    parser.add_argument("--trt-cache", type=Path, default=Path(tempfile.gettempdir()) / "detectflow-trt-cache")
-    parser.add_argument("--torch-on-cpu", action="store_true", help="run the torch section without a GPU")
-    parser.add_argument("--nvidia-libs", action="store_true",
-                        help="restart with NVIDIA's pip CUDA/cuDNN library folders (nvidia/*/lib) on LD_LIBRARY_PATH")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/bench-gpu")))
-    args = parser.parse_args(argv)
+@click.command(help=(__doc__ or "").split("\n\n")[0], context_settings=CONTEXT_SETTINGS)
+@click.option("--model-dir", type=click.Path(path_type=Path), required=True,
+              help="a version folder: model.onnx, config.json")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="folder of images to letterbox (default: random tensors)")
+@click.option("--batches", type=ParsedBy("batches", parse_batches), default="1,8,32,64")
+@click.option("--iters", type=int, default=200, help="most timed calls per GPU row")
+@click.option("--seconds", type=float, default=1.5, help="time per GPU row, after at least 2 calls")
+@click.option("--cpu-iters", type=int, default=3, help="timed calls per CPU-provider row")
+@click.option("--tax-seconds", type=float, default=0.5, help="time per stage-CPU-work figure")
+@click.option("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
+@click.option("--budget", default="", help="per-section seconds, e.g. ort-trt=120,torch=60")
+@click.option("--trt-cache", type=click.Path(path_type=Path),
+              default=lambda: Path(tempfile.gettempdir()) / "detectflow-trt-cache")
+@click.option("--torch-on-cpu", is_flag=True, help="run the torch section without a GPU")
+@click.option("--nvidia-libs", is_flag=True,
+              help="restart with NVIDIA's pip CUDA/cuDNN library folders (nvidia/*/lib) on LD_LIBRARY_PATH")
+@click.option("--out", type=click.Path(path_type=Path), default=lambda: Path(os.environ.get("OUT", "out/bench-gpu")))
+@click.pass_obj
+def bench_gpu(obj: dict[str, Any] | None, **params: Any) -> int:
+    args = SimpleNamespace(**params)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
+        raise click.BadParameter(f"unknown sections {sorted(unknown)}; known: {SECTIONS}", param_hint="'--sections'")
     budget = dict(BUDGET_S)
     for part in filter(None, args.budget.split(",")):
         key, _, value = part.partition("=")
         if key not in budget:
-            parser.error(f"--budget names unknown section {key!r}")
+            raise click.BadParameter(f"--budget names unknown section {key!r}", param_hint="'--budget'")
         budget[key] = float(value)
     args.budget = budget
     args.cpu_iters = min(args.cpu_iters, args.iters)
-    return args
+    return run(args, restart=bool(obj and obj.get("restart")))
 
 
 def nvidia_library_dirs() -> list[str]:
@@ -689,8 +695,12 @@ def _restart_with_nvidia_libs() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.nvidia_libs and argv is None:
+    """``python -m infra.bench_gpu [OPTIONS]``; with ``argv`` given (a test), --nvidia-libs never restarts."""
+    return invoke(bench_gpu, argv, prog_name="python -m infra.bench_gpu", obj={"restart": argv is None})
+
+
+def run(args: SimpleNamespace, *, restart: bool) -> int:
+    if args.nvidia_libs and restart:
         _restart_with_nvidia_libs()
     report = Report(args.out)
     try:

@@ -10,7 +10,6 @@ settings as the inference role; HTTPS with the gateway's certificate when given 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ssl
 import subprocess
@@ -19,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 from aiohttp import web
+
+from infra.cli.base import CONTEXT_SETTINGS, invoke
 
 DETECT_ROUTE = "/v1/detect"
 
@@ -90,24 +92,26 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
         proc.wait(timeout=timeout_s)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.bench_plain", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    parser.add_argument("--cert", type=Path, default=None, help="PEM certificate chain: serve HTTPS")
-    parser.add_argument("--key", type=Path, default=None)
-    args = parser.parse_args(argv)
-
+@click.command(help=(__doc__ or "").splitlines()[0], context_settings=CONTEXT_SETTINGS)
+@click.option("--port", type=int, required=True)
+@click.option("--host", default="127.0.0.1")
+@click.option("--model-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+@click.option("--cert", type=click.Path(path_type=Path), default=None, help="PEM certificate chain: serve HTTPS")
+@click.option("--key", type=click.Path(path_type=Path), default=None)
+def serve(port: int, host: str, model_dir: Path, threads: int, cert: Path | None, key: Path | None) -> int:
     from model_store.serving.detector import Detector
     from model_store.serving.session import SessionSettings
 
-    detector = Detector.from_model_dir(args.model_dir, SessionSettings(intra_op_threads=args.threads),
+    detector = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads),
                                        conf_threshold=0.25, iou_threshold=0.45, max_detections=100)
-    web.run_app(build_app(detector), host=args.host, port=args.port, access_log=None,
-                ssl_context=server_tls(args.cert, args.key), handle_signals=True, print=None)
+    web.run_app(build_app(detector), host=host, port=port, access_log=None,
+                ssl_context=server_tls(cert, key), handle_signals=True, print=None)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return invoke(serve, argv, prog_name="python -m infra.bench_plain")
 
 
 if __name__ == "__main__":

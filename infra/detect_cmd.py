@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from config import PipelineSettings
+from processors.objects import ObjectStore
 from stream.client import DetectClient, InlineLimitExceeded
 from stream.errors import TransientError
+from stream.objectstore import minio_client
 from stream.reply import ReplyTimeout
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -21,9 +23,6 @@ def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = Fa
     """An operator's client (the settings' principal, any tenant; images over the inline limit uploaded to MinIO
     as the `client` role), or with ``as_tenant`` the tenant's own (its principal and ingest topic; it has no MinIO
     user, so images over the inline limit are refused)."""
-    from processors.objects import ObjectStore
-    from stream.objectstore import minio_client
-
     if as_tenant:
         return DetectClient(settings.stream, default_model=settings.default_model, tenant=tenant, as_tenant=True,
                             inline_max_bytes=settings.inline_max_bytes)
@@ -80,9 +79,9 @@ def format_results(names: Sequence[str], results: Sequence[dict[str, Any]]) -> s
 
 def draw(path: Path, result: dict[str, Any], out_dir: Path) -> Path:
     """An annotated copy, drawn on the EXIF-oriented image (the frame the boxes are in)."""
-    import cv2
+    import cv2  # only with --draw: detecting needs no OpenCV in this process
 
-    from imaging.decode import prepare
+    from imaging.decode import prepare  # only with --draw (OpenCV)
     from imaging.limits import ImageLimits
 
     image = prepare(path.read_bytes(), ImageLimits()).image.copy()

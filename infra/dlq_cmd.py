@@ -14,7 +14,6 @@ operator's Kafka principal (the settings' `admin`).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import re
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from config import StreamSettings
 from gateway.views import iso
 from stream import headers as H
 from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
@@ -313,54 +313,40 @@ def show_text(x: Letter, redriven: bool) -> str:
     return "\n".join(lines)
 
 
-def run_dlq(args: argparse.Namespace) -> int:
-    from config import StreamSettings
-
+def run_dlq(action: str, *, topic: str | None = None, since: str | None = None, dry_run: bool = False,
+            letter: str | None = None) -> int:
+    """`detectflow dlq list|redrive [--topic T] [--since S] [--dry-run]` and `dlq show LETTER`."""
     stream = StreamSettings.from_env()
     dlq = DeadLetters(kafka_connection(stream), AvroSerde.from_url(stream.registry_url, stream.tls_ca_file),
                       stream.topic_prefix, max_message_bytes=stream.max_message_bytes)
     try:
-        if args.action == "show":
-            letter, redriven = dlq.letter(args.letter)
-            print(show_text(letter, redriven))
+        if action == "show":
+            assert letter is not None, "`dlq show` names a letter"
+            found, redriven = dlq.letter(letter)
+            print(show_text(found, redriven))
             return 0
-        since = parse_since(args.since) if args.since else None
-        topics = dlq.topics(args.topic)
-        if args.action == "list":
+        since_ms = parse_since(since) if since else None
+        topics = dlq.topics(topic)
+        if action == "list":
             count = 0
-            for topic in topics:
-                letters, marks, _ = dlq.read(topic, since_ms=since)
+            for name in topics:
+                letters, marks, _ = dlq.read(name, since_ms=since_ms)
                 for x in letters:
                     print(list_line(x, x.offset < marks.get(x.partition, -1)))
                 count += len(letters)
             print(f"{count} letter(s) on {len(topics)} DLQ topic(s)", file=sys.stderr)
             return 0
         total = 0
-        for topic in topics:
-            letters = dlq.redrive(topic, since_ms=since, dry_run=args.dry_run)
+        for name in topics:
+            letters = dlq.redrive(name, since_ms=since_ms, dry_run=dry_run)
             for x in letters:
-                print(f"{'would redrive' if args.dry_run else 'redrove'} {x.id} -> {x.target} "
+                print(f"{'would redrive' if dry_run else 'redrove'} {x.id} -> {x.target} "
                       f"({x.value_size} bytes, request {x.request_id or '-'})")
             total += len(letters)
-        print(f"{'would redrive' if args.dry_run else 'redrove'} {total} letter(s)"
-              + (" (dry run: nothing produced, the marks did not move)" if args.dry_run else ""), file=sys.stderr)
+        print(f"{'would redrive' if dry_run else 'redrove'} {total} letter(s)"
+              + (" (dry run: nothing produced, the marks did not move)" if dry_run else ""), file=sys.stderr)
         return 0
     except DlqError as exc:
         print(f"detectflow dlq: {exc}", file=sys.stderr)
         return 1
 
-
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    dq = sub.add_parser("dlq", help="list, show and redrive the dead letters on the *.dlq topics")
-    dsub = dq.add_subparsers(dest="action", required=True)
-    for name, text in (("list", "one line per letter"),
-                       ("redrive", "produce the letters' original records back onto their topics, each once")):
-        p = dsub.add_parser(name, help=text)
-        p.add_argument("--topic", default=None, help="one DLQ topic (or the topic whose DLQ it is); default: all")
-        p.add_argument("--since", default=None, metavar="DURATION_OR_ISO",
-                       help="only letters written since then: 90s, 30m, 2h, 7d, or an ISO 8601 time")
-        if name == "redrive":
-            p.add_argument("--dry-run", action="store_true", help="print what would be redriven; produce nothing")
-    sh = dsub.add_parser("show", help="one letter in full (headers, error, value size; never the image bytes)")
-    sh.add_argument("letter", help="<dlq topic>:<partition>:<offset>, as `dlq list` prints it")
-    return dq

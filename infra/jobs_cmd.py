@@ -8,20 +8,20 @@ created under one Idempotency-Key, so a retried creation never makes a second jo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import ssl
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from config import StackSettings
+from config import GatewaySettings, StackSettings
+from gateway.devkeys import ensure_dev_keys, mint
 from infra.http_retry import (
     DEFAULT_POLICY,
     RETRY_STATUSES,
@@ -183,21 +183,22 @@ def client_tls(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
-async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> int:
-    files = image_files(args.paths)
+async def _submit(paths: Sequence[Path], *, url: str, bearer: str, tls: ssl.SSLContext, wait: bool, as_json: bool,
+                  score: float | None, timeout_s: float) -> int:
+    files = image_files(paths)
     if not files:
         print("no image files found", file=sys.stderr)
         return 2
     payload = [(f.read_bytes(), IMAGE_SUFFIXES.get(f.suffix.lower(), "image/jpeg")) for f in files]
-    params = {"score_threshold": args.score} if args.score is not None else {}
-    deadline = time.monotonic() + args.timeout
+    params = {"score_threshold": score} if score is not None else {}
+    deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as session:
-        client = JobsClient(session, args.url, token, retry_s=args.timeout, deadline=deadline)
+        client = JobsClient(session, url, bearer, retry_s=timeout_s, deadline=deadline)
         ids = await client.upload(payload, on_progress=_print_progress("upload"))
         print(file=sys.stderr)
         job = await client.submit_job(ids, params)
         print(f"job {job['job_id']}: {job['total']} images", file=sys.stderr)
-        if not args.wait:
+        if not wait:
             print(job["job_id"])
             return 0
         status = await client.wait_job(job["job_id"], max(0.0, deadline - time.monotonic()),
@@ -205,7 +206,7 @@ async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> 
         print(file=sys.stderr)
         results = await client.results(job["job_id"])
     by_request = {rid: f for rid, f in zip(job["request_ids"], files, strict=True)}
-    if args.json:
+    if as_json:
         print(json.dumps({"job": status, "results": [{**r, "file": str(by_request.get(r["request_id"]))}
                                                      for r in results]}, indent=2))
         return 0
@@ -220,39 +221,23 @@ async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> 
     return 0 if status["done"] == status["total"] else 1
 
 
-def run_jobs(args: argparse.Namespace, settings: StackSettings) -> int:
-    from config import GatewaySettings
-    from gateway.devkeys import ensure_dev_keys, mint
-
+def run_jobs(settings: StackSettings, paths: Sequence[Path], *, wait: bool = False, as_json: bool = False,
+             url: str | None = None, tenant: str = "cli", token: str | None = None, score: float | None = None,
+             timeout_s: float = 3600.0) -> int:
+    """`detectflow jobs submit`: upload ``paths`` (files or directories) and submit them as one job; with ``wait``
+    follow it and print its results. A development token for ``tenant`` is minted when no ``token`` is given."""
     gw = GatewaySettings.from_env()
-    if args.token is None and not gw.auth_dev:
+    if token is None and not gw.auth_dev:
         print("detectflow jobs: pass --token (or set DETECTFLOW_AUTH_DEV=true to sign one with the dev keys)",
               file=sys.stderr)
         return 2
-    token = args.token or mint(ensure_dev_keys(settings.secrets_dir), tenant=args.tenant,
-                               scopes=["detect:write", "results:read"], issuer=gw.issuer, audience=gw.audience,
-                               tenant_claim=gw.tenant_claim)
-    if args.url is None:
-        args.url = gw.base_url
+    token = token or mint(ensure_dev_keys(settings.secrets_dir), tenant=tenant,
+                          scopes=["detect:write", "results:read"], issuer=gw.issuer, audience=gw.audience,
+                          tenant_claim=gw.tenant_claim)
     try:
-        return asyncio.run(_submit(args, token, client_tls(gw.pipeline.stream.tls_ca_file)))
+        return asyncio.run(_submit(paths, url=url or gw.base_url, bearer=token,
+                                   tls=client_tls(gw.pipeline.stream.tls_ca_file), wait=wait, as_json=as_json,
+                                   score=score, timeout_s=timeout_s))
     except (ApiError, aiohttp.ClientError, TimeoutError, FileNotFoundError) as exc:
         print(f"\ndetectflow jobs: {exc}", file=sys.stderr)
         return 1
-
-
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    jb = sub.add_parser("jobs", help="bulk detection through the HTTP API (uploads + a job)")
-    jsub = jb.add_subparsers(dest="action", required=True)
-    sm = jsub.add_parser("submit", help="upload images (files or directories) and submit them as one job")
-    sm.add_argument("paths", nargs="+", type=Path)
-    sm.add_argument("--wait", action="store_true", help="follow the job, then print its results")
-    sm.add_argument("--json", action="store_true", help="with --wait: print the results as JSON")
-    sm.add_argument("--url", default=None, help="gateway base URL (default: the local gateway)")
-    sm.add_argument("--tenant", default="cli", help="tenant of the development token minted when no --token")
-    sm.add_argument("--token", default=None, help="a bearer token (default: mint a development one)")
-    sm.add_argument("--score", type=float, default=None, help="score threshold")
-    sm.add_argument("--timeout", type=float, default=3600.0,
-                    help="seconds the whole command may take: uploads, the job's creation (each retried while the "
-                         "gateway is overloaded or restarting) and with --wait the job itself")
-    return jb

@@ -9,7 +9,6 @@ failed, load failed, a state that does not allow the command), 2 usage or unreac
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import socket
@@ -19,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from config import PipelineSettings, StackSettings
+from model_store.control.registry import GateRefused, RegistryError, connect_registry
+from model_store.control.watch import ModelWatcher, wait_for_report
+from model_store.tools.evalset import ensure_eval_set
+from model_store.tools.gate import gate_runner
+from stream.errors import TransientError
+from stream.kafka import kafka_connection
 
 
 def actor_name() -> str:
@@ -29,80 +34,42 @@ def actor_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("models", help="the model registry: versions, rollout, rollback, shadow comparison")
-    ms = p.add_subparsers(dest="models_action", required=True)
-    ls = ms.add_parser("list", help="models, versions, their gate and where they serve")
-    ls.add_argument("--json", action="store_true")
-    ps = ms.add_parser("push", help="add a version (release gate: ONNX checker, output contract, mAP, P95 latency)")
-    ps.add_argument("name")
-    ps.add_argument("source", nargs="?", type=Path,
-                    help="folder with model.onnx and config.json (default: the converted default model)")
-    pr = ms.add_parser("promote", help="make a version production (100%% of unpinned traffic)")
-    pr.add_argument("name")
-    pr.add_argument("version", type=int)
-    ca = ms.add_parser("canary", help="route PERCENT of unpinned traffic (by request-id hash) to a version")
-    ca.add_argument("name")
-    ca.add_argument("version", type=int)
-    ca.add_argument("percent", type=float)
-    ca.add_argument("--no-guardrail", action="store_true",
-                    help="an A/B split: no automatic rollback on error-rate or latency breaches")
-    for sp in (pr, ca):
-        sp.add_argument("--force", action="store_true", help="override a failed release gate (audited)")
-        sp.add_argument("--no-wait", action="store_true", help="do not wait for an inference process to report READY")
-    sh = ms.add_parser("shadow", help="run a version as shadow (own consumer group -> detections.shadow), or 'off'")
-    sh.add_argument("name")
-    sh.add_argument("version", help="a version number, or off")
-    rb = ms.add_parser("rollback", help="abort the canary, or restore the previous production version")
-    rb.add_argument("name")
-    rb.add_argument("--reason", default=None)
-    rt = ms.add_parser("retire", help="stop offering a version (not production, canary or shadow)")
-    rt.add_argument("name")
-    rt.add_argument("version", type=int)
-    pg = ms.add_parser("purge", help="delete a model from the registry: files and rows (audited)")
-    pg.add_argument("name")
-    cp = ms.add_parser("compare", help="shadow agreement with production (IoU 0.5 per class, score deltas, latency)")
-    cp.add_argument("name")
-    cp.add_argument("--json", action="store_true")
-    for sp in (ls, ps, pr, ca, sh, rb, rt, pg, cp):
-        sp.add_argument("--actor", default=None, help="who is acting, for the audit log (default user@host)")
-    return p
-
-
-def run_models(args: argparse.Namespace, stack: StackSettings) -> int:
-    from model_store.control.registry import GateRefused, RegistryError, connect_registry
-    from stream.errors import TransientError
-
+def run_models(stack: StackSettings, action: str, name: str | None = None, *, version: int | str | None = None,
+               percent: float | None = None, source: Path | None = None, as_json: bool = False, force: bool = False,
+               no_wait: bool = False, no_guardrail: bool = False, reason: str | None = None,
+               actor: str | None = None) -> int:
+    """`detectflow models ACTION ...`: ``action`` is the sub-command, the rest its arguments (those it has)."""
     settings = PipelineSettings.from_env()
-    actor = args.actor or actor_name()
+    actor = actor or actor_name()
     try:
         registry = connect_registry(settings)
-        action = args.models_action
         if action == "list":
-            return _list(registry, args.json)
+            return _list(registry, as_json)
+        assert name is not None, f"`models {action}` names a model"
         if action == "push":
-            return _push(registry, args, settings, stack, actor)
+            return _push(registry, name, source, settings, stack, actor)
         if action == "compare":
-            return _compare(registry, args.name, args.json)
+            return _compare(registry, name, as_json)
         if action == "purge":
-            registry.purge(args.name, actor=actor)
-            print(f"{args.name}: purged from the registry")
+            registry.purge(name, actor=actor)
+            print(f"{name}: purged from the registry")
             return 0
         if action in ("promote", "canary"):
-            if not args.no_wait and not _await_ready(registry, settings, args.name, args.version, args.force):
+            assert isinstance(version, int), f"`models {action}` names a version number"
+            if not no_wait and not _await_ready(registry, settings, name, version, force):
                 return 1
             if action == "promote":
-                state = registry.promote(args.name, args.version, actor=actor, force=args.force)
+                state = registry.promote(name, version, actor=actor, force=force)
             else:
-                state = registry.canary(args.name, args.version, args.percent, actor=actor, force=args.force,
-                                        guardrail=not args.no_guardrail)
+                state = registry.canary(name, version, percent, actor=actor, force=force,
+                                        guardrail=not no_guardrail)
         elif action == "shadow":
-            version = None if args.version.lower() == "off" else int(args.version)
-            state = registry.shadow(args.name, version, actor=actor)
+            shadow = None if str(version).lower() == "off" else int(str(version))
+            state = registry.shadow(name, shadow, actor=actor)
         elif action == "rollback":
-            state = registry.rollback(args.name, actor=actor, reason=args.reason)
+            state = registry.rollback(name, actor=actor, reason=reason)
         elif action == "retire":
-            state = registry.retire(args.name, args.version, actor=actor)
+            state = registry.retire(name, version, actor=actor)
         else:
             raise AssertionError(action)
     except GateRefused as exc:
@@ -133,9 +100,6 @@ def describe(state: Any) -> str:
 
 def _await_ready(registry: Any, settings: PipelineSettings, model: str, version: int, force: bool) -> bool:
     """Wait for an inference process's READY (or LOAD_FAILED) report on the version."""
-    from model_store.control.watch import ModelWatcher, wait_for_report
-    from stream.kafka import kafka_connection
-
     info = registry.store.version(model, version)
     if info is None:
         return True  # the command itself says why
@@ -162,27 +126,23 @@ def _await_ready(registry: Any, settings: PipelineSettings, model: str, version:
     return True
 
 
-def _push(registry: Any, args: argparse.Namespace, settings: PipelineSettings, stack: StackSettings,
+def _push(registry: Any, name: str, source: Path | None, settings: PipelineSettings, stack: StackSettings,
           actor: str) -> int:
-    from model_store.tools.evalset import ensure_eval_set
-    from model_store.tools.gate import gate_runner
-
-    source = args.source
     if source is None:
-        if args.name != settings.default_model:
+        if name != settings.default_model:
             print("detectflow models push: give the folder holding model.onnx and config.json", file=sys.stderr)
             return 2
-        from model_store.tools.convert import convert
+        from model_store.tools.convert import convert  # only to convert the default model first: the darknet toolchain
 
         source = settings.models_dir / settings.default_model / "1"
         convert(source)
-    outcome = registry.push(args.name, source, actor=actor,
+    outcome = registry.push(name, source, actor=actor,
                             gate=gate_runner(settings.lifecycle, ensure_eval_set(stack)))
-    print(f"{args.name} v{outcome.version}: {'pushed' if outcome.created else 'already in the registry'}; "
+    print(f"{name} v{outcome.version}: {'pushed' if outcome.created else 'already in the registry'}; "
           f"release gate {outcome.gate_status}")
     for check in outcome.report.get("checks", []):
         print(f"  {'ok  ' if check['passed'] else 'FAIL'} {check['name']:<8} {check['detail']}")
-    print(describe(registry.routing(args.name)))
+    print(describe(registry.routing(name)))
     if outcome.gate_status != "PASSED":
         print("the version is stored but cannot be promoted or canaried without --force (audited)", file=sys.stderr)
         return 1

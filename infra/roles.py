@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 from config import PipelineSettings
-from stream.kafka import kafka_connection
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -58,6 +57,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, table: Any = 
 def model_watcher(settings: PipelineSettings) -> Any:
     """A started ModelWatcher: the registry's `models` topic read to its end (within the catch-up deadline)."""
     from model_store.control.watch import ModelWatcher
+    from stream.kafka import kafka_connection
 
     watcher = ModelWatcher(kafka_connection(settings.stream), settings.stream.registry_url,
                            settings.stream.topic_prefix, registry_ca=settings.stream.tls_ca_file)

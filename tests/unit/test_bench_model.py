@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra import cli
 from infra.bench_model import (
     FP32,
     STATIC_INT8,
@@ -19,6 +17,7 @@ from infra.bench_model import (
     label,
     runs_by_version,
 )
+from infra.cli import main
 
 INT8 = ServedModel("yolov4-tiny-int8", 1, STATIC_INT8, Path("/h/build/yolov4-tiny-int8"), "PASSED", "yolov4-tiny v1")
 DEFAULT = ServedModel("yolov4-tiny", 1, FP32, Path("/h/models/yolov4-tiny/1"))
@@ -67,17 +66,17 @@ def test_int8_reaches_both_benches(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(infra.bench_sync, "run_bench_sync", recorder("sync"))
     monkeypatch.setattr(infra.bench, "run_bench", recorder("pipeline"))
-    parser = cli.build_parser()
     for argv in (["bench", "sync", "--int8", "--levels", "1", "--requests", "16"], ["bench", "pipeline", "--int8"]):
-        args = parser.parse_args(argv)
-        assert cli._bench(args, None) == 0  # type: ignore[arg-type]  # the benches are stand-ins
+        assert main(argv) == 0  # the benches are stand-ins
     assert calls["sync"]["int8"] is True and calls["sync"]["levels"] == (1,) and calls["sync"]["requests"] == 16
     assert calls["pipeline"]["int8"] is True
-    assert parser.parse_args(["bench", "sync"]).int8 is False
+    assert main(["bench", "sync"]) == 0 and calls["sync"]["int8"] is False
 
 
-def test_int8_is_refused_where_a_bench_loads_no_model(capsys: pytest.CaptureFixture[str]) -> None:
-    args = cli.build_parser().parse_args(["bench", "hop", "--int8"])
-    assert isinstance(args, argparse.Namespace)
-    assert cli._bench(args, None) == 2  # type: ignore[arg-type]  # refused before any settings are read
+def test_int8_is_refused_where_a_bench_loads_no_model(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import infra.bench_hop
+
+    monkeypatch.setattr(infra.bench_hop, "run_bench_hop", lambda *a, **k: pytest.fail("the bench ran"))
+    assert main(["bench", "hop", "--int8"]) == 2  # refused before the bench starts
     assert "--int8 applies to the pipeline and sync benches only" in capsys.readouterr().err

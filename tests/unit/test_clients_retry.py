@@ -3,7 +3,6 @@ small in-process aiohttp server that refuses on cue (no services)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import email.utils
 import socket
@@ -318,8 +317,8 @@ def test_jobs_submit_wait_survives_503s_end_to_end(tmp_path: Path, capsys: pytes
 
     async def main() -> int:
         async for url in running(gw):
-            args = argparse.Namespace(paths=[tmp_path], score=None, url=url, wait=True, json=False, timeout=30.0)
-            return await jobs_cmd._submit(args, "t", ssl.create_default_context())
+            return await jobs_cmd._submit([tmp_path], url=url, bearer="t", tls=ssl.create_default_context(),
+                                          wait=True, as_json=False, score=None, timeout_s=30.0)
         raise AssertionError("unreachable")
 
     assert asyncio.run(main()) == 0

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from infra.cli import build_parser
+from infra.cli import main
 from infra.dlq_cmd import (
     DROPPED_HEADERS,
     REDRIVEN_FROM,
@@ -84,9 +84,13 @@ def test_list_and_show_never_print_the_image_bytes() -> None:
     assert "redrive to   p.detect.batch.submitted" in text and "x-dlq-offset: 7" in text
 
 
-def test_the_cli_parses_the_three_actions() -> None:
-    parser = build_parser()
-    args = parser.parse_args(["dlq", "redrive", "--topic", "detect.batch.submitted", "--since", "2h", "--dry-run"])
-    assert (args.action, args.topic, args.since, args.dry_run) == ("redrive", "detect.batch.submitted", "2h", True)
-    assert parser.parse_args(["dlq", "show", "t.dlq:0:5"]).letter == "t.dlq:0:5"
-    assert parser.parse_args(["dlq", "list"]).since is None
+def test_the_cli_parses_the_three_actions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.dlq_cmd
+
+    calls: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(infra.dlq_cmd, "run_dlq", lambda action, **kw: calls.append((action, kw)) or 0)
+    assert main(["dlq", "redrive", "--topic", "detect.batch.submitted", "--since", "2h", "--dry-run"]) == 0
+    action, kw = calls[-1]
+    assert (action, kw["topic"], kw["since"], kw["dry_run"]) == ("redrive", "detect.batch.submitted", "2h", True)
+    assert main(["dlq", "show", "t.dlq:0:5"]) == 0 and calls[-1] == ("show", {"letter": "t.dlq:0:5"})
+    assert main(["dlq", "list"]) == 0 and calls[-1][0] == "list" and calls[-1][1]["since"] is None
