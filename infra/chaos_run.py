@@ -1,4 +1,4 @@
-"""The chaos drill and the soak on the real local stack (the pure parts: infra/chaos.py).
+"""The chaos drill and the soak on the real local stack (the pure parts: infra/chaos_drill.py).
 
 The drill starts its own pipeline and gateway (every role its own supervised process, as `detectflow run all`)
 on a fresh topic prefix with its own tenants, so it never reads or writes anyone else's requests. It runs a
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from infra.chaos import (
+from infra.chaos_drill import (
     KILL_ROLE,
     PAUSE,
     RESTART,
@@ -41,7 +41,6 @@ from infra.chaos import (
     non_loopback,
     percentile,
     plan_faults,
-    read_rss_bytes,
     reconcile,
     recovery_times,
     result_copy,
@@ -49,6 +48,7 @@ from infra.chaos import (
     rss_late_growth,
     split_latencies,
 )
+from infra.procstats import rss_bytes
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
@@ -700,7 +700,7 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
             while not stop.wait(sample_every_s):
                 for role, pid in drill.sup.pids().items():
                     restarts[role].add(pid)
-                    rss = read_rss_bytes(pid)
+                    rss = rss_bytes(pid)
                     if rss is not None:
                         samples[role].append((time.time(), rss))
         thread = threading.Thread(target=sampler, name="soak-rss", daemon=True)
