@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.procstats import peak_rss_mib
 from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 
@@ -87,25 +88,6 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def service_pids(stack: StackSettings) -> dict[str, int]:
     from infra.stack import manager
 
@@ -145,6 +127,7 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 
 def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int, int8: bool = False) -> int:
     """``int8``: the pipeline, the baseline and the model cost all use the static INT8 version of the default model
     (infra/bench_model.py)."""
+    from infra.bench_bodies import distinct_bodies, reencode_jpeg
     from infra.bench_cost import (
         BENCH_CLIENT,
         cpu_ms_per_image,
@@ -156,7 +139,6 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         tax_of,
     )
     from infra.bench_model import describe, format_runs, label, runs_by_version, serve
-    from infra.bench_sync import distinct_bodies, reencode_jpeg
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
     from infra.supervisor import Supervisor

@@ -33,7 +33,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from infra.bench import cpu_seconds, service_pids
+from infra.bench import service_pids
+from infra.procstats import cpu_seconds
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings
 
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE)

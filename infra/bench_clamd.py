@@ -10,7 +10,7 @@ candidates (this host's speed drifts):
 1. ``--images`` scans per candidate, every body unique (the samples as JPEGs, JPEGs as they are and the
    others re-encoded, each with its own COM segment): clamd's own cache of clean verdicts, keyed by the
    bytes, never answers; the pipeline's images are unique too.
-2. clamd CPU-ms per image (utime + stime of the daemon, /proc/<pid>/stat) and the client's ms per scan,
+2. clamd CPU-ms per image (utime + stime of the daemon, through psutil) and the client's ms per scan,
    with a new TCP connection per scan as processors/scanner.py does; for the shipped options also over
    one IDSESSION connection.
 3. Detection: every ndb signature's bytes alone, in the middle of a JPEG, in a JPEG comment and after a
@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.bench import cpu_seconds
-from infra.bench_sync import BenchError, reencode_jpeg, with_comment
+from infra.bench_bodies import BenchError, reencode_jpeg, with_comment
+from infra.procstats import cpu_seconds
 from infra.settings import StackSettings
 from infra.stack.clamd import SCAN_OPTIONS, SIGNATURE_DIR, clamd_binary, render_conf
 from processors.scanner import ClamdScanner, ScanVerdict, send_stream

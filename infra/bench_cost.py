@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.bench import cpu_seconds
+from infra.procstats import cpu_seconds
 
 # The model's time per image on a GPU, for the projection: replace with a figure measured on a device
 # (e.g. `python -m model_store.detect --bench` on a TensorRT host) when there is one.

@@ -8,7 +8,7 @@
 2. On the stack's broker (SASL_SSL, as every client): the same values produced (acks=all, idempotent)
    and consumed once, with the producer's compression lz4 (``DETECTFLOW_COMPRESSION``'s default) and
    none: bytes on the wire per image (librdkafka's ``txbytes``), client CPU-ms (this process: producer
-   and consumer threads) and broker CPU-ms (its /proc counters; other users of the broker add noise,
+   and consumer threads) and broker CPU-ms (its process CPU time; other users of the broker add noise,
    so passes alternate and the median counts).
 Then CPU-ms per image end to end: encode + decode x fetches (inference and shadow each fetch the
 record) + client + broker, against ``raw``.
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.procstats import cpu_seconds
 from infra.settings import StackSettings
 
 SIZE = (416, 416)
@@ -113,8 +114,6 @@ def measure_codecs(images: list[Image], repeats: int = 15) -> dict[str, dict[str
 
 
 def _cpu_ms(pid: int) -> float:
-    from infra.bench import cpu_seconds
-
     return cpu_seconds(pid) * 1000
 
 

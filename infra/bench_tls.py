@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from infra.procstats import cpu_seconds
 from infra.settings import StackSettings
 
 SIZES = (1_000, 512 * 1024)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -38,8 +38,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
+    return cpu_seconds(pid) * 1000
 
 
 def _start_broker(settings: StackSettings, work: Path) -> tuple[subprocess.Popen[bytes], dict[str, dict[str, Any]]]:
