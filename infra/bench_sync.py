@@ -22,12 +22,10 @@ and the plain server load it too (infra/bench_model.py); the header names the mo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
 import ssl
-import struct
 import time
 import uuid
 from collections import Counter
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
+from infra.bench_bodies import BenchError, distinct_bodies, reencode_jpeg
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
 from infra.jobs_cmd import client_tls
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
@@ -51,45 +50,6 @@ MIN_PER_CALLER = 4  # below this a level measures its ramp-up more than its stea
 DETECT_ROUTE = "/v1/detect"
 NO_RESPONSE = 0  # status recorded when the client got no HTTP answer (connection error, client timeout)
 Result = tuple[float, int]  # (latency ms, HTTP status or NO_RESPONSE) of one call
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not bring its system up or warm it."""
-
-
-# ---------------------------------------------------------------------------------------------- bodies
-
-
-def reencode_jpeg(data: bytes, quality: int = 90) -> bytes:
-    """Any sample (PNG, JPEG...) as a baseline JPEG, so every request has one content type."""
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise BenchError("a sample image does not decode")
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise BenchError("cv2 could not encode a sample as JPEG")
-    return buf.tobytes()
-
-
-def with_comment(jpeg: bytes, comment: bytes) -> bytes:
-    """The same JPEG with a COM segment right after SOI: other bytes (so another sha256), same pixels."""
-    if not jpeg.startswith(b"\xff\xd8"):
-        raise ValueError("not a JPEG (no SOI marker)")
-    if len(comment) > 65533:
-        raise ValueError("a JPEG comment segment holds at most 65533 bytes")
-    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + jpeg[2:]
-
-
-def distinct_bodies(bases: Sequence[bytes], n: int, tag: str) -> list[bytes]:
-    """n request bodies cycling over ``bases``, each made unique by a comment naming ``tag`` and its index."""
-    if not bases:
-        raise ValueError("no base images")
-    bodies = [with_comment(bases[i % len(bases)], f"detectflow-bench {tag} {i}".encode()) for i in range(n)]
-    if len({hashlib.sha256(b).digest() for b in bodies}) != n:  # a cache hit would void the measurement
-        raise AssertionError("request bodies are not distinct")
-    return bodies
 
 
 # ---------------------------------------------------------------------------------------------- statistics

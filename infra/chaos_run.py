@@ -255,7 +255,7 @@ class Drill:
         return self
 
     def _start(self) -> None:
-        from infra.bench_sync import reencode_jpeg
+        from infra.bench_bodies import reencode_jpeg
         from infra.demo import bootstrap_default_model
         from infra.stack.kafka_access import provision
         from model_store.convert import convert
@@ -332,7 +332,7 @@ class Drill:
 
     # ---- bodies ------------------------------------------------------------------------------------------
     def body(self, kind: str) -> bytes:
-        from infra.bench_sync import with_comment
+        from infra.bench_bodies import with_comment
 
         self._counter += 1
         base = self.bases[self._counter % len(self.bases)]
