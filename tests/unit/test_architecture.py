@@ -64,19 +64,33 @@ def resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def has_reason(lines: list[str], node: ast.stmt) -> bool:
-    """A comment on any line of the statement, or a comment line right above it."""
+def import_lines(tree: ast.AST) -> set[int]:
+    """The line numbers every import statement of a module spans."""
+    return {
+        number
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for number in range(node.lineno, (node.end_lineno or node.lineno) + 1)
+    }
+
+
+def has_reason(lines: list[str], node: ast.stmt, imports: set[int]) -> bool:
+    """A comment on a line of the statement, or a comment line right above it or above the run of import
+    statements it belongs to (one comment may give the reason for a block of lazy imports)."""
     end = node.end_lineno or node.lineno
     if any("#" in lines[number - 1] for number in range(node.lineno, end + 1)):
         return True
-    above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
-    return above.startswith("#")
+    above = node.lineno - 1
+    while above >= 1 and above in imports:
+        above -= 1
+    return above >= 1 and lines[above - 1].strip().startswith("#")
 
 
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Edge]:
     source = path.read_text(encoding="utf-8")
     lines = source.splitlines()
     tree = ast.parse(source, filename=str(path))
+    imports = import_lines(tree)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     edges: list[Edge] = []
 
@@ -84,7 +98,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Edge]:
         target = resolve(target_name, modules)
         if target is None or target == name:
             return
-        edges.append(Edge(name, target, path, node.lineno, function_level, has_reason(lines, node)))
+        edges.append(Edge(name, target, path, node.lineno, function_level, has_reason(lines, node, imports)))
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -194,7 +208,9 @@ def test_the_walker_finds_upward_lazy_cyclic_and_silent_imports(tmp_path: Path) 
         "stream/serde.py": (
             "import json\n\n\ndef load():\n"
             "    from stream.runtime import loop  # breaks the cycle at import time\n"
-            "    import infra.cli\n    return json, loop, infra.cli\n"
+            "    import infra.cli\n    return json, loop, infra.cli\n\n\ndef save():\n"
+            "    # heavy: loaded only when saving\n    import json as j\n    import infra.roles\n"
+            "    x = 1\n    import infra.cli\n    return x, j, infra.roles, infra.cli\n"
         ),
         "infra/__init__.py": "",
         "infra/cli.py": "from . import roles\nfrom stream.serde import load\n",
@@ -212,12 +228,18 @@ def test_the_walker_finds_upward_lazy_cyclic_and_silent_imports(tmp_path: Path) 
         ("stream.serde", "infra.cli", True, False),
         ("infra.cli", "infra.roles", False, False),
         ("infra.cli", "stream.serde", False, False),
+        ("stream.serde", "infra.roles", True, True),
     }
-    assert [(edge.source, edge.target) for edge in upward(edges)] == [("stream.serde", "infra.cli")]
+    assert sorted((edge.source, edge.target) for edge in upward(edges)) == [
+        ("stream.serde", "infra.cli"),
+        ("stream.serde", "infra.cli"),
+        ("stream.serde", "infra.roles"),
+    ]
     assert cycles(modules, edges) == [["infra.cli", "stream.runtime", "stream.serde"]]
     lazy = function_level_imports(tmp_path / "stream" / "serde.py")
-    lines = (tmp_path / "stream" / "serde.py").read_text().splitlines()
-    assert [has_reason(lines, node) for node in lazy] == [True, False]
+    source = (tmp_path / "stream" / "serde.py").read_text()
+    lines, imports = source.splitlines(), import_lines(ast.parse(source))
+    assert [has_reason(lines, node, imports) for node in lazy] == [True, False, True, True, False]
 
 
 def test_no_lower_layer_imports_a_higher_one() -> None:
@@ -254,9 +276,10 @@ def test_every_function_level_import_says_why() -> None:
     modules = discover()
     silent = []
     for path in modules.values():
-        lines = path.read_text(encoding="utf-8").splitlines()
+        source = path.read_text(encoding="utf-8")
+        lines, imports = source.splitlines(), import_lines(ast.parse(source))
         for node in function_level_imports(path):
-            if not has_reason(lines, node):
+            if not has_reason(lines, node, imports):
                 silent.append(f"{path.relative_to(ROOT)}:{node.lineno}  {lines[node.lineno - 1].strip()}")
     assert not silent, (
         f"{len(silent)} function-level import(s) without a one-line reason (move it to the module's header,"
