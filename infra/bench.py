@@ -34,6 +34,7 @@ import numpy as np
 
 from infra.procstats import peak_rss_mib
 from infra.settings import PipelineSettings, StackSettings, kafka_client
+from infra.stack import manager
 from infra.stack.kafka_access import deprovision, provision
 
 
@@ -89,22 +90,20 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
 
 
 def service_pids(stack: StackSettings) -> dict[str, int]:
-    from infra.stack import manager
-
     return {h.name: h.pid for h in manager.status(stack) if h.running and h.pid}
 
 
 def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 0) -> dict[str, float]:
     """ms per image and images per second of one process looping over ``images``; ``threads``: ONNX Runtime's
     intra-op threads, as the inference role's session (settings.intra_op_threads; 0: its default)."""
-    from model_store.detect import Detector, letterbox, to_model_input
+    # The model's stack (ONNX Runtime, OpenCV) loads when a bench runs: cli.py imports this module for its parser.
+    from model_store.detect import Detector, decode, letterbox, nms, to_model_input
     from model_store.session import SessionSettings
     from processors.imaging import ImageLimits, prepare
 
     det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads), conf_threshold=0.25,
                                   iou_threshold=0.45, max_detections=100)
     spec = det.config.input
-    from model_store.detect import decode, nms
 
     def one(data: bytes) -> None:
         img = prepare(data, ImageLimits()).image
@@ -127,6 +126,8 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 
 def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int, int8: bool = False) -> int:
     """``int8``: the pipeline, the baseline and the model cost all use the static INT8 version of the default model
     (infra/bench_model.py)."""
+    # The pipeline's runtime (clients, roles, the model) loads when the bench runs: cli.py imports this module for
+    # its parser, and `detectflow --help` stays fast.
     from infra.bench_bodies import distinct_bodies, reencode_jpeg
     from infra.bench_cost import (
         BENCH_CLIENT,

@@ -16,7 +16,7 @@ import uuid
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from infra.settings import StackSettings
+from infra.settings import StackSettings, StreamSettings, kafka_client
 
 SIZES = (1_000, 512 * 1024)
 
@@ -29,8 +29,6 @@ def broker_setting(admin: AdminClient, name: str) -> str:
 
 
 def run_bench_hop(stack: StackSettings, *, rounds: int = 50, warmup: int = 5) -> int:
-    from infra.settings import StreamSettings, kafka_client
-
     kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     admin = AdminClient(kafka)
     topic = f"bench-hop-{uuid.uuid4().hex[:8]}"

@@ -21,13 +21,14 @@ from typing import Any
 
 from aiohttp import web
 
+from model_store.detect import DetectError, Detector
+from model_store.session import SessionSettings
+from processors.imaging import ImageLimits, ImageRejected, prepare
+
 DETECT_ROUTE = "/v1/detect"
 
 
 def build_app(detector: Any) -> web.Application:
-    from model_store.detect import DetectError
-    from processors.imaging import ImageLimits, ImageRejected, prepare
-
     limits = ImageLimits()
 
     def detect_one(body: bytes) -> list[dict[str, Any]]:
@@ -97,9 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path, default=None, help="PEM certificate chain: serve HTTPS")
     parser.add_argument("--key", type=Path, default=None)
     args = parser.parse_args(argv)
-
-    from model_store.detect import Detector
-    from model_store.session import SessionSettings
 
     detector = Detector.from_model_dir(args.model_dir, SessionSettings(intra_op_threads=args.threads),
                                        conf_threshold=0.25, iou_threshold=0.45, max_detections=100)

@@ -33,14 +33,36 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
 import numpy as np
 
-from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
+from gateway.devkeys import ensure_dev_keys, mint
+from infra import bench_plain
+from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape, service_pids
 from infra.bench_bodies import BenchError, distinct_bodies, reencode_jpeg
+from infra.bench_cost import (
+    BENCH_CLIENT,
+    HopMeter,
+    cpu_ms_per_image,
+    cpu_snapshot,
+    format_cpu,
+    format_hops,
+    format_projection,
+    format_tax,
+    measure_model_cost,
+    per_image,
+    tax_of,
+)
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
+from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
 from infra.jobs_cmd import client_tls
+from infra.roles import SERVICES
 from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
+from infra.supervisor import Supervisor
+from model_store.convert import convert
+from model_store.samples import ensure_samples
+from stream import topics as T
 
 DEFAULT_LEVELS = (1, 4, 16)
 CACHE_LEVELS = (1, 16)  # callers of the cache-hit replay
@@ -162,8 +184,6 @@ def hop_latency(before: Mapping[str, Mapping[str, float]], after: Mapping[str, M
 def format_targets(m: Measured) -> str:
     """The sync path's targets (docs/performance.md): 16 callers >= 0.9x the plain server's img/s, the P50 at one
     caller <= the plain server's + 25 ms, the tax at the highest level <= 40 CPU-ms per image."""
-    from infra.bench_cost import BENCH_CLIENT, tax_of
-
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
@@ -220,10 +240,6 @@ async def _post(session: Any, target: Target, body: bytes, hits: Counter[bool] |
                 stages: dict[str, list[float]] | None = None) -> Result:
     """One call; with ``hits``, count the answers' ``cache_hit`` flags (a 200 answer's JSON); with ``stages``,
     collect the answers' per-stage ``timings_ms``."""
-    import aiohttp
-
-    from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
-
     async def attempt() -> tuple[int, bytes]:
         async with session.post(f"{target.base_url}{DETECT_ROUTE}", data=body, headers=target.headers(),
                                 params={"timeout_ms": str(target.timeout_ms)}) as resp:
@@ -274,8 +290,6 @@ async def drive(session: Any, target: Target, bodies: Sequence[bytes], concurren
 
 
 async def wait_ready(session: Any, base_url: str, deadline_s: float) -> None:
-    import aiohttp
-
     deadline = time.monotonic() + deadline_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -384,15 +398,6 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
                    ready_deadline_s: float = 180.0, int8: bool = False) -> int:
     """``int8``: the pipeline, the baseline, the model cost and the plain server all use the static INT8 version of
     the default model (infra/bench_model.py)."""
-    from gateway.devkeys import ensure_dev_keys, mint
-    from infra import bench_plain
-    from infra.bench_cost import HopMeter, per_image
-    from infra.roles import SERVICES
-    from infra.supervisor import Supervisor
-    from model_store.convert import convert
-    from model_store.samples import ensure_samples
-    from stream import topics as T
-
     run_id = uuid.uuid4().hex[:6]
     prefix = f"bench{run_id}."
     # The roles' metrics ports, the gateway's HTTPS port (its own metrics port goes unused), the plain server's.
@@ -465,11 +470,6 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
 
 async def _measure(plan: Plan) -> Measured:
-    import aiohttp
-
-    from infra.bench import service_pids
-    from infra.bench_cost import BENCH_CLIENT, cpu_ms_per_image, cpu_snapshot, measure_model_cost
-
     loop = asyncio.get_running_loop()
     levels = plan.levels
     timeout = aiohttp.ClientTimeout(total=plan.target.timeout_ms / 1000 + 30)  # past the gateway's own deadline
@@ -555,8 +555,6 @@ def _client_line(s: LevelStats) -> str:
 
 def _report(m: Measured, n_images: int, baseline_repeats: int, timeout_ms: int, tenant: str, log_dir: Any, *,
             tls: bool, served: ServedModel, prefix: str) -> None:
-    from infra.bench_cost import BENCH_CLIENT, format_cpu, format_hops, format_projection, format_tax, tax_of
-
     base = m.base
     scheme = "HTTPS (the project CA's gateway certificate)" if tls else "plain HTTP"
     print(f"detectflow bench sync: POST {DETECT_ROUTE} (raw JPEG, timeout_ms={timeout_ms}) through the gateway and "

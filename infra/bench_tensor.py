@@ -26,9 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
+from infra.bench import service_pids
 from infra.procstats import cpu_seconds
-from infra.settings import StackSettings
+from infra.settings import StackSettings, StreamSettings, kafka_client
+from model_store.detect import letterbox_region, place
+from model_store.samples import ensure_samples
+from processors.imaging import ImageLimits, prepare
 
 SIZE = (416, 416)
 PAD = 128
@@ -44,8 +50,6 @@ class Codec:
 
 
 def _place(region: np.ndarray, at: tuple[int, int]) -> np.ndarray:
-    from model_store.detect import place
-
     return place(region, SIZE, PAD, at)
 
 
@@ -75,10 +79,6 @@ def codecs() -> list[Codec]:
 
 
 def regions(stack: StackSettings) -> list[Image]:
-    from model_store.detect import letterbox_region
-    from model_store.samples import ensure_samples
-    from processors.imaging import ImageLimits, prepare
-
     out = []
     for path in ensure_samples(stack.samples_dir, stack.cache_dir):
         region, _, at = letterbox_region(prepare(path.read_bytes(), ImageLimits()).image, SIZE)
@@ -120,12 +120,6 @@ def _cpu_ms(pid: int) -> float:
 def measure_broker(stack: StackSettings, values: dict[str, list[bytes]], passes: int = 4,
                    rounds: int = 3) -> dict[tuple[str, str], dict[str, float]]:
     """Per (codec, producer compression): wire bytes, client and broker CPU-ms per record (medians of passes)."""
-    from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from infra.bench import service_pids
-    from infra.settings import StreamSettings, kafka_client
-
     kafka = kafka_client(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     broker_pid = service_pids(stack).get("kafka")
     admin = AdminClient(kafka)

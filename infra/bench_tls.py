@@ -20,8 +20,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    NewTopic,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
+
 from infra.procstats import cpu_seconds
 from infra.settings import StackSettings
+from infra.stack.base import java_binary
+from infra.stack.kafka import new_cluster_id
+from infra.stack.pki import Pki, issue
 
 SIZES = (1_000, 512 * 1024)
 
@@ -42,10 +54,6 @@ def _cpu_ms(pid: int) -> float:
 
 
 def _start_broker(settings: StackSettings, work: Path) -> tuple[subprocess.Popen[bytes], dict[str, dict[str, Any]]]:
-    from infra.stack.base import java_binary
-    from infra.stack.kafka import new_cluster_id
-    from infra.stack.pki import Pki, issue
-
     pki = Pki(work / "tls")
     leaf = issue(pki, "kafka")
     plain, secure, controller = _free_ports(3)
@@ -88,9 +96,6 @@ message.max.bytes=2097152
 
 
 def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.Popen[bytes]) -> None:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
-
     admin = AdminClient({**plain, "log_level": 0})
     deadline = time.monotonic() + 90
     while True:
@@ -110,9 +115,6 @@ def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.P
 
 
 def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: int) -> dict[str, float]:
-    from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import NewTopic
-
     topic = f"bench-tls-{uuid.uuid4().hex[:8]}"  # a new topic per pass: every record it gets is this pass's
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
     producer = Producer({**conf, "acks": "all", "enable.idempotence": True, "linger.ms": 0,
@@ -144,8 +146,6 @@ def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: 
 
 
 def run_bench_tls(settings: StackSettings, *, rounds: int = 200, passes: int = 3) -> int:
-    from confluent_kafka.admin import AdminClient
-
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-tls-"))
     proc, conf = _start_broker(settings, work)
     try:

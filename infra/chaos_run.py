@@ -16,14 +16,31 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from gateway.devkeys import ensure_dev_keys, mint
+from infra.bench_bodies import reencode_jpeg, with_comment
+from infra.bench_sync import BenchError
+from infra.bench_sync import wait_ready as bench_wait_ready
 from infra.chaos_drill import (
     KILL_ROLE,
     PAUSE,
@@ -48,8 +65,21 @@ from infra.chaos_drill import (
     rss_late_growth,
     split_latencies,
 )
+from infra.demo import bootstrap_default_model
+from infra.jobs_cmd import ApiError, JobsClient, client_tls
 from infra.procstats import rss_bytes
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
+from infra.roles import LIFECYCLE_ROLES, ROLES, SERVICES
+from infra.settings import GatewaySettings, Login, PipelineSettings, StackSettings, kafka_client
+from infra.stack import manager
+from infra.stack.kafka_access import deprovision, provision, provision_tenant, revoke_tenant
+from infra.supervisor import Supervisor
+from model_store.convert import convert
+from model_store.samples import ensure_samples
+from stream import topics as T
+from stream.ingest import principal
+from stream.records import now_ms
+from stream.serde import AvroSerde
+from stream.topics import ingest_topic, tenant_topics
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -94,8 +124,6 @@ class _ResultReader:
     """Reads `detections` (read_committed) from the start in a thread; keeps each record's key and value."""
 
     def __init__(self, kafka: dict[str, Any], topic: str):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
         self.consumer = Consumer({**kafka, "group.id": f"chaos-read-{secrets.token_hex(6)}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "log_level": 3})
@@ -125,9 +153,6 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
     """Records each of the prefix's stage groups has yet to commit: per partition, the records a read_committed
     reader finds between the group's committed offset and the end. (End minus committed alone would count a
     transaction's commit marker, which takes an offset, as a record.)"""
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient, OffsetSpec
-
     admin = AdminClient({**kafka})
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
     groups = [g.group_id for g in listed.valid if g.group_id.startswith(f"{prefix}detectflow.")]
@@ -168,8 +193,6 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
 
 def _keys_on(kafka: dict[str, Any], topics: list[str], timeout_s: float = 15.0) -> dict[str, list[str]]:
     """request id (record key) -> the topics (DLQs) holding a record of it."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
     found: dict[str, list[str]] = defaultdict(list)
     if not topics:
         return found
@@ -196,8 +219,6 @@ class Drill:
     """One drill (or soak): its pipeline, gateway, tenants, load and faults; a context manager that cleans up."""
 
     def __init__(self, stack: StackSettings, opts: ChaosOptions):
-        from infra.supervisor import Supervisor
-
         self.stack = stack
         self.opts = opts
         self.run_id = secrets.token_hex(3)
@@ -214,7 +235,6 @@ class Drill:
         check_loopback(stack, self.settings)
         self.admin = kafka_client(self.settings.stream, "admin")
         self.log_dir = stack.log_dir / f"chaos-{self.run_id}"
-        from infra.roles import SERVICES
 
         self.sup = Supervisor(SERVICES, self.log_dir, env=self.env)
         self.sync_tenants = [f"chaos-{self.run_id}-{i}" for i in range(opts.sync_tenants)]
@@ -237,8 +257,6 @@ class Drill:
 
     # ---- set-up and clean-up ---------------------------------------------------------------------------
     def __enter__(self) -> Drill:
-        from infra.stack import manager
-
         rows = manager.status(self.stack)
         down = [h.name for h in rows if not h.healthy]
         if down:
@@ -255,13 +273,6 @@ class Drill:
         return self
 
     def _start(self) -> None:
-        from infra.bench_bodies import reencode_jpeg
-        from infra.demo import bootstrap_default_model
-        from infra.stack.kafka_access import provision
-        from model_store.convert import convert
-        from model_store.samples import ensure_samples
-        from stream import topics as T
-
         log = self.opts.log
         self.bases = [reencode_jpeg(p.read_bytes()) for p in ensure_samples(self.stack.samples_dir,
                                                                             self.stack.cache_dir)]
@@ -277,11 +288,6 @@ class Drill:
             f"(logs: {self.log_dir})")
 
     def _make_ingest_tenant(self) -> None:
-        from infra.settings import Login
-        from infra.stack.kafka_access import provision_tenant
-        from stream.ingest import principal
-        from stream.topics import tenant_topics
-
         stream = self.settings.stream
         if stream.kafka_users_dir is None:
             raise ChaosError("no Kafka credentials directory (DETECTFLOW_KAFKA_USERS_DIR)")
@@ -309,10 +315,6 @@ class Drill:
             self.paused.discard(pid)
 
     def __exit__(self, *exc: object) -> None:
-        from infra.stack import manager
-        from infra.stack.kafka_access import deprovision, revoke_tenant
-        from stream.ingest import principal
-
         self.abort.set()
         self._continue_paused()
         self.sup.stop(timeout_s=20)
@@ -332,30 +334,22 @@ class Drill:
 
     # ---- bodies ------------------------------------------------------------------------------------------
     def body(self, kind: str) -> bytes:
-        from infra.bench_bodies import with_comment
-
         self._counter += 1
         base = self.bases[self._counter % len(self.bases)]
         return with_comment(base, f"detectflow-chaos {self.run_id} {kind} {self._counter}".encode())
 
     # ---- the load ----------------------------------------------------------------------------------------
     def token(self, tenant: str) -> str:
-        from gateway.devkeys import ensure_dev_keys, mint
-
         return mint(ensure_dev_keys(self.stack.secrets_dir), tenant=tenant, scopes=["detect:write", "results:read"],
                     issuer=self.gw.issuer, audience=self.gw.audience, tenant_claim=self.gw.tenant_claim,
                     ttl_s=min(86400, int(self.opts.hard_deadline_s) + 600))
 
     def tls(self) -> ssl.SSLContext:
-        from infra.jobs_cmd import client_tls
-
         return client_tls(self.settings.stream.tls_ca_file)
 
     async def sync_call(self, session: Any, tenant: str, token: str, body: bytes) -> int | None:
         """One sync request, retried after Retry-After on 503/429 (and on 5xx without a request id or a lost
         connection) within REQUEST_DEADLINE_S. Returns the final HTTP status (None: never answered)."""
-        import aiohttp
-
         start = time.time()
         deadline = start + REQUEST_DEADLINE_S
         url = f"{self.gw.base_url}/v1/detect?timeout_ms={SYNC_TIMEOUT_MS}"
@@ -408,15 +402,6 @@ class Drill:
     async def ingest_load(self, stop_at: float, rate: float) -> None:
         """ImageSubmitted straight onto the ingest tenant's topic, as its own principal; a request counts as sent
         once Kafka acknowledged it."""
-        import uuid
-
-        from confluent_kafka import Producer
-
-        from stream.ingest import principal
-        from stream.records import now_ms
-        from stream.serde import AvroSerde
-        from stream.topics import ingest_topic
-
         stream = replace(self.settings.stream, kafka_user=principal(self.ingest_tenant))
         serde = AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         topic = ingest_topic(self.prefix, self.ingest_tenant)
@@ -450,8 +435,6 @@ class Drill:
             self.sync_errors["ingest still queued at the end"] += left
 
     async def submit_job(self, session: Any, n: int) -> None:
-        from infra.jobs_cmd import JobsClient
-
         tenant = self.sync_tenants[0]
         client = JobsClient(session, self.gw.base_url, self.token(tenant), timeout_s=120)
         ids = await client.upload([(self.body("job"), "image/jpeg") for _ in range(n)])
@@ -462,8 +445,6 @@ class Drill:
 
     # ---- faults ------------------------------------------------------------------------------------------
     def inject(self, fault: PlannedFault) -> FaultWindow:
-        from infra.stack import manager
-
         quiet: Callable[[str], None] = lambda _m: None  # noqa: E731
         start = time.time()
         if fault.kind == KILL_ROLE:
@@ -510,9 +491,6 @@ class Drill:
     # ---- phases ------------------------------------------------------------------------------------------
     async def warm_up(self, session: Any, deadline_s: float = 240.0) -> None:
         """The gateway ready and one sync call per tenant answered (the model loaded) before the clock starts."""
-        from infra.bench_sync import BenchError
-        from infra.bench_sync import wait_ready as bench_wait_ready
-
         try:
             await bench_wait_ready(session, self.gw.base_url, deadline_s)
         except BenchError as exc:
@@ -525,8 +503,6 @@ class Drill:
 
     async def load(self, plan: list[PlannedFault], *, sync_rate: float) -> float:
         """The warm-up, then the mixed load for the duration with the faults; returns the load's start."""
-        import aiohttp
-
         connector = aiohttp.TCPConnector(limit=64, ssl=self.tls())
         async with aiohttp.ClientSession(connector=connector) as session:
             await self.warm_up(session)
@@ -553,10 +529,6 @@ class Drill:
             time.sleep(0.5)
 
     async def check_jobs(self, deadline_s: float) -> None:
-        import aiohttp
-
-        from infra.jobs_cmd import ApiError, JobsClient
-
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls())) as session:
             client = JobsClient(session, self.gw.base_url, self.token(self.sync_tenants[0]), timeout_s=60)
             for job_id in self.job_ids:
@@ -574,8 +546,6 @@ class Drill:
 
     async def api_status(self, request_ids: list[str]) -> dict[str, str]:
         """GET /v1/requests/{id} of sync requests: their stored status (or the HTTP status)."""
-        import aiohttp
-
         by_tenant: dict[str, str] = {}
         out: dict[str, str] = {}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls())) as session:
@@ -591,8 +561,6 @@ class Drill:
         return out
 
     def results(self) -> list[ResultCopy]:
-        from stream.serde import AvroSerde
-
         assert self.reader is not None
         serde = AvroSerde.from_url(self.settings.stream.registry_url, self.settings.stream.tls_ca_file)
         wanted = {s.request_id for s in self.sent}
@@ -600,8 +568,6 @@ class Drill:
                 if key in wanted]
 
     def summarize(self, t0: float, started: float) -> Summary:
-        from stream import topics as T
-
         rec = reconcile(self.sent, self.results())
         end = time.time()
         stall, stall_at = longest_stall(self.sent, rec.first_completion, end)
@@ -620,8 +586,6 @@ class Drill:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -629,10 +593,6 @@ def _free_port() -> int:
 
 def run_drill(stack: StackSettings, opts: ChaosOptions) -> Summary:
     """The drill; prints and returns its summary."""
-    from confluent_kafka import KafkaException
-
-    from infra.roles import LIFECYCLE_ROLES, ROLES
-
     started = time.time()
     plan = plan_faults(opts.duration_s, opts.seed, roles=[*ROLES, *LIFECYCLE_ROLES]) if opts.faults else []
     opts.log(f"chaos: seed {opts.seed}; {len(plan)} faults planned in {opts.duration_s:.0f}s; hard deadline "
@@ -658,8 +618,6 @@ def run_drill(stack: StackSettings, opts: ChaosOptions) -> Summary:
 
 def measure_capacity(drill: Drill, seconds: float = 20.0, callers: int = 4) -> float:
     """Sync calls per second answered 200 by ``callers`` closed-loop callers for ``seconds``."""
-    import aiohttp
-
     async def run() -> float:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, ssl=drill.tls())) as session:
             await drill.warm_up(session)
