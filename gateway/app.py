@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from config import GatewaySettings, SettingsError, kafka_client
 from gateway import metrics as GM
 from gateway.audit import AuditLog
 from gateway.auth import Authenticator
@@ -22,7 +23,7 @@ from gateway.limits import ByteBudget, DailyQuota, FairShares, TokenBuckets
 from gateway.objects import GatewayObjects
 from gateway.problems import Problem
 from gateway.store import GatewayStore
-from infra.settings import GatewaySettings, SettingsError, kafka_client
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,8 @@ async def body_budget_middleware(request: web.Request,
 def create_app(settings: GatewaySettings) -> web.Application:
     from gateway import handlers as h
 
+    if not valid_model_name(settings.pipeline.default_model):  # or every call that names no model is refused
+        raise SettingsError(f"DETECTFLOW_DEFAULT_MODEL={settings.pipeline.default_model!r}: {MODEL_NAME_RULE}")
     # client_max_size is a backstop only: the body readers (gateway/inputs.py) stop at the route's limit.
     app = web.Application(client_max_size=settings.max_body_bytes + 256 * 1024,
                           middlewares=[problems_middleware, body_budget_middleware])

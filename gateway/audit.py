@@ -23,6 +23,7 @@ from gateway.bus import Bus
 from gateway.limits import utc_day
 from gateway.problems import Problem
 from gateway.store import GatewayStore
+from schemas import events
 from stream.records import now_ms
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ class AuditLog:
 
     def record(self, *, tenant: str, subject: str, action: str, status: int, resource: str | None = None,
                request_id: str | None = None, detail: str | None = None) -> dict[str, Any]:
-        event = {"event_id": str(uuid.uuid4()), "tenant": tenant, "subject": subject, "action": action,
-                 "resource": resource, "outcome": outcome_of(status), "status": status, "request_id": request_id,
-                 "detail": detail, "event_time": now_ms()}
+        event = events.audit_event(event_id=str(uuid.uuid4()), tenant=tenant, subject=subject, action=action,
+                                   resource=resource, outcome=outcome_of(status), status=status,
+                                   request_id=request_id, detail=detail, event_time=now_ms())
         if len(self._waiting) + self._writing >= self._max:
             GM.AUDIT_FAILURES.labels("overflow").inc()
             log.error("audit backlog full: event %s for tenant %s not written", event["event_id"], tenant)

@@ -22,9 +22,9 @@ from typing import Any
 
 import jwt
 
+from config import GatewaySettings
 from gateway.jwks import JsonFetcher, JwksFile, OidcJwks, SigningKeys
 from gateway.problems import Problem
-from infra.settings import GatewaySettings
 
 SCOPES = ("detect:write", "results:read", "admin")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")

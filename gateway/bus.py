@@ -14,9 +14,9 @@ from typing import Any
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from config import GatewaySettings, kafka_client
 from gateway import metrics as GM
 from gateway.problems import Problem
-from infra.settings import GatewaySettings, kafka_client
 from stream.reply import ReplyRouter
 from stream.serde import AvroSerde, SerdeError
 from stream.topics import STAGE_INPUTS, lane_topic, replies_topic

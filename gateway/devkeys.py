@@ -19,8 +19,8 @@ from typing import Any
 import jwt
 from jwt.algorithms import RSAAlgorithm
 
+from config import write_private
 from gateway.auth import SCOPES, TENANT_RE
-from infra.settings import write_private
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from gateway.inputs import (
 )
 from gateway.problems import Problem
 from gateway.views import coco_view, iso, pending_view, result_view
+from schemas import events
 from stream import headers as H
 from stream.records import now_ms
 from stream.reply import ReplyTimeout
@@ -285,19 +286,17 @@ async def _submit(request: web.Request, gw: Gateway, who: Principal, image: Imag
     if image.data is not None:
         writes.append(gw.objects.put_image(key, image.data, image.media_type or "application/octet-stream"))
     await asyncio.gather(*writes)
-    stored = {"bucket": gw.objects.bucket, "key": key, "sha256": sha, "size": image.size,
-              "content_type": image.media_type}
+    stored = events.object_ref(bucket=gw.objects.bucket, key=key, sha256=sha, size=image.size,
+                               content_type=image.media_type)
     # Bytes the gateway holds travel inline as well (scan reads them instead of fetching the object back);
     # the stored object stays the durable copy, and the one scan quarantines.
     inline = image.data is not None and len(image.data) <= gw.settings.pipeline.inline_max_bytes
-    event = {
-        "request_id": request_id, "tenant": who.tenant,
-        "image": {"data": image.data, "sha256": sha, "content_type": image.media_type, "stored": stored}
+    event = events.image_submitted(
+        request_id=request_id, tenant=who.tenant,
+        image=events.inline_image(data=image.data, sha256=sha, content_type=image.media_type, stored=stored)
         if inline else stored,
-        "lane": "ONLINE", "model": {"name": params.model, "version": params.version},
-        "params": params.event_params(), "deadline_ms": None, "idempotency_key": idem, "job_id": None,
-        "submitted_at": submitted_at,
-    }
+        lane="ONLINE", model=events.model_selector(name=params.model, version=params.version),
+        params=params.event_params(), idempotency_key=idem, submitted_at=submitted_at)
     correlation = uuid.uuid4().hex
     traceparent = request.headers.get("traceparent")
     headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: gw.bus.router.reply_to.encode(),
@@ -469,11 +468,10 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     topic = lane_topic(gw.bus.prefix, "batch", "submitted")
     futures = []
     for row, key in zip(rows, keys, strict=True):
-        event = {"request_id": row["request_id"], "tenant": who.tenant,
-                 "image": {"bucket": gw.objects.bucket, "key": key, "sha256": None, "size": None, "content_type": None},
-                 "lane": "BATCH", "model": {"name": params.model, "version": params.version},
-                 "params": params.event_params(), "deadline_ms": None, "idempotency_key": idem, "job_id": job_id,
-                 "submitted_at": created}
+        event = events.image_submitted(
+            request_id=row["request_id"], tenant=who.tenant, image=events.object_ref(bucket=gw.objects.bucket, key=key),
+            lane="BATCH", model=events.model_selector(name=params.model, version=params.version),
+            params=params.event_params(), idempotency_key=idem, job_id=job_id, submitted_at=created)
         futures.append(gw.bus.produce(topic, row["request_id"], "ImageSubmitted", event,
                                       {H.TRACEPARENT: H.new_traceparent().encode()}))
         if len(futures) % 1000 == 0:
@@ -641,7 +639,7 @@ async def erase_tenant(request: web.Request) -> web.StreamResponse:
 
 
 def _policy_body(body: dict[str, Any], classes: tuple[str, ...] | None) -> dict[str, Any]:
-    from infra.settings import REVIEW_RETENTION_DAYS
+    from config import REVIEW_RETENTION_DAYS
 
     out: dict[str, Any] = {}
     for name in ("hidden_classes", "review_classes"):

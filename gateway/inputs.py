@@ -8,17 +8,18 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from config import GatewaySettings
 from gateway.problems import Problem
-from infra.settings import GatewaySettings
 from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
+from schemas import events
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 
-MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -31,15 +32,15 @@ FORMATS = ("json", "coco")
 
 @dataclass(frozen=True)
 class DetectParams:
+    model: str  # the request's, else PipelineSettings.default_model (parse_params)
     score_threshold: float | None = None
     max_detections: int | None = None
     classes: tuple[str, ...] = ()
-    model: str = "yolov4-tiny"
     version: int | None = None
 
     def event_params(self) -> dict[str, Any]:
-        return {"score_threshold": self.score_threshold, "max_detections": self.max_detections,
-                "classes": list(self.classes)}
+        return events.detect_params(score_threshold=self.score_threshold, max_detections=self.max_detections,
+                                    classes=self.classes)
 
     def canonical(self) -> str:
         return json.dumps({**self.event_params(), "model": self.model, "version": self.version}, sort_keys=True)
@@ -49,11 +50,11 @@ class DetectParams:
 class ImageInput:
     """Either bytes that came with the request, or a reference to an object in the uploads bucket."""
 
+    params: DetectParams
     data: bytes | None = None
     media_type: str | None = None
     key: str | None = None
     size: int | None = None
-    params: DetectParams = field(default_factory=DetectParams)
 
     @property
     def sha256(self) -> str | None:
@@ -104,8 +105,8 @@ def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
             raise Problem("INVALID_PARAMS", f"unknown classes for this model: {unknown[:5]}", param="classes")
         out["classes"] = tuple(sorted(set(classes)))
     model = raw.get("model", p.default_model)
-    if not isinstance(model, str) or not MODEL_RE.fullmatch(model):
-        raise Problem("INVALID_PARAMS", "model must be a model name", param="model")
+    if not valid_model_name(model):
+        raise Problem("INVALID_PARAMS", f"model must be a model name: {MODEL_NAME_RULE}", param="model")
     out["model"] = model
     if raw.get("model_version") is not None:
         out["version"] = _int("model_version", raw["model_version"], 1, 1_000_000)

@@ -25,7 +25,7 @@ from typing import Any
 
 from jwt.algorithms import RSAAlgorithm
 
-from infra.settings import GatewaySettings
+from config import GatewaySettings
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from config import GatewaySettings
 from gateway.presign import presign_put
 from gateway.problems import Problem
-from infra.settings import GatewaySettings
 from infra.stack.minio import UNCLAIMED_TAG, https_pool
 from stream.bridge import SUBMITTED_MARK
 

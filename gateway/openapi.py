@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from config import REVIEW_RETENTION_DAYS, GatewaySettings
 from gateway.auth import SCOPES
 from gateway.inputs import (
     FORMATS,
     ID_RE,
     MEDIA_TYPES,
-    MODEL_RE,
     OBJECT_KEY_RE,
     SHA256_RE,
     UPLOAD_CONTENT_TYPES,
@@ -24,7 +24,7 @@ from gateway.inputs import (
 )
 from gateway.problems import CODES, PROBLEM_TYPE_BASE
 from gateway.problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
-from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings
+from schemas.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN
 from stream.bridge import SUBMITTED_MARK
 
 Schema = dict[str, Any]
@@ -182,7 +182,8 @@ def _detection_schemas() -> dict[str, Schema]:
 
 def _request_schemas(settings: GatewaySettings) -> dict[str, Schema]:
     p = settings.pipeline
-    model_name = {"type": "string", "pattern": MODEL_RE.pattern, "description": "A model in the repository."}
+    model_name = {"type": "string", "pattern": MODEL_NAME_PATTERN, "maxLength": MODEL_NAME_MAX,
+                  "description": "A model in the repository."}
     model_version = _nullable(_int("A model version; null: the newest.", minimum=1, maximum=MAX_MODEL_VERSION))
     upload_id = {"type": "string", "pattern": UPLOAD_ID_RE.pattern, "description": "From POST /v1/uploads."}
     key = {"type": "string", "pattern": OBJECT_KEY_RE.pattern, "not": {"pattern": r"(^|/)\.\.(/|$)"},
@@ -440,7 +441,7 @@ def _parameters(settings: GatewaySettings) -> dict[str, Schema]:
                                f"Most detections returned (default {p.default_max_detections})." + ignored_for_json),
         "Classes": query("classes", {"type": "string"},
                          "Comma-separated class names to keep (default: all)." + ignored_for_json),
-        "Model": query("model", {"type": "string", "pattern": MODEL_RE.pattern},
+        "Model": query("model", {"type": "string", "pattern": MODEL_NAME_PATTERN, "maxLength": MODEL_NAME_MAX},
                        f"Model name (default {p.default_model})." + ignored_for_json),
         "ModelVersion": query("model_version", {"type": "integer", "minimum": 1, "maximum": MAX_MODEL_VERSION},
                               "Model version (default: the newest)." + ignored_for_json),

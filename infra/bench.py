@@ -26,14 +26,13 @@ import statistics
 import time
 import urllib.request
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.procstats import peak_rss_mib
-from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
 from infra.stack.kafka_access import deprovision, provision
 
@@ -151,7 +150,7 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
     base_port = free_port_block(len(ROLES))
     env = {**os.environ, "DETECTFLOW_TOPIC_PREFIX": prefix, "DETECTFLOW_METRICS_PORT": str(base_port)}
     settings = PipelineSettings.from_env(env)
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=prefix))
     convert(settings.models_dir / settings.default_model / "1")
     paths = ensure_samples(stack.samples_dir, stack.cache_dir)
     datas = [reencode_jpeg(p.read_bytes()) for p in paths]

@@ -33,12 +33,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from config import GatewaySettings, PipelineSettings, StackSettings
 from gateway.audit import AuditLog
 from gateway.limits import DailyQuota, utc_day
 from gateway.store import GatewayStore
 from infra.bench import service_pids
 from infra.procstats import cpu_seconds
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings
 from infra.stack.cassandra_access import admin_credentials
 from processors.governance import Governance, store_unless_deleted
 from processors.jobs import CassandraJobs, JobTracker
@@ -46,6 +46,7 @@ from processors.params import CacheKey
 from processors.postprocess import PostprocessStage
 from processors.recorder import RecorderStage
 from processors.results import ResultStore
+from schemas import events
 from stream.cassandra import connect, open_session
 from stream.records import Record, now_ms
 
@@ -151,11 +152,10 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
 
     def images_of(n: int, tag: str, job_id: str | None = None) -> list[dict[str, Any]]:
         at = now_ms()
-        return [{"request_id": f"{run}-{tag}-{i}", "tenant": tenant, "status": "OK", "detections": [],
-                 "image_width": 640, "image_height": 480, "image_sha256": uuid.uuid4().hex * 2,
-                 "model_name": "yolov4-tiny", "model_version": 1, "timings_ms": {}, "error_code": None,
-                 "error_message": None, "job_id": job_id, "lane": "ONLINE", "cache_hit": False,
-                 "completed_at": at, "submitted_at": at, "review": False} for i in range(n)]
+        return [events.detection_result(request_id=f"{run}-{tag}-{i}", tenant=tenant, status="OK", image_width=640,
+                                        image_height=480, image_sha256=uuid.uuid4().hex * 2, model_name="yolov4-tiny",
+                                        model_version=1, job_id=job_id, lane="ONLINE", submitted_at=at,
+                                        completed_at=at) for i in range(n)]
 
     def key_of(r: dict[str, Any]) -> CacheKey:
         return CacheKey(tenant, r["image_sha256"], "yolov4-tiny", 1, "bench")
@@ -188,9 +188,9 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
                 await store.put_request(tenant, r["request_id"], lane="ONLINE", image_sha256=r["image_sha256"],
                                         source=f"uploads/{tenant}/{r['image_sha256']}", model_name="yolov4-tiny",
                                         submitted_at=r["submitted_at"])
-                event = {"event_id": str(uuid.uuid4()), "tenant": tenant, "subject": "bench", "action": "detect",
-                         "resource": None, "outcome": "success", "status": 200, "request_id": r["request_id"],
-                         "detail": None, "event_time": now_ms()}
+                event = events.audit_event(event_id=str(uuid.uuid4()), tenant=tenant, subject="bench",
+                                           action="detect", outcome="success", status=200,
+                                           request_id=r["request_id"], event_time=now_ms())
                 await store.audit(event, utc_day())
 
         loop.run_until_complete(all_of())

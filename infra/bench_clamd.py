@@ -35,9 +35,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from config import StackSettings
 from infra.bench_bodies import BenchError, reencode_jpeg, with_comment
 from infra.procstats import cpu_seconds
-from infra.settings import StackSettings
 from infra.stack.clamd import SCAN_OPTIONS, SIGNATURE_DIR, clamd_binary, render_conf
 from model_store.samples import ensure_samples
 from processors.scanner import ClamdScanner, ScanVerdict, send_stream

@@ -16,7 +16,7 @@ import uuid
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from infra.settings import StackSettings, StreamSettings, kafka_client
+from config import StackSettings, StreamSettings, kafka_client
 
 SIZES = (1_000, 512 * 1024)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config import PipelineSettings, StackSettings
 from infra.demo import bootstrap_default_model
 from infra.models_cmd import actor_name
-from infra.settings import PipelineSettings, StackSettings
 from model_store.evalset import ensure_eval_set
 from model_store.gate import gate_runner
 from model_store.quantize import STATIC, QuantizeError, default_out_dir, quantize_version, read_images

@@ -30,12 +30,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 
+from config import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from gateway.devkeys import ensure_dev_keys, mint
 from infra import bench_plain
 from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape, service_pids
@@ -57,7 +58,6 @@ from infra.bench_model import ServedModel, describe, format_runs, label, runs_by
 from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
 from infra.jobs_cmd import client_tls
 from infra.roles import SERVICES
-from infra.settings import GatewaySettings, PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
 from model_store.convert import convert
@@ -410,7 +410,7 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
            "DETECTFLOW_AUTH_DEV": "true",
            "DETECTFLOW_RATE_BURST": "100000", "DETECTFLOW_MAX_INFLIGHT": str(max(256, 4 * max(levels)))}
     settings = PipelineSettings.from_env(env)
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=prefix))
     gw = GatewaySettings.from_env(env)
     convert(settings.models_dir / settings.default_model / "1")
     bases = [reencode_jpeg(p.read_bytes()) for p in ensure_samples(stack.samples_dir, stack.cache_dir)]

@@ -29,9 +29,9 @@ import numpy as np
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from config import StackSettings, StreamSettings, kafka_client
 from infra.bench import service_pids
 from infra.procstats import cpu_seconds
-from infra.settings import StackSettings, StreamSettings, kafka_client
 from model_store.detect import letterbox_region, place
 from model_store.samples import ensure_samples
 from processors.imaging import ImageLimits, prepare

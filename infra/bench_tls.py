@@ -29,8 +29,8 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
+from config import StackSettings
 from infra.procstats import cpu_seconds
-from infra.settings import StackSettings
 from infra.stack.base import java_binary
 from infra.stack.kafka import new_cluster_id
 from infra.stack.pki import Pki, issue

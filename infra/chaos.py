@@ -37,7 +37,9 @@ def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="the fault schedule's and load's random seed")
     p.add_argument("--soak", action="store_true", help="no faults: ~70%% of capacity, RSS growth and errors")
     p.add_argument("--rate", type=float, default=None,
-                   help="--soak: sync calls per second (default: 70%% of a capacity measured first)")
+                   help="--soak: sync calls per second (default: --load-factor x a capacity measured first)")
+    p.add_argument("--load-factor", type=float, default=0.7,
+                   help="--soak: the load as a share of the measured capacity (default 0.7; 4 for an overload run)")
     p.add_argument("--job-images", type=int, default=None,
                    help="images in the batch job (default 1000 in the long form, 60 in the short)")
     return p
@@ -54,7 +56,8 @@ def run_cli(args: argparse.Namespace, stack: Any) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     try:
         if args.soak:
-            return run_soak(stack, duration_s=args.duration or 1800.0, seed=seed, rate=args.rate)
+            return run_soak(stack, duration_s=args.duration or 1800.0, seed=seed, rate=args.rate,
+                            load_factor=args.load_factor)
         duration = args.duration or 180.0
         short = duration <= SHORT_FORM_MAX_S
         jobs = args.job_images if args.job_images is not None else (60 if short else 1000)

@@ -278,6 +278,8 @@ class Summary:
     lost_detail: list[str] = field(default_factory=list)
     lag_end: dict[str, int] | None = None  # consumer group (without the prefix) -> records not committed
     stall_from_s: float | None = None  # when the longest stall began, seconds after the load started
+    health_ms: dict[str, list[float]] = field(default_factory=dict)  # /livez, /readyz -> answer times (200s)
+    health_failed: dict[str, int] = field(default_factory=dict)  # probes not answered 200 within 2 s
 
     def jobs_ok(self) -> bool:
         return all(j.get("status") == "COMPLETED" and j.get("done") == j.get("total") == j.get("paged")
@@ -291,6 +293,10 @@ class Summary:
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms"
+
+
+def _ms2(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms"
 
 
 def format_summary(s: Summary) -> str:
@@ -313,6 +319,11 @@ def format_summary(s: Summary) -> str:
         "sync call errors (no request id): "
         + (", ".join(f"{k} x{n}" for k, n in sorted(s.sync_errors.items())) or "none"),
     ]
+    for path in sorted(set(s.health_ms) | set(s.health_failed)):
+        times = s.health_ms.get(path, [])
+        lines.append(f"health {path}: P50 {_ms2(percentile(times, 0.5))} P99 {_ms2(percentile(times, 0.99))} "
+                     f"max {_ms2(max(times, default=None))} (n={len(times)}; not 200 within 2s: "
+                     f"{s.health_failed.get(path, 0)})")
     for job in s.jobs:
         lines.append(f"job {job.get('job_id')}: {job.get('status')} {job.get('done')}/{job.get('total')} "
                      f"counts {job.get('counts')} paged {job.get('paged')}")

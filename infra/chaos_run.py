@@ -21,9 +21,9 @@ import ssl
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -37,6 +37,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from config import GatewaySettings, Login, PipelineSettings, StackSettings, kafka_client
 from gateway.devkeys import ensure_dev_keys, mint
 from infra.bench_bodies import reencode_jpeg, with_comment
 from infra.bench_sync import BenchError
@@ -69,12 +70,12 @@ from infra.demo import bootstrap_default_model
 from infra.jobs_cmd import ApiError, JobsClient, client_tls
 from infra.procstats import rss_bytes
 from infra.roles import LIFECYCLE_ROLES, ROLES, SERVICES
-from infra.settings import GatewaySettings, Login, PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
 from infra.stack.kafka_access import deprovision, provision, provision_tenant, revoke_tenant
 from infra.supervisor import Supervisor
 from model_store.convert import convert
 from model_store.samples import ensure_samples
+from schemas import events
 from stream import topics as T
 from stream.ingest import principal
 from stream.records import now_ms
@@ -230,7 +231,7 @@ class Drill:
                     # A per-tenant rate limit far above the load: the overload gates (in-flight, lag) stay real.
                     "DETECTFLOW_RATE_PER_S": "1000", "DETECTFLOW_RATE_BURST": "1000"}
         settings = PipelineSettings.from_env(self.env)
-        self.settings = replace(settings, stream=replace(settings.stream, topic_prefix=self.prefix))
+        self.settings = settings.replace(stream=settings.stream.replace(topic_prefix=self.prefix))
         self.gw = GatewaySettings.from_env(self.env)
         check_loopback(stack, self.settings)
         self.admin = kafka_client(self.settings.stream, "admin")
@@ -242,6 +243,8 @@ class Drill:
         self.sent: list[Sent] = []
         self.calls: list[SyncCall] = []
         self.refused: dict[int, int] = defaultdict(int)
+        self.health_ms: dict[str, list[float]] = defaultdict(list)  # /livez, /readyz -> answer times
+        self.health_failed: dict[str, int] = defaultdict(int)  # probes that were not a 200 within 2 s
         self.sync_errors: dict[str, int] = defaultdict(int)
         self.windows: list[FaultWindow] = []
         self.jobs: list[dict[str, Any]] = []
@@ -402,7 +405,7 @@ class Drill:
     async def ingest_load(self, stop_at: float, rate: float) -> None:
         """ImageSubmitted straight onto the ingest tenant's topic, as its own principal; a request counts as sent
         once Kafka acknowledged it."""
-        stream = replace(self.settings.stream, kafka_user=principal(self.ingest_tenant))
+        stream = self.settings.stream.replace(kafka_user=principal(self.ingest_tenant))
         serde = AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         topic = ingest_topic(self.prefix, self.ingest_tenant)
         producer = Producer({**kafka_client(stream), "enable.idempotence": True, "acks": "all", "linger.ms": 5,
@@ -420,11 +423,12 @@ class Drill:
         while time.time() < stop_at and not self.abort.is_set():
             rid = str(uuid.uuid4())
             data = self.body("ingest")
-            event = {"request_id": rid, "tenant": self.ingest_tenant, "lane": "BATCH",
-                     "image": {"data": data, "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"},
-                     "model": {"name": self.settings.default_model, "version": None},
-                     "params": {"score_threshold": None, "max_detections": None, "classes": []},
-                     "deadline_ms": None, "idempotency_key": None, "job_id": None, "submitted_at": now_ms()}
+            event = events.image_submitted(
+                request_id=rid, tenant=self.ingest_tenant, lane="BATCH",
+                image=events.inline_image(data=data, sha256=hashlib.sha256(data).hexdigest(),
+                                          content_type="image/jpeg"),
+                model=events.model_selector(name=self.settings.default_model), params=events.detect_params(),
+                submitted_at=now_ms())
             producer.produce(topic, key=rid.encode(), value=serde.encode(topic, "ImageSubmitted", event),
                              on_delivery=delivered(Sent(rid, "ingest", "BATCH", time.time())))
             producer.poll(0)
@@ -515,17 +519,48 @@ class Drill:
                           f"{self.opts.job_images}; faults: {', '.join(f.label for f in plan) or 'none'}")
             await asyncio.gather(self.sync_load(session, stop_at, sync_rate),
                                  self.ingest_load(stop_at, self.opts.ingest_rate),
-                                 self.fault_loop(plan, t0))
+                                 self.fault_loop(plan, t0),
+                                 self.health_probe(stop_at))
             return t0
+
+    async def health_probe(self, stop_at: float, every_s: float = 0.5) -> None:
+        """/livez and /readyz every ``every_s`` through the load, on their own connection (as an orchestrator's
+        probe would be): their answer times, and how many were not a 200 within 2 s."""
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2, ssl=self.tls()),
+                                         timeout=timeout) as session:
+            while time.time() < stop_at and not self.abort.is_set():
+                for path in ("/livez", "/readyz"):
+                    began = time.perf_counter()
+                    try:
+                        async with session.get(self.gw.base_url + path) as resp:
+                            await resp.read()
+                            ok = resp.status == 200
+                    except (aiohttp.ClientError, TimeoutError):
+                        ok = False
+                    if ok:
+                        self.health_ms[path].append((time.perf_counter() - began) * 1000)
+                    else:
+                        self.health_failed[path] += 1
+                await asyncio.sleep(every_s)
 
     def drain(self) -> None:
         """Wait (to the drain deadline) until every request sent has a result on `detections`."""
         assert self.reader is not None
         deadline = time.monotonic() + self.opts.drain_deadline_s
+        started = next_report = time.monotonic()
         while time.monotonic() < deadline and not self.abort.is_set():
             missing = {s.request_id for s in self.sent} - self.reader.keys
             if not missing:
                 return
+            if time.monotonic() >= next_report:  # a long drain says what it waits for, by kind and age
+                waiting = [s for s in self.sent if s.request_id in missing]
+                kinds = Counter(s.kind for s in waiting)
+                oldest = min(waiting, key=lambda s: s.sent_at)
+                self.opts.log(f"drain {time.monotonic() - started:5.0f}s: {len(missing)} requests without a result "
+                              f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); the oldest sent "
+                              f"{time.time() - oldest.sent_at:.0f}s ago ({oldest.kind} {oldest.request_id})")
+                next_report += 30.0
             time.sleep(0.5)
 
     async def check_jobs(self, deadline_s: float) -> None:
@@ -574,7 +609,8 @@ class Drill:
         outside, during = split_latencies(self.calls, self.windows)
         summary = Summary(rec, self.windows, recovery_times(self.windows, rec.first_completion.values()), stall,
                           outside, during, dict(self.refused), dict(self.sync_errors), self.jobs, end - started,
-                          stall_from_s=stall_at - t0)
+                          stall_from_s=stall_at - t0, health_ms={k: list(v) for k, v in self.health_ms.items()},
+                          health_failed=dict(self.health_failed))
         if rec.lost or rec.duplicated:
             every = [*T.all_topics(self.prefix), *T.tenant_topics(self.prefix, self.ingest_tenant)]
             on_dlq = _keys_on(self.admin, [t.name for t in every if t.name.endswith(".dlq")])
@@ -637,7 +673,7 @@ def measure_capacity(drill: Drill, seconds: float = 20.0, callers: int = 4) -> f
 
 
 def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float | None,
-             sample_every_s: float = 5.0, log: Callable[[str], None] = print) -> int:
+             load_factor: float = 0.7, sample_every_s: float = 5.0, log: Callable[[str], None] = print) -> int:
     """No faults, a steady load at ~70% of capacity; RSS of every role and the gateway sampled throughout.
     Fails when a process grew 10% or more (first vs last 5 minutes), on any lost request or error, or when
     the consumer lag does not return to 0 at the end."""
@@ -649,7 +685,7 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
         capacity = None
         if rate is None:
             capacity = measure_capacity(drill)
-            rate = max(0.2, 0.7 * capacity - opts.ingest_rate)
+            rate = max(0.2, load_factor * capacity - opts.ingest_rate)
         log(f"soak {drill.run_id}: capacity {'not measured' if capacity is None else f'{capacity:.1f}/s'}; sync "
             f"{rate:.2f}/s + ingest {opts.ingest_rate}/s for {duration_s:.0f}s; RSS every {sample_every_s:.0f}s")
         stop = threading.Event()

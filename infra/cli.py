@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from infra.settings import SettingsError, StackSettings
+from config import SettingsError, StackSettings
+from config.show import render
 from infra.stack import manager
 from infra.stack.base import StackError
 
@@ -62,7 +63,7 @@ def _model_quantize(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
-    from infra.settings import StreamSettings
+    from config import StreamSettings
     from stream import topics
 
     stream = StreamSettings.from_env()
@@ -73,7 +74,7 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
             print(f"{spec.name:<42} {spec.partitions:>3}  {cfg}")
         return 0
-    from infra.settings import kafka_client
+    from config import kafka_client
     from infra.stack.kafka_access import provision
 
     actions = provision(kafka_client(stream), stream.topic_prefix, specs)
@@ -85,16 +86,16 @@ def _topics(args: argparse.Namespace, settings: StackSettings) -> int:
 def _run(args: argparse.Namespace, settings: StackSettings) -> int:
     import logging
 
+    from config import PipelineSettings
     from infra.roles import run_role
-    from infra.settings import PipelineSettings
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {args.role}: %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "cassandra"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = PipelineSettings.from_env()
     if args.role == "all":
+        from config import kafka_client
         from infra.roles import SERVICES
-        from infra.settings import kafka_client
         from infra.stack.kafka_access import provision
         from infra.supervisor import Supervisor
         from stream import topics
@@ -128,9 +129,9 @@ def _detect(args: argparse.Namespace, settings: StackSettings) -> int:
 
 
 def _token(args: argparse.Namespace, settings: StackSettings) -> int:
+    from config import GatewaySettings
     from gateway.auth import SCOPES
     from gateway.devkeys import ensure_dev_keys, mint
-    from infra.settings import GatewaySettings
 
     gw = GatewaySettings.from_env()
     # Dev tokens are signed with keys made on this machine; only a dev-mode gateway trusts them.
@@ -222,6 +223,11 @@ def _chaos(args: argparse.Namespace, settings: StackSettings) -> int:
     from infra.chaos import run_cli
 
     return run_cli(args, settings)
+
+
+def _config(args: argparse.Namespace, settings: StackSettings) -> int:
+    print(render(), end="")
+    return 0
 
 
 def _demo(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -316,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infra.chaos import add_cli as add_chaos_cli
 
     add_chaos_cli(sub).set_defaults(func=_chaos)
+
+    cf = sub.add_parser("config", help="the effective configuration: every setting, its variable and source")
+    cf.add_argument("action", choices=("show",))
+    cf.set_defaults(func=_config)
 
     de = sub.add_parser("demo", help="bring the stack up and detect objects in the sample images")
     de.add_argument("--no-stack", action="store_true", help="skip bringing the stack up")

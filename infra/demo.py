@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.detect_cmd import detect_files, format_results, make_client
 from infra.models_cmd import actor_name
 from infra.roles import LIFECYCLE_ROLES, ROLES
-from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack import manager
 from infra.stack.kafka_access import provision
 from infra.supervisor import Supervisor

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from stream.client import DetectClient, InlineLimitExceeded
 from stream.errors import TransientError
 from stream.reply import ReplyTimeout
@@ -24,7 +24,8 @@ def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = Fa
     from processors.objects import ObjectStore, minio_client
 
     if as_tenant:
-        return DetectClient(settings.stream, tenant=tenant, as_tenant=True, inline_max_bytes=settings.inline_max_bytes)
+        return DetectClient(settings.stream, default_model=settings.default_model, tenant=tenant, as_tenant=True,
+                            inline_max_bytes=settings.inline_max_bytes)
     store: ObjectStore | None = None
 
     def upload(key: str, data: bytes, content_type: str | None) -> tuple[str, str]:
@@ -35,7 +36,8 @@ def make_client(settings: PipelineSettings, tenant: str, *, as_tenant: bool = Fa
         store.put(settings.uploads_bucket, key, data, content_type, metadata={"detectflow-submitted": "true"})
         return settings.uploads_bucket, key
 
-    return DetectClient(settings.stream, tenant=tenant, upload=upload, inline_max_bytes=settings.inline_max_bytes)
+    return DetectClient(settings.stream, default_model=settings.default_model, tenant=tenant, upload=upload,
+                        inline_max_bytes=settings.inline_max_bytes)
 
 
 def detect_files(client: DetectClient, paths: Sequence[Path], *, lane: str, timeout_s: float,

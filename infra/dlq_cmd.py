@@ -318,7 +318,7 @@ def show_text(x: Letter, redriven: bool) -> str:
 
 
 def run_dlq(args: argparse.Namespace) -> int:
-    from infra.settings import StreamSettings, kafka_client
+    from config import StreamSettings, kafka_client
 
     stream = StreamSettings.from_env()
     dlq = DeadLetters(kafka_client(stream), AvroSerde.from_url(stream.registry_url, stream.tls_ca_file),

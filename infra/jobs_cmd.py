@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from config import StackSettings
 from infra.http_retry import (
     DEFAULT_POLICY,
     RETRY_STATUSES,
@@ -29,7 +30,6 @@ from infra.http_retry import (
     call_with_retries,
     is_idempotent,
 )
-from infra.settings import StackSettings
 
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                   ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
@@ -221,8 +221,8 @@ async def _submit(args: argparse.Namespace, token: str, tls: ssl.SSLContext) -> 
 
 
 def run_jobs(args: argparse.Namespace, settings: StackSettings) -> int:
+    from config import GatewaySettings
     from gateway.devkeys import ensure_dev_keys, mint
-    from infra.settings import GatewaySettings
 
     gw = GatewaySettings.from_env()
     if args.token is None and not gw.auth_dev:

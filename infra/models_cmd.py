@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings, kafka_client
 
 
 def actor_name() -> str:

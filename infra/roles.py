@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from infra.settings import PipelineSettings, kafka_client
+from config import PipelineSettings, kafka_client
 
 # The detection pipeline.
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder")
@@ -83,7 +83,8 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         from stream.bridge import BridgeStage, CassandraClaims
         from stream.cassandra import connect
 
-        return BridgeStage(CassandraClaims(connect(stream, role)), prefix=stream.topic_prefix), {"exactly_once": True}
+        return BridgeStage(CassandraClaims(connect(stream, role)), default_model=settings.default_model,
+                           prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
         from processors.objects import ObjectStore, minio_client
         from processors.scan import ScanStage
@@ -163,26 +164,23 @@ def run_role(role: str, settings: PipelineSettings) -> None:
     if role == "gateway":
         run_gateway()
         return
-    from dataclasses import replace
 
     from stream.runtime import run_stage
 
     # Each role is its own Kafka principal (its ACLs: infra/stack/kafka_access.py).
-    settings = replace(settings, stream=replace(settings.stream, kafka_user=role))
+    settings = settings.replace(stream=settings.stream.replace(kafka_user=role))
     stage, options = build(role, settings)
     run_stage(stage, settings.stream, **options)
 
 
 def run_gateway() -> None:
-    from dataclasses import replace
-
+    from config import GatewaySettings, StackSettings
     from gateway.app import run_gateway as serve
     from gateway.devkeys import ensure_dev_keys
-    from infra.settings import GatewaySettings, StackSettings
 
     settings = GatewaySettings.from_env()
-    stream = replace(settings.pipeline.stream, kafka_user="gateway")  # its own Kafka principal
-    settings = replace(settings, pipeline=replace(settings.pipeline, stream=stream))
+    stream = settings.pipeline.stream.replace(kafka_user="gateway")  # its own Kafka principal
+    settings = settings.replace(pipeline=settings.pipeline.replace(stream=stream))
     settings.require_auth_source()  # refused here, naming the variables, rather than deep in the app's start
     secrets_dir = StackSettings.from_env().secrets_dir
     # Only in dev mode, never silently: the local stack's development keys (`detectflow token` signs with them).

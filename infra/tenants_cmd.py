@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.settings import Login, SettingsError, StackSettings, StreamSettings, kafka_client
+from config import Login, SettingsError, StackSettings, StreamSettings, kafka_client
 
 
 def add_cli(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 if TYPE_CHECKING:
     from model_store.watch import RoutingTable
@@ -55,7 +56,7 @@ class ModelCatalog:
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name
-        if not _safe_name(name) or not folder.is_dir():
+        if not valid_model_name(name) or not folder.is_dir():
             return []
         found = []
         for child in folder.iterdir():
@@ -76,8 +77,8 @@ class ModelCatalog:
 
     def check(self, name: str, version: int | None) -> None:
         """Raise ModelNotFound unless (name, version) could serve; reads no model files (the gateway's check)."""
-        if not _safe_name(name):
-            raise ModelNotFound(f"invalid model name {name!r}")
+        if not valid_model_name(name):
+            raise ModelNotFound(f"invalid model name {name!r}: {MODEL_NAME_RULE}")
         if self.table is None:
             if version is None:
                 raise ModelNotFound(f"model {name!r}: no routing table here, so only a pinned version resolves")
@@ -97,8 +98,8 @@ class ModelCatalog:
             if key in self._loaded:
                 return self._loaded[key]
         path = self.root / name / str(version)
-        if not _safe_name(name):
-            raise ModelNotFound(f"invalid model name {name!r}")
+        if not valid_model_name(name):
+            raise ModelNotFound(f"invalid model name {name!r}: {MODEL_NAME_RULE}")
         if self._fetch is not None and not ((path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()):
             path = self._fetch(name, version)
         try:
@@ -111,6 +112,3 @@ class ModelCatalog:
         return mv
 
 
-def _safe_name(name: str) -> bool:
-    # Model names come from requests: never let one climb out of the repository.
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and len(name) <= 128

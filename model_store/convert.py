@@ -348,7 +348,7 @@ def convert(out_dir: Path, source: DarknetSource | None = None) -> ModelConfig:
 
 def default_out_dir() -> Path:
     """``<state home>/models/yolov4-tiny/1``: model repository layout, version folder 1."""
-    from infra.settings import StackSettings  # settings are read only by entry points
+    from config import StackSettings  # settings are read only by entry points
 
     return StackSettings.from_env().models_dir / MODEL_NAME / "1"
 

@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bench", type=int, default=0, metavar="REPEATS", help="also time batch 1 and 4")
     args = parser.parse_args(argv)
 
-    from infra.settings import StackSettings  # only entry points read settings
+    from config import StackSettings  # only entry points read settings
     from model_store.convert import convert, default_out_dir
     from model_store.samples import ensure_samples
 

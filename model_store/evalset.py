@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from infra.settings import StackSettings
+    from config import StackSettings
 
 log = logging.getLogger(__name__)
 

@@ -265,7 +265,7 @@ def _evaluate_dir(model_dir: Path, eval_dir: Path, args: argparse.Namespace) -> 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from infra.settings import StackSettings  # only entry points read settings
+    from config import StackSettings  # only entry points read settings
     from model_store.config import ModelConfigError
     from model_store.convert import ConversionError, convert, default_out_dir
     from model_store.session import SessionError

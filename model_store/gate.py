@@ -137,7 +137,7 @@ def run_gate(model_file: Path, config: ModelConfig, production: VersionInfo | No
 
 
 def gate_runner(settings: Any, eval_dir: Path) -> Any:
-    """A registry GateRunner with the lifecycle settings (``settings``: infra.settings.LifecycleSettings)."""
+    """A registry GateRunner with the lifecycle settings (``settings``: config.LifecycleSettings)."""
     def run(model_file: Path, config: ModelConfig, production: VersionInfo | None) -> dict[str, Any]:
         return run_gate(model_file, config, production, eval_dir=eval_dir, max_map_drop=settings.gate_max_map_drop,
                         p95_budget_ms=settings.gate_p95_budget_ms, rounds=settings.gate_latency_rounds)

@@ -263,7 +263,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from infra.settings import StackSettings  # only entry points read settings
+    from config import StackSettings  # only entry points read settings
     from model_store.convert import ConversionError, convert
     from model_store.convert import default_out_dir as default_source_dir
     from model_store.samples import SamplesError, ensure_samples

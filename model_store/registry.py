@@ -34,12 +34,13 @@ from typing import Any
 from model_store.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
 from model_store.convert import sha256_file as file_sha256
 from model_store.routing import Routing, RoutingError, report_key
+from schemas import events
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 
 log = logging.getLogger(__name__)
 
 PLATFORM_TENANT = "_platform"  # audit partition of registry changes; API tenants cannot start with '_'
 MAX_MODEL_BYTES = 2 * 1024 * 1024 * 1024
-MODEL_NAME_MAX = 64
 
 
 class RegistryError(RuntimeError):
@@ -52,11 +53,6 @@ class GateRefused(RegistryError):
     def __init__(self, message: str, report: Mapping[str, Any]):
         super().__init__(message)
         self.report = dict(report)
-
-
-def valid_model_name(name: str) -> bool:
-    return (0 < len(name) <= MODEL_NAME_MAX and (name[0].isalnum())
-            and all(c.isalnum() or c in "-_." for c in name) and ".." not in name)
 
 
 def comparable_config(config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -338,14 +334,14 @@ class ModelEventLog:
 
     def publish_state(self, routing: Routing, action: str, version: int, *, actor: str, sha256: str | None = None,
                       reason: str | None = None) -> dict[str, Any]:
-        event = {"model_name": routing.model, "version": version, "action": action, **routing.event_fields(),
-                 "sha256": sha256, "actor": actor, "reason": reason, "at": int(time.time() * 1000)}
+        event = events.model_event(model_name=routing.model, version=version, action=action, **routing.event_fields(),
+                                   sha256=sha256, actor=actor, reason=reason, at=int(time.time() * 1000))
         self._send(self.topic, routing.model, "ModelEvent", event)
         return event
 
     def report(self, model: str, version: int, action: str, instance: str, reason: str | None = None) -> None:
-        event = {"model_name": model, "version": version, "action": action, "actor": instance, "reason": reason,
-                 "at": int(time.time() * 1000)}
+        event = events.model_event(model_name=model, version=version, action=action, actor=instance, reason=reason,
+                                   at=int(time.time() * 1000))
         self._send(self.topic, report_key(model, version, instance), "ModelEvent", event)
 
     def audit(self, event: Mapping[str, Any]) -> None:
@@ -354,9 +350,9 @@ class ModelEventLog:
 
 def audit_event(subject: str, action: str, resource: str, *, outcome: str = "success", status: int = 200,
                 detail: str | None = None) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "tenant": PLATFORM_TENANT, "subject": subject, "action": action,
-            "resource": resource, "outcome": outcome, "status": status, "request_id": None, "detail": detail,
-            "event_time": int(time.time() * 1000)}
+    return events.audit_event(event_id=str(uuid.uuid4()), tenant=PLATFORM_TENANT, subject=subject, action=action,
+                              resource=resource, outcome=outcome, status=status, detail=detail,
+                              event_time=int(time.time() * 1000))
 
 
 def utc_day(epoch_ms: int) -> str:
@@ -405,8 +401,7 @@ class Registry:
     # ---- push -------------------------------------------------------------------------------------------
     def push(self, model: str, source: Path, *, actor: str, gate: GateRunner) -> PushOutcome:
         if not valid_model_name(model):
-            raise RegistryError(f"invalid model name {model!r}: letters, digits, '-', '_', '.', at most "
-                                f"{MODEL_NAME_MAX}")
+            raise RegistryError(f"invalid model name {model!r}: {MODEL_NAME_RULE}")
         source = Path(source)
         model_file = source / MODEL_FILE
         if not model_file.is_file():
@@ -564,9 +559,9 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 
 
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
-    """The registry on the local stack (``settings``: infra.settings.PipelineSettings), as ``role`` in MinIO and
+    """The registry on the local stack (``settings``: config.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from infra.settings import kafka_client
+    from config import kafka_client
     from processors.objects import minio_client
     from stream.cassandra import connect
 

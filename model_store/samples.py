@@ -162,7 +162,7 @@ def ensure_samples(dest_dir: Path, cache_dir: Path, download: bool = True) -> li
 
 
 def main() -> int:
-    from infra.settings import StackSettings  # only entry points read settings
+    from config import StackSettings  # only entry points read settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = StackSettings.from_env()

@@ -101,7 +101,7 @@ class ModelWatcher:
                  *, poll_timeout_s: float = 0.5, registry_ca: Path | None = None):
         self.topic = f"{prefix}models"
         self.table = table or RoutingTable()
-        self._kafka = dict(kafka)  # librdkafka connection settings (infra.settings.kafka_client)
+        self._kafka = dict(kafka)  # librdkafka connection settings (config.kafka_client)
         self._registry_url = registry_url
         self._registry_ca = registry_ca  # the registry's HTTPS certificate is verified against it
         self._poll = poll_timeout_s

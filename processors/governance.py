@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas import events
 from stream.cassandra import DRIVER_ERRORS, timestamp_ms
 from stream.errors import TransientError
 from stream.records import now_ms
@@ -53,11 +54,13 @@ def result_hidden(result: Mapping[str, Any], tombstones: Mapping[tuple[str, str]
 
 def deleted_result(result: Mapping[str, Any]) -> dict[str, Any]:
     """What a request of a deleted image ends as: REJECTED IMAGE_DELETED, nothing of the image kept (no
-    detections, sizes or hash), so that no request waits forever and a job's count still completes."""
-    return {**result, "status": "REJECTED", "detections": [], "image_width": None, "image_height": None,
-            "image_sha256": None, "model_name": None, "model_version": None, "cache_hit": False, "review": False,
-            "error_code": IMAGE_DELETED, "error_message": "the image was deleted before its result was stored",
-            "completed_at": now_ms()}
+    detections, sizes or hash), so that no request waits forever and a job's count still completes. Of
+    ``result`` it keeps the request's ids, lane, timings and submission time."""
+    return events.detection_result(
+        request_id=result["request_id"], tenant=result["tenant"], status="REJECTED",
+        timings_ms=result.get("timings_ms") or {}, error_code=IMAGE_DELETED,
+        error_message="the image was deleted before its result was stored", job_id=result.get("job_id"),
+        lane=result.get("lane") or "BATCH", submitted_at=result.get("submitted_at"), completed_at=now_ms())
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,10 @@ def review_key(tenant: str, sha256: str) -> str:
 def abuse_event(result: Mapping[str, Any], flagged: Iterable[str], review_object: str | None,
                 retention_days: int, revision: int) -> dict[str, Any]:
     """The AbuseEvent of a flagged result (the only constructor: postprocess and scan's cache hits use it)."""
-    return {"tenant": result["tenant"], "request_id": result["request_id"], "image_sha256": result.get("image_sha256"),
-            "classes": sorted(flagged), "review_object": review_object, "retention_days": int(retention_days),
-            "cache_hit": bool(result.get("cache_hit")), "policy_revision": int(revision), "flagged_at": now_ms()}
+    return events.abuse_event(
+        tenant=result["tenant"], request_id=result["request_id"], image_sha256=result.get("image_sha256"),
+        classes=sorted(flagged), review_object=review_object, retention_days=int(retention_days),
+        cache_hit=bool(result.get("cache_hit")), policy_revision=int(revision), flagged_at=now_ms())
 
 
 class _TTLCache:

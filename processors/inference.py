@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound, ModelVersion
 from model_store.decoders import DecoderError, decode_outputs
 from model_store.detect import Candidates, to_model_input
@@ -38,6 +38,7 @@ from model_store.session import SessionError, SessionSettings, create_session
 from processors import metrics as PM
 from processors.params import effective_params
 from processors.tensor_encoding import model_input
+from schemas import events
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs, terminal_result
 from stream.serde import epoch_ms
@@ -83,8 +84,9 @@ def tensor_of(value: dict[str, Any], mv: ModelVersion) -> np.ndarray:
 def candidate_dicts(c: Candidates, threshold: float, limit: int) -> list[dict[str, Any]]:
     keep = np.nonzero(c.scores >= threshold)[0]
     keep = keep[np.argsort(-c.scores[keep], kind="stable")][:limit]
-    return [{"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]), "score": float(s),
-             "class_id": int(k)} for b, s, k in zip(c.boxes[keep], c.scores[keep], c.class_ids[keep], strict=True)]
+    return [events.candidate(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]), score=float(s),
+                             class_id=int(k))
+            for b, s, k in zip(c.boxes[keep], c.scores[keep], c.class_ids[keep], strict=True)]
 
 
 class InferenceStage:
@@ -280,16 +282,14 @@ class InferenceStage:
         batch_id = uuid.uuid4().hex[:16]
         for (i, rec, _t, threshold), cands in zip(ready, decoded, strict=True):
             value = rec.value
-            event = {
-                "context": value["context"],
-                "candidates": candidate_dicts(cands, threshold, self.settings.max_candidates),
-                "model_name": mv.name, "model_version": mv.version, "batch_id": batch_id, "batch_size": n,
-                "image_sha256": value["image_sha256"], "original_width": value["original_width"],
-                "original_height": value["original_height"], "exif_orientation": value.get("exif_orientation", 1),
-                "letterbox": value["letterbox"],
-                "timings_ms": {**value.get("timings_ms", {}), "inference": (t1 - t0) * 1000 / n,
-                               "inference_batch": (t1 - t0) * 1000, "candidates": (t2 - t1) * 1000 / n},
-            }
+            event = events.inference_output(
+                context=value["context"], candidates=candidate_dicts(cands, threshold, self.settings.max_candidates),
+                model_name=mv.name, model_version=mv.version, batch_id=batch_id, batch_size=n,
+                image_sha256=value["image_sha256"], original_width=value["original_width"],
+                original_height=value["original_height"], exif_orientation=value.get("exif_orientation", 1),
+                letterbox=value["letterbox"],
+                timings_ms={**value.get("timings_ms", {}), "inference": (t1 - t0) * 1000 / n,
+                            "inference_batch": (t1 - t0) * 1000, "candidates": (t2 - t1) * 1000 / n})
             done.append((i, [Output(lane_topic(self.prefix, rec.lane, "inferred"), value["context"]["request_id"],
                                     event, "InferenceOutput")]))
         return done

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas import events
 from stream.cassandra import DRIVER_ERRORS, timestamp_ms, transient
 from stream.errors import TransientError
 from stream.records import Output, now_ms
@@ -131,10 +132,9 @@ class JobTracker:
             self.store.mark_completed(tenant, job_id, counts, completed_at)
         self._remember_row(key, {**job, "status": "COMPLETED", "completed_at": completed_at,
                                  **{s.lower(): n for s, n in zip(STATUSES, mine, strict=True)}})
-        return Output(self.topic, job_id, {
-            "job_id": job_id, "tenant": tenant, "status": "COMPLETED", "total": int(job["total"]),
-            "ok": mine[0], "rejected": mine[1], "failed": mine[2],
-            "created_at": job.get("created_at"), "completed_at": completed_at}, "JobEvent")
+        return Output(self.topic, job_id, events.job_event(
+            job_id=job_id, tenant=tenant, status="COMPLETED", total=int(job["total"]), ok=mine[0], rejected=mine[1],
+            failed=mine[2], created_at=job.get("created_at"), completed_at=completed_at), "JobEvent")
 
     def check(self, results: Sequence[Mapping[str, Any]]) -> JobCheck:
         """Check each job the (stored) results touch. A job whose check fails is unsettled until one succeeds."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import LifecycleSettings, PipelineSettings
+from config import LifecycleSettings, PipelineSettings
 from model_store.detect import box_iou
 from model_store.watch import RoutingTable
 from processors import metrics as PM

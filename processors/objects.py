@@ -10,7 +10,7 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from infra.stack.minio import https_pool
 from stream.errors import InvalidRecord, TransientError
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from stream.errors import InvalidRecord
 
 

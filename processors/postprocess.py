@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.detect import Candidates, nms, unletterbox
 from processors import metrics as PM
@@ -34,6 +34,7 @@ from processors.governance import (
     store_unless_deleted,
 )
 from processors.params import CacheKey, EffectiveParams, effective_params
+from schemas import events
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
 from stream.serde import epoch_ms
@@ -93,9 +94,9 @@ def detections(value: Mapping[str, Any], params: EffectiveParams, class_names: S
     out = []
     for b, s, c in zip(boxes, kept.scores, kept.class_ids, strict=True):
         x1, y1, x2, y2 = (float(v) for v in b)
-        out.append({"class_id": int(c), "class_name": class_names[int(c)], "score": float(s),
-                    "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
-                    "box_norm": {"x1": x1 / w, "y1": y1 / h, "x2": x2 / w, "y2": y2 / h}})
+        out.append(events.detection(class_id=int(c), class_name=class_names[int(c)], score=float(s),
+                                    box=events.box(x1=x1, y1=y1, x2=x2, y2=y2),
+                                    box_norm=events.box(x1=x1 / w, y1=y1 / h, x2=x2 / w, y2=y2 / h)))
     return out
 
 
@@ -184,13 +185,11 @@ class PostprocessStage:
         submitted = epoch_ms(ctx.get("submitted_at")) or done
         timings = {**value.get("timings_ms", {}), "postprocess": (time.perf_counter() - t0) * 1000,
                    "end_to_end": float(done - submitted)}
-        result = {
-            "request_id": ctx["request_id"], "tenant": ctx["tenant"], "status": "OK", "detections": dets,
-            "image_width": value["original_width"], "image_height": value["original_height"],
-            "image_sha256": value["image_sha256"], "model_name": mv.name, "model_version": mv.version,
-            "timings_ms": timings, "error_code": None, "error_message": None, "job_id": ctx.get("job_id"),
-            "lane": ctx.get("lane") or rec.lane.upper(), "cache_hit": False, "completed_at": done,
-            "submitted_at": epoch_ms(ctx.get("submitted_at")), "review": False,
-        }
+        result = events.detection_result(
+            request_id=ctx["request_id"], tenant=ctx["tenant"], status="OK", detections=dets,
+            image_width=value["original_width"], image_height=value["original_height"],
+            image_sha256=value["image_sha256"], model_name=mv.name, model_version=mv.version, timings_ms=timings,
+            job_id=ctx.get("job_id"), lane=ctx.get("lane") or rec.lane.upper(),
+            submitted_at=epoch_ms(ctx.get("submitted_at")), completed_at=done)
         key = CacheKey(ctx["tenant"], value["image_sha256"], mv.name, mv.version, params.digest())
         return result, key

@@ -14,12 +14,13 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.detect import letterbox_region
 from processors import metrics as PM
 from processors.imaging import ImageLimits, ImageRejected, prepare
 from processors.tensor_encoding import ENCODINGS, REGION, encoded
+from schemas import events
 from stream.errors import InvalidRecord
 from stream.records import Outcome, Output, Record, per_record
 from stream.topics import LANES, lane_topic
@@ -84,17 +85,11 @@ class PreprocessStage:
         region, scale, (pad_x, pad_y) = letterbox_region(prepared.image, size)
         tensor = encoded(region, (pad_x, pad_y), size, spec.pad_value, self.tensor_encoding)
         t1 = time.perf_counter()
-        event = {
-            "context": ctx,
-            **tensor,
-            "image_sha256": value["sha256"],
-            "image_format": prepared.format,
-            "original_width": prepared.width,
-            "original_height": prepared.height,
-            "exif_orientation": prepared.orientation,
-            "letterbox": {"scale": scale, "pad_x": float(pad_x), "pad_y": float(pad_y),
-                          "input_width": spec.width, "input_height": spec.height},
-            "timings_ms": {**value.get("timings_ms", {}), **prepared.timings_ms, "letterbox": (t1 - t0) * 1000},
-        }
+        event = events.image_preprocessed(
+            context=ctx, **tensor, image_sha256=value["sha256"], image_format=prepared.format,
+            original_width=prepared.width, original_height=prepared.height, exif_orientation=prepared.orientation,
+            letterbox=events.letterbox(scale=scale, pad_x=float(pad_x), pad_y=float(pad_y), input_width=spec.width,
+                                       input_height=spec.height),
+            timings_ms={**value.get("timings_ms", {}), **prepared.timings_ms, "letterbox": (t1 - t0) * 1000})
         return [Output(lane_topic(self.prefix, rec.lane, "preprocessed"), ctx["request_id"], event,
                        "ImagePreprocessed")]

@@ -22,13 +22,14 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from processors import metrics as PM
 from processors.governance import IMAGE_DELETED, apply_policy, deleted_at_of, deleted_result, hidden
 from processors.params import CacheKey, effective_params
 from processors.postprocess import Governance, flag_for_review
 from processors.scanner import ScanVerdict
+from schemas import events
 from stream import ingest
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, per_record, result_outputs, terminal_result
@@ -101,10 +102,16 @@ def verdict_result(value: Mapping[str, Any], lane: str, sha256: str, signature: 
 
 
 def cached_result(cached: Mapping[str, Any], value: Mapping[str, Any], lane: str, waited_ms: float) -> dict[str, Any]:
-    """A cache entry re-issued for this request: the detections and model of the entry, this request's ids."""
-    return {**cached, "request_id": value["request_id"], "tenant": value["tenant"], "job_id": value.get("job_id"),
-            "lane": lane.upper(), "cache_hit": True, "timings_ms": {"cache_lookup": waited_ms},
-            "submitted_at": epoch_ms(value.get("submitted_at")), "review": False, "completed_at": now_ms()}
+    """A cache entry re-issued for this request: the outcome, detections, image and model of the entry, this
+    request's ids."""
+    return events.detection_result(
+        request_id=value["request_id"], tenant=value["tenant"], status=cached.get("status") or "FAILED",
+        detections=cached.get("detections") or (), image_width=cached.get("image_width"),
+        image_height=cached.get("image_height"), image_sha256=cached.get("image_sha256"),
+        model_name=cached.get("model_name"), model_version=cached.get("model_version"),
+        timings_ms={"cache_lookup": waited_ms}, error_code=cached.get("error_code"),
+        error_message=cached.get("error_message"), job_id=value.get("job_id"), lane=lane.upper(), cache_hit=True,
+        submitted_at=epoch_ms(value.get("submitted_at")), review=False, completed_at=now_ms())
 
 
 class ScanStage:
@@ -240,22 +247,22 @@ class ScanStage:
 
         image = value["image"]
         obj = stored_object(image)
-        source = None if obj is None else {k: obj.get(k) for k in ("bucket", "key", "sha256", "size", "content_type")}
+        source = None if obj is None else events.object_ref(
+            bucket=obj["bucket"], key=obj["key"], sha256=obj.get("sha256"), size=obj.get("size"),
+            content_type=obj.get("content_type"))
         if len(data) <= self.settings.inline_max_bytes:
-            forwarded: dict[str, Any] = {"data": data, "sha256": sha256, "content_type": image.get("content_type")}
+            forwarded = events.inline_image(data=data, sha256=sha256, content_type=image.get("content_type"))
         else:
             forwarded = {**(source or {}), "sha256": sha256, "size": len(data)}
-        scanned = {
-            "context": {
-                "request_id": value["request_id"], "tenant": tenant, "lane": value["lane"],
-                "model": {"name": model.name, "version": model.version}, "params": value.get("params") or {},
-                "deadline_ms": value.get("deadline_ms"), "job_id": value.get("job_id"),
-                "submitted_at": value["submitted_at"], "source": source,
-            },
-            "image": forwarded, "sha256": sha256, "size": len(data), "scanner": self.scanner.name,
-            "timings_ms": {"fetch": (t_fetch - t0) * 1000, "cache_lookup": (t_scan - t_fetch) * 1000,
-                           "scan": (t_done - t_scan) * 1000},
-        }
+        context = events.request_context(
+            request_id=value["request_id"], tenant=tenant, lane=value["lane"],
+            model=events.model_selector(name=model.name, version=model.version), params=value.get("params") or {},
+            deadline_ms=value.get("deadline_ms"), job_id=value.get("job_id"), submitted_at=value["submitted_at"],
+            source=source)
+        scanned = events.image_scanned(
+            context=context, image=forwarded, sha256=sha256, size=len(data), scanner=self.scanner.name,
+            timings_ms={"fetch": (t_fetch - t0) * 1000, "cache_lookup": (t_scan - t_fetch) * 1000,
+                        "scan": (t_done - t_scan) * 1000})
         return [Output(lane_topic(self.prefix, rec.lane, "scanned"), value["request_id"], scanned, "ImageScanned")]
 
     def _route_role(self, selector: dict[str, Any], version: int) -> str:

@@ -18,12 +18,13 @@ import logging
 from collections import Counter as Tally
 from typing import Any
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.catalog import ModelCatalog, ModelNotFound
 from model_store.routing import Routing
 from processors.inference import InferenceStage
 from processors.params import effective_params
 from processors.postprocess import detections
+from schemas import events
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms
 from stream.topics import LANES, lane_topic
@@ -39,15 +40,13 @@ def shadow_result(inferred: dict[str, Any], class_names: tuple[str, ...], settin
     """The shadow's DetectionResult for one InferenceOutput (the same post-processing as production's)."""
     ctx = inferred["context"]
     params = effective_params(ctx.get("params"), settings, class_names)
-    return {
-        "request_id": ctx["request_id"], "tenant": ctx["tenant"], "status": "OK",
-        "detections": detections(inferred, params, class_names),
-        "image_width": inferred["original_width"], "image_height": inferred["original_height"],
-        "image_sha256": inferred["image_sha256"], "model_name": inferred["model_name"],
-        "model_version": inferred["model_version"], "timings_ms": inferred.get("timings_ms", {}),
-        "error_code": None, "error_message": None, "job_id": ctx.get("job_id"), "lane": ctx.get("lane") or "ONLINE",
-        "cache_hit": False, "completed_at": now_ms(),
-    }
+    return events.detection_result(
+        request_id=ctx["request_id"], tenant=ctx["tenant"], status="OK",
+        detections=detections(inferred, params, class_names), image_width=inferred["original_width"],
+        image_height=inferred["original_height"], image_sha256=inferred["image_sha256"],
+        model_name=inferred["model_name"], model_version=inferred["model_version"],
+        timings_ms=inferred.get("timings_ms", {}), job_id=ctx.get("job_id"), lane=ctx.get("lane") or "ONLINE",
+        completed_at=now_ms())
 
 
 class ShadowStage:

@@ -4,6 +4,9 @@ A schema may refer to a named type defined in a sibling file
 (``io.detectflow.events.ObjectRef`` -> ``io.detectflow.events.ObjectRef.avsc``).
 ``expanded`` inlines those definitions, docs included, so the registry holds
 self-contained schemas that any Confluent Avro deserializer reads as they are.
+
+Beside them: ``schemas.events`` (one constructor per record, what every producer builds events with) and
+``schemas.names`` (the model-name rule).
 """
 
 from __future__ import annotations

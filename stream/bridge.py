@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from schemas import events
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 from stream.errors import InvalidRecord
 from stream.records import Failure, Outcome, Output, Record, now_ms
 from stream.topics import TENANT_RE, lane_topic
@@ -77,23 +79,16 @@ def parse_notification(event: Mapping[str, Any]) -> list[ObjectCreated]:
     return out
 
 
-def to_submission(obj: ObjectCreated, *, submitted_at: int) -> dict[str, Any]:
+def to_submission(obj: ObjectCreated, *, model: str, submitted_at: int) -> dict[str, Any]:
+    """The ImageSubmitted of an uploaded object, for ``model`` (the deployment's default model)."""
     tenant, _, rest = obj.key.partition("/")
     if not rest or not TENANT_RE.match(tenant):
         raise InvalidRecord("INVALID_OBJECT_KEY", f"object key {obj.key!r} does not start with '<tenant>/'")
-    return {
-        "request_id": obj.request_id,
-        "tenant": tenant,
-        "image": {"bucket": obj.bucket, "key": obj.key, "sha256": None, "size": obj.size,
-                  "content_type": obj.content_type},
-        "lane": "BATCH",
-        "model": {"name": "yolov4-tiny", "version": None},
-        "params": {"score_threshold": None, "max_detections": None, "classes": []},
-        "deadline_ms": None,
-        "idempotency_key": None,
-        "job_id": obj.meta("job-id"),
-        "submitted_at": submitted_at,
-    }
+    return events.image_submitted(
+        request_id=obj.request_id, tenant=tenant,
+        image=events.object_ref(bucket=obj.bucket, key=obj.key, size=obj.size, content_type=obj.content_type),
+        lane="BATCH", model=events.model_selector(name=model), params=events.detect_params(),
+        job_id=obj.meta("job-id"), submitted_at=submitted_at)
 
 
 class ClaimStore(Protocol):
@@ -124,9 +119,13 @@ class BridgeStage:
     input_event = None
     emits_terminal_results = False
 
-    def __init__(self, claims: ClaimStore, *, prefix: str = "", events_topic: str = EVENTS_TOPIC,
+    def __init__(self, claims: ClaimStore, *, default_model: str, prefix: str = "", events_topic: str = EVENTS_TOPIC,
                  buckets: tuple[str, ...] = ("uploads",), clock: Callable[[], int] = now_ms):
+        """``default_model``: what every upload is detected with (PipelineSettings.default_model)."""
+        if not valid_model_name(default_model):
+            raise ValueError(f"default model {default_model!r} (DETECTFLOW_DEFAULT_MODEL): {MODEL_NAME_RULE}")
         self.claims = claims
+        self.default_model = default_model
         self.prefix = prefix
         self.events_topic = events_topic
         self.buckets = buckets
@@ -145,7 +144,7 @@ class BridgeStage:
             for obj in objects:
                 if obj.bucket not in self.buckets or obj.meta(SUBMITTED_MARK):  # the gateway submits these itself
                     continue
-                submission = to_submission(obj, submitted_at=self.clock())
+                submission = to_submission(obj, model=self.default_model, submitted_at=self.clock())
                 source = f"{rec.topic}:{rec.partition}:{rec.offset}"
                 if self.claims.claim(obj.object_id, obj.request_id, source):
                     outs.append(Output(lane_topic(self.prefix, "batch", "submitted"), obj.request_id, submission,

@@ -23,7 +23,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionP
 from cassandra.pool import NoConnectionsAvailable
 from cassandra.protocol import ErrorMessage
 
-from infra.settings import Login, SettingsError, StreamSettings
+from config import Login, SettingsError, StreamSettings
 from schemas import SCHEMA_DIR
 from stream.errors import StreamError, TransientError
 

@@ -16,12 +16,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.settings import PipelineSettings, StreamSettings, kafka_client
+from config import PipelineSettings, StreamSettings, kafka_client
+from schemas import events
+from schemas.names import MODEL_NAME_RULE, valid_model_name
 from stream import headers as H
 from stream.errors import TransientError
 from stream.ingest import principal
@@ -48,13 +50,17 @@ class DetectClient:
     a tenant (``as_tenant=True``: the principal `tenant-<tenant>`, its ingest topic, the batch lane, replies on
     its own reply topic; docs/events.md, "Producing into Kafka as a tenant")."""
 
-    def __init__(self, settings: StreamSettings, *, tenant: str = "cli", reply_partition: int | None = None,
-                 inline_max_bytes: int = PipelineSettings.inline_max_bytes,
+    def __init__(self, settings: StreamSettings, *, default_model: str, tenant: str = "cli",
+                 reply_partition: int | None = None,
+                 inline_max_bytes: int = PipelineSettings.default_of("inline_max_bytes"),
                  upload: Callable[[str, bytes, str | None], tuple[str, str]] | None = None,
                  serde: AvroSerde | None = None, as_tenant: bool = False):
+        if not valid_model_name(default_model):
+            raise ValueError(f"default model {default_model!r} (DETECTFLOW_DEFAULT_MODEL): {MODEL_NAME_RULE}")
         if as_tenant:
-            settings = replace(settings, kafka_user=principal(tenant))
+            settings = settings.replace(kafka_user=principal(tenant))
         self.settings = settings
+        self.default_model = default_model  # what a submission that names no model asks for
         self.tenant = tenant
         self.as_tenant = as_tenant
         self.inline_max_bytes = inline_max_bytes
@@ -88,19 +94,19 @@ class DetectClient:
         self.router.close()
 
     def submit(self, data: bytes, *, lane: str = "online", timeout_s: float = 60.0,
-               params: Mapping[str, Any] | None = None, model: str = "yolov4-tiny", version: int | None = None,
+               params: Mapping[str, Any] | None = None, model: str | None = None, version: int | None = None,
                content_type: str | None = None, job_id: str | None = None, deadline_ms: int | None = None,
                request_id: str | None = None) -> Submitted:
         """Produce one ImageSubmitted; its reply is awaited until ``timeout_s`` from now."""
         sha = hashlib.sha256(data).hexdigest()
         if len(data) <= self.inline_max_bytes:
-            image: dict[str, Any] = {"data": data, "sha256": sha, "content_type": content_type}
+            image = events.inline_image(data=data, sha256=sha, content_type=content_type)
         elif self.upload is None:
             raise InlineLimitExceeded(f"{len(data)} bytes is over the inline limit of {self.inline_max_bytes} "
                                       "and this client has no MinIO uploader to send it by reference")
         else:
             bucket, key = self._upload(f"{self.tenant}/{sha}", data, content_type, time.monotonic() + timeout_s)
-            image = {"bucket": bucket, "key": key, "sha256": sha, "size": len(data), "content_type": content_type}
+            image = events.object_ref(bucket=bucket, key=key, sha256=sha, size=len(data), content_type=content_type)
         return self.submit_image(image, lane=lane, timeout_s=timeout_s, params=params, model=model, version=version,
                                  job_id=job_id, deadline_ms=deadline_ms, request_id=request_id)
 
@@ -119,25 +125,27 @@ class DetectClient:
 
     def submit_ref(self, bucket: str, key: str, **kwargs: Any) -> Submitted:
         """Submit an object already in MinIO by reference (what systems producing into Kafka send)."""
-        return self.submit_image({"bucket": bucket, "key": key, "sha256": None, "size": None,
-                                  "content_type": None}, **kwargs)
+        return self.submit_image(events.object_ref(bucket=bucket, key=key), **kwargs)
 
     def submit_image(self, image: dict[str, Any], *, lane: str = "online", timeout_s: float = 60.0,
-                     params: Mapping[str, Any] | None = None, model: str = "yolov4-tiny", version: int | None = None,
+                     params: Mapping[str, Any] | None = None, model: str | None = None, version: int | None = None,
                      job_id: str | None = None, deadline_ms: int | None = None,
                      request_id: str | None = None) -> Submitted:
+        """Produce one ImageSubmitted for ``image`` (an events.object_ref or events.inline_image); ``model`` None
+        asks for the default model."""
+        model = self.default_model if model is None else model
+        if not valid_model_name(model):
+            raise ValueError(f"model {model!r}: {MODEL_NAME_RULE}")
         self.start()
         request_id = request_id or str(uuid.uuid4())
         correlation = uuid.uuid4().hex
         deadline = time.time() + timeout_s
         if self.as_tenant:
             lane = "batch"  # an ingest topic is the batch lane (the gateway is the online path)
-        event = {
-            "request_id": request_id, "tenant": self.tenant, "image": image, "lane": lane.upper(),
-            "model": {"name": model, "version": version},
-            "params": {"score_threshold": None, "max_detections": None, "classes": [], **(params or {})},
-            "deadline_ms": deadline_ms, "idempotency_key": None, "job_id": job_id, "submitted_at": now_ms(),
-        }
+        event = events.image_submitted(
+            request_id=request_id, tenant=self.tenant, image=image, lane=lane.upper(),
+            model=events.model_selector(name=model, version=version), params=events.detect_params(**(params or {})),
+            deadline_ms=deadline_ms, job_id=job_id, submitted_at=now_ms())
         topic = (ingest_topic(self.settings.topic_prefix, self.tenant) if self.as_tenant
                  else lane_topic(self.settings.topic_prefix, lane, "submitted"))
         headers = {H.CORRELATION_ID: correlation.encode(), H.REPLY_TO: self.router.reply_to.encode(),

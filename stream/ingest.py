@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from schemas import events
 from stream import headers as H
 from stream.records import Output, Record, now_ms, result_outputs, terminal_result
 from stream.serde import epoch_ms
@@ -92,8 +93,9 @@ def audit_event(prefix: str, result: Mapping[str, Any]) -> dict[str, Any] | None
     if result.get("error_code") != TENANT_MISMATCH:
         return None
     tenant, request_id = result["tenant"], result["request_id"]
-    return {"event_id": str(uuid.uuid5(AUDIT_NAMESPACE, f"{tenant}/{request_id}/{TENANT_MISMATCH}")),
-            "tenant": tenant, "subject": principal(tenant), "action": "ingest",
-            "resource": ingest_topic(prefix, tenant), "outcome": "denied", "status": 403,
-            "request_id": request_id or None, "detail": f"{TENANT_MISMATCH}: {result.get('error_message') or ''}"[:500],
-            "event_time": epoch_ms(result.get("completed_at")) or now_ms()}
+    return events.audit_event(
+        event_id=str(uuid.uuid5(AUDIT_NAMESPACE, f"{tenant}/{request_id}/{TENANT_MISMATCH}")), tenant=tenant,
+        subject=principal(tenant), action="ingest", resource=ingest_topic(prefix, tenant), outcome="denied",
+        status=403, request_id=request_id or None,
+        detail=f"{TENANT_MISMATCH}: {result.get('error_message') or ''}"[:500],
+        event_time=epoch_ms(result.get("completed_at")) or now_ms())

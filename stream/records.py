@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas import events
 from stream import headers as H
 from stream.errors import InvalidRecord, StreamError, TransientError
 from stream.serde import epoch_ms
@@ -103,26 +104,10 @@ def terminal_result(*, key: str | None, value: Mapping[str, Any] | None, lane: s
                     code: str, message: str, timings_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The DetectionResult that closes a request which cannot succeed."""
     req = request_fields(value)
-    return {
-        "request_id": req.get("request_id") or key or "",
-        "tenant": req.get("tenant") or "",
-        "status": status,
-        "detections": [],
-        "image_width": None,
-        "image_height": None,
-        "image_sha256": None,
-        "model_name": None,
-        "model_version": None,
-        "timings_ms": dict(timings_ms or {}),
-        "error_code": code,
-        "error_message": message[:2000],
-        "job_id": req.get("job_id"),
-        "lane": (req.get("lane") or lane).upper(),
-        "cache_hit": False,
-        "submitted_at": req.get("submitted_at"),
-        "review": False,
-        "completed_at": now_ms(),
-    }
+    return events.detection_result(
+        request_id=req.get("request_id") or key or "", tenant=req.get("tenant") or "", status=status,
+        timings_ms=timings_ms or {}, error_code=code, error_message=message[:2000], job_id=req.get("job_id"),
+        lane=(req.get("lane") or lane).upper(), submitted_at=req.get("submitted_at"), completed_at=now_ms())
 
 
 def result_outputs(prefix: str, result: dict[str, Any], carried: dict[str, bytes]) -> list[Output]:

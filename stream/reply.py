@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from infra.settings import StreamSettings, kafka_client
+from config import StreamSettings, kafka_client
 from stream import headers as H
 from stream import metrics as M
 from stream.errors import StreamError

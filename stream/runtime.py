@@ -53,7 +53,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from infra.settings import StreamSettings, kafka_client
+from config import StreamSettings, kafka_client
+from schemas import events
 from stream import headers as H
 from stream import ingest
 from stream import metrics as M
@@ -610,12 +611,11 @@ class StageRunner:
         provenance = {H.DLQ_TOPIC: msg.topic().encode(), H.DLQ_PARTITION: str(msg.partition()).encode(),
                       H.DLQ_OFFSET: str(msg.offset()).encode(), H.ERROR_CLASS: error_class.encode(),
                       H.ERROR_MESSAGE: message[:500].encode(), H.ATTEMPT: str(attempts).encode()}
-        letter = {
-            "stage": self.stage.name, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
-            "key": msg.key(), "value": msg.value() or b"", "headers": original, "error_class": error_class,
-            "error_message": message[:2000], "attempts": attempts,
-            "request_id": request_fields(value).get("request_id") or key, "failed_at": now_ms(),
-        }
+        letter = events.dead_letter(
+            stage=self.stage.name, topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+            key=msg.key(), value=msg.value() or b"", headers=original, error_class=error_class,
+            error_message=message[:2000], attempts=attempts,
+            request_id=request_fields(value).get("request_id") or key, failed_at=now_ms())
         # The original headers (correlation id, traceparent) travel on, provenance on top.
         outputs = [Output(dlq_topic(origin), key or "", letter, "DeadLetter", {**original, **provenance})]
         if self.stage.emits_terminal_results:
@@ -748,9 +748,14 @@ class StageRunner:
             log.warning("%s: last checkpoint failed at close: %s", self.stage.name, exc)
         finally:
             self.consumer.close()
-            self.producer.flush(self.settings.flush_timeout_s)
-            if self.txn_producer is not None:
-                self.txn_producer.flush(self.settings.flush_timeout_s)
+            for producer in (self.producer, self.txn_producer):
+                try:
+                    if producer is not None:
+                        producer.flush(self.settings.flush_timeout_s)
+                except KafkaException as exc:  # a fenced producer (its transaction outlived the broker's
+                    # timeout) raises here: what it held was aborted and is read again by the next owner; the
+                    # error that stopped the loop, not this one, is what the process exits with
+                    log.warning("%s: producer flush at close failed: %s", self.stage.name, exc)
 
     def _produce(self, producer: Producer, out: Output) -> None:
         value = out.value if isinstance(out.value, bytes) else self.serde.encode(out.topic, out.event or "", out.value)

@@ -167,7 +167,7 @@ def all_topics(prefix: str = "", *, max_message_bytes: int = 16 * 1024 * 1024,
 
 def apply(kafka: Mapping[str, Any], specs: list[TopicSpec], *, timeout_s: float = 30.0) -> dict[str, str]:
     """Create missing topics, grow partition counts, set configs (``kafka``: an admin connection, e.g.
-    ``infra.settings.kafka_client(settings)``). Returns name -> action taken."""
+    ``config.kafka_client(settings)``). Returns name -> action taken."""
     admin = AdminClient({**kafka, "log_level": 3})
     try:
         existing = admin.list_topics(timeout=timeout_s).topics

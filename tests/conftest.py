@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import StackSettings
+from config import StackSettings
 
 SUITE_KEYSPACE = "detectflow_test"
 SUITE_MODELS_BUCKET = "test-models"

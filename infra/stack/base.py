@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import process
 
 

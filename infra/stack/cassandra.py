@@ -23,7 +23,7 @@ from cassandra.connection import ConnectionException, DefaultEndPoint
 from cassandra.protocol import QueryMessage, ResultMessage
 from cassandra.query import ConsistencyLevel
 
-from infra.settings import Login, SettingsError
+from config import Login, SettingsError
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
 from infra.stack.cassandra_access import admin_credentials, ensure_access
 from infra.stack.pki import Leaf, Pki, issue

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from infra.settings import Login, StackSettings
+from config import Login, StackSettings
 from infra.stack.base import StackError
 from stream.cassandra import CassandraLoginRefused, apply_migrations, open_session
 

@@ -34,7 +34,7 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
-from infra.settings import Login, StackSettings
+from config import Login, StackSettings
 from infra.stack.pki import Pki
 from stream import topics
 from stream.ingest import principal

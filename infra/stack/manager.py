@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Callable, Iterable
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack.base import Health, Service, ServiceStartError, StackError
 from infra.stack.pki import Pki, issue
 

@@ -24,7 +24,7 @@ from minio.notificationconfig import NotificationConfig, QueueConfig
 from minio.sseconfig import Rule as SseRule
 from minio.sseconfig import SSEConfig
 
-from infra.settings import REVIEW_RETENTION_DAYS, SettingsError, write_private
+from config import REVIEW_RETENTION_DAYS, SettingsError, write_private
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
 from infra.stack.kafka_access import internal_admin
 from infra.stack.kafka_admin import ensure_topic

@@ -20,7 +20,7 @@ from typing import Any
 
 from minio.error import MinioAdminException
 
-from infra.settings import MinioCredentials, StackSettings
+from config import MinioCredentials, StackSettings
 
 GET, PUT, DELETE, LIST = "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"
 # Tags drive the lifecycle rules (infra/stack/minio.py): an upload's URL tags it unclaimed, the gateway

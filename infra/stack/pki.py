@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.settings import write_private
+from config import write_private
 
 CA_DAYS = 3650
 LEAF_DAYS = 397  # the longest a browser accepts; renewed a month before its end

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from infra.stack import manager
 
 

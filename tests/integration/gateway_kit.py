@@ -13,9 +13,9 @@ from typing import Any
 import requests
 from pipeline_kit import Pipeline, start_pipeline
 
+from config import StackSettings
 from gateway.devkeys import DevKeys, ensure_dev_keys, mint
 from infra.roles import SERVICES
-from infra.settings import StackSettings
 
 # Test gateways: dev auth mode (the tests mint dev tokens), generous limits (tests of the limits start their
 # own gateway), long sync deadlines.

@@ -10,7 +10,7 @@ import onnx
 from object_kit import root_minio
 from onnx import TensorProto, helper, numpy_helper
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from model_store.config import CONFIG_FILE, MODEL_FILE
 
 
@@ -76,11 +76,10 @@ SUITE_POLICY = "-suite-models"
 def reset_suite_registry(stack: StackSettings) -> None:
     """The suite's registry (its keyspace and models bucket, never a user's) emptied, then the default model
     pushed through the release gate: v1 is production, as after `make demo` on a fresh machine."""
-    from dataclasses import replace
 
     from stream_kit import new_prefix
 
-    from infra.settings import kafka_client
+    from config import kafka_client
     from infra.stack.cassandra_access import grant_keyspace
     from infra.stack.kafka_access import provision
     from infra.stack.minio import admin_client, encrypt_by_default
@@ -92,7 +91,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
     settings = PipelineSettings.from_env()
     # The registry publishes on its own prefix's `models` topic, never the default deployment's (a user's
     # serving processes would follow the suite's routing); test pipelines republish on theirs.
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=new_prefix()))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=new_prefix()))
     provision(kafka_client(settings.stream, "admin"), settings.stream.topic_prefix)
     drop_suite_state(settings)
     # The suite's keyspace is made as the admin role, and each role granted its tables there (as on the stack's).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from minio import Minio
 
-from infra.settings import MinioCredentials, StackSettings
+from config import MinioCredentials, StackSettings
 from infra.stack.minio import https_pool
 
 

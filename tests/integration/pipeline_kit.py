@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.roles import ROLES
-from infra.settings import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import deprovision, provision
 from infra.supervisor import Supervisor
 from stream.client import DetectClient
@@ -48,7 +48,7 @@ def start_pipeline(stack: StackSettings, prefix: str, log_dir: Path, *, roles: S
 
     env = {**os.environ, **TEST_ENV, **(extra_env or {}), "DETECTFLOW_TOPIC_PREFIX": prefix}
     settings = PipelineSettings.from_env(env)
-    settings = replace(settings, stream=replace(settings.stream, topic_prefix=prefix))
+    settings = settings.replace(stream=settings.stream.replace(topic_prefix=prefix))
     admin = kafka_client(settings.stream, "admin")
     provision(admin, prefix)
     if convert_default:  # the suite registry's default model (tests/conftest.py), routed on this prefix

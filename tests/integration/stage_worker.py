@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from infra.settings import StackSettings
+from config import StackSettings
 from stream.runtime import StageRunner
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

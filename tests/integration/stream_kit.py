@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.settings import StackSettings, StreamSettings, kafka_client
+from config import StackSettings, StreamSettings, kafka_client
 from stream import topics as T
 from stream.errors import InvalidRecord, TransientError
 from stream.records import Failure, Outcome, Output, Record, now_ms, result_outputs
@@ -22,11 +22,10 @@ from stream.serde import AvroSerde
 def stream_settings(stack: StackSettings, prefix: str, **overrides: Any) -> StreamSettings:
     """The environment's settings (the suite's keyspace, the stack's ports, CA and credentials) on ``prefix``,
     with short batches and delays."""
-    from dataclasses import replace
 
     base = {"topic_prefix": prefix, "max_batch": 32, "max_wait_ms": 20, "backoff_initial_ms": 50,
             "retry_delay_ms": 300}
-    return replace(StreamSettings.from_env(), **{**base, **overrides})
+    return StreamSettings.from_env().replace(**{**base, **overrides})
 
 
 _PREFIXES: list[str] = []

@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from object_kit import minio_as
 from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
-from infra.settings import StackSettings, StreamSettings
+from config import StackSettings, StreamSettings
 from stream import topics as T
 from stream.bridge import EVENTS_TOPIC, SUBMITTED_MARK, BridgeStage, CassandraClaims
 from stream.cassandra import connect
@@ -54,7 +54,8 @@ def test_notifications_become_exactly_one_submission_per_object(stack: StackSett
 
     settings: StreamSettings = stream_settings(stack, prefix, max_batch=200)
     session = connect(settings, "bridge")
-    runner = StageRunner(BridgeStage(CassandraClaims(session), prefix=prefix), settings, exactly_once=True)
+    stage = BridgeStage(CassandraClaims(session), default_model="yolov4-tiny", prefix=prefix)
+    runner = StageRunner(stage, settings, exactly_once=True)
     runner.run(idle_stop_s=3.0)
     session.cluster.shutdown()
 

@@ -11,7 +11,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import RoundRobinPolicy
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import manager
 from infra.stack.cassandra_access import admin_credentials
 from stream.cassandra import tls_context

@@ -13,7 +13,7 @@ from cassandra import AuthenticationFailed, ProtocolVersion, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, NoHostAvailable
 
-from infra.settings import Login, StackSettings, StreamSettings
+from config import Login, StackSettings, StreamSettings
 from infra.stack import manager
 from infra.stack.cassandra_access import (
     ADMIN,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from config import StackSettings
 from infra.chaos_drill import KILL_ROLE, PAUSE, RESTART, format_summary
 from infra.chaos_run import ChaosOptions, run_drill
-from infra.settings import StackSettings
 from infra.stack import manager
 
 

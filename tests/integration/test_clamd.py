@@ -6,7 +6,7 @@ import io
 
 import clamd
 
-from infra.settings import StackSettings
+from config import StackSettings
 
 # Built from parts so this file itself is not flagged by a scanner.
 EICAR = ("X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*").encode()

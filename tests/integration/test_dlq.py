@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka import Producer
 from stream_kit import kafka_admin, make_topics, new_prefix, read_all, submission
 
+from config import StackSettings
 from infra.cli import main
 from infra.dlq_cmd import REDRIVEN_FROM
-from infra.settings import StackSettings
 from stream import headers as H
 from stream import topics as T
 from stream.records import now_ms

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from stream_kit import read_all
 
+from config import StackSettings
 from infra.jobs_cmd import JobsClient
-from infra.settings import StackSettings
 from model_store.detect import Detector
 from processors.imaging import ImageLimits, prepare
 from stream.serde import AvroSerde

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from gateway_kit import Gateway, start_stack_with_gateway
 from stream_kit import kafka_admin
 
-from infra.settings import StackSettings
+from config import StackSettings
 from stream.topics import lane_topic
 
 LIMITS = {"DETECTFLOW_RATE_PER_S": "1", "DETECTFLOW_RATE_BURST": "5", "DETECTFLOW_DAILY_QUOTA": "3",

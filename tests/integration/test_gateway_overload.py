@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from gateway_kit import Gateway, start_stack_with_gateway
 from stream_kit import kafka_admin
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from stream.topics import lane_topic
 
 QUOTA = 20

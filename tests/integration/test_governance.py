@@ -18,9 +18,9 @@ from gateway_kit import Gateway, start_stack_with_gateway
 from object_kit import root_minio
 from stream_kit import kafka_admin, read_all
 
+from config import REVIEW_RETENTION_DAYS, PipelineSettings, StackSettings
 from gateway.store import ERASABLE_TABLES
 from infra.jobs_cmd import JobsClient
-from infra.settings import REVIEW_RETENTION_DAYS, PipelineSettings, StackSettings
 from infra.stack.minio import RETENTION_TAG
 from processors.governance import ERASED
 from stream import topics as T

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from stream_kit import kafka_admin, new_prefix, read_all, stream_settings
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from infra.stack.kafka_access import provision
 from model_store.registry import ModelEventLog
 from model_store.routing import Routing
@@ -126,7 +126,7 @@ def roles(stack: StackSettings) -> Iterator[Roles]:
     watcher = ModelWatcher(admin_kafka, stack.registry_url, prefix, registry_ca=stack.tls_ca_file).start(30)
     assert watcher.table.routing(MODEL) is not None
     pipeline = PipelineSettings.from_env()
-    settings = replace(pipeline, stream=stream_settings(stack, prefix))
+    settings = pipeline.replace(stream=stream_settings(stack, prefix))
     catalog = type("Catalog", (), {"table": watcher.table})()
     shadow = ProbeShadow(catalog, settings, inference=object())  # type: ignore[arg-type]
     monitor = ProbeMonitor(watcher.table, None, settings)

@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import AdminClient, NewTopic
 from stream_kit import kafka_admin
 
-from infra.settings import StackSettings
+from config import StackSettings
 
 PARTITIONS = 3
 

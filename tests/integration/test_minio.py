@@ -13,7 +13,7 @@ from minio import Minio
 from object_kit import minio_as
 from stream_kit import kafka_admin
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack.minio import EVENTS_TOPIC
 
 

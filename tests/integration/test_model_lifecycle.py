@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import new_prefix
 
-from infra.settings import PipelineSettings, StackSettings, kafka_client
+from config import PipelineSettings, StackSettings, kafka_client
 from infra.stack.kafka_access import provision
 from model_store.routing import bucket_of
 
@@ -93,7 +93,7 @@ def lc(stack: StackSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert registry.push(model, work / "v2", actor="test", gate=gate).version == 2
     roles = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
     for running in start_pipeline(stack, prefix, work / "logs", roles=roles, extra_env=env, convert_default=False):
-        running.settings = replace(running.settings, default_model=model)
+        running.settings = running.settings.replace(default_model=model)
         # The suite's registry (keyspace, bucket) is dropped at the session's end (conftest).
         yield Lifecycle(running, model, env, registry, source, work)
 

@@ -27,9 +27,9 @@ import pytest
 import requests
 from jwt.algorithms import RSAAlgorithm
 
+from config import GatewaySettings, StackSettings
 from gateway.auth import Authenticator
 from gateway.problems import Problem
-from infra.settings import GatewaySettings, StackSettings
 
 SCRIPT = Path(__file__).resolve().parent / "oidc" / "provider.mjs"
 MODULES = StackSettings.from_env().opt_dir / "oidc-provider" / "node_modules"

@@ -26,9 +26,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from gateway_kit import Gateway, start_stack_with_gateway
 from stream_kit import kafka_admin, read_all
 
+from config import StackSettings
 from infra.jobs_cmd import JobsClient
 from infra.roles import SERVICES
-from infra.settings import StackSettings
 from infra.stack import manager
 from infra.stack.cassandra_access import admin_session
 from stream import headers as H

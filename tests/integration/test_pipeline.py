@@ -20,7 +20,7 @@ from object_kit import minio_as
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import manager
 from model_store.detect import Detector
 from processors.imaging import ImageLimits, prepare

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from config import PipelineSettings, StackSettings
 from gateway.limits import DailyQuota, utc_day
 from gateway.problems import Problem
-from infra.settings import PipelineSettings, StackSettings
 
 LIMIT = 150
 CALLS = 200

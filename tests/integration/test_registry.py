@@ -15,7 +15,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import manager
 from stream.serde import registry_config
 

@@ -24,7 +24,7 @@ from stream_kit import (
     submission,
 )
 
-from infra.settings import StackSettings
+from config import StackSettings
 from stream import headers as H
 from stream import topics as T
 from stream.runtime import StageRunner

@@ -13,7 +13,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from stream_kit import new_prefix, submission
 
 import schemas
-from infra.settings import StackSettings
+from config import StackSettings
 from stream.serde import COMPATIBILITY, AvroSerde, registry_config, subject_for
 
 

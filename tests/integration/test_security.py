@@ -22,7 +22,7 @@ from minio.error import S3Error
 from object_kit import minio_as, root_minio
 from stream_kit import kafka_admin
 
-from infra.settings import PipelineSettings, StackSettings
+from config import PipelineSettings, StackSettings
 from infra.stack.minio_access import ROLE_RIGHTS
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ def test_kafka_refuses_plaintext_unauthenticated_and_unknown_ca_clients(stack: S
 def test_a_stage_principal_writes_and_reads_only_its_own_topics(stack: StackSettings) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    from infra.settings import StreamSettings, kafka_client
+    from config import StreamSettings, kafka_client
     from infra.stack.kafka_access import deprovision, provision
     from stream.topics import lane_topic
 

@@ -10,7 +10,7 @@ from cassandra.cluster import Cluster, Session
 from minio import Minio
 from object_kit import minio_as
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import manager
 from infra.stack.cassandra_access import admin_session
 

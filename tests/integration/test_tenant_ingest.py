@@ -12,8 +12,8 @@ import pytest
 from pipeline_kit import Pipeline, start_pipeline
 from stream_kit import read_all
 
+from config import StackSettings, kafka_client
 from infra.cli import main
-from infra.settings import StackSettings, kafka_client
 from stream import headers as H
 from stream.client import DetectClient
 from stream.records import now_ms
@@ -138,7 +138,8 @@ def test_create_prints_how_to_connect_but_not_the_secret(pipeline: Pipeline, ten
 def test_a_tenants_submission_is_served_as_that_tenant(pipeline: Pipeline, tenants: tuple[str, str],
                                                         sample_jpeg: bytes) -> None:
     a, _ = tenants
-    with DetectClient(pipeline.settings.stream, tenant=a, as_tenant=True) as client:
+    with DetectClient(pipeline.settings.stream, default_model=pipeline.settings.default_model, tenant=a,
+                      as_tenant=True) as client:
         assert client.router.topic == tenant_replies_topic(pipeline.prefix, a)
         result = client.detect(sample_jpeg, lane="online", timeout_s=240)
     assert (result["status"], result["tenant"], result["lane"]) == ("OK", a, "BATCH"), (

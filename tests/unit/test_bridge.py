@@ -34,7 +34,7 @@ def _record(value: dict, offset: int) -> Record:
 def test_keys_are_unescaped_and_tenant_and_job_come_from_key_and_metadata() -> None:
     (obj,) = parse_notification(_notification("acme/2026%2F11/a+b%2Bc.jpg", meta={"X-Amz-Meta-Job-Id": "j-1"}))
     assert obj.key == "acme/2026/11/a b+c.jpg"
-    sub = to_submission(obj, submitted_at=5)
+    sub = to_submission(obj, model="yolov4-tiny", submitted_at=5)
     assert (sub["tenant"], sub["job_id"], sub["lane"]) == ("acme", "j-1", "BATCH")
     assert sub["image"] == {"bucket": "uploads", "key": "acme/2026/11/a b+c.jpg", "sha256": None, "size": 123,
                             "content_type": "image/jpeg"}
@@ -52,7 +52,7 @@ def test_request_id_is_deterministic_per_object_version() -> None:
 def test_keys_without_a_valid_tenant_prefix_are_invalid(key: str) -> None:
     (obj,) = parse_notification(_notification(key))
     with pytest.raises(InvalidRecord) as info:
-        to_submission(obj, submitted_at=0)
+        to_submission(obj, model="yolov4-tiny", submitted_at=0)
     assert info.value.code == "INVALID_OBJECT_KEY"
 
 
@@ -65,7 +65,7 @@ def test_non_create_events_are_ignored_and_garbage_is_invalid() -> None:
 
 
 def test_a_duplicate_notification_emits_once_but_a_redelivery_re_emits() -> None:
-    stage = BridgeStage(_Claims(), prefix="p.")
+    stage = BridgeStage(_Claims(), default_model="yolov4-tiny", prefix="p.")
     note = _notification("acme/x.jpg")
     first, duplicate = stage.process([_record(note, 10), _record(note, 11)])
     assert isinstance(first, list) and len(first) == 1 and first[0].topic == "p.detect.batch.submitted"
@@ -76,5 +76,25 @@ def test_a_duplicate_notification_emits_once_but_a_redelivery_re_emits() -> None
 
 
 def test_invalid_notification_becomes_a_failure_not_an_exception() -> None:
-    (out,) = BridgeStage(_Claims()).process([_record({"Records": "nope"}, 1)])
+    (out,) = BridgeStage(_Claims(), default_model="yolov4-tiny").process([_record({"Records": "nope"}, 1)])
     assert isinstance(out, Failure) and isinstance(out.error, InvalidRecord)
+
+
+def test_uploads_are_detected_with_the_default_model_setting() -> None:
+    """DETECTFLOW_DEFAULT_MODEL reaches bridge uploads (it once was a literal here), and the event fits its schema."""
+    import fastavro.validation
+
+    import schemas
+    from config import PipelineSettings
+
+    settings = PipelineSettings.from_env({"DETECTFLOW_DEFAULT_MODEL": "ppe-v2"})
+    stage = BridgeStage(_Claims(), default_model=settings.default_model)
+    ((out,),) = stage.process([_record(_notification("acme/x.jpg"), 1)])
+    assert out.event == "ImageSubmitted" and out.value["model"] == {"name": "ppe-v2", "version": None}
+    assert fastavro.validation.validate(out.value, schemas.parsed("ImageSubmitted"), raise_errors=True)
+
+
+@pytest.mark.parametrize("name", ["YoloV5", "x..y", ""])
+def test_a_default_model_that_is_not_a_model_name_is_refused_at_start(name: str) -> None:
+    with pytest.raises(ValueError, match="default model"):
+        BridgeStage(_Claims(), default_model=name)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.settings import Login, SettingsError, StackSettings, StreamSettings
+from config import Login, SettingsError, StackSettings, StreamSettings
 from infra.stack.cassandra import CassandraService
 from infra.stack.cassandra_access import ADMIN, MODIFY, ROLE_RIGHTS, SELECT, grant, role_name
 from stream.cassandra import CQL_DIR, statements

@@ -199,7 +199,8 @@ def _summary(sent: list[Sent], copies: list[ResultCopy], jobs: list[dict[str, ob
     rec = reconcile(sent, copies)
     faults = [FaultWindow("kill-role scan", 10.0, 11.0, "pid 1 -> 2")]
     return Summary(rec, faults, [0.5], 3.0, [40.0, 60.0], [900.0], {503: 4}, {}, jobs, 200.0, stall_from_s=12.0,
-                   lag_end={"detectflow.scan": 0, "detectflow.recorder": 3})
+                   lag_end={"detectflow.scan": 0, "detectflow.recorder": 3},
+                   health_ms={"/livez": [1.0, 2.0, 3.0, 40.0], "/readyz": [2.5]}, health_failed={"/readyz": 2})
 
 
 def test_the_summary_passes_and_names_every_figure() -> None:
@@ -212,7 +213,9 @@ def test_the_summary_passes_and_names_every_figure() -> None:
                  "redelivered copies (online, at-least-once): 1", "longest stall: 3.0s (from +12s)",
                  "consumer lag at the end: 3 (detectflow.recorder 3)",
                  "P50 40ms P99 60ms (n=2); during faults: P50 900ms", "503 x4",
-                 "fault kill-role scan: 1.0s (pid 1 -> 2); recovered: first result 0.5s after", "verdict: PASS"):
+                 "fault kill-role scan: 1.0s (pid 1 -> 2); recovered: first result 0.5s after", "verdict: PASS",
+                 "health /livez: P50 2.0ms P99 40.0ms max 40.0ms (n=4; not 200 within 2s: 0)",
+                 "health /readyz: P50 2.5ms P99 2.5ms max 2.5ms (n=1; not 200 within 2s: 2)"):
         assert line in text, (line, text)
 
 
@@ -249,9 +252,9 @@ def test_only_a_loopback_stack_is_accepted() -> None:
 
 
 def test_the_cli_refuses_a_non_loopback_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config import PipelineSettings, StackSettings
     from infra.chaos_drill import ChaosError
     from infra.chaos_run import check_loopback
-    from infra.settings import PipelineSettings, StackSettings
 
     monkeypatch.setenv("DETECTFLOW_KAFKA_BOOTSTRAP", "10.2.3.4:9092")
     with pytest.raises(ChaosError, match=re.escape("kafka=10.2.3.4:9092")):

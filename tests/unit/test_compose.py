@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.settings import Versions
+from config import Versions
 from infra.stack.manager import SERVICE_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_service_has_image_or_build_and_healthcheck(compose: dict, name: str) ->
 
 
 def test_depends_on_matches_the_local_stack(compose: dict) -> None:
-    from infra.settings import StackSettings
+    from config import StackSettings
     from infra.stack.manager import load_services
 
     for svc in load_services(StackSettings(home=Path("/nonexistent"))):

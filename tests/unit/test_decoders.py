@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from darknet_fixtures import random_weights_file
 
-from infra.settings import StackSettings
+from config import StackSettings
 from model_store import darknet
 from model_store.config import InputSpec, ModelConfig, OutputSpec, Provenance, YoloHeadSpec
 from model_store.decoders import (

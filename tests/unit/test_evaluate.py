@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from infra.settings import StackSettings
+from config import StackSettings
 from model_store import evalset
 from model_store.detect import Detection
 from model_store.evalset import (

@@ -12,11 +12,11 @@ from pathlib import Path
 import jwt
 import pytest
 
+from config import GatewaySettings, SettingsError
 from gateway.auth import Authenticator
 from gateway.devkeys import DevKeys, ensure_dev_keys, mint
 from gateway.jwks import JwksFile, KeySourceError, OidcJwks
 from gateway.problems import Problem
-from infra.settings import GatewaySettings, SettingsError
 
 
 class FakeClock:

@@ -8,11 +8,11 @@ import urllib.parse
 
 import pytest
 
+from config import GatewaySettings
 from gateway.inputs import object_key, page_token, parse_page_token, parse_params
 from gateway.limits import DailyQuota, TokenBuckets, seconds_to_midnight, utc_day
 from gateway.presign import presign_put
 from gateway.problems import CODES, Problem
-from infra.settings import GatewaySettings
 
 
 class Clock:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from test_processors import (  # noqa: F401  (catalog is a fixture)
     submitted,
 )
 
-from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings, SettingsError, StackSettings
+from config import REVIEW_RETENTION_DAYS, GatewaySettings, SettingsError, StackSettings
 from infra.stack.minio import RETENTION_TAG, UNCLAIMED_TAG, lifecycle_rules
 from model_store.catalog import ModelCatalog
 from processors.governance import (
@@ -234,7 +233,7 @@ def test_scan_applies_the_policy_to_cache_hits(catalog: ModelCatalog) -> None:
 
 
 def test_lifecycle_rules_expire_uploads_quarantine_unclaimed_uploads_and_review_copies() -> None:
-    stack = replace(StackSettings.from_env({}), uploads_retention_days=3, quarantine_retention_days=20,
+    stack = StackSettings.from_env({}).replace(uploads_retention_days=3, quarantine_retention_days=20,
                     unclaimed_upload_days=2)
     rules = lifecycle_rules(stack)
     days = {b: {r.rule_id: r.expiration.days for r in rs} for b, rs in rules.items()}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infra.settings import PipelineSettings, SettingsError
+from config import PipelineSettings, SettingsError
 from processors.imaging import (
     DECODE_BUDGET_EXCEEDED,
     REJECTION_CODES,

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from config import LifecycleSettings
 from infra.models_cmd import summarize_agreement
-from infra.settings import LifecycleSettings
 from model_store.registry import Registry, RegistryError, VersionInfo
 from model_store.routing import BUCKETS, Routing, RoutingError, bucket_of
 from model_store.watch import RoutingTable

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from config import GatewaySettings
 from gateway.app import create_app
 from gateway.auth import SCOPES
 from gateway.openapi import spec
 from gateway.problems import CODES, Problem
 from gateway.views import coco_view, pending_view, result_view
-from infra.settings import GatewaySettings
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,11 +73,11 @@ def test_reply_address() -> None:
 
 
 def test_scan_refuses_an_inline_image_past_the_inline_limit_unless_it_is_also_stored() -> None:
-    from infra.settings import PipelineSettings
+    from config import PipelineSettings
     from processors.scan import image_bytes
     from stream.errors import InvalidRecord
 
-    settings = replace(PipelineSettings.from_env({}), inline_max_bytes=1024)
+    settings = PipelineSettings.from_env({}).replace(inline_max_bytes=1024)
     with pytest.raises(InvalidRecord) as refused:
         image_bytes({"data": b"\xff" * 1025}, "t1", None, settings)  # type: ignore[arg-type]
     assert refused.value.code == "IMAGE_TOO_LARGE" and "object reference" in refused.value.message
@@ -115,7 +114,7 @@ class _Msg:
 
 
 def test_a_partition_waits_uncommitted_while_the_registry_is_away() -> None:
-    from infra.settings import StreamSettings
+    from config import StreamSettings
     from stream.runtime import StageRunner
     from stream.serde import RegistryUnavailable
 
@@ -137,7 +136,7 @@ def test_a_partition_waits_uncommitted_while_the_registry_is_away() -> None:
 
     runner = object.__new__(StageRunner)
     runner.stage, runner.serde, runner.consumer = Stage(), Serde(), Consumer()  # type: ignore[assignment]
-    runner.settings = replace(StreamSettings(), backoff_attempts=0)
+    runner.settings = StreamSettings().replace(backoff_attempts=0)
     runner._held, runner._stop = {}, threading.Event()
     msgs = [_Msg("a", 0, 1, b"unknown-schema"), _Msg("a", 0, 2, b"r2"), _Msg("a", 1, 7, b"r3")]
     admitted = runner._admit(msgs)  # type: ignore[arg-type]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from infra.settings import PipelineSettings, StreamSettings
+from config import PipelineSettings, StreamSettings
 from model_store.catalog import ModelCatalog
 from model_store.config import CONFIG_FILE, MODEL_FILE
 from model_store.detect import letterbox
@@ -255,7 +254,7 @@ def fake_model(calls: list[int]) -> Any:
 
 def test_inference_batches_drops_expired_and_keeps_candidates_above_the_threshold(catalog: ModelCatalog) -> None:
     calls: list[int] = []
-    stage = InferenceStage(catalog, replace(SETTINGS, inference_max_batch=4), loader=fake_model(calls))
+    stage = InferenceStage(catalog, SETTINGS.replace(inference_max_batch=4), loader=fake_model(calls))
     image = np.full((300, 400, 3), 90, np.uint8)
     recs = [record(preprocessed(catalog, image, f"r{i}"), lane="batch") for i in range(6)]
     recs.append(record(preprocessed(catalog, image, "late", deadline_ms=now_ms() - 5), lane="batch"))

@@ -199,7 +199,7 @@ async def _outcome(charge: object) -> object:
 
 
 def test_lease_settings_are_read_and_checked() -> None:
-    from infra.settings import GatewaySettings, SettingsError
+    from config import GatewaySettings, SettingsError
 
     default = GatewaySettings.from_env({})
     assert (default.quota_lease_max, default.quota_lease_idle_s) == (50, 10.0)

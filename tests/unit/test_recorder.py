@@ -21,7 +21,7 @@ from test_governance import FakeGovernance
 from test_processors import SETTINGS, FakeResults, catalog, inferred, record  # noqa: F401  (catalog: a fixture)
 
 import stream.cassandra
-from infra.settings import Login
+from config import Login
 from model_store.catalog import ModelCatalog
 from processors.governance import IMAGE_DELETED
 from processors.jobs import CassandraJobs, JobTracker

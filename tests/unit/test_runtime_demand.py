@@ -3,12 +3,11 @@ and the shadow and monitor stages' demand, from the routing table."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from confluent_kafka import OFFSET_END, OFFSET_INVALID, TopicPartition
 
-from infra.settings import PipelineSettings
+from config import PipelineSettings
 from model_store.routing import Routing
 from model_store.watch import RoutingTable
 from processors.monitor import MonitorStage
@@ -158,7 +157,7 @@ def test_an_assignment_without_on_demand_topics_is_left_alone() -> None:
 # ---- the lifecycle stages' demand ---------------------------------------------------------------------------
 def _settings() -> PipelineSettings:
     s = PipelineSettings.from_env({})
-    return replace(s, stream=replace(s.stream, topic_prefix="u."))
+    return s.replace(stream=s.stream.replace(topic_prefix="u."))
 
 
 def _table(*routings: Routing) -> RoutingTable:

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from infra.settings import StackSettings
+from config import StackSettings
 from infra.stack import manager
 from infra.stack.base import Service, ServiceStartError
 

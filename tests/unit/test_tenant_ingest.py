@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import PipelineSettings, StreamSettings
+from config import PipelineSettings, StreamSettings
 from infra.stack.kafka_access import bindings, retired_bindings, tenant_bindings
 from processors.scan import ScanStage
 from processors.scanner import ScanVerdict

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import schemas
-from infra.settings import PipelineSettings, StreamSettings
+from config import PipelineSettings, StreamSettings
 from model_store.catalog import ModelCatalog
 from model_store.config import InputSpec
 from model_store.detect import letterbox, letterbox_region

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from config import GatewaySettings, SettingsError, StackSettings, StreamSettings
 from gateway.app import server_tls
-from infra.settings import GatewaySettings, SettingsError, StackSettings, StreamSettings
 from infra.stack.base import http_ok
 from infra.stack.minio import MinioService, https_pool
 from infra.stack.pki import Pki, issue
