@@ -197,7 +197,6 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
 
     def postprocess_before(rs: list[dict[str, Any]]) -> None:
         """As before issue 14: the cache rows first, then the results with their own image_requests rows."""
-
         assert post.governance is not None
         for i in range(0, len(rs), batch):
             chunk = rs[i:i + batch]
