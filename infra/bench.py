@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 
 from config import PipelineSettings, StackSettings
+from infra.procstats import peak_rss_mib
+from infra.stack import manager
 from infra.stack.kafka_access import deprovision, provision
+from model_store.serving.boxes import nms
 from stream.kafka import kafka_connection
 
 
@@ -86,35 +89,15 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def service_pids(stack: StackSettings) -> dict[str, int]:
-    from infra.stack import manager
-
     return {h.name: h.pid for h in manager.status(stack) if h.running and h.pid}
 
 
 def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 0) -> dict[str, float]:
     """ms per image and images per second of one process looping over ``images``; ``threads``: ONNX Runtime's
     intra-op threads, as the inference role's session (settings.intra_op_threads; 0: its default)."""
-    from imaging.decode import prepare
+    # The model's stack (ONNX Runtime, OpenCV) loads when a bench runs: cli.py imports this module for its parser.
+    from imaging.decode import decode, prepare
     from imaging.letterbox import letterbox, to_model_input
     from imaging.limits import ImageLimits
     from model_store.serving.detector import Detector
@@ -123,8 +106,6 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 
     det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads), conf_threshold=0.25,
                                   iou_threshold=0.45, max_detections=100)
     spec = det.config.input
-    from model_store.serving.boxes import nms
-    from model_store.serving.decoders import decode
 
     def one(data: bytes) -> None:
         img = prepare(data, ImageLimits()).image
@@ -147,6 +128,9 @@ def baseline(images: list[bytes], model_dir: Path, repeats: int, threads: int = 
 def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_repeats: int, int8: bool = False) -> int:
     """``int8``: the pipeline, the baseline and the model cost all use the static INT8 version of the default model
     (infra/bench_model.py)."""
+    # The pipeline's runtime (clients, roles, the model) loads when the bench runs: cli.py imports this module for
+    # its parser, and `detectflow --help` stays fast.
+    from infra.bench_bodies import distinct_bodies, reencode_jpeg
     from infra.bench_cost import (
         BENCH_CLIENT,
         cpu_ms_per_image,
@@ -158,7 +142,6 @@ def run_bench(stack: StackSettings, *, n_batch: int, n_online: int, baseline_rep
         tax_of,
     )
     from infra.bench_model import describe, format_runs, label, runs_by_version, serve
-    from infra.bench_sync import distinct_bodies, reencode_jpeg
     from infra.detect_cmd import make_client
     from infra.roles import ROLES
     from infra.supervisor import Supervisor

@@ -34,8 +34,21 @@ from collections.abc import Callable
 from typing import Any
 
 from config import GatewaySettings, PipelineSettings, StackSettings
-from infra.bench import cpu_seconds, service_pids
+from gateway.audit import AuditLog
+from gateway.limits import DailyQuota
+from gateway.store import GatewayStore
+from infra.bench import service_pids
+from infra.procstats import cpu_seconds
+from infra.stack.cassandra_access import admin_credentials
+from processors.governance import Governance, store_unless_deleted
+from processors.jobs import CassandraJobs, JobTracker
+from processors.params import CacheKey
+from processors.postprocess import PostprocessStage
+from processors.recorder import RecorderStage
+from processors.results import ResultStore
 from schemas import events
+from stream.cassandra import connect, open_session, utc_day
+from stream.records import Record, now_ms
 
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE)
 
@@ -100,18 +113,6 @@ def _server_counts(admin: Any, keyspace: str) -> Counter[tuple[str, str]]:
 
 
 def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int = 8, passes: int = 5) -> int:
-    from gateway.audit import AuditLog
-    from gateway.limits import DailyQuota
-    from gateway.store import GatewayStore
-    from processors.governance import Governance
-    from processors.jobs import CassandraJobs, JobTracker
-    from processors.params import CacheKey
-    from processors.postprocess import PostprocessStage
-    from processors.recorder import RecorderStage
-    from processors.results import ResultStore
-    from stream.cassandra import connect, open_session, utc_day
-    from stream.records import Record, now_ms
-
     settings = PipelineSettings.from_env()
     gws = GatewaySettings.from_env()
     pid = service_pids(stack).get("cassandra")
@@ -125,8 +126,6 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
         counters[role] = StatementCounter()
         sessions[role].add_request_init_listener(counters[role])
     try:
-        from infra.stack.cassandra_access import admin_credentials
-
         admin = open_session([stack.host], stack.cassandra_port, admin_credentials(stack), stack.tls_ca_file)
     except Exception as exc:
         print(f"(no server-side counts: {type(exc).__name__})")
@@ -201,8 +200,6 @@ def run_bench_cassandra(stack: StackSettings, *, images: int = 112, batch: int =
 
     def postprocess_before(rs: list[dict[str, Any]]) -> None:
         """As before issue 14: the cache rows first, then the results with their own image_requests rows."""
-        from processors.governance import store_unless_deleted
-
         assert post.governance is not None
         for i in range(0, len(rs), batch):
             chunk = rs[i:i + batch]

@@ -10,7 +10,7 @@ candidates (this host's speed drifts):
 1. ``--images`` scans per candidate, every body unique (the samples as JPEGs, JPEGs as they are and the
    others re-encoded, each with its own COM segment): clamd's own cache of clean verdicts, keyed by the
    bytes, never answers; the pipeline's images are unique too.
-2. clamd CPU-ms per image (utime + stime of the daemon, /proc/<pid>/stat) and the client's ms per scan,
+2. clamd CPU-ms per image (utime + stime of the daemon, through psutil) and the client's ms per scan,
    with a new TCP connection per scan as processors/scanner.py does; for the shipped options also over
    one IDSESSION connection.
 3. Detection: every ndb signature's bytes alone, in the middle of a JPEG, in a JPEG comment and after a
@@ -32,10 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from config import StackSettings
-from infra.bench import cpu_seconds
-from infra.bench_sync import BenchError, reencode_jpeg, with_comment
+from infra.bench_bodies import BenchError, reencode_jpeg, with_comment
+from infra.procstats import cpu_seconds
 from infra.stack.clamd import SCAN_OPTIONS, SIGNATURE_DIR, clamd_binary, render_conf
+from model_store.tools.samples import ensure_samples
 from processors.scanner import ClamdScanner, ScanVerdict, send_stream
 
 # The options before issue 14: ClamAV's defaults but for the bytecode engine.
@@ -204,9 +208,6 @@ def _stop(daemons: Sequence[Daemon]) -> None:
 
 def mirrored_jpeg(jpeg: bytes) -> bytes:
     """The image flipped left-right, as a JPEG: the same content, other pixels, another fuzzy hash."""
-    import cv2
-    import numpy as np
-
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     ok, buf = cv2.imencode(".jpg", cv2.flip(img, 1), [cv2.IMWRITE_JPEG_QUALITY, 90])
     if img is None or not ok:
@@ -231,8 +232,6 @@ def _verdict_name(v: ScanVerdict) -> str | None:
 
 
 def run_bench_clamd(stack: StackSettings, *, images: int) -> int:
-    from model_store.tools.samples import ensure_samples
-
     binary = clamd_binary()
     if binary is None:
         raise BenchError("clamd is not installed (`detectflow stack up` installs it)")

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.bench import cpu_seconds
+from confluent_kafka import KafkaError, TopicPartition
+
+from imaging.decode import prepare
+from imaging.letterbox import letterbox, to_model_input
+from imaging.limits import ImageLimits
+from infra.procstats import cpu_seconds
+from model_store.serving.detector import Detector
+from model_store.serving.session import SessionSettings
+from stream.kafka import kafka_consumer
 
 # The model's time per image on a GPU, for the projection: replace with a figure measured on a device
 # (e.g. `python -m model_store.tools.detect --bench` on a TensorRT host) when there is one.
@@ -60,12 +68,6 @@ def measure_model_cost(bodies: Sequence[bytes], model_dir: Path, threads: int, r
     """Process CPU time (every thread: ONNX Runtime's intra-op pool works on its own threads) of prepare() and of
     session.run at batch 1 over ``bodies``, with the inference role's session settings. Run it while the
     pipeline idles; the process's other threads (an idle client) add a little noise."""
-    from imaging.decode import prepare
-    from imaging.letterbox import letterbox, to_model_input
-    from imaging.limits import ImageLimits
-    from model_store.serving.detector import Detector
-    from model_store.serving.session import SessionSettings
-
     det = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads))
     spec = det.config.input
     limits = ImageLimits()
@@ -194,8 +196,6 @@ class HopMeter:
     join, no commits; read_uncommitted, so aborted records count: the broker stored them too)."""
 
     def __init__(self, kafka: Mapping[str, Any], prefix: str) -> None:
-        from stream.kafka import kafka_consumer
-
         self.prefix = prefix
         self._consumer = kafka_consumer(kafka, f"bench-hops-{uuid.uuid4().hex[:8]}", isolation="read_uncommitted",
                                         extra={"enable.partition.eof": True})
@@ -203,16 +203,12 @@ class HopMeter:
         self.partitions = [(t, p) for t, tm in meta.topics.items() if t.startswith(prefix) for p in tm.partitions]
 
     def offsets(self) -> Offsets:
-        from confluent_kafka import TopicPartition
-
         return {tp: self._consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10, cached=False)[1]
                 for tp in self.partitions}
 
     def tally(self, intervals: Sequence[tuple[Offsets, Offsets]], deadline_s: float = 120.0
               ) -> list[dict[str, tuple[int, int]]]:
         """Per interval, {topic: (records, bytes of key + value)}."""
-        from confluent_kafka import KafkaError, TopicPartition
-
         out: list[dict[str, tuple[int, int]]] = [{} for _ in intervals]
         spans = {tp: (min(b.get(tp, 0) for b, _ in intervals), max(a.get(tp, 0) for _, a in intervals))
                  for tp in self.partitions}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -49,12 +50,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import click
+import cv2
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from imaging.letterbox import letterbox, to_model_input
 from infra.cli.base import CONTEXT_SETTINGS, ParsedBy, invoke
 from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig
 from model_store.serving.decoders import decode_outputs
+from model_store.serving.session import CPU, CUDA, TENSORRT, SessionSettings, create_session, usable_providers
 
 SECTIONS = ("ort-cpu", "ort-cuda", "ort-cuda-fp16", "ort-cuda-graph", "ort-trt", "torch", "tax")
 BUDGET_S = {"ort-cpu": 45.0, "ort-cuda": 60.0, "ort-cuda-fp16": 60.0, "ort-cuda-graph": 90.0, "ort-trt": 180.0,
@@ -192,10 +197,6 @@ def _run_text(cmd: Sequence[str]) -> str:
 
 def environment() -> dict[str, Any]:
     """What the host has: GPU, ONNX Runtime build and providers, PyTorch, TensorRT libraries."""
-    import onnxruntime as ort
-
-    from model_store.serving.session import usable_providers
-
     env: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": sys.version.split()[0],
                            "platform": platform.platform(), "cpus": os.cpu_count(),
                            "nvidia_smi": _run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -220,6 +221,7 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             env.setdefault("packages", {})[dist] = None
     try:
+        # PyTorch is optional (GPU hosts only, not a dependency): imported where a section needs it.
         import torch
 
         env["torch_cuda"] = torch.cuda.is_available()
@@ -233,8 +235,6 @@ def environment() -> dict[str, Any]:
 
 
 def load_inputs(model_dir: Path, images: Path | None) -> Inputs:
-    import cv2
-
     config = ModelConfig.load(model_dir / CONFIG_FILE)
     spec = config.input
     tensors = []
@@ -255,8 +255,6 @@ def load_inputs(model_dir: Path, images: Path | None) -> Inputs:
 def reference(inputs: Inputs, model_dir: Path) -> None:
     """The CPU provider's FP32 outputs for every input tensor: what the other engines are compared with,
     and the real outputs that the decode figures decode."""
-    from model_store.serving.session import CPU, SessionSettings, create_session
-
     session, _ = create_session(model_dir / MODEL_FILE, SessionSettings(providers=(CPU,)))
     names = [o.name for o in session.get_outputs()]
     batch = to_model_input(inputs.tensors, inputs.config.input.scale)
@@ -314,11 +312,8 @@ def _ort_rows(report: Report, section: str, budget: Budget, session: Any, inputs
 
 
 def _available(report: Report, section: str, provider: str) -> bool:
-    from model_store.serving.session import usable_providers
-
     if provider in usable_providers():
         return True
-    import onnxruntime as ort
 
     report.event(section, "skipped: provider not usable on this host", provider=provider,
                  built_with=ort.get_available_providers(), usable=list(usable_providers()))
@@ -326,7 +321,7 @@ def _available(report: Report, section: str, provider: str) -> bool:
 
 
 def ort_section(report: Report, section: str, inputs: Inputs, args: SimpleNamespace) -> None:
-    from model_store.serving.session import CPU, CUDA, TENSORRT, SessionSettings, create_session
+    from model_store.serving.session import CPU, CUDA, SessionSettings, create_session
 
     budget = Budget(args.budget[section])
     model = args.model_dir / MODEL_FILE
@@ -377,7 +372,7 @@ def fp16_model(report: Report, section: str, args: SimpleNamespace) -> Path:
     per run, in a temporary folder."""
     if getattr(args, "fp16_model", None) is not None:
         return Path(args.fp16_model)
-    import onnx
+    # The FP16 converter loads onnxruntime.transformers (slow, only this section needs it).
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     t0 = time.perf_counter()
@@ -393,10 +388,6 @@ def fp16_model(report: Report, section: str, args: SimpleNamespace) -> Path:
 def cuda_graph_rows(report: Report, budget: Budget, inputs: Inputs, args: SimpleNamespace) -> None:
     """ORT's CUDA provider with ``enable_cuda_graph``: a graph is captured per session, for fixed input and
     output addresses, so one session per precision and batch size, fed through IO binding and replayed."""
-    import onnxruntime as ort
-
-    from model_store.serving.session import CPU, CUDA
-
     section = "ort-cuda-graph"
     name = inputs.config.input.name
     for precision in ("fp32", "fp16"):
@@ -480,9 +471,10 @@ def keep_shape_constants_on_host(net: Any) -> int:
 
 
 def torch_section(report: Report, inputs: Inputs, args: SimpleNamespace) -> None:
+    # PyTorch is optional (GPU hosts only, not a dependency): imported where a section needs it.
     import onnx
     import torch
-    from onnx2torch import convert
+    from onnx2torch import convert  # optional, like torch
 
     budget = Budget(args.budget["torch"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -507,6 +499,7 @@ def torch_section(report: Report, inputs: Inputs, args: SimpleNamespace) -> None
 
 def _torch_rows(report: Report, budget: Budget, net: Any, inputs: Inputs, batch: int, label: dict[str, Any],
                 dtype: Any, args: SimpleNamespace) -> None:
+    # PyTorch is optional (GPU hosts only, not a dependency): imported where a section needs it.
     import torch
 
     device, scale = label["provider"], inputs.config.input.scale
@@ -546,6 +539,7 @@ def _torch_rows(report: Report, budget: Budget, net: Any, inputs: Inputs, batch:
 
 def _graph_variants(report: Report, net: Any, u8_host: Any, dtype: Any, scale: float) -> list[tuple[str, Any]]:
     """One CUDA graph per batch: uint8 in (pinned host -> device), /255, the model; replayed as one launch."""
+    # PyTorch is optional (GPU hosts only, not a dependency): imported where a section needs it.
     import torch
 
     try:
@@ -675,8 +669,6 @@ def bench_gpu(obj: dict[str, Any] | None, **params: Any) -> int:
 
 def nvidia_library_dirs() -> list[str]:
     """The ``lib`` folders of NVIDIA's pip wheels (``nvidia/cu13/lib``, ``nvidia/cudnn/lib``, ...), if any."""
-    import importlib.util
-
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations or []) if spec else []
     return sorted({d for r in roots for d in glob.glob(f"{r}/*/lib") if os.path.isdir(d)})

@@ -15,7 +15,8 @@ import uuid
 
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from config import StackSettings
+from config import StackSettings, StreamSettings
+from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 
 SIZES = (1_000, 512 * 1024)
 
@@ -28,9 +29,6 @@ def broker_setting(admin: AdminClient, name: str) -> str:
 
 
 def run_bench_hop(stack: StackSettings, *, rounds: int = 50, warmup: int = 5) -> int:
-    from config import StreamSettings
-    from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
-
     kafka = kafka_connection(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     admin = kafka_admin(kafka)
     topic = f"bench-hop-{uuid.uuid4().hex[:8]}"

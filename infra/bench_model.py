@@ -24,6 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from config import PipelineSettings, StackSettings
+from infra.demo import bootstrap_default_model
+from infra.models_cmd import actor_name
+from model_store.control.registry import RegistryError, VersionInfo, connect_registry
+from model_store.tools.evalset import ensure_eval_set
+from model_store.tools.gate import gate_runner
+from model_store.tools.quantize import STATIC, QuantizeError, default_out_dir, quantize_version, read_images
+from model_store.tools.samples import ensure_samples
 
 INT8_SUFFIX = "-int8"
 FP32 = "FP32"
@@ -93,8 +100,6 @@ def format_runs(runs: Mapping[str, float], served: ServedModel) -> str:
 def serve(settings: PipelineSettings, stack: StackSettings, *, int8: bool) -> ServedModel:
     """Route the model on ``settings``' topic prefix (production there) and say which it is. The default model
     (converted) is bootstrapped either way: it is the INT8 version's source and its gate's reference."""
-    from infra.demo import bootstrap_default_model
-
     routing = bootstrap_default_model(settings, stack, quiet=True)
     fp32_dir = settings.models_dir / settings.default_model / "1"
     fp32 = ServedModel(settings.default_model, routing.production or 1, FP32, fp32_dir)
@@ -102,13 +107,6 @@ def serve(settings: PipelineSettings, stack: StackSettings, *, int8: bool) -> Se
 
 
 def _serve_int8(settings: PipelineSettings, stack: StackSettings, fp32: ServedModel) -> ServedModel:
-    from infra.models_cmd import actor_name
-    from model_store.control.registry import RegistryError, VersionInfo, connect_registry
-    from model_store.tools.evalset import ensure_eval_set
-    from model_store.tools.gate import gate_runner
-    from model_store.tools.quantize import STATIC, QuantizeError, default_out_dir, quantize_version, read_images
-    from model_store.tools.samples import ensure_samples
-
     out = default_out_dir(stack.home, STATIC)
     try:
         # The same source, method and calibration images as `detectflow model quantize`: its output is reused.

@@ -21,17 +21,18 @@ from typing import Any
 import click
 from aiohttp import web
 
+from imaging.decode import prepare
+from imaging.letterbox import LetterboxError
+from imaging.limits import ImageLimits, ImageRejected
 from infra.cli.base import CONTEXT_SETTINGS, invoke
+from model_store.serving.boxes import DetectError
+from model_store.serving.detector import Detector
+from model_store.serving.session import SessionSettings
 
 DETECT_ROUTE = "/v1/detect"
 
 
 def build_app(detector: Any) -> web.Application:
-    from imaging.decode import prepare
-    from imaging.letterbox import LetterboxError
-    from imaging.limits import ImageLimits, ImageRejected
-    from model_store.serving.boxes import DetectError
-
     limits = ImageLimits()
 
     def detect_one(body: bytes) -> list[dict[str, Any]]:
@@ -100,8 +101,6 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
 @click.option("--cert", type=click.Path(path_type=Path), default=None, help="PEM certificate chain: serve HTTPS")
 @click.option("--key", type=click.Path(path_type=Path), default=None)
 def serve(port: int, host: str, model_dir: Path, threads: int, cert: Path | None, key: Path | None) -> int:
-    from model_store.serving.detector import Detector
-    from model_store.serving.session import SessionSettings
 
     detector = Detector.from_model_dir(model_dir, SessionSettings(intra_op_threads=threads),
                                        conf_threshold=0.25, iou_threshold=0.45, max_detections=100)

@@ -22,12 +22,10 @@ and the plain server load it too (infra/bench_model.py); the header names the mo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
 import ssl
-import struct
 import time
 import uuid
 from collections import Counter
@@ -35,13 +33,36 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from config import GatewaySettings, PipelineSettings, StackSettings
-from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape
+from gateway.devkeys import ensure_dev_keys, mint
+from infra import bench_plain
+from infra.bench import baseline, free_port_block, metric_sum, peak_rss_mib, percentile, scrape, service_pids
+from infra.bench_bodies import BenchError, distinct_bodies, reencode_jpeg
+from infra.bench_cost import (
+    BENCH_CLIENT,
+    HopMeter,
+    cpu_ms_per_image,
+    cpu_snapshot,
+    format_cpu,
+    format_hops,
+    format_projection,
+    format_tax,
+    measure_model_cost,
+    per_image,
+    tax_of,
+)
 from infra.bench_model import ServedModel, describe, format_runs, label, runs_by_version, serve
+from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
 from infra.jobs_cmd import client_tls
+from infra.roles import SERVICES
 from infra.stack.kafka_access import deprovision, provision
+from infra.supervisor import Supervisor
+from model_store.tools.convert import convert
+from model_store.tools.samples import ensure_samples
+from stream import topics as T
 from stream.kafka import kafka_connection
 
 DEFAULT_LEVELS = (1, 4, 16)
@@ -52,45 +73,6 @@ MIN_PER_CALLER = 4  # below this a level measures its ramp-up more than its stea
 DETECT_ROUTE = "/v1/detect"
 NO_RESPONSE = 0  # status recorded when the client got no HTTP answer (connection error, client timeout)
 Result = tuple[float, int]  # (latency ms, HTTP status or NO_RESPONSE) of one call
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not bring its system up or warm it."""
-
-
-# ---------------------------------------------------------------------------------------------- bodies
-
-
-def reencode_jpeg(data: bytes, quality: int = 90) -> bytes:
-    """Any sample (PNG, JPEG...) as a baseline JPEG, so every request has one content type."""
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise BenchError("a sample image does not decode")
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise BenchError("cv2 could not encode a sample as JPEG")
-    return buf.tobytes()
-
-
-def with_comment(jpeg: bytes, comment: bytes) -> bytes:
-    """The same JPEG with a COM segment right after SOI: other bytes (so another sha256), same pixels."""
-    if not jpeg.startswith(b"\xff\xd8"):
-        raise ValueError("not a JPEG (no SOI marker)")
-    if len(comment) > 65533:
-        raise ValueError("a JPEG comment segment holds at most 65533 bytes")
-    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + jpeg[2:]
-
-
-def distinct_bodies(bases: Sequence[bytes], n: int, tag: str) -> list[bytes]:
-    """n request bodies cycling over ``bases``, each made unique by a comment naming ``tag`` and its index."""
-    if not bases:
-        raise ValueError("no base images")
-    bodies = [with_comment(bases[i % len(bases)], f"detectflow-bench {tag} {i}".encode()) for i in range(n)]
-    if len({hashlib.sha256(b).digest() for b in bodies}) != n:  # a cache hit would void the measurement
-        raise AssertionError("request bodies are not distinct")
-    return bodies
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -203,8 +185,6 @@ def hop_latency(before: Mapping[str, Mapping[str, float]], after: Mapping[str, M
 def format_targets(m: Measured) -> str:
     """The sync path's targets (docs/performance.md): 16 callers >= 0.9x the plain server's img/s, the P50 at one
     caller <= the plain server's + 25 ms, the tax at the highest level <= 40 CPU-ms per image."""
-    from infra.bench_cost import BENCH_CLIENT, tax_of
-
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
@@ -261,10 +241,6 @@ async def _post(session: Any, target: Target, body: bytes, hits: Counter[bool] |
                 stages: dict[str, list[float]] | None = None) -> Result:
     """One call; with ``hits``, count the answers' ``cache_hit`` flags (a 200 answer's JSON); with ``stages``,
     collect the answers' per-stage ``timings_ms``."""
-    import aiohttp
-
-    from infra.http_retry import DEFAULT_POLICY, RETRY_STATUSES, RefusedError, call_with_retries
-
     async def attempt() -> tuple[int, bytes]:
         async with session.post(f"{target.base_url}{DETECT_ROUTE}", data=body, headers=target.headers(),
                                 params={"timeout_ms": str(target.timeout_ms)}) as resp:
@@ -315,8 +291,6 @@ async def drive(session: Any, target: Target, bodies: Sequence[bytes], concurren
 
 
 async def wait_ready(session: Any, base_url: str, deadline_s: float) -> None:
-    import aiohttp
-
     deadline = time.monotonic() + deadline_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -425,15 +399,6 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
                    ready_deadline_s: float = 180.0, int8: bool = False) -> int:
     """``int8``: the pipeline, the baseline, the model cost and the plain server all use the static INT8 version of
     the default model (infra/bench_model.py)."""
-    from gateway.devkeys import ensure_dev_keys, mint
-    from infra import bench_plain
-    from infra.bench_cost import HopMeter, per_image
-    from infra.roles import SERVICES
-    from infra.supervisor import Supervisor
-    from model_store.tools.convert import convert
-    from model_store.tools.samples import ensure_samples
-    from stream import topics as T
-
     run_id = uuid.uuid4().hex[:6]
     prefix = f"bench{run_id}."
     # The roles' metrics ports, the gateway's HTTPS port (its own metrics port goes unused), the plain server's.
@@ -506,11 +471,6 @@ def run_bench_sync(stack: StackSettings, *, levels: Sequence[int] = DEFAULT_LEVE
 
 
 async def _measure(plan: Plan) -> Measured:
-    import aiohttp
-
-    from infra.bench import service_pids
-    from infra.bench_cost import BENCH_CLIENT, cpu_ms_per_image, cpu_snapshot, measure_model_cost
-
     loop = asyncio.get_running_loop()
     levels = plan.levels
     timeout = aiohttp.ClientTimeout(total=plan.target.timeout_ms / 1000 + 30)  # past the gateway's own deadline
@@ -596,8 +556,6 @@ def _client_line(s: LevelStats) -> str:
 
 def _report(m: Measured, n_images: int, baseline_repeats: int, timeout_ms: int, tenant: str, log_dir: Any, *,
             tls: bool, served: ServedModel, prefix: str) -> None:
-    from infra.bench_cost import BENCH_CLIENT, format_cpu, format_hops, format_projection, format_tax, tax_of
-
     base = m.base
     scheme = "HTTPS (the project CA's gateway certificate)" if tls else "plain HTTP"
     print(f"detectflow bench sync: POST {DETECT_ROUTE} (raw JPEG, timeout_ms={timeout_ms}) through the gateway and "

@@ -8,7 +8,7 @@
 2. On the stack's broker (SASL_SSL, as every client): the same values produced (acks=all, idempotent)
    and consumed once, with the producer's compression lz4 (``DETECTFLOW_COMPRESSION``'s default) and
    none: bytes on the wire per image (librdkafka's ``txbytes``), client CPU-ms (this process: producer
-   and consumer threads) and broker CPU-ms (its /proc counters; other users of the broker add noise,
+   and consumer threads) and broker CPU-ms (its process CPU time; other users of the broker add noise,
    so passes alternate and the median counts).
 Then CPU-ms per image end to end: encode + decode x fetches (inference and shadow each fetch the
 record) + client + broker, against ``raw``.
@@ -26,8 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from confluent_kafka.admin import NewTopic
 
-from config import StackSettings
+from config import StackSettings, StreamSettings
+from imaging.decode import prepare
+from imaging.letterbox import letterbox_region, place
+from imaging.limits import ImageLimits
+from infra.bench import service_pids
+from infra.procstats import cpu_seconds
+from model_store.tools.samples import ensure_samples
+from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 
 SIZE = (416, 416)
 PAD = 128
@@ -43,8 +51,6 @@ class Codec:
 
 
 def _place(region: np.ndarray, at: tuple[int, int]) -> np.ndarray:
-    from imaging.letterbox import place
-
     return place(region, SIZE, PAD, at)
 
 
@@ -74,11 +80,6 @@ def codecs() -> list[Codec]:
 
 
 def regions(stack: StackSettings) -> list[Image]:
-    from imaging.decode import prepare
-    from imaging.letterbox import letterbox_region
-    from imaging.limits import ImageLimits
-    from model_store.tools.samples import ensure_samples
-
     out = []
     for path in ensure_samples(stack.samples_dir, stack.cache_dir):
         region, _, at = letterbox_region(prepare(path.read_bytes(), ImageLimits()).image, SIZE)
@@ -114,20 +115,12 @@ def measure_codecs(images: list[Image], repeats: int = 15) -> dict[str, dict[str
 
 
 def _cpu_ms(pid: int) -> float:
-    from infra.bench import cpu_seconds
-
     return cpu_seconds(pid) * 1000
 
 
 def measure_broker(stack: StackSettings, values: dict[str, list[bytes]], passes: int = 4,
                    rounds: int = 3) -> dict[tuple[str, str], dict[str, float]]:
     """Per (codec, producer compression): wire bytes, client and broker CPU-ms per record (medians of passes)."""
-    from confluent_kafka.admin import NewTopic
-
-    from config import StreamSettings
-    from infra.bench import service_pids
-    from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
-
     kafka = kafka_connection(StreamSettings.from_env(), "admin")  # SASL_SSL, as every client of the stack
     broker_pid = service_pids(stack).get("kafka")
     admin = kafka_admin(kafka)

@@ -20,10 +20,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    NewTopic,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
+
 from config import StackSettings
+from infra.procstats import cpu_seconds
+from infra.stack.base import java_binary
+from infra.stack.kafka import new_cluster_id
+from infra.stack.pki import Pki, issue
+from stream.kafka import kafka_admin, kafka_consumer, kafka_producer, plaintext_connection, scram_connection
 
 SIZES = (1_000, 512 * 1024)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -38,16 +50,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
+    return cpu_seconds(pid) * 1000
 
 
 def _start_broker(settings: StackSettings, work: Path) -> tuple[subprocess.Popen[bytes], dict[str, dict[str, Any]]]:
-    from infra.stack.base import java_binary
-    from infra.stack.kafka import new_cluster_id
-    from infra.stack.pki import Pki, issue
-    from stream.kafka import plaintext_connection, scram_connection
-
     pki = Pki(work / "tls")
     leaf = issue(pki, "kafka")
     plain, secure, controller = _free_ports(3)
@@ -88,11 +94,6 @@ message.max.bytes=2097152
 
 
 def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.Popen[bytes]) -> None:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
-
-    from stream.kafka import kafka_admin
-
     admin = kafka_admin(plain, log_level=0)
     deadline = time.monotonic() + 90
     while True:
@@ -112,10 +113,6 @@ def _await_and_add_user(plain: dict[str, Any], password: str, proc: subprocess.P
 
 
 def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: int) -> dict[str, float]:
-    from confluent_kafka.admin import NewTopic
-
-    from stream.kafka import kafka_consumer, kafka_producer
-
     topic = f"bench-tls-{uuid.uuid4().hex[:8]}"  # a new topic per pass: every record it gets is this pass's
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
     producer = kafka_producer(conf, linger_ms=0, extra={"message.max.bytes": 2 * 1024 * 1024})
@@ -145,8 +142,6 @@ def _hops(admin: Any, conf: dict[str, Any], size: int, rounds: int, broker_pid: 
 
 
 def run_bench_tls(settings: StackSettings, *, rounds: int = 200, passes: int = 3) -> int:
-    from stream.kafka import kafka_admin
-
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-tls-"))
     proc, conf = _start_broker(settings, work)
     try:

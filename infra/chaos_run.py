@@ -1,4 +1,4 @@
-"""The chaos drill and the soak on the real local stack (the pure parts: infra/chaos.py).
+"""The chaos drill and the soak on the real local stack (the pure parts: infra/chaos_drill.py).
 
 The drill starts its own pipeline and gateway (every role its own supervised process, as `detectflow run all`)
 on a fresh topic prefix with its own tenants, so it never reads or writes anyone else's requests. It runs a
@@ -16,16 +16,31 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import GatewaySettings, PipelineSettings, StackSettings
-from infra.chaos import (
+import aiohttp
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import OffsetSpec
+
+from config import GatewaySettings, Login, PipelineSettings, StackSettings
+from gateway.devkeys import ensure_dev_keys, mint
+from infra.bench_bodies import reencode_jpeg, with_comment
+from infra.bench_sync import BenchError
+from infra.bench_sync import wait_ready as bench_wait_ready
+from infra.chaos_drill import (
     KILL_ROLE,
     PAUSE,
     RESTART,
@@ -42,7 +57,6 @@ from infra.chaos import (
     non_loopback,
     percentile,
     plan_faults,
-    read_rss_bytes,
     reconcile,
     recovery_times,
     result_copy,
@@ -50,8 +64,22 @@ from infra.chaos import (
     rss_late_growth,
     split_latencies,
 )
+from infra.demo import bootstrap_default_model
+from infra.jobs_cmd import ApiError, JobsClient, client_tls
+from infra.procstats import rss_bytes
+from infra.roles import LIFECYCLE_ROLES, ROLES, SERVICES
+from infra.stack import manager
+from infra.stack.kafka_access import deprovision, provision, provision_tenant, revoke_tenant
+from infra.supervisor import Supervisor
+from model_store.tools.convert import convert
+from model_store.tools.samples import ensure_samples
 from schemas import events
+from stream import topics as T
+from stream.ingest import principal
 from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
+from stream.records import now_ms
+from stream.serde import AvroSerde
+from stream.topics import ingest_topic, tenant_topics
 
 SYNC_TIMEOUT_MS = 30_000  # the gateway's wait per call; past it a 202 and the result is read back later
 REQUEST_DEADLINE_S = 120.0  # a sync request's whole budget, 503/429 retries included
@@ -96,8 +124,6 @@ class _ResultReader:
     """Reads `detections` (read_committed) from the start in a thread; keeps each record's key and value."""
 
     def __init__(self, kafka: dict[str, Any], topic: str):
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
         self.consumer = kafka_consumer(kafka, f"chaos-read-{secrets.token_hex(6)}")
         parts = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
@@ -125,9 +151,6 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
     """Records each of the prefix's stage groups has yet to commit: per partition, the records a read_committed
     reader finds between the group's committed offset and the end. (End minus committed alone would count a
     transaction's commit marker, which takes an offset, as a record.)"""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import OffsetSpec
-
     admin = kafka_admin(kafka)
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
     groups = [g.group_id for g in listed.valid if g.group_id.startswith(f"{prefix}detectflow.")]
@@ -167,8 +190,6 @@ def consumer_lag(kafka: dict[str, Any], prefix: str, timeout_s: float = 10.0) ->
 
 def _keys_on(kafka: dict[str, Any], topics: list[str], timeout_s: float = 15.0) -> dict[str, list[str]]:
     """request id (record key) -> the topics (DLQs) holding a record of it."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
     found: dict[str, list[str]] = defaultdict(list)
     if not topics:
         return found
@@ -194,8 +215,6 @@ class Drill:
     """One drill (or soak): its pipeline, gateway, tenants, load and faults; a context manager that cleans up."""
 
     def __init__(self, stack: StackSettings, opts: ChaosOptions):
-        from infra.supervisor import Supervisor
-
         self.stack = stack
         self.opts = opts
         self.run_id = secrets.token_hex(3)
@@ -212,7 +231,6 @@ class Drill:
         check_loopback(stack, self.settings)
         self.admin = kafka_connection(self.settings.stream, "admin")
         self.log_dir = stack.log_dir / f"chaos-{self.run_id}"
-        from infra.roles import SERVICES
 
         self.sup = Supervisor(SERVICES, self.log_dir, env=self.env)
         self.sync_tenants = [f"chaos-{self.run_id}-{i}" for i in range(opts.sync_tenants)]
@@ -237,8 +255,6 @@ class Drill:
 
     # ---- set-up and clean-up ---------------------------------------------------------------------------
     def __enter__(self) -> Drill:
-        from infra.stack import manager
-
         rows = manager.status(self.stack)
         down = [h.name for h in rows if not h.healthy]
         if down:
@@ -255,13 +271,6 @@ class Drill:
         return self
 
     def _start(self) -> None:
-        from infra.bench_sync import reencode_jpeg
-        from infra.demo import bootstrap_default_model
-        from infra.stack.kafka_access import provision
-        from model_store.tools.convert import convert
-        from model_store.tools.samples import ensure_samples
-        from stream import topics as T
-
         log = self.opts.log
         self.bases = [reencode_jpeg(p.read_bytes()) for p in ensure_samples(self.stack.samples_dir,
                                                                             self.stack.cache_dir)]
@@ -277,11 +286,6 @@ class Drill:
             f"(logs: {self.log_dir})")
 
     def _make_ingest_tenant(self) -> None:
-        from config import Login
-        from infra.stack.kafka_access import provision_tenant
-        from stream.ingest import principal
-        from stream.topics import tenant_topics
-
         stream = self.settings.stream
         if stream.kafka_users_dir is None:
             raise ChaosError("no Kafka credentials directory (DETECTFLOW_KAFKA_USERS_DIR)")
@@ -309,10 +313,6 @@ class Drill:
             self.paused.discard(pid)
 
     def __exit__(self, *exc: object) -> None:
-        from infra.stack import manager
-        from infra.stack.kafka_access import deprovision, revoke_tenant
-        from stream.ingest import principal
-
         self.abort.set()
         self._continue_paused()
         self.sup.stop(timeout_s=20)
@@ -332,30 +332,22 @@ class Drill:
 
     # ---- bodies ------------------------------------------------------------------------------------------
     def body(self, kind: str) -> bytes:
-        from infra.bench_sync import with_comment
-
         self._counter += 1
         base = self.bases[self._counter % len(self.bases)]
         return with_comment(base, f"detectflow-chaos {self.run_id} {kind} {self._counter}".encode())
 
     # ---- the load ----------------------------------------------------------------------------------------
     def token(self, tenant: str) -> str:
-        from gateway.devkeys import ensure_dev_keys, mint
-
         return mint(ensure_dev_keys(self.stack.secrets_dir), tenant=tenant, scopes=["detect:write", "results:read"],
                     issuer=self.gw.issuer, audience=self.gw.audience, tenant_claim=self.gw.tenant_claim,
                     ttl_s=min(86400, int(self.opts.hard_deadline_s) + 600))
 
     def tls(self) -> ssl.SSLContext:
-        from infra.jobs_cmd import client_tls
-
         return client_tls(self.settings.stream.tls_ca_file)
 
     async def sync_call(self, session: Any, tenant: str, token: str, body: bytes) -> int | None:
         """One sync request, retried after Retry-After on 503/429 (and on 5xx without a request id or a lost
         connection) within REQUEST_DEADLINE_S. Returns the final HTTP status (None: never answered)."""
-        import aiohttp
-
         start = time.time()
         deadline = start + REQUEST_DEADLINE_S
         url = f"{self.gw.base_url}/v1/detect?timeout_ms={SYNC_TIMEOUT_MS}"
@@ -408,13 +400,6 @@ class Drill:
     async def ingest_load(self, stop_at: float, rate: float) -> None:
         """ImageSubmitted straight onto the ingest tenant's topic, as its own principal; a request counts as sent
         once Kafka acknowledged it."""
-        import uuid
-
-        from stream.ingest import principal
-        from stream.records import now_ms
-        from stream.serde import AvroSerde
-        from stream.topics import ingest_topic
-
         stream = self.settings.stream.replace(kafka_user=principal(self.ingest_tenant))
         serde = AvroSerde.from_url(stream.registry_url, stream.tls_ca_file)
         topic = ingest_topic(self.prefix, self.ingest_tenant)
@@ -448,8 +433,6 @@ class Drill:
             self.sync_errors["ingest still queued at the end"] += left
 
     async def submit_job(self, session: Any, n: int) -> None:
-        from infra.jobs_cmd import JobsClient
-
         tenant = self.sync_tenants[0]
         client = JobsClient(session, self.gw.base_url, self.token(tenant), timeout_s=120)
         ids = await client.upload([(self.body("job"), "image/jpeg") for _ in range(n)])
@@ -460,8 +443,6 @@ class Drill:
 
     # ---- faults ------------------------------------------------------------------------------------------
     def inject(self, fault: PlannedFault) -> FaultWindow:
-        from infra.stack import manager
-
         quiet: Callable[[str], None] = lambda _m: None  # noqa: E731
         start = time.time()
         if fault.kind == KILL_ROLE:
@@ -508,9 +489,6 @@ class Drill:
     # ---- phases ------------------------------------------------------------------------------------------
     async def warm_up(self, session: Any, deadline_s: float = 240.0) -> None:
         """The gateway ready and one sync call per tenant answered (the model loaded) before the clock starts."""
-        from infra.bench_sync import BenchError
-        from infra.bench_sync import wait_ready as bench_wait_ready
-
         try:
             await bench_wait_ready(session, self.gw.base_url, deadline_s)
         except BenchError as exc:
@@ -523,8 +501,6 @@ class Drill:
 
     async def load(self, plan: list[PlannedFault], *, sync_rate: float) -> float:
         """The warm-up, then the mixed load for the duration with the faults; returns the load's start."""
-        import aiohttp
-
         connector = aiohttp.TCPConnector(limit=64, ssl=self.tls())
         async with aiohttp.ClientSession(connector=connector) as session:
             await self.warm_up(session)
@@ -544,8 +520,6 @@ class Drill:
     async def health_probe(self, stop_at: float, every_s: float = 0.5) -> None:
         """/livez and /readyz every ``every_s`` through the load, on their own connection (as an orchestrator's
         probe would be): their answer times, and how many were not a 200 within 2 s."""
-        import aiohttp
-
         timeout = aiohttp.ClientTimeout(total=2.0)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2, ssl=self.tls()),
                                          timeout=timeout) as session:
@@ -584,10 +558,6 @@ class Drill:
             time.sleep(0.5)
 
     async def check_jobs(self, deadline_s: float) -> None:
-        import aiohttp
-
-        from infra.jobs_cmd import ApiError, JobsClient
-
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls())) as session:
             client = JobsClient(session, self.gw.base_url, self.token(self.sync_tenants[0]), timeout_s=60)
             for job_id in self.job_ids:
@@ -605,8 +575,6 @@ class Drill:
 
     async def api_status(self, request_ids: list[str]) -> dict[str, str]:
         """GET /v1/requests/{id} of sync requests: their stored status (or the HTTP status)."""
-        import aiohttp
-
         by_tenant: dict[str, str] = {}
         out: dict[str, str] = {}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls())) as session:
@@ -622,8 +590,6 @@ class Drill:
         return out
 
     def results(self) -> list[ResultCopy]:
-        from stream.serde import AvroSerde
-
         assert self.reader is not None
         serde = AvroSerde.from_url(self.settings.stream.registry_url, self.settings.stream.tls_ca_file)
         wanted = {s.request_id for s in self.sent}
@@ -631,8 +597,6 @@ class Drill:
                 if key in wanted]
 
     def summarize(self, t0: float, started: float) -> Summary:
-        from stream import topics as T
-
         rec = reconcile(self.sent, self.results())
         end = time.time()
         stall, stall_at = longest_stall(self.sent, rec.first_completion, end)
@@ -652,8 +616,6 @@ class Drill:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -661,10 +623,6 @@ def _free_port() -> int:
 
 def run_drill(stack: StackSettings, opts: ChaosOptions) -> Summary:
     """The drill; prints and returns its summary."""
-    from confluent_kafka import KafkaException
-
-    from infra.roles import LIFECYCLE_ROLES, ROLES
-
     started = time.time()
     plan = plan_faults(opts.duration_s, opts.seed, roles=[*ROLES, *LIFECYCLE_ROLES]) if opts.faults else []
     opts.log(f"chaos: seed {opts.seed}; {len(plan)} faults planned in {opts.duration_s:.0f}s; hard deadline "
@@ -690,8 +648,6 @@ def run_drill(stack: StackSettings, opts: ChaosOptions) -> Summary:
 
 def measure_capacity(drill: Drill, seconds: float = 20.0, callers: int = 4) -> float:
     """Sync calls per second answered 200 by ``callers`` closed-loop callers for ``seconds``."""
-    import aiohttp
-
     async def run() -> float:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, ssl=drill.tls())) as session:
             await drill.warm_up(session)
@@ -732,7 +688,7 @@ def run_soak(stack: StackSettings, *, duration_s: float, seed: int, rate: float 
             while not stop.wait(sample_every_s):
                 for role, pid in drill.sup.pids().items():
                     restarts[role].add(pid)
-                    rss = read_rss_bytes(pid)
+                    rss = rss_bytes(pid)
                     if rss is not None:
                         samples[role].append((time.time(), rss))
         thread = threading.Thread(target=sampler, name="soak-rss", daemon=True)

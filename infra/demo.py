@@ -12,8 +12,19 @@ import time
 from typing import TYPE_CHECKING
 
 from config import PipelineSettings, StackSettings
+from infra.detect_cmd import detect_files, format_results, make_client
+from infra.models_cmd import actor_name
+from infra.roles import LIFECYCLE_ROLES, ROLES
 from infra.stack import manager
 from infra.stack.kafka_access import provision
+from infra.supervisor import Supervisor
+from model_store.control.registry import connect_registry
+from model_store.tools.convert import convert
+from model_store.tools.evalset import ensure_eval_set
+from model_store.tools.gate import gate_runner
+from model_store.tools.samples import ensure_samples
+from stream import topics
+from stream.kafka import kafka_connection
 
 if TYPE_CHECKING:
     from model_store.serving.routing import Routing
@@ -23,11 +34,6 @@ def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings,
     """The converted default model is the registry's first version of it (idempotent: pushes by content), and
     its routing is published on the settings' topic prefix (serving follows only the registry's routing);
     returns that routing."""
-    from infra.models_cmd import actor_name
-    from model_store.control.registry import connect_registry
-    from model_store.tools.evalset import ensure_eval_set
-    from model_store.tools.gate import gate_runner
-
     registry = connect_registry(pipeline)
     source = pipeline.models_dir / pipeline.default_model / "1"
     outcome = registry.push(pipeline.default_model, source, actor=actor_name(),
@@ -44,14 +50,6 @@ def bootstrap_default_model(pipeline: PipelineSettings, settings: StackSettings,
 
 
 def run_demo(settings: StackSettings, *, bring_up: bool = True, timeout_s: float = 180.0) -> int:
-    from infra.detect_cmd import detect_files, format_results, make_client
-    from infra.roles import LIFECYCLE_ROLES, ROLES
-    from infra.supervisor import Supervisor
-    from model_store.tools.convert import convert
-    from model_store.tools.samples import ensure_samples
-    from stream import topics
-    from stream.kafka import kafka_connection
-
     pipeline = PipelineSettings.from_env()
     if bring_up:
         t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""The stream runtime's errors: three kinds of failure, three paths (STYLE.md #6)."""
+"""The stream runtime's errors: three kinds of failure, three paths (docs/architecture.md, Conventions)."""
 
 from __future__ import annotations
 

@@ -16,9 +16,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from config import Login
+from cassandra import AuthenticationFailed, ProtocolVersion
+from cassandra.auth import PlainTextAuthenticator
+from cassandra.cluster import DefaultConnection
+from cassandra.connection import DefaultEndPoint
+from cassandra.protocol import QueryMessage, ResultMessage
+from cassandra.query import ConsistencyLevel
+
+from config import Login, SettingsError
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
+from infra.stack.cassandra_access import admin_credentials, ensure_access
 from infra.stack.pki import Leaf, Pki, issue
+from stream.cassandra import DRIVER_ERRORS, tls_context
 
 POM = Path(__file__).resolve().parent.parent / "maven" / "cassandra-pom.xml"
 MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
@@ -305,8 +314,6 @@ auto_snapshot: false
         # driver from logging connection errors on every poll while the node boots.
         if not tcp_open(host, port, timeout_s=1.0):
             return False, f"CQL port {port} closed"
-        from config import SettingsError
-        from infra.stack.cassandra_access import admin_credentials
 
         try:
             admin = admin_credentials(self.settings)
@@ -320,8 +327,6 @@ auto_snapshot: false
             return False, str(exc)
 
     def after_start(self, log: Callable[[str], None]) -> None:
-        from infra.stack.cassandra_access import ensure_access
-
         ensure_access(self.settings, time.monotonic() + self.settings.start_timeout_s, log)
 
 
@@ -361,6 +366,7 @@ def _without_memory_locking() -> list[str]:
 
 
 def _effective_capabilities() -> int:
+    # Read from /proc: psutil has no capability sets.
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("CapEff:"):
@@ -382,15 +388,6 @@ def query_release_version(host: str, port: int, ca_file: Path, credentials: Logi
     A full ``Cluster`` would also fetch schema and token metadata and open a pool; a
     health probe needs a single round trip.
     """
-    from cassandra import AuthenticationFailed, ProtocolVersion
-    from cassandra.auth import PlainTextAuthenticator
-    from cassandra.cluster import DefaultConnection
-    from cassandra.connection import DefaultEndPoint
-    from cassandra.protocol import QueryMessage, ResultMessage
-    from cassandra.query import ConsistencyLevel
-
-    from stream.cassandra import DRIVER_ERRORS, tls_context
-
     DefaultConnection.initialize_reactor()  # idempotent; a Cluster would do it for us
     authenticator = None if credentials is None else PlainTextAuthenticator(credentials.username,
                                                                             credentials.password)

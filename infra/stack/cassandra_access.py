@@ -17,6 +17,7 @@ from typing import Any
 
 from config import Login, StackSettings
 from infra.stack.base import StackError
+from stream.cassandra import CassandraLoginRefused, apply_migrations, open_session
 
 SELECT, MODIFY = "SELECT", "MODIFY"  # MODIFY is INSERT, UPDATE, DELETE and TRUNCATE
 RW = (SELECT, MODIFY)  # also what a lightweight transaction (IF ...) needs: it reads before it writes
@@ -80,8 +81,6 @@ def admin_credentials(settings: StackSettings) -> Login:
 
 
 def _open(settings: StackSettings, creds: Login, timeout_s: float = 10.0) -> Any:
-    from stream.cassandra import open_session
-
     return open_session([settings.host], settings.cassandra_port, creds, settings.tls_ca_file, timeout_s=timeout_s)
 
 
@@ -100,8 +99,6 @@ def ensure_admin(settings: StackSettings, deadline: float, log: Callable[[str], 
     replaced). Cassandra creates that default role a few seconds after its first start, and a starting node may
     refuse logins briefly, so both logins are tried until ``deadline``.
     """
-    from stream.cassandra import CassandraLoginRefused
-
     path = _path(settings, ADMIN)
     default = Login(DEFAULT_SUPERUSER, DEFAULT_SUPERUSER)
     while True:
@@ -136,8 +133,6 @@ def ensure_admin(settings: StackSettings, deadline: float, log: Callable[[str], 
 
 
 def _wait_login(settings: StackSettings, creds: Login, deadline: float) -> Any:
-    from stream.cassandra import CassandraLoginRefused
-
     while True:
         try:
             return _open(settings, creds)
@@ -208,8 +203,6 @@ def grant_keyspace(settings: StackSettings, keyspace: str) -> None:
 
     `stack up` does this for the default keyspace; the test suite for its own after recreating it.
     """
-    from stream.cassandra import apply_migrations
-
     session = admin_session(settings)
     try:
         apply_migrations(session, keyspace)
@@ -220,8 +213,6 @@ def grant_keyspace(settings: StackSettings, keyspace: str) -> None:
 
 def drop_keyspace(settings: StackSettings, keyspace: str) -> None:
     """DROP KEYSPACE as the admin role (Cassandra revokes every grant on it with it)."""
-    import time
-
     session = admin_session(settings)
     try:
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)

@@ -25,7 +25,10 @@ from typing import Callable, Sequence
 
 from confluent_kafka import KafkaException
 
+from infra.stack import kafka_access as A
 from infra.stack.base import Service, StackError, is_marked, java_binary, mark_installed, run_logged, tcp_open
+from infra.stack.kafka_access import ADMIN, BROKER_CN, SCHEMA_REGISTRY_CN, internal_admin
+from infra.stack.pki import Pki, issue
 from stream.kafka import kafka_admin
 
 POM = Path(__file__).resolve().parent.parent / "maven" / "kafka-pom.xml"
@@ -122,9 +125,6 @@ class KafkaService(Service):
 
     # ---- configuration -------------------------------------------------------------
     def prepare(self, log: Callable[[str], None]) -> None:
-        from infra.stack.kafka_access import ADMIN, BROKER_CN, SCHEMA_REGISTRY_CN
-        from infra.stack.pki import Pki, issue
-
         for d in (self.conf, self.log_dirs):
             d.mkdir(parents=True, exist_ok=True)
         pki = Pki(self.settings.tls_dir)
@@ -152,9 +152,6 @@ class KafkaService(Service):
         return cluster_id
 
     def _server_properties(self) -> str:
-        from infra.stack.kafka_access import ADMIN, BROKER_CN
-        from infra.stack.pki import Pki
-
         s = self.settings
         host = s.host
         max_bytes = self.broker_max_message_bytes
@@ -252,7 +249,6 @@ log.cleaner.threads=1
         # A closed port needs no client (and no librdkafka threads and log lines).
         if not tcp_open(self.settings.host, self.settings.kafka_port, timeout_s=0.5):
             return False, "port closed"
-        from infra.stack.kafka_access import internal_admin
 
         admin = kafka_admin(internal_admin(self.settings), log_level=0, extra={
             "socket.timeout.ms": 2000,
@@ -269,8 +265,6 @@ log.cleaner.threads=1
         return True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s), SASL_SSL"
 
     def after_start(self, log: Callable[[str], None]) -> None:
-        from infra.stack import kafka_access as A
-
         A.ensure_users(self.settings)
         admin = A.internal_admin(self.settings)
         n = A.apply_acls(admin, [*A.global_bindings(), *A.bindings("")])

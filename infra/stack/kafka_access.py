@@ -14,11 +14,30 @@ one prefix cannot touch another's topics.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config import StackSettings
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialDeletion,
+    UserScramCredentialUpsertion,
+)
+
+from config import Login, StackSettings
+from infra.stack.pki import Pki
+from stream import topics
+from stream.ingest import principal
+from stream.kafka import kafka_admin, mtls_connection
 from stream.topics import (
     LANES,
     detections_topic,
@@ -116,8 +135,6 @@ def tenant_bindings(prefix: str, tenant: str) -> list[Grant]:
     """One tenant's grants (all LITERAL, so `ingest.a` never covers `ingest.ab` or `ingest.a.retry`): its
     principal writes its ingest topic and reads its reply topic; scan reads the ingest topic and its retry
     topic and writes their retry and dead-letter topics; the stages that close requests write its replies."""
-    from stream.ingest import principal
-
     ingest, replies, who = ingest_topic(prefix, tenant), tenant_replies_topic(prefix, tenant), principal(tenant)
     return [*_topic(who, [ingest], "write"),
             *_topic(who, [replies], "read"),
@@ -141,8 +158,6 @@ def global_bindings() -> list[Grant]:
 
 
 def _acl_bindings(grants: Iterable[Grant]) -> list[Any]:
-    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
-
     kinds = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP,
              "transactional_id": ResourceType.TRANSACTIONAL_ID}
     ops = {"read": AclOperation.READ, "write": AclOperation.WRITE, "describe": AclOperation.DESCRIBE,
@@ -158,8 +173,6 @@ def _acl_bindings(grants: Iterable[Grant]) -> list[Any]:
 
 def apply_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s: float = 30.0) -> int:
     """Create the ACLs (creating one that exists is a no-op); returns how many were sent."""
-    from stream.kafka import kafka_admin
-
     acls = _acl_bindings(grants)
     if acls:
         admin = kafka_admin(kafka)
@@ -173,13 +186,8 @@ def _await_acls(admin: Any, acls: list[Any], timeout_s: float) -> None:
     """Wait until the broker enforces the new ACLs: the controller commits them first, and the broker's
     authorizer applies them from its metadata log a moment later (a client that started in between was
     refused)."""
-    import time
-
-    from confluent_kafka.admin import AclBindingFilter, AclOperation, AclPermissionType, ResourcePatternType
-    from confluent_kafka.admin import ResourceType as R
-
     wanted = {_key(b) for b in acls}
-    any_acl = AclBindingFilter(R.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY,
+    any_acl = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY,
                                AclPermissionType.ANY)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -196,10 +204,6 @@ def _key(b: Any) -> tuple[Any, ...]:
 
 
 def delete_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s: float = 30.0) -> None:
-    from confluent_kafka.admin import AclBindingFilter
-
-    from stream.kafka import kafka_admin
-
     filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
                                 b.permission_type) for b in _acl_bindings(grants)]
     if filters:
@@ -210,9 +214,6 @@ def delete_acls(kafka: Mapping[str, Any], grants: Iterable[Grant], *, timeout_s:
 
 def internal_admin(settings: StackSettings) -> dict[str, Any]:
     """The stack's own admin connection: mutual TLS on the internal listener (works before any SCRAM user)."""
-    from infra.stack.pki import Pki
-    from stream.kafka import mtls_connection
-
     pki = Pki(settings.tls_dir)
     leaf = pki.leaf(ADMIN)
     return mtls_connection(f"{settings.host}:{settings.kafka_internal_port}", pki.ca_cert, leaf.cert, leaf.key)
@@ -220,11 +221,6 @@ def internal_admin(settings: StackSettings) -> dict[str, Any]:
 
 def ensure_users(settings: StackSettings) -> None:
     """A SCRAM-SHA-512 credential per principal (password made once, 0600); re-sent on every `stack up`."""
-    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
-
-    from config import Login
-    from stream.kafka import kafka_admin
-
     upserts = []
     for name in (ADMIN, *ROLES):
         login = Login.load_or_create(settings.kafka_users_dir / f"{name}.json", name)
@@ -238,8 +234,6 @@ def ensure_users(settings: StackSettings) -> None:
 
 def provision(kafka: Mapping[str, Any], prefix: str, specs: list[Any] | None = None) -> dict[str, str]:
     """A deployment prefix's topics (stream/topics.py) and its ACLs, together; idempotent."""
-    from stream import topics
-
     actions = topics.apply(kafka, specs if specs is not None else topics.all_topics(prefix))
     apply_acls(kafka, bindings(prefix))
     delete_acls(kafka, retired_bindings(prefix))
@@ -248,8 +242,6 @@ def provision(kafka: Mapping[str, Any], prefix: str, specs: list[Any] | None = N
 
 def deprovision(kafka: Mapping[str, Any], prefix: str) -> None:
     """Delete a prefix's topics and ACLs (test and benchmark prefixes)."""
-    from stream import topics
-
     topics.delete(kafka, [spec.name for spec in topics.all_topics(prefix)])
     delete_acls(kafka, bindings(prefix))
 
@@ -257,10 +249,6 @@ def deprovision(kafka: Mapping[str, Any], prefix: str) -> None:
 # ---- tenants: `detectflow tenants create|revoke` --------------------------------------------------------------
 def upsert_scram(kafka: Mapping[str, Any], name: str, password: str, *, timeout_s: float = 30.0) -> None:
     """Set ``name``'s SCRAM-SHA-512 credential (``kafka``: an admin connection)."""
-    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
-
-    from stream.kafka import kafka_admin
-
     upsert = UserScramCredentialUpsertion(name, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
                                           password.encode(), secrets.token_bytes(16))
     admin = kafka_admin(kafka)
@@ -270,11 +258,6 @@ def upsert_scram(kafka: Mapping[str, Any], name: str, password: str, *, timeout_
 
 def delete_scram(kafka: Mapping[str, Any], name: str, *, timeout_s: float = 30.0) -> bool:
     """Remove ``name``'s SCRAM-SHA-512 credential: no new connection authenticates as it. False if it had none."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import ScramMechanism, UserScramCredentialDeletion
-
-    from stream.kafka import kafka_admin
-
     admin = kafka_admin(kafka)
     deletion = UserScramCredentialDeletion(name, ScramMechanism.SCRAM_SHA_512)
     for future in admin.alter_user_scram_credentials([deletion], request_timeout=timeout_s).values():
@@ -290,9 +273,6 @@ def delete_scram(kafka: Mapping[str, Any], name: str, *, timeout_s: float = 30.0
 def provision_tenant(kafka: Mapping[str, Any], prefix: str, tenant: str, password: str,
                      specs: list[Any] | None = None) -> dict[str, str]:
     """A tenant's topics, its SCRAM credential and its ACLs (``tenant_bindings``); idempotent."""
-    from stream import topics
-    from stream.ingest import principal
-
     actions = topics.apply(kafka, specs if specs is not None else topics.tenant_topics(prefix, tenant))
     upsert_scram(kafka, principal(tenant), password)
     apply_acls(kafka, tenant_bindings(prefix, tenant))
@@ -302,9 +282,6 @@ def provision_tenant(kafka: Mapping[str, Any], prefix: str, tenant: str, passwor
 def revoke_tenant(kafka: Mapping[str, Any], prefix: str, tenant: str, *, delete_topics: bool = False) -> bool:
     """Take a tenant's rights away: its ACLs (in effect at once, also on connections already open) and its SCRAM
     credential (no new connection); its topics go too with ``delete_topics``. False if it had no credential."""
-    from stream import topics
-    from stream.ingest import principal
-
     delete_acls(kafka, tenant_bindings(prefix, tenant))
     had = delete_scram(kafka, principal(tenant))
     if delete_topics:

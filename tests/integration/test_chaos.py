@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from config import StackSettings
-from infra.chaos import KILL_ROLE, PAUSE, RESTART, format_summary
+from infra.chaos_drill import KILL_ROLE, PAUSE, RESTART, format_summary
 from infra.chaos_run import ChaosOptions, run_drill
 from infra.stack import manager
 
@@ -15,7 +15,7 @@ from infra.stack import manager
 @pytest.mark.restart
 def test_short_drill_loses_nothing_and_answers_each_request_once(stack: StackSettings) -> None:
     before = {h.name for h in manager.status(stack) if h.healthy}
-    # Seed 1: kill preprocess, pause Cassandra 24 s, restart MinIO (infra/chaos.py plan_faults), in 110 s of load.
+    # Seed 1: kill preprocess, pause Cassandra 24 s, restart MinIO (infra/chaos_drill.py plan_faults), in 110 s of load.
     summary = run_drill(stack, ChaosOptions(duration_s=110, seed=1, job_images=40, drain_s=150))
     report = format_summary(summary)
     kinds = [w.label.split()[0] for w in summary.faults]

@@ -30,7 +30,7 @@ COST = ModelCost(decode_ms=5.0, model_ms=139.0, images=28)
 
 def test_cpu_per_image_from_two_snapshots() -> None:
     before = {"inference": 10.0, "kafka": 100.0, "gone": 3.0}
-    after = {"inference": 12.0, "kafka": 100.5}  # a process that exited reads 0 (infra.bench.cpu_seconds)
+    after = {"inference": 12.0, "kafka": 100.5}  # a process that exited reads 0 (infra.procstats.cpu_seconds)
     cpu = cpu_ms_per_image(before, after, images=10)
     assert cpu["inference"] == pytest.approx(200.0) and cpu["kafka"] == pytest.approx(50.0)
     assert cpu["gone"] == pytest.approx(-300.0)

@@ -12,19 +12,16 @@ import numpy as np
 import pytest
 
 from imaging.headers import read_header
+from infra.bench_bodies import BenchError, distinct_bodies, reencode_jpeg, with_comment
 from infra.bench_sync import (
     NO_RESPONSE,
-    BenchError,
     against_plain,
-    distinct_bodies,
     histogram_quantile,
     parse_levels,
-    reencode_jpeg,
     replay_bodies,
     requests_for,
     server_figures,
     summarize,
-    with_comment,
 )
 
 

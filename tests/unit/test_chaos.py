@@ -1,4 +1,4 @@
-"""The chaos drill's pure parts (infra/chaos.py): the fault schedule, reconciliation, the figures, the summary."""
+"""The chaos drill's pure parts (infra/chaos_drill.py): the fault schedule, reconciliation, the figures, the summary."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from infra.chaos import (
+from infra.chaos import parse_duration
+from infra.chaos_drill import (
     KILL_ROLE,
     PAUSE,
     REQUEST_PATH,
@@ -26,16 +27,15 @@ from infra.chaos import (
     format_summary,
     longest_stall,
     non_loopback,
-    parse_duration,
     percentile,
     plan_faults,
-    read_rss_bytes,
     reconcile,
     recovery_times,
     result_copy,
     rss_growth,
     split_latencies,
 )
+from infra.procstats import rss_bytes
 
 ROLES = ("bridge", "scan", "preprocess", "inference", "postprocess", "recorder", "shadow", "monitor")
 
@@ -185,10 +185,10 @@ def test_rss_growth_compares_the_first_and_last_windows() -> None:
     assert rss_growth([(0.0, 1)]) is None
 
 
-def test_rss_is_read_from_proc() -> None:
-    rss = read_rss_bytes(os.getpid())
+def test_rss_is_read_per_process() -> None:
+    rss = rss_bytes(os.getpid())
     assert rss is not None and rss > 1 << 20
-    assert read_rss_bytes(2**22 + 12345) is None  # above pid_max: never a process
+    assert rss_bytes(2**22 + 12345) is None  # above pid_max: never a process
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -252,7 +252,7 @@ def test_only_a_loopback_stack_is_accepted() -> None:
 
 def test_the_cli_refuses_a_non_loopback_stack(monkeypatch: pytest.MonkeyPatch) -> None:
     from config import PipelineSettings, StackSettings
-    from infra.chaos import ChaosError
+    from infra.chaos_drill import ChaosError
     from infra.chaos_run import check_loopback
 
     monkeypatch.setenv("DETECTFLOW_KAFKA_BOOTSTRAP", "10.2.3.4:9092")
@@ -281,7 +281,7 @@ def test_each_lost_or_duplicated_request_is_described_with_its_faults_dlq_and_st
 
 
 def test_late_growth_tells_a_warm_up_from_a_leak() -> None:
-    from infra.chaos import rss_late_growth
+    from infra.chaos_drill import rss_late_growth
 
     warm = [(float(t), 100 + min(t, 600) // 6) for t in range(0, 1800, 5)]  # grows 10 min, then holds still
     leak = [(float(t), 100 + t // 18) for t in range(0, 1800, 5)]           # grows all the way
