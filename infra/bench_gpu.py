@@ -263,8 +263,6 @@ def reference(inputs: Inputs, model_dir: Path) -> None:
 
 def _ort_rows(report: Report, section: str, budget: Budget, session: Any, inputs: Inputs, batches: Sequence[int],
               label: dict[str, Any], args: SimpleNamespace, *, iobinding: bool) -> None:
-    import onnxruntime as ort
-
     name = inputs.config.input.name
     outputs = [o.name for o in session.get_outputs()]
     for batch in batches:
@@ -321,8 +319,6 @@ def _available(report: Report, section: str, provider: str) -> bool:
 
 
 def ort_section(report: Report, section: str, inputs: Inputs, args: SimpleNamespace) -> None:
-    from model_store.serving.session import CPU, CUDA, SessionSettings, create_session
-
     budget = Budget(args.budget[section])
     model = args.model_dir / MODEL_FILE
     spec = inputs.config.input

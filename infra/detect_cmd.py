@@ -81,7 +81,8 @@ def draw(path: Path, result: dict[str, Any], out_dir: Path) -> Path:
     """An annotated copy, drawn on the EXIF-oriented image (the frame the boxes are in)."""
     import cv2  # only with --draw: detecting needs no OpenCV in this process
 
-    from imaging.decode import prepare  # only with --draw (OpenCV)
+    # only with --draw (OpenCV)
+    from imaging.decode import prepare
     from imaging.limits import ImageLimits
 
     image = prepare(path.read_bytes(), ImageLimits()).image.copy()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 from config import PipelineSettings
@@ -16,8 +18,13 @@ SERVICES = (*ROLES, *LIFECYCLE_ROLES, "gateway")
 
 log = logging.getLogger(__name__)
 
+# Every role runs in its own process and imports only what its stage needs (below, inside the functions): the
+# inference process alone loads ONNX Runtime, scan alone the clamd client, and `detectflow --help` or the supervisor
+# none of them. Each such import says so in a short comment ("own stage only").
+
 
 def _results(settings: PipelineSettings, role: str, session: Any = None) -> Any:
+    # own stage only (see the note at the top)
     from processors.results import ResultStore
     from stream.cassandra import connect
 
@@ -27,15 +34,13 @@ def _results(settings: PipelineSettings, role: str, session: Any = None) -> Any:
 
 def _governance(settings: PipelineSettings, results: Any) -> Any:
     """Tombstones and tenant policies (processors/governance.py), on the result store's session."""
+    # own stage only (see the note at the top)
     from processors.governance import Governance
 
     return Governance(results.session, policy_cache_s=settings.policy_cache_s)
 
 
 def instance_name(role: str, settings: PipelineSettings) -> str:
-    import os
-    import socket
-
     return f"{role}@{settings.stream.instance_id or socket.gethostname()}:{os.getpid()}"
 
 
@@ -43,6 +48,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, table: Any = 
     """The role's model catalog: version folders fetched from the registry on first use; with ``watch``,
     routed by the registry's `models` topic (read to its end before this returns); else by ``table`` if given
     (a ``model_watcher``'s)."""
+    # own stage only (see the note at the top)
     from model_store.control.registry import ModelObjects, fetcher
     from model_store.serving.catalog import ModelCatalog
     from stream.objectstore import minio_client
@@ -56,6 +62,7 @@ def catalog(settings: PipelineSettings, role: str, *, watch: bool, table: Any = 
 
 def model_watcher(settings: PipelineSettings) -> Any:
     """A started ModelWatcher: the registry's `models` topic read to its end (within the catch-up deadline)."""
+    # own stage only (see the note at the top)
     from model_store.control.watch import ModelWatcher
     from stream.kafka import kafka_connection
 
@@ -67,6 +74,7 @@ def model_watcher(settings: PipelineSettings) -> Any:
 def _reporter(role: str, settings: PipelineSettings) -> Any:
     """A ModelPool listener that reports READY and LOAD_FAILED on `models` (the registry and the other
     processes route around a version no instance could load)."""
+    # own stage only (see the note at the top)
     from model_store.control.registry import ModelEventLog
     from model_store.serving.pool import LOAD_FAILED, READY
     from stream.kafka import kafka_connection
@@ -91,12 +99,14 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
     txn = {"exactly_once": settings.exactly_once, "exactly_once_lanes": settings.exactly_once_lanes}
     eos: dict[str, Any] = {**txn, "max_batch": settings.stage_max_batch}
     if role == "bridge":
+        # own stage only (see the note at the top)
         from stream.bridge import BridgeStage, CassandraClaims
         from stream.cassandra import connect
 
         return BridgeStage(CassandraClaims(connect(stream, role)), default_model=settings.default_model,
                            prefix=stream.topic_prefix), {"exactly_once": True}
     if role == "scan":
+        # own stage only (see the note at the top)
         from processors.objects import ObjectStore
         from processors.scan import ScanStage
         from processors.scanner import ClamdScanner
@@ -107,6 +117,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         return ScanStage(ObjectStore(minio_client(settings, role)), scanner, catalog(settings, role, watch=True),
                          results, settings, _governance(settings, results)), eos
     if role == "preprocess":
+        # own stage only (see the note at the top)
         from processors.objects import ObjectStore
         from processors.preprocess import PreprocessStage
         from stream.objectstore import minio_client
@@ -114,6 +125,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         return PreprocessStage(ObjectStore(minio_client(settings, role)), catalog(settings, role, watch=False),
                                settings), eos
     if role == "inference":
+        # own stage only (see the note at the top)
         from processors.inference import InferenceStage, model_pool
 
         watcher = model_watcher(settings)
@@ -130,6 +142,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                        "queue_delay_ms": {"online": settings.online_queue_delay_ms,
                                           "batch": settings.batch_queue_delay_ms}}
     if role == "postprocess":
+        # own stage only (see the note at the top)
         from processors.objects import ObjectStore
         from processors.postprocess import PostprocessStage
         from stream.objectstore import minio_client
@@ -138,6 +151,7 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         return PostprocessStage(catalog(settings, role, watch=False), results, settings,
                                 _governance(settings, results), ObjectStore(minio_client(settings, role))), eos
     if role == "shadow":
+        # own stage only (see the note at the top)
         from processors.shadow import ShadowStage
 
         watcher = model_watcher(settings)
@@ -147,12 +161,14 @@ def build(role: str, settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
                         "queue_delay_ms": {"online": settings.batch_queue_delay_ms,
                                            "batch": settings.batch_queue_delay_ms}}
     if role == "monitor":
+        # own stage only (see the note at the top)
         from model_store.control.registry import connect_registry
         from processors.monitor import MonitorStage
 
         registry = connect_registry(settings, role=role)
         return MonitorStage(catalog(settings, role, watch=True).table, registry, settings), {}
     if role == "recorder":
+        # own stage only (see the note at the top)
         from processors.jobs import CassandraJobs, JobTracker
         from processors.recorder import RecorderStage
         from stream.cassandra import AuditLog, connect
@@ -170,6 +186,7 @@ def run_role(role: str, settings: PipelineSettings) -> None:
         run_gateway()
         return
 
+    # own stage only (see the note at the top)
     from stream.runtime import run_stage
 
     # Each role is its own Kafka principal (its ACLs: infra/stack/kafka_access.py).
@@ -179,6 +196,7 @@ def run_role(role: str, settings: PipelineSettings) -> None:
 
 
 def run_gateway() -> None:
+    # own stage only (see the note at the top)
     from config import GatewaySettings, StackSettings
     from gateway.app import run_gateway as serve
     from gateway.devkeys import ensure_dev_keys

@@ -23,6 +23,7 @@ the recheck leaves with the recorder's next batch (``announcements``).
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -253,7 +254,6 @@ class CassandraJobs:
         return counts
 
     def mark_completed(self, tenant: str, job_id: str, counts: Mapping[str, int], completed_at: int) -> None:
-        import datetime as dt
 
         self._execute(self._complete, (counts.get("OK", 0), counts.get("REJECTED", 0), counts.get("FAILED", 0),
                                        dt.datetime.fromtimestamp(completed_at / 1000, tz=dt.UTC), tenant, job_id))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from config import LifecycleSettings, PipelineSettings
+from model_store.control.registry import RegistryError
 from model_store.serving.boxes import box_iou
 from model_store.serving.routing import RoutingTable
 from processors import metrics as PM
@@ -216,7 +217,6 @@ class MonitorStage:
                 self._roll_back(model, routing.canary, *verdict)
 
     def _roll_back(self, model: str, version: int, cause: str, why: str) -> None:
-        from model_store.control.registry import RegistryError
 
         try:
             self.registry.rollback(model, actor="guardrail", reason=f"guardrail breach ({cause}): {why}",

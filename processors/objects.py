@@ -6,7 +6,7 @@ import io
 from typing import Any
 
 from minio import Minio
-from minio.commonconfig import CopySource
+from minio.commonconfig import REPLACE, CopySource, Tags
 from minio.error import S3Error
 
 from stream.errors import InvalidRecord, TransientError
@@ -61,7 +61,6 @@ class ObjectStore:
                     source: tuple[str, str] | None = None) -> bool:
         """Copy a flagged image to the review bucket (server-side from its object, or its bytes), tagged with
         its retention for the bucket's lifecycle rules. Idempotent (same key). False when the source is gone."""
-        from minio.commonconfig import REPLACE, Tags
 
         tags = Tags.new_object_tags()
         tags[RETENTION_TAG] = str(retention_days)

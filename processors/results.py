@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
+
 from processors.params import CacheKey
 from stream.cassandra import WriteFailed, execute_each
 from stream.errors import TransientError
@@ -81,7 +83,6 @@ class ResultStore:
         Every statement runs even when others fail (no extra round trip: the same concurrent statements).
         WriteFailed (a TransientError) names the positions in ``results`` of the results whose rows were not
         all written; the others are stored. A failed cache row fails every result (the caller retries all)."""
-        from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
 
         def keep(value: Any) -> Any:  # a value the result lacks leaves the gateway's column as it is
             return UNSET_VALUE if value is None else value

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import fastavro
+
 SCHEMA_DIR = Path(__file__).resolve().parent
 NAMESPACE = "io.detectflow.events"
 
@@ -82,6 +84,5 @@ def expanded(name: str) -> str:
 @functools.cache
 def parsed(name: str) -> Any:
     """fastavro-parsed schema of ``name``, parsed once per process."""
-    import fastavro
 
     return fastavro.parse_schema(json.loads(expanded(name)))

@@ -18,6 +18,7 @@ written (tenant ``_platform``, which no API tenant can name).
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -31,11 +32,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+
+from model_store.serving.catalog import ModelNotFound
 from model_store.serving.config import CONFIG_FILE, MODEL_FILE, ModelConfig, ModelConfigError
 from model_store.serving.routing import Routing, RoutingError, report_key
 from model_store.tools.convert import sha256_file as file_sha256
 from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
+from stream.cassandra import AUDIT_INSERT, AUDIT_TTL_S, audit_row, connect, timestamp_ms
+from stream.errors import TransientError
+from stream.kafka import kafka_connection, kafka_producer
+from stream.objectstore import MINIO_ERRORS, minio_client
+from stream.serde import AvroSerde
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +92,6 @@ class RegistryStore:
     """model_versions, model_routing, shadow_agreement and the audit_log rows of registry changes."""
 
     def __init__(self, session: Any, timeout_s: float = 10.0, audit_ttl_s: int | None = None):
-        from stream.cassandra import AUDIT_INSERT, AUDIT_TTL_S
 
         self._s = session
         self._timeout = timeout_s
@@ -135,7 +144,6 @@ class RegistryStore:
 
     def compare_and_set(self, new: Routing, expected_revision: int | None, actor: str) -> bool:
         """Store ``new`` (revision bumped) if the stored revision is still ``expected_revision`` (None: no row)."""
-        import datetime as dt
 
         now = dt.datetime.now(dt.UTC)
         fields = (new.production, new.canary, float(new.canary_percent), new.shadow, list(new.previous),
@@ -161,7 +169,6 @@ class RegistryStore:
         return _version_info(row) if row is not None else None
 
     def insert_version(self, info: VersionInfo) -> bool:
-        import datetime as dt
 
         rs = self._execute(self._insert_version, (
             info.model, info.version, info.sha256, info.size_bytes, json.dumps(dict(info.provenance)),
@@ -179,7 +186,6 @@ class RegistryStore:
 
     # audit
     def audit(self, event: Mapping[str, Any], day: str) -> None:
-        from stream.cassandra import audit_row
 
         self._execute(self._audit, audit_row(event, self._audit_ttl, day))
 
@@ -207,7 +213,6 @@ class RegistryStore:
 
 
 def _version_info(row: Any) -> VersionInfo:
-    from stream.cassandra import timestamp_ms
 
     return VersionInfo(model=row.model_name, version=row.version, sha256=row.sha256, size_bytes=row.size_bytes or 0,
                        provenance=json.loads(row.provenance or "{}"), metrics=json.loads(row.metrics or "{}"),
@@ -228,7 +233,6 @@ class ModelObjects:
         self._c.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
     def _get(self, key: str, max_bytes: int = 1 << 20) -> bytes | None:
-        from minio.error import S3Error
 
         try:
             resp = self._c.get_object(self.bucket, key)
@@ -261,7 +265,6 @@ class ModelObjects:
             self._put(prefix + f"{name}.json", json.dumps(doc, indent=2, default=str).encode())
 
     def delete_model(self, model: str) -> None:
-        from minio.deleteobjects import DeleteObject
 
         doomed = [DeleteObject(o.object_name) for o in self._c.list_objects(self.bucket, prefix=f"{model}/",
                                                                            recursive=True)]
@@ -306,8 +309,6 @@ class ModelEventLog:
 
     def __init__(self, kafka: Mapping[str, Any], registry_url: str, prefix: str = "", flush_timeout_s: float = 15.0,
                  *, registry_ca: Path | None = None):
-        from stream.kafka import kafka_producer
-        from stream.serde import AvroSerde
 
         self.topic = f"{prefix}models"
         self.audit_topic = f"{prefix}audit"
@@ -532,9 +533,6 @@ class Registry:
 def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
     """The catalog's ``fetch``: a registry version into the local repository; errors in the stage's terms."""
 
-    from model_store.serving.catalog import ModelNotFound
-    from stream.errors import TransientError
-    from stream.objectstore import MINIO_ERRORS
 
     def fetch(model: str, version: int) -> Path:
         try:
@@ -551,9 +549,6 @@ def fetcher(objects: ModelObjects, root: Path) -> Callable[[str, int], Path]:
 def connect_registry(settings: Any, role: str = "registry") -> Registry:
     """The registry on the local stack (``settings``: config.PipelineSettings), as ``role`` in MinIO and
     Cassandra; only the ``registry`` role may write model files and version rows."""
-    from stream.cassandra import connect
-    from stream.kafka import kafka_connection
-    from stream.objectstore import minio_client
 
     objects = ModelObjects(minio_client(settings, role), settings.lifecycle.models_bucket)
     objects.ensure_bucket()

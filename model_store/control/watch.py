@@ -19,7 +19,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
 from model_store.serving.routing import Report, Routing, RoutingTable
+from stream.kafka import kafka_consumer
+from stream.serde import AvroSerde, SerdeError
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,7 @@ class ModelWatcher:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
-        from stream.kafka import kafka_consumer
-        from stream.serde import AvroSerde, SerdeError
 
         serde = AvroSerde.from_url(self._registry_url, self._registry_ca)
         consumer = kafka_consumer(self._kafka, f"models-watch-{uuid.uuid4().hex}", offset_reset="earliest")
@@ -118,7 +119,6 @@ class ModelWatcher:
                 log.exception("model listener failed for %s", model)
 
     def _end_offset(self, consumer: Any) -> int:
-        from confluent_kafka import KafkaException, TopicPartition
 
         try:
             _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0)
