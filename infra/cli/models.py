@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -31,8 +30,7 @@ def model() -> None:
 def model_convert(settings: StackSettings, out: Path | None) -> int:
     from model_store.tools.convert import run_cli  # imported on use: --help stays fast
 
-    # model_store's run_cli functions read their arguments as attributes.
-    return run_cli(SimpleNamespace(out=out))
+    return run_cli(out=out)
 
 
 @model.command("quantize", help="write an INT8 version of the model (onnxruntime.quantization)")
@@ -47,7 +45,7 @@ def model_convert(settings: StackSettings, out: Path | None) -> int:
 def model_quantize(settings: StackSettings, method: str, source: Path | None, out: Path | None) -> int:
     from model_store.tools.quantize import run_cli  # imported on use: --help stays fast
 
-    return run_cli(SimpleNamespace(method=method, source=source, out=out))
+    return run_cli(method=method, source=source, out=out)
 
 
 @command("eval", help="mAP of the model on the labelled evaluation set")
@@ -64,8 +62,7 @@ def eval_command(settings: StackSettings, model_dir: Path | None, conf: float, i
                  compare: tuple[Path, ...], as_json: bool) -> int:
     from model_store.tools.evaluate import run_cli  # imported on use: --help stays fast
 
-    return run_cli(SimpleNamespace(model=model_dir, conf=conf, iou=iou, batch=batch, compare=list(compare),
-                                   json=as_json))
+    return run_cli(model_dir=model_dir, conf=conf, iou=iou, batch=batch, compare=compare, as_json=as_json)
 
 
 @group("models", help="the model registry: versions, rollout, rollback, shadow comparison")

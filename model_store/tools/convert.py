@@ -21,7 +21,6 @@ grids are constants and runtimes can plan static shapes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -31,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any, Sequence
 
+import click
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -46,6 +46,7 @@ from model_store.serving.config import (
     YoloHeadSpec,
 )
 from model_store.tools import darknet
+from model_store.tools.command_line import CONTEXT_SETTINGS, invoke
 
 log = logging.getLogger(__name__)
 
@@ -353,20 +354,10 @@ def default_out_dir() -> Path:
     return StackSettings.from_env().models_dir / MODEL_NAME / "1"
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <home>/models/yolov4-tiny/1)")
-    parser.set_defaults(func=run_cli)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``convert`` on the ``detectflow model`` sub-command group; dispatch with ``args.func(args)``."""
-    parser = subparsers.add_parser("convert", help="convert the darknet YOLOv4-tiny into ONNX + config.json")
-    _add_arguments(parser)
-    return parser
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    out_dir = args.out or default_out_dir()
+def run_cli(*, out: Path | None) -> int:
+    """Convert into ``out`` (default: ``default_out_dir()``) and print what was written: 0, or 1 when the
+    conversion fails."""
+    out_dir = out or default_out_dir()
     try:
         config = convert(out_dir)
     except ConversionError as exc:
@@ -382,12 +373,17 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+@click.command(context_settings=CONTEXT_SETTINGS, help="Convert the darknet model.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="output folder (default: <home>/models/yolov4-tiny/1)")
+def command(out: Path | None) -> int:
+    """``python -m model_store.tools.convert [--out DIR]``: what ``detectflow model convert`` runs."""
+    return run_cli(out=out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``detectflow model convert [--out DIR]`` (argv: the arguments after ``convert``)."""
-    parser = argparse.ArgumentParser(prog="detectflow model convert", description="Convert the darknet model.")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    """``python -m model_store.tools.convert``: 0, 1 when the conversion fails, 2 for a usage error."""
+    return invoke(command, argv, "python -m model_store.tools.convert")
 
 
 if __name__ == "__main__":

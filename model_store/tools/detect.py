@@ -7,12 +7,12 @@ converted into the state directory first; without images, the sample images are 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+import click
 import cv2
 import numpy as np
 
@@ -20,7 +20,12 @@ from imaging.letterbox import letterbox, to_model_input
 from model_store.serving.boxes import DetectError, Detection
 from model_store.serving.detector import Detector
 from model_store.serving.session import SessionSettings
+from model_store.tools.command_line import CONTEXT_SETTINGS, invoke
 from model_store.tools.samples import ensure_samples
+
+PROG = "python -m model_store.tools.detect"
+# click's positional arguments carry no help line of their own.
+IMAGES_HELP = "IMAGES: image files (default: the sample images)"
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -61,37 +66,53 @@ def benchmark(detector: Detector, images: Sequence[np.ndarray], batch: int, repe
             "detect_ms_per_img": float(np.median(total_ms)), "detect_min_ms_per_img": float(np.min(total_ms))}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_store.tools.detect", description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="*", type=Path, help="image files (default: the sample images)")
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: convert into the state dir)")
-    parser.add_argument("--conf", type=float, default=0.25)
-    parser.add_argument("--iou", type=float, default=0.45)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
-    parser.add_argument("--spin", action="store_true", help="idle ORT threads busy-wait (ORT's default)")
-    parser.add_argument("--bench", type=int, default=0, metavar="REPEATS", help="also time batch 1 and 4")
-    args = parser.parse_args(argv)
+PATH = click.Path(path_type=Path)
 
+
+@click.command(context_settings=CONTEXT_SETTINGS, help=(__doc__ or "").splitlines()[0], epilog=IMAGES_HELP)
+@click.argument("images", nargs=-1, type=PATH)
+@click.option("--model", "model_dir", type=PATH, default=None,
+              help="model folder (default: convert into the state dir)")
+@click.option("--conf", type=float, default=0.25)
+@click.option("--iou", type=float, default=0.45)
+@click.option("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
+@click.option("--spin", is_flag=True, help="idle ORT threads busy-wait (ORT's default)")
+@click.option("--bench", type=int, default=0, metavar="REPEATS", help="also time batch 1 and 4")
+def command(images: tuple[Path, ...], model_dir: Path | None, conf: float, iou: float, threads: int, spin: bool,
+            bench: int) -> int:
+    """``python -m model_store.tools.detect``'s command line: see ``run``."""
+    return run(list(images), model_dir=model_dir, conf=conf, iou=iou, threads=threads, spin=spin, bench=bench)
+
+
+def run(paths: Sequence[Path], *, model_dir: Path | None, conf: float, iou: float, threads: int, spin: bool,
+        bench: int) -> int:
+    """Print the detections in ``paths`` (default: the sample images) by ``model_dir`` (default: the default model,
+    converted first), then, with ``bench`` repeats, the timings at batch 1 and 4."""
     from config import StackSettings  # only entry points read settings
     from model_store.tools.convert import convert, default_out_dir  # onnx, only to build the default model
 
     settings = StackSettings.from_env()
-    model_dir = args.model or default_out_dir()
-    if args.model is None:
-        convert(model_dir)
-    paths = args.images or ensure_samples(settings.samples_dir, settings.cache_dir)
-    session_settings = SessionSettings(intra_op_threads=args.threads, allow_spinning=args.spin)
-    detector = Detector.from_model_dir(model_dir, session_settings, conf_threshold=args.conf, iou_threshold=args.iou)
+    model = model_dir or default_out_dir()
+    if model_dir is None:
+        convert(model)
+    paths = list(paths) or ensure_samples(settings.samples_dir, settings.cache_dir)
+    session_settings = SessionSettings(intra_op_threads=threads, allow_spinning=spin)
+    detector = Detector.from_model_dir(model, session_settings, conf_threshold=conf, iou_threshold=iou)
     images = [read_image(p) for p in paths]
     print(f"providers: {detector.session.get_providers()}")
     print(format_table([p.name for p in paths], detector.detect(images)))
-    if args.bench:
+    if bench:
         for batch in (1, 4):
-            figures = benchmark(detector, images, batch, args.bench)
+            figures = benchmark(detector, images, batch, bench)
             print(f"batch {batch}: model {figures['model_ms_per_img']:.1f} ms/img "
                   f"(min {figures['model_min_ms_per_img']:.1f}), detect (pre+model+post) "
                   f"{figures['detect_ms_per_img']:.1f} ms/img (min {figures['detect_min_ms_per_img']:.1f})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m model_store.tools.detect``: 0, or 2 for a usage error (shown with the usage line)."""
+    return invoke(command, argv, PROG)
 
 
 if __name__ == "__main__":

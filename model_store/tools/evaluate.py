@@ -21,7 +21,6 @@ model with its mAP and speed relative to the first (``--json``: a list of report
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,9 +32,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from model_store.serving.boxes import Detection
+from model_store.serving.config import ModelConfigError
 from model_store.serving.detector import Detector
+from model_store.serving.session import SessionError
+from model_store.tools.convert import ConversionError, convert, default_out_dir
 from model_store.tools.evalset import ANNOTATIONS_FILE, EvalSetError, canonical_name, ensure_eval_set
 
 DetectFn = Callable[[Sequence[np.ndarray]], list[list[Detection]]]
@@ -147,9 +151,6 @@ def to_coco_results(doc: Mapping[str, Any], detections: Sequence[Sequence[Detect
 
 def coco_scores(doc: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> tuple[float, float, dict[int, float]]:
     """(mAP@0.5, mAP@[.5:.95], AP@0.5 per category id) over the ground truth's categories."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     cat_ids = sorted(c["id"] for c in doc["categories"])
     # pycocotools prints progress on stdout; the CLI's --json output must stay clean.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -240,61 +241,31 @@ def format_comparison(rows: Sequence[ComparedModel]) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: convert into the state dir)")
-    parser.add_argument("--conf", type=float, default=DEFAULT_CONF, help="score threshold (default %(default)s)")
-    parser.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=1, help="images per detector call (default %(default)s)")
-    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
-                        help="also score this model folder on the same images and print a comparison (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON (a list with --compare)")
-    parser.set_defaults(func=run_cli)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval``; dispatch with ``args.func(args)``."""
-    parser = subparsers.add_parser("eval", help="mAP of the model on the labelled evaluation set")
-    _add_arguments(parser)
-    return parser
-
-
-def _evaluate_dir(model_dir: Path, eval_dir: Path, args: argparse.Namespace) -> ComparedModel:
-    detector = Detector.from_model_dir(model_dir, conf_threshold=args.conf, iou_threshold=args.iou)
-    report = evaluate(detector, eval_dir, conf_threshold=args.conf, batch_size=args.batch)
+def _evaluate_dir(model_dir: Path, eval_dir: Path, *, conf: float, iou: float, batch: int) -> ComparedModel:
+    detector = Detector.from_model_dir(model_dir, conf_threshold=conf, iou_threshold=iou)
+    report = evaluate(detector, eval_dir, conf_threshold=conf, batch_size=batch)
     p = detector.config.provenance
     return ComparedModel(str(model_dir), f"{p.source_package} {p.source_version}", p.converter_version, report)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run_cli(*, model_dir: Path | None, conf: float, iou: float, batch: int, compare: Sequence[Path],
+            as_json: bool) -> int:
+    """``detectflow eval``: score ``model_dir`` (default: the default model, converted first) and each ``compare``
+    folder on the evaluation set and print the report (JSON with ``as_json``): 0, or 1 when it fails."""
     from config import StackSettings  # only entry points read settings
-    from model_store.serving.config import ModelConfigError
-    from model_store.serving.session import SessionError
-    from model_store.tools.convert import ConversionError, convert, default_out_dir
 
     try:
         eval_dir = ensure_eval_set(StackSettings.from_env())
-        model_dir = args.model or default_out_dir()
-        if args.model is None:
-            convert(model_dir)
-        rows = [_evaluate_dir(d, eval_dir, args) for d in (model_dir, *args.compare)]
+        first = model_dir or default_out_dir()
+        if model_dir is None:
+            convert(first)
+        rows = [_evaluate_dir(d, eval_dir, conf=conf, iou=iou, batch=batch) for d in (first, *compare)]
     except (EvalSetError, EvalError, ConversionError, ModelConfigError, SessionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.compare:
-        print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json else format_comparison(rows))
+    if compare:
+        print(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else format_comparison(rows))
     else:
         report = rows[0].report
-        print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+        print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``detectflow eval [--model DIR] [--compare DIR]... [--conf 0.001] [--json]``."""
-    parser = argparse.ArgumentParser(prog="detectflow eval", description=(__doc__ or "").splitlines()[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

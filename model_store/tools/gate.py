@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from imaging.letterbox import letterbox, to_model_input
 from model_store.control.registry import GateRefused, VersionInfo
 from model_store.serving.config import ModelConfig
 
@@ -31,10 +32,12 @@ def _check(name: str, passed: bool, detail: str, **figures: Any) -> dict[str, An
 
 def structural_checks(model_file: Path, config: ModelConfig) -> tuple[list[dict[str, Any]], Any]:
     """The hard checks; returns them and the open session. Raises GateRefused at the first failure."""
+    # ONNX Runtime loads only when a version is gated: infra/models_cmd.py imports this module, and its commands that
+    # gate nothing (`detectflow models list`, promote, ...) start without it.
     import onnx
     import onnxruntime as ort
 
-    from model_store.serving.decoders import DecoderError, check_output_contract
+    from model_store.serving.decoders import DecoderError, check_output_contract  # with ONNX Runtime, as above
 
     checks: list[dict[str, Any]] = []
 
@@ -83,8 +86,6 @@ def structural_checks(model_file: Path, config: ModelConfig) -> tuple[list[dict[
 
 def latency_ms(session: Any, config: ModelConfig, images: list[np.ndarray], rounds: int) -> list[float]:
     """Model latency of single images (preprocessed outside the timing), ``rounds`` passes over ``images``."""
-    from imaging.letterbox import letterbox, to_model_input
-
     spec = config.input
     batches = []
     for image in images:
@@ -104,6 +105,7 @@ def latency_ms(session: Any, config: ModelConfig, images: list[np.ndarray], roun
 def run_gate(model_file: Path, config: ModelConfig, production: VersionInfo | None, *, eval_dir: Path,
              max_map_drop: float, p95_budget_ms: float, rounds: int = 3) -> dict[str, Any]:
     """The gate report: ``passed`` (all checks), ``checks``, and ``metrics`` to store with the version."""
+    # the detector and the evaluation load ONNX Runtime: only when gating, as in structural_checks
     from model_store.serving.boxes import DetectError
     from model_store.serving.decoders import DecoderError
     from model_store.serving.detector import Detector

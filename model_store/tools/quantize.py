@@ -28,7 +28,6 @@ model by the same method and onnxruntime version.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -55,6 +54,9 @@ from onnxruntime.quantization import (
 
 from imaging.letterbox import letterbox, to_model_input
 from model_store.serving.config import CONFIG_FILE, MODEL_FILE, InputSpec, ModelConfig, ModelConfigError
+from model_store.tools.convert import ConversionError, convert
+from model_store.tools.convert import default_out_dir as default_source_dir
+from model_store.tools.samples import SamplesError, ensure_samples
 
 log = logging.getLogger(__name__)
 
@@ -245,57 +247,26 @@ def default_out_dir(home: Path, method: str) -> Path:
     return Path(home) / "build" / (OUT_NAME if method == STATIC else f"{OUT_NAME}-{method}")
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="default %(default)s")
-    parser.add_argument("--source", type=Path, default=None, metavar="DIR",
-                        help="model version folder to quantise (default: <home>/models/yolov4-tiny/1, converted "
-                             "first if needed)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help=f"output folder (default: <home>/build/{OUT_NAME}, -dynamic appended for dynamic)")
-    parser.set_defaults(func=run_cli)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``quantize`` on the ``detectflow model`` sub-command group; dispatch with ``args.func(args)``."""
-    parser = subparsers.add_parser("quantize", help="write an INT8 version of the model (onnxruntime.quantization)")
-    _add_arguments(parser)
-    return parser
-
-
-def run_cli(args: argparse.Namespace) -> int:
+def run_cli(*, method: str, source: Path | None, out: Path | None) -> int:
+    """``detectflow model quantize``: quantise ``source`` (default: the default model, converted first) by ``method``
+    into ``out`` (default: ``default_out_dir``) and print what was written: 0, or 1 when it fails."""
     from config import StackSettings  # only entry points read settings
-    from model_store.tools.convert import ConversionError, convert
-    from model_store.tools.convert import default_out_dir as default_source_dir
-    from model_store.tools.samples import SamplesError, ensure_samples
 
     settings = StackSettings.from_env()
-    source = args.source or default_source_dir()
-    out = args.out or default_out_dir(settings.home, args.method)
+    source_dir = source or default_source_dir()
+    out_dir = out or default_out_dir(settings.home, method)
     t0 = time.monotonic()
     try:
-        if args.source is None:
-            convert(source)
-        paths = ensure_samples(settings.samples_dir, settings.cache_dir) if args.method == STATIC else []
-        config = quantize_version(source, out, method=args.method, calibration_images=read_images(paths))
+        if source is None:
+            convert(source_dir)
+        paths = ensure_samples(settings.samples_dir, settings.cache_dir) if method == STATIC else []
+        config = quantize_version(source_dir, out_dir, method=method, calibration_images=read_images(paths))
     except (QuantizeError, ConversionError, SamplesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    size_in, size_out = ((d / MODEL_FILE).stat().st_size / 2**20 for d in (source, out))
-    print(f"{config.name} {args.method}: {out / MODEL_FILE} ({time.monotonic() - t0:.1f}s)")
-    print(f"  from   {source / MODEL_FILE} ({size_in:.1f} MiB -> {size_out:.1f} MiB)")
+    size_in, size_out = ((d / MODEL_FILE).stat().st_size / 2**20 for d in (source_dir, out_dir))
+    print(f"{config.name} {method}: {out_dir / MODEL_FILE} ({time.monotonic() - t0:.1f}s)")
+    print(f"  from   {source_dir / MODEL_FILE} ({size_in:.1f} MiB -> {size_out:.1f} MiB)")
     print(f"  by     {config.provenance.converter_version}")
     print(f"  onnx sha256 {config.provenance.onnx_sha256[:16]}… opset {config.provenance.opset}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``detectflow model quantize [--method static|dynamic] [--source DIR] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="detectflow model quantize", description="Quantise a model version.")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())

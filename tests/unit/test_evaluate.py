@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import io
 import json
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -17,6 +17,7 @@ import pytest
 from config import StackSettings
 from model_store.serving.boxes import Detection
 from model_store.tools import evalset
+from model_store.tools import evaluate as evaluate_module
 from model_store.tools.evalset import (
     COCO80,
     VOC20,
@@ -27,7 +28,7 @@ from model_store.tools.evalset import (
     canonical_name,
     labelme_boxes,
 )
-from model_store.tools.evaluate import EvalError, add_cli, evaluate, format_report
+from model_store.tools.evaluate import EvalError, evaluate, format_report
 
 
 def _png(width: int, height: int, marker: int) -> bytes:
@@ -297,11 +298,24 @@ def test_detector_returning_wrong_count_is_an_error(eval_dir: Path) -> None:
         evaluate(lambda images: [], eval_dir, conf_threshold=0.001)
 
 
-def test_cli_parser_defaults() -> None:
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval"])
-    assert (args.model, args.conf, args.json, args.batch) == (None, 0.001, False, 1) and callable(args.func)
+def test_the_cli_passes_its_defaults_and_flags_to_run_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detectflow eval` calls run_cli with its flags as keywords and exits with run_cli's code."""
+    from infra.cli import main
+
+    calls: list[dict[str, Any]] = []
+
+    def run_cli(**kwargs: Any) -> int:
+        inspect.signature(evaluate_module.run_cli).bind(**kwargs)  # keywords the real run_cli takes, every one given
+        calls.append(kwargs)
+        return 3
+
+    monkeypatch.setattr(evaluate_module, "run_cli", run_cli)
+    assert main(["eval"]) == 3
+    assert calls[-1] == {"model_dir": None, "conf": 0.001, "iou": 0.45, "batch": 1, "compare": (), "as_json": False}
+    assert main(["eval", "--model", "m", "--conf", "0.3", "--iou", "0.6", "--batch", "4", "--compare", "a",
+                 "--compare", "b", "--json"]) == 3
+    assert calls[-1] == {"model_dir": Path("m"), "conf": 0.3, "iou": 0.6, "batch": 4,
+                         "compare": (Path("a"), Path("b")), "as_json": True}
 
 
 # --------------------------------------------------------------------------- the real set

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
+import inspect
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,11 +24,11 @@ from model_store.serving.config import (
     Provenance,
     YoloHeadSpec,
 )
+from model_store.tools import quantize
 from model_store.tools.quantize import (
     DYNAMIC,
     STATIC,
     QuantizeError,
-    add_cli,
     calibration_batches,
     float_tail_nodes,
     quantize_version,
@@ -217,9 +218,19 @@ def test_bad_requests_are_refused(source: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_parser_defaults() -> None:
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="action"))
-    args = parser.parse_args(["quantize"])
-    assert (args.method, args.source, args.out) == (STATIC, None, None) and callable(args.func)
-    assert parser.parse_args(["quantize", "--method", "dynamic"]).method == DYNAMIC
+def test_the_cli_passes_its_defaults_and_flags_to_run_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detectflow model quantize` calls run_cli with its flags as keywords and exits with run_cli's code."""
+    from infra.cli import main
+
+    calls: list[dict[str, Any]] = []
+
+    def run_cli(**kwargs: Any) -> int:
+        inspect.signature(quantize.run_cli).bind(**kwargs)  # keywords the real run_cli takes, every one given
+        calls.append(kwargs)
+        return 3
+
+    monkeypatch.setattr(quantize, "run_cli", run_cli)
+    assert main(["model", "quantize"]) == 3
+    assert calls[-1] == {"method": STATIC, "source": None, "out": None}
+    assert main(["model", "quantize", "--method", "dynamic", "--source", "src", "--out", "dst"]) == 3
+    assert calls[-1] == {"method": DYNAMIC, "source": Path("src"), "out": Path("dst")}
