@@ -58,6 +58,10 @@ class StreamSettings(Settings):
     # or at the latest this long after the last commit while it has a backlog (one commit for many batches).
     commit_interval_ms: int = setting(250, doc="Longest time between commits while behind (ms)", ge=0)
     metrics_port: int = setting(0, doc="Prometheus metrics port (0: none)", ge=0, le=65535)
+    # glibc keeps freed memory for reuse, so a stage's RSS stays at its worst peak; between batches the runtime
+    # gives free heap pages back at most this often (stream/heap.py).
+    heap_trim_interval_s: float = setting(30.0, doc="How often a stage returns freed heap memory to the OS "
+                                                    "(s; 0: never)", ge=0)
     max_message_bytes: int = setting(16 * 1024 * 1024, doc="Largest record produced or fetched (bytes)", ge=1)
     # The bound of a stage consumer's local queue of pre-fetched records (librdkafka's
     # queued.max.messages.kbytes; its default, 64 MiB, can hold ~120 tensors in inference's memory). A

@@ -59,6 +59,7 @@ from stream import headers as H
 from stream import ingest
 from stream import metrics as M
 from stream.errors import DeliveryError, InvalidRecord, TransientError
+from stream.heap import HeapTrimmer
 from stream.kafka import kafka_connection, kafka_consumer, kafka_producer
 from stream.poison import Offset, PoisonLedger
 from stream.records import (
@@ -137,6 +138,7 @@ class StageRunner:
         # online lane trades exactly-once on `detections` (consumers dedupe by request id; sinks are
         # idempotent) for latency, and a sync caller takes the first reply anyway.
         self.eos_lanes = frozenset() if not exactly_once else (exactly_once_lanes or frozenset({"online", "batch"}))
+        self.heap = HeapTrimmer(settings.heap_trim_interval_s)  # RSS follows the working set, not its peak
         self._stop = threading.Event()
         self._paused_batch: set[tuple[str, int]] = set()
         # Retry records polled before their not-before time, held (uncommitted) while their
@@ -201,6 +203,7 @@ class StageRunner:
         try:
             while not self._stop.is_set():
                 self._follow_demand()
+                self.heap.maybe_trim()
                 if self.run_once():
                     batches += 1
                     idle_since = time.monotonic()
