@@ -11,13 +11,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
+from confluent_kafka import KafkaException, TopicPartition
 
 from config import GatewaySettings
 from gateway import metrics as GM
 from gateway.problems import Problem
-from stream.kafka import kafka_admin, kafka_connection, kafka_producer
+from stream.kafka import kafka_admin, kafka_connection, kafka_consumer, kafka_producer
 from stream.reply import ReplyRouter
 from stream.serde import AvroSerde, SerdeError
 from stream.topics import STAGE_INPUTS, lane_topic, replies_topic
@@ -39,6 +38,11 @@ class Bus:
                                        max_record_bytes=stream.max_message_bytes,
                                        extra={"message.timeout.ms": 15000, "queue.buffering.max.messages": 200_000})
         self.admin = kafka_admin(kafka)
+        # The online backlog is read with one idle consumer per stage group (never subscribed: it only asks for
+        # that group's committed offsets and the watermarks), as the stages measure theirs. The admin API's
+        # offset calls crashed the process (a librdkafka assertion) when a Kafka restart came mid-request.
+        self._lag_consumers = {group: kafka_consumer(kafka, f"{self.prefix}detectflow.{group}")
+                               for group in STEP_GROUPS.values()}
         partition = settings.reply_partition if settings.reply_partition >= 0 else random.randrange(16)  # noqa: S311
         self.router = ReplyRouter(stream, self.serde, replies_topic(self.prefix), partition)
         self.online_lag = 0
@@ -67,6 +71,8 @@ class Bus:
                 pass
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.producer.flush, 10)
+        for consumer in self._lag_consumers.values():
+            await loop.run_in_executor(None, consumer.close)
         self._stop.set()
         await loop.run_in_executor(None, self._poller.join, 5)
         await loop.run_in_executor(None, self.router.close)
@@ -126,21 +132,15 @@ class Bus:
         total = 0
         for step in STAGE_INPUTS:
             topic = lane_topic(self.prefix, "online", step)
-            group = f"{self.prefix}detectflow.{STEP_GROUPS[step]}"
-            meta = self.admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            consumer = self._lag_consumers[STEP_GROUPS[step]]
+            meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
             if meta is None or meta.error is not None:
                 continue
             parts = [TopicPartition(topic, p) for p in meta.partitions]
-            ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in parts}, request_timeout=timeout_s)
-            committed_f = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, parts)],
-                                                                 request_timeout=timeout_s)
-            committed = {(tp.topic, tp.partition): tp.offset
-                         for tp in committed_f[group].result(timeout=timeout_s).topic_partitions}
-            for tp, f in ends.items():
-                end = f.result(timeout=timeout_s).offset
-                pos = committed.get((tp.topic, tp.partition), -1)
-                if pos >= 0:  # a group that never committed has no backlog we can name
-                    total += max(0, end - pos)
+            for tp in consumer.committed(parts, timeout=timeout_s):
+                if tp.offset >= 0:  # a group that never committed has no backlog we can name
+                    _low, end = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+                    total += max(0, end - tp.offset)
         return total
 
     async def _lag_loop(self) -> None:
