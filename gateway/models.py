@@ -36,6 +36,7 @@ from pydantic_core import PydanticCustomError, core_schema
 
 from gateway import problems
 from infra.settings import REVIEW_RETENTION_DAYS, GatewaySettings
+from stream.bridge import SUBMITTED_MARK
 
 MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -577,7 +578,8 @@ class UploadSlot(Reply):
     url: str = Field(description="Pre-signed S3 URL; it binds the size, the type and the headers below.",
                      json_schema_extra={"format": "uri"})
     headers: dict[str, str] = Field(description="Send exactly these headers with the PUT.",
-                                    json_schema_extra={"required": ["Content-Type", "Content-Length"]})
+                                    json_schema_extra={"required": ["Content-Type", "Content-Length",
+                                                                    f"x-amz-meta-{SUBMITTED_MARK}"]})
     expires_at: Timestamp
 
 
