@@ -15,14 +15,10 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import models as api
+from gateway.models import ID_RE, MEDIA_TYPES, MODEL_RE
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
 from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
-
-# The patterns and limits are the contract's (gateway/models.py); re-exported for the handlers.
-MODEL_RE, ID_RE, SHA256_RE, UPLOAD_ID_RE = api.MODEL_RE, api.ID_RE, api.SHA256_RE, api.UPLOAD_ID_RE
-OBJECT_KEY_RE, MEDIA_TYPES, UPLOAD_CONTENT_TYPES, FORMATS = (api.OBJECT_KEY_RE, api.MEDIA_TYPES,
-                                                             api.UPLOAD_CONTENT_TYPES, api.FORMATS)
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
     return DetectParams(**out)
 
 
-def body_params(body: api._ParamsAndModel, settings: GatewaySettings,
+def body_params(body: api.ParamsAndModel, settings: GatewaySettings,
                 class_names: tuple[str, ...] | None) -> DetectParams:
     """The params of a validated JSON call: ``{"params": {...}, "model": {"name", "version"}}`` (both optional)."""
     return parse_params(body.merged_params(), settings, class_names)

@@ -187,6 +187,11 @@ def _context(info: ValidationInfo, key: str) -> Any:
 # ---------------------------------------------------------------------------------------------- requests
 
 
+def _split_classes(value: Any) -> Any:
+    """The query's form of the list: one comma-separated string."""
+    return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
+
 class DetectParams(Contract):
     """Detection parameters; null or absent fields take the defaults (DETECTFLOW_SCORE_THRESHOLD,
     DETECTFLOW_MAX_DETECTIONS, every class, DETECTFLOW_DEFAULT_MODEL)."""
@@ -195,19 +200,18 @@ class DetectParams(Contract):
 
     score_threshold: ScoreThreshold | None = Field(None, description="Lowest score kept.")
     max_detections: MaxDetections | None = Field(None, description="Most detections returned.")
-    classes: list[str] | str | None = Field(None, description=(
-        "Class names to keep (a list, or one comma-separated string); names the model does not know are refused."),
-        json_schema_extra={"maxItems": MAX_CLASSES})
+    classes: Annotated[list[str] | None, BeforeValidator(_split_classes), WithJsonSchema({"anyOf": [
+        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_CLASSES}, {"type": "string"}, {"type": "null"}],
+    })] = Field(None, description=("Class names to keep (a list, or one comma-separated string); names the model "
+                                   "does not know are refused."))
     model: ModelName | None = None
     model_version: ModelVersion | None = None
 
     @field_validator("classes", mode="after")
     @classmethod
-    def _known_classes(cls, value: list[str] | str | None, info: ValidationInfo) -> list[str] | None:
+    def _known_classes(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            value = [c.strip() for c in value.split(",") if c.strip()]
         if len(value) > MAX_CLASSES:
             raise PydanticCustomError("too_long", "must be a list of at most {n} class names", {"n": MAX_CLASSES})
         names = _context(info, "class_names")
@@ -215,6 +219,10 @@ class DetectParams(Contract):
         if unknown:
             raise PydanticCustomError("unknown_class", "unknown classes for this model: {u}", {"u": unknown[:5]})
         return value
+
+
+# A class list's error names the parameter, not the item (as the query's comma-separated form has no items).
+DetectParams.PARAMS = {name: name for name in DetectParams.model_fields}
 
 
 class ModelSelector(Contract):
@@ -267,7 +275,9 @@ class ImageRef(Contract):
         return self.key
 
 
-class _ParamsAndModel(Contract):
+class ParamsAndModel(Contract):
+    """A JSON call's detection params and model selector (a detect call by reference, a job)."""
+
     CODES: ClassVar[dict[str, str]] = {"params.*": "INVALID_PARAMS", "model.*": "INVALID_PARAMS"}
     PARAMS: ClassVar[dict[str, str]] = {f"params.{n}": n for n in DetectParams.model_fields} | {
         "model.name": "model", "model.version": "model_version"}
@@ -285,7 +295,7 @@ class _ParamsAndModel(Contract):
         return out
 
 
-class DetectJsonRequest(_ParamsAndModel):
+class DetectJsonRequest(ParamsAndModel):
     """A detect call naming an uploaded object instead of sending the bytes."""
 
     image: ImageRef
@@ -314,10 +324,10 @@ class UploadRequest(Contract):
     files: list[UploadFile] = Field(min_length=1, max_length=MAX_UPLOAD_FILES)
 
 
-class JobRequest(_ParamsAndModel):
+class JobRequest(ParamsAndModel):
     """Up to DETECTFLOW_JOB_MAX_ITEMS uploaded images, one set of params."""
 
-    CODES: ClassVar[dict[str, str]] = _ParamsAndModel.CODES
+    CODES: ClassVar[dict[str, str]] = ParamsAndModel.CODES
 
     items: Annotated[list[ImageRef], Within(hi=lambda s: s.job_max_items, length=True)] = Field(min_length=1)
 

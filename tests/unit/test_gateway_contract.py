@@ -78,6 +78,8 @@ REF = {"upload_id": "0" * 32}
     ({"items": [REF], "params": "x"}, "INVALID_REQUEST", None),
     ({"items": [REF], "params": {"score_threshold": 2}}, "INVALID_PARAMS", "score_threshold"),
     ({"items": [REF], "params": {"classes": ["cat"]}}, "INVALID_PARAMS", "classes"),
+    ({"items": [REF], "params": {"classes": [1]}}, "INVALID_PARAMS", "classes"),
+    ({"items": [REF], "params": {"classes": ["person"] * 1001}}, "INVALID_PARAMS", "classes"),
     ({"items": [REF], "model": {"name": "YoloV5"}}, "INVALID_PARAMS", "model"),
     ({"items": [REF], "model": {"version": 0}}, "INVALID_PARAMS", "model_version"),
 ])
