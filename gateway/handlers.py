@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from gateway import metrics as GM
-from gateway import models as api
 from gateway.auth import Principal
+from gateway.contract import bodies, params, replies, rules
 from gateway.inputs import (
     ImageInput,
     body_params,
@@ -46,20 +46,21 @@ JOB_NAMESPACE = uuid.UUID("0b8f6f0e-3f5c-4a8e-9d6e-51a4c0d7e2b9")
 
 def _json(body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
           ) -> web.Response:
-    """A JSON response built from a contract model (gateway/models.py); a dict only for the OpenAPI document."""
+    """A JSON response built from a contract model (gateway/contract/replies.py); a dict only for the OpenAPI
+    document."""
     raw = (body.model_dump_json(by_alias=True) if isinstance(body, BaseModel)
            else json.dumps(body, separators=(",", ":")))
     return web.Response(status=status, body=raw.encode(), content_type="application/json", headers=headers)
 
 
-def _query(request: web.Request, model: type[api.M]) -> api.M:
-    return api.parse(model, dict(request.query), request.app[GATEWAY].settings)
+def _query(request: web.Request, model: type[rules.M]) -> rules.M:
+    return rules.parse(model, dict(request.query), request.app[GATEWAY].settings)
 
 
-def _path(request: web.Request, model: type[api.M], missing: str) -> api.M:
+def _path(request: web.Request, model: type[rules.M], missing: str) -> rules.M:
     """The path's parameters; a malformed id names nothing (404 ``missing``)."""
     try:
-        return api.parse(model, dict(request.match_info), None)
+        return rules.parse(model, dict(request.match_info), None)
     except Problem as exc:
         raise Problem("NOT_FOUND", missing) from exc
 
@@ -132,7 +133,7 @@ def _check_model(gw: Gateway, name: str, version: int | None) -> None:
 
 def _idempotency_key(request: web.Request) -> str | None:
     idem = request.headers.get("Idempotency-Key")
-    return api.parse(api.IdempotencyHeaders, {} if idem is None else {"Idempotency-Key": idem},
+    return rules.parse(params.IdempotencyHeaders, {} if idem is None else {"Idempotency-Key": idem},
                      None).idempotency_key
 
 
@@ -141,7 +142,7 @@ def _fingerprint(*parts: str) -> str:
 
 
 def _format(request: web.Request) -> str:
-    return _query(request, api.FormatQuery).format
+    return _query(request, params.FormatQuery).format
 
 
 def _result_response(result: dict[str, Any], fmt: str) -> web.Response:
@@ -215,7 +216,7 @@ async def _await_stored(gw: Gateway, tenant: str, request_id: str, deadline: flo
 @endpoint("detect", "detect:write")
 async def detect(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    query = _query(request, api.SyncQuery)
+    query = _query(request, params.SyncQuery)
     fmt, timeout_s = query.format, query.timeout_s(gw.settings)
     deadline = time.time() + timeout_s
     _admit(gw, who.tenant)
@@ -345,7 +346,7 @@ async def _unless_deleted(gw: Gateway, tenant: str, rows: list[tuple[str, dict[s
 async def get_request(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     fmt = _format(request)
-    rid = _path(request, api.RequestPath, "no such request").id
+    rid = _path(request, params.RequestPath, "no such request").id
     row = await gw.store.get_request(who.tenant, rid)
     if row is None:
         raise Problem("NOT_FOUND", "no such request")
@@ -356,7 +357,7 @@ async def get_request(request: web.Request) -> web.StreamResponse:
         if row.status == "FAILED":  # the gateway could not submit it
             return _json(pending_view(rid, row.submitted_at, row.job_id).model_copy(update={
                 "status": "FAILED",
-                "error": api.SubmitFailed(code="SUBMIT_FAILED", message="the request was never submitted")}))
+                "error": replies.SubmitFailed(code="SUBMIT_FAILED", message="the request was never submitted")}))
         return _json(pending_view(rid, row.submitted_at, row.job_id), headers={"Retry-After": "1"})
     return _json(coco_view(row.result) if fmt == "coco" else result_view(row.result))
 
@@ -384,14 +385,14 @@ async def _verify_uploads(gw: Gateway, keys: list[str]) -> None:
 @endpoint("uploads.create", "detect:write")
 async def create_uploads(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    body = api.parse(api.UploadRequest, await read_json(request, gw.settings), gw.settings)
+    body = rules.parse(bodies.UploadRequest, await read_json(request, gw.settings), gw.settings)
     out = []
     for f in body.files:
         upload_id = uuid.uuid4().hex
         url, headers, expires = gw.objects.presigned_put(f"{who.tenant}/uploads/{upload_id}", f.content_type,
                                                          f.content_length)
-        out.append(api.UploadSlot(upload_id=upload_id, url=url, headers=headers, expires_at=iso(expires * 1000)))
-    return _json(api.UploadResponse(uploads=out), status=201)
+        out.append(replies.UploadSlot(upload_id=upload_id, url=url, headers=headers, expires_at=iso(expires * 1000)))
+    return _json(replies.UploadResponse(uploads=out), status=201)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -406,7 +407,7 @@ def job_request_id(job_id: str, index: int) -> str:
 async def create_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     class_names = _class_names(gw)
-    body = api.parse(api.JobRequest, await read_json(request, gw.settings), gw.settings, class_names=class_names)
+    body = rules.parse(bodies.JobRequest, await read_json(request, gw.settings), gw.settings, class_names=class_names)
     params = body_params(body, gw.settings, class_names)
     _check_model(gw, params.model, params.version)
     keys = [item.object_key(who.tenant) for item in body.items]
@@ -462,38 +463,38 @@ async def create_job(request: web.Request) -> web.StreamResponse:
 
 
 def _job_created(job_id: str, total: int) -> web.Response:
-    return _json(api.JobCreated(job_id=job_id, total=total,
+    return _json(replies.JobCreated(job_id=job_id, total=total,
                                 request_ids=[job_request_id(job_id, i) for i in range(total)],
-                                links=api.JobLinks.of(job_id)),
+                                links=replies.JobLinks.of(job_id)),
                  status=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 @endpoint("jobs.read", "results:read")
 async def get_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    job_id = _path(request, api.JobPath, "no such job").id
+    job_id = _path(request, params.JobPath, "no such job").id
     job = await gw.store.get_job(who.tenant, job_id)
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
     counts = job.counts if job.counts is not None else await gw.store.job_status_counts(who.tenant, job_id)
     done = sum(counts.values())
-    return _json(api.JobStatus(
+    return _json(replies.JobStatus(
         job_id=job_id, status=job.status, total=job.total, done=done,
         pending=max(0, job.total - done), progress=round(done / job.total, 4) if job.total else 1.0,
-        counts=api.JobCounts(**{s: counts.get(s, 0) for s in ("OK", "REJECTED", "FAILED")}),
+        counts=replies.JobCounts(**{s: counts.get(s, 0) for s in ("OK", "REJECTED", "FAILED")}),
         model=job.model_name, created_at=iso(job.created_at), completed_at=iso(job.completed_at),
-        links=api.JobLinks.of(job_id),
+        links=replies.JobLinks.of(job_id),
     ))
 
 
 @endpoint("jobs.results", "results:read")
 async def job_results(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    query = _query(request, api.ResultsQuery)
+    query = _query(request, params.ResultsQuery)
     fmt = query.format
     size = gw.settings.page_size_default if query.page_size is None else query.page_size
     after = parse_page_token(query.page_token) if query.page_token else None
-    job_id = _path(request, api.JobPath, "no such job").id
+    job_id = _path(request, params.JobPath, "no such job").id
     job = await gw.store.get_job(who.tenant, job_id)
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
@@ -539,7 +540,7 @@ def _encode_items(rows: list[tuple[str, dict[str, Any]]], fmt: str, *, max_items
                   at_least_one: bool) -> list[tuple[str, bytes]]:
     """The rows' views as JSON, in order, while they fit ``max_items`` and ``max_bytes`` (the first item of a
     page is taken whatever its size, so a page always moves the cursor on). Item by item, so the interpreter
-    lets the event loop's thread in between. The page around them is api.JobResultsPage's shape."""
+    lets the event loop's thread in between. The page around them is replies.JobResultsPage's shape."""
     out: list[tuple[str, bytes]] = []
     for rid, r in rows:
         if len(out) >= max_items:
@@ -560,7 +561,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     """Remove the image (content-addressed object and any upload it came from), its results and cache rows;
     record a tombstone so a result still in flight is never served."""
     gw, who = _gw(request)
-    sha = _path(request, api.ImagePath,
+    sha = _path(request, params.ImagePath,
                 "no such image (an image id is the sha256 of its bytes, 64 hex digits)").id
     request_ids = await gw.store.image_request_ids(who.tenant, sha)
     content_key = f"{who.tenant}/{sha}"
@@ -584,7 +585,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
             removed.add(bucket_key[1])
         await gw.store.delete_request(who.tenant, row)
     await gw.store.delete_image_rows(who.tenant, sha)
-    return _json(api.DeleteResult(image_id=sha, deleted_at=iso(now), requests_deleted=len(request_ids),
+    return _json(replies.DeleteResult(image_id=sha, deleted_at=iso(now), requests_deleted=len(request_ids),
                                   objects_deleted=len(removed)))
 
 
@@ -593,7 +594,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
 
 def _own_tenant(request: web.Request, who: Principal) -> str:
     """An admin acts on its own tenant only (the tenant comes from the token); another is 404, never 403."""
-    tenant = api.parse(api.TenantPath, dict(request.match_info), None).tenant
+    tenant = rules.parse(params.TenantPath, dict(request.match_info), None).tenant
     if tenant != who.tenant:
         raise Problem("NOT_FOUND", "no such tenant")
     request["audit"]["resource"] = tenant
@@ -612,13 +613,13 @@ async def erase_tenant(request: web.Request) -> web.StreamResponse:
                                                            "derived"))
     rows = await gw.store.erase_tenant(tenant, who.subject, now)
     request["audit"]["detail"] = f"erased rows={sum(rows.values())} objects={sum(objects.values())}"
-    return _json(api.TenantErasure(tenant=tenant, erased_at=iso(now), rows_deleted=rows, objects_deleted=objects))
+    return _json(replies.TenantErasure(tenant=tenant, erased_at=iso(now), rows_deleted=rows, objects_deleted=objects))
 
 
-def _policy_view(tenant: str, policy: dict[str, Any] | None, cache_s: float) -> api.TenantPolicy:
+def _policy_view(tenant: str, policy: dict[str, Any] | None, cache_s: float) -> replies.TenantPolicy:
     policy = policy or {"hidden_classes": [], "review_classes": [], "review_retention_days": None, "revision": 0,
                         "updated_by": None, "updated_at": None}
-    return api.TenantPolicy(tenant=tenant, **{**policy, "updated_at": iso(policy["updated_at"])},
+    return replies.TenantPolicy(tenant=tenant, **{**policy, "updated_at": iso(policy["updated_at"])},
                             applies_within_s=cache_s)
 
 
@@ -633,7 +634,7 @@ async def get_policy(request: web.Request) -> web.StreamResponse:
 async def put_policy(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     tenant = _own_tenant(request, who)
-    body = api.parse(api.TenantPolicyRequest, await read_json(request, gw.settings), gw.settings,
+    body = rules.parse(bodies.TenantPolicyRequest, await read_json(request, gw.settings), gw.settings,
                      class_names=_class_names(gw))
     revision = await gw.store.put_policy(tenant, subject=who.subject, at_ms=now_ms(), **body.model_dump())
     request["audit"]["detail"] = f"revision={revision}"
@@ -646,11 +647,11 @@ async def put_policy(request: web.Request) -> web.StreamResponse:
 @endpoint("audit.read", "admin")
 async def audit_events(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    query = _query(request, api.AuditQuery)
+    query = _query(request, params.AuditQuery)
     day = query.day or utc_day()
     events = await gw.store.audit_events(who.tenant, day, query.limit)
-    return _json(api.AuditPage(tenant=who.tenant, day=day,
-                               events=[api.AuditEvent(**{**e, "event_time": iso(e["event_time"])}) for e in events]))
+    return _json(replies.AuditPage(tenant=who.tenant, day=day, events=[
+        replies.AuditEvent(**{**e, "event_time": iso(e["event_time"])}) for e in events]))
 
 
 # ---------------------------------------------------------------------------------------------- operations
@@ -662,7 +663,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 async def livez(request: web.Request) -> web.StreamResponse:
-    return _json(api.Live())
+    return _json(replies.Live())
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
@@ -670,7 +671,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     Cassandra answering. Answered from memory: it never waits on them, nor on any overload gate."""
     ready, checks = request.app[GATEWAY].health.ready()
     if ready:
-        return _json(api.Ready(checks=checks))
+        return _json(replies.Ready(checks=checks))
     raise Problem("UNAVAILABLE", "a backing service does not answer", checks=checks, headers={"Retry-After": "5"})
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import models as api
-from gateway.models import ID_RE, MEDIA_TYPES, MODEL_RE
+from gateway.contract import bodies, rules
+from gateway.contract.rules import ID_RE, MEDIA_TYPES, MODEL_RE
 from gateway.problems import Problem
 from infra.settings import GatewaySettings
 from processors.imaging import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected, read_header, sniff_format
@@ -55,8 +55,8 @@ class ImageInput:
 def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
                  class_names: tuple[str, ...] | None) -> DetectParams:
     """Detection params from a JSON object or query string (classes comma-separated there), by the contract's
-    DetectParams (gateway/models.py)."""
-    wire = api.parse(api.DetectParams, raw, settings, class_names=class_names)
+    DetectParams (gateway/contract/bodies.py)."""
+    wire = rules.parse(bodies.DetectParams, raw, settings, class_names=class_names)
     out: dict[str, Any] = {"score_threshold": wire.score_threshold, "max_detections": wire.max_detections,
                            "version": wire.model_version}
     if wire.classes is not None:
@@ -68,7 +68,7 @@ def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
     return DetectParams(**out)
 
 
-def body_params(body: api.ParamsAndModel, settings: GatewaySettings,
+def body_params(body: bodies.ParamsAndModel, settings: GatewaySettings,
                 class_names: tuple[str, ...] | None) -> DetectParams:
     """The params of a validated JSON call: ``{"params": {...}, "model": {"name", "version"}}`` (both optional)."""
     return parse_params(body.merged_params(), settings, class_names)
@@ -93,7 +93,7 @@ def sniff_image(data: bytes, settings: GatewaySettings) -> str:
 def object_key(tenant: str, ref: Any) -> str:
     """The uploads-bucket key an image reference names: {"upload_id": ...} or {"key": "<tenant>/..."}.
     A key outside the tenant's prefix is reported as not found (it is not the caller's to name)."""
-    return api.parse(api.ImageRef, ref, None).object_key(tenant)
+    return rules.parse(bodies.ImageRef, ref, None).object_key(tenant)
 
 
 # Strings are dropped before brackets are counted (a string may hold brackets); then only brackets are kept.
@@ -182,7 +182,7 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
         body = await read_json(request, settings)
         if "image" not in body:
             raise Problem("INVALID_REQUEST", "a JSON detect call names its image: {\"image\": {\"upload_id\": ...}}")
-        call = api.parse(api.DetectJsonRequest, body, settings, class_names=class_names)
+        call = rules.parse(bodies.DetectJsonRequest, body, settings, class_names=class_names)
         return ImageInput(key=call.image.object_key(request["principal"].tenant),
                           params=body_params(call, settings, class_names))
     query: dict[str, Any] = dict(request.query)

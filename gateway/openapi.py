@@ -1,5 +1,5 @@
 """The gateway's OpenAPI 3.1 document, generated from the route table (gateway/routes.py) and the contract's
-models (gateway/models.py), served at GET /openapi.json.
+models (gateway/contract/), served at GET /openapi.json.
 
 Nothing here restates a field, a limit or a pattern: schemas are the models' JSON Schemas (request bodies as
 validated, responses as serialized; response models are closed), parameters are the fields of the routes'
@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
-from gateway import models as api
 from gateway.auth import SCOPES
+from gateway.contract import replies
 from gateway.problems import CODES
 from gateway.problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
 from gateway.routes import Answer, Route
@@ -108,7 +108,7 @@ def _problem_responses() -> dict[str, Schema]:
 
 
 def _generator(settings: GatewaySettings) -> type[GenerateJsonSchema]:
-    """A schema generator that writes the settings' ranges (gateway/models.py Within reads them from it)."""
+    """A schema generator that writes the settings' ranges (gateway/contract/rules.py Within reads them from it)."""
     return type("ContractSchema", (GenerateJsonSchema,), {"settings": settings})
 
 
@@ -122,7 +122,7 @@ def _body_models(route: Route) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
 
 def _schemas(settings: GatewaySettings, routes: tuple[Route, ...]) -> tuple[dict[Any, Schema], dict[str, Schema]]:
     """Every body model's schema: (the reference per (model, mode), the components)."""
-    models = [(api.Problem, "serialization")] + [m for r in routes for m in _body_models(r)]
+    models = [(replies.Problem, "serialization")] + [m for r in routes for m in _body_models(r)]
     refs, defs = models_json_schema(list(dict.fromkeys(models)), ref_template=REF,  # type: ignore[arg-type]
                                     schema_generator=_generator(settings))
     return refs, defs.get("$defs", {})

@@ -1,5 +1,5 @@
 """How results look over HTTP: a stored DetectionResult as the API's DetectionResult, or COCO-style results, or
-a Pending body (the models of gateway/models.py)."""
+a Pending body (the models of gateway/contract/replies.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.models import (
+from gateway.contract.replies import (
     Box,
     BoxNormalized,
     CocoResult,

@@ -1,4 +1,4 @@
-"""The HTTP contract (gateway/models.py): validation errors are the problems the routes have always answered,
+"""The HTTP contract (gateway/contract/): validation errors are the problems the routes have always answered,
 limits from the settings hold in validation and in the document alike, the route table, the app and the
 served document agree, and the gateway's modules import each other without a cycle."""
 
@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import handlers as h
-from gateway import models as api
 from gateway.app import create_app
+from gateway.contract import bodies, params, rules
 from gateway.openapi import document
 from gateway.problems import Problem
 from gateway.routes import ROUTES
@@ -31,9 +31,9 @@ def settings() -> GatewaySettings:
     return GatewaySettings.from_env({"DETECTFLOW_JOB_MAX_ITEMS": "3"})
 
 
-def refused(model: type[api.M], data: Any, settings: GatewaySettings | None, **context: Any) -> Problem:
+def refused(model: type[rules.M], data: Any, settings: GatewaySettings | None, **context: Any) -> Problem:
     with pytest.raises(Problem) as info:
-        api.parse(model, data, settings, **context)
+        rules.parse(model, data, settings, **context)
     return info.value
 
 
@@ -54,12 +54,12 @@ UPLOAD = {"content_type": "image/jpeg", "content_length": 10}
 ])
 def test_upload_requests_are_refused_with_the_codes_they_always_had(settings: GatewaySettings, body: Any,
                                                                     code: str, param: str | None) -> None:
-    problem = refused(api.UploadRequest, body, settings)
+    problem = refused(bodies.UploadRequest, body, settings)
     assert (problem.code, problem.extra.get("param")) == (code, param)
 
 
 def test_an_upload_request_within_the_limits_passes(settings: GatewaySettings) -> None:
-    body = api.parse(api.UploadRequest, {"files": [UPLOAD, {**UPLOAD, "content_type": "image/png"}], "x": 1},
+    body = rules.parse(bodies.UploadRequest, {"files": [UPLOAD, {**UPLOAD, "content_type": "image/png"}], "x": 1},
                      settings)
     assert [(f.content_type, f.content_length) for f in body.files] == [("image/jpeg", 10), ("image/png", 10)]
 
@@ -85,12 +85,12 @@ REF = {"upload_id": "0" * 32}
 ])
 def test_job_requests_are_refused_with_the_codes_they_always_had(settings: GatewaySettings, body: Any, code: str,
                                                                  param: str | None) -> None:
-    problem = refused(api.JobRequest, body, settings, class_names=("person",))
+    problem = refused(bodies.JobRequest, body, settings, class_names=("person",))
     assert (problem.code, problem.extra.get("param")) == (code, param)
 
 
 def test_a_job_request_names_keys_in_the_callers_prefix_only(settings: GatewaySettings) -> None:
-    body = api.parse(api.JobRequest, {"items": [REF, {"key": "t1/a.jpg"}, {"key": "t2/a.jpg"}],
+    body = rules.parse(bodies.JobRequest, {"items": [REF, {"key": "t1/a.jpg"}, {"key": "t2/a.jpg"}],
                                       "params": {"score_threshold": 0.5}, "model": {"name": "m", "version": 2}},
                      settings)
     assert [i.object_key("t1") for i in body.items[:2]] == [f"t1/uploads/{'0' * 32}", "t1/a.jpg"]
@@ -108,26 +108,26 @@ def test_a_job_request_names_keys_in_the_callers_prefix_only(settings: GatewaySe
     ({"review_retention_days": "x"}, "review_retention_days"),
 ])
 def test_policy_requests_are_refused_naming_the_field(settings: GatewaySettings, body: Any, param: str) -> None:
-    problem = refused(api.TenantPolicyRequest, body, settings, class_names=("person", "bus"))
+    problem = refused(bodies.TenantPolicyRequest, body, settings, class_names=("person", "bus"))
     assert (problem.code, problem.extra.get("param")) == ("INVALID_PARAMS", param)
 
 
 def test_a_policy_request_is_deduplicated_and_sorted(settings: GatewaySettings) -> None:
-    body = api.parse(api.TenantPolicyRequest, {"hidden_classes": ["bus", "person", "bus"],
+    body = rules.parse(bodies.TenantPolicyRequest, {"hidden_classes": ["bus", "person", "bus"],
                                                "review_retention_days": 30}, settings, class_names=("person", "bus"))
     assert body.model_dump() == {"hidden_classes": ["bus", "person"], "review_classes": [],
                                  "review_retention_days": 30}
 
 
 @pytest.mark.parametrize(("model", "query", "param"), [
-    (api.AuditQuery, {"day": "2026-1-1"}, "day"),
-    (api.AuditQuery, {"limit": "0"}, "limit"),
-    (api.AuditQuery, {"limit": "1001"}, "limit"),
-    (api.SyncQuery, {"timeout_ms": "60001"}, "timeout_ms"),
-    (api.SyncQuery, {"timeout_ms": "1.5"}, "timeout_ms"),
-    (api.SyncQuery, {"format": "xml"}, "format"),
-    (api.ResultsQuery, {"page_size": "1001"}, "page_size"),
-    (api.ResultsQuery, {"page_size": "0"}, "page_size"),
+    (params.AuditQuery, {"day": "2026-1-1"}, "day"),
+    (params.AuditQuery, {"limit": "0"}, "limit"),
+    (params.AuditQuery, {"limit": "1001"}, "limit"),
+    (params.SyncQuery, {"timeout_ms": "60001"}, "timeout_ms"),
+    (params.SyncQuery, {"timeout_ms": "1.5"}, "timeout_ms"),
+    (params.SyncQuery, {"format": "xml"}, "format"),
+    (params.ResultsQuery, {"page_size": "1001"}, "page_size"),
+    (params.ResultsQuery, {"page_size": "0"}, "page_size"),
 ])
 def test_query_parameters_are_refused_naming_the_parameter(settings: GatewaySettings, model: Any, query: Any,
                                                            param: str) -> None:
@@ -136,19 +136,20 @@ def test_query_parameters_are_refused_naming_the_parameter(settings: GatewaySett
 
 
 def test_query_parameters_take_their_defaults(settings: GatewaySettings) -> None:
-    assert api.parse(api.AuditQuery, {}, settings).limit == 100
-    sync = api.parse(api.SyncQuery, {"timeout_ms": "2500"}, settings)
+    assert rules.parse(params.AuditQuery, {}, settings).limit == 100
+    sync = rules.parse(params.SyncQuery, {"timeout_ms": "2500"}, settings)
     assert (sync.format, sync.timeout_s(settings)) == ("json", 2.5)
-    assert api.parse(api.SyncQuery, {}, settings).timeout_s(settings) == settings.sync_timeout_s
+    assert rules.parse(params.SyncQuery, {}, settings).timeout_s(settings) == settings.sync_timeout_s
 
 
 @pytest.mark.parametrize("key", ["", "k" * 201])
 def test_an_idempotency_key_out_of_bounds_is_an_invalid_request(key: str) -> None:
-    assert refused(api.IdempotencyHeaders, {"Idempotency-Key": key}, None).code == "INVALID_REQUEST"
-    assert api.parse(api.IdempotencyHeaders, {"Idempotency-Key": "k" * 200}, None).idempotency_key == "k" * 200
+    assert refused(params.IdempotencyHeaders, {"Idempotency-Key": key}, None).code == "INVALID_REQUEST"
+    assert rules.parse(params.IdempotencyHeaders, {"Idempotency-Key": "k" * 200}, None).idempotency_key == "k" * 200
 
 
-@pytest.mark.parametrize(("model", "value"), [(api.RequestPath, "a/b"), (api.JobPath, "-x"), (api.ImagePath, "ab")])
+@pytest.mark.parametrize(("model", "value"), [(params.RequestPath, "a/b"), (params.JobPath, "-x"),
+                                              (params.ImagePath, "ab")])
 def test_a_malformed_id_names_no_resource(model: Any, value: str) -> None:
     assert refused(model, {"id": value}, None).code == "NOT_FOUND"
 
@@ -161,11 +162,11 @@ def test_limits_from_the_settings_are_the_same_in_validation_and_in_the_document
     assert schemas["UploadFile"]["properties"]["content_length"]["maximum"] == 1000
     [page_size] = [p for p in doc["paths"]["/v1/jobs/{id}/results"]["get"]["parameters"] if p["name"] == "page_size"]
     assert page_size["schema"]["maximum"] == s.page_size_max
-    assert len(api.parse(api.JobRequest, {"items": [REF] * 7}, s).items) == 7
-    assert refused(api.JobRequest, {"items": [REF] * 8}, s).code == "TOO_MANY_ITEMS"
-    assert api.parse(api.ResultsQuery, {"page_size": str(s.page_size_max)}, s).page_size == s.page_size_max
-    assert refused(api.ResultsQuery, {"page_size": str(s.page_size_max + 1)}, s).code == "INVALID_PARAMS"
-    assert refused(api.UploadRequest, {"files": [{**UPLOAD, "content_length": 1001}]}, s).code == "INVALID_PARAMS"
+    assert len(rules.parse(bodies.JobRequest, {"items": [REF] * 7}, s).items) == 7
+    assert refused(bodies.JobRequest, {"items": [REF] * 8}, s).code == "TOO_MANY_ITEMS"
+    assert rules.parse(params.ResultsQuery, {"page_size": str(s.page_size_max)}, s).page_size == s.page_size_max
+    assert refused(params.ResultsQuery, {"page_size": str(s.page_size_max + 1)}, s).code == "INVALID_PARAMS"
+    assert refused(bodies.UploadRequest, {"files": [{**UPLOAD, "content_length": 1001}]}, s).code == "INVALID_PARAMS"
 
 
 def test_every_route_of_the_table_is_served_and_documented(settings: GatewaySettings) -> None:
@@ -201,24 +202,29 @@ def test_the_served_document_is_the_generated_one(settings: GatewaySettings) -> 
 
 
 def _gateway_imports() -> dict[str, set[str]]:
-    """Each gateway module's imports of other gateway modules, at any depth of its body."""
+    """Each gateway module's imports of other gateway modules ("contract.rules"), at any depth of its body."""
     graph: dict[str, set[str]] = {}
-    for path in GATEWAY_DIR.glob("*.py"):
+    for path in GATEWAY_DIR.rglob("*.py"):
+        parts = path.relative_to(GATEWAY_DIR).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "gateway":
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gateway":
+                package = node.module.removeprefix("gateway").lstrip(".")
+                for alias in node.names:  # `from gateway.contract import rules` imports a module, or a name
+                    module = f"{package}.{alias.name}".lstrip(".")
+                    deps.add(module if (GATEWAY_DIR / f"{module.replace('.', '/')}.py").exists() else package)
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gateway.")}
-        graph[path.stem] = deps - {path.stem}
+                deps |= {a.name.removeprefix("gateway.") for a in node.names if a.name.startswith("gateway.")}
+        graph[name] = deps - {name, ""}
     return graph
 
 
 def test_the_gateway_modules_import_each_other_without_a_cycle() -> None:
     graph = _gateway_imports()
+    assert {"app", "handlers", "contract.rules", "contract.replies", "state"} <= set(graph)
     assert "app" not in graph["handlers"] and "app" not in graph["state"]
+    assert "contract.rules" in graph["handlers"] and "state" in graph["handlers"]
     done: set[str] = set()
 
     def visit(module: str, stack: tuple[str, ...]) -> None:
