@@ -1,4 +1,5 @@
-"""The aiohttp app factory: services start and stop with the app; handlers live in gateway/handlers.py."""
+"""The aiohttp app factory: services start and stop with the app; the routes are gateway/routes.py's table,
+the handlers gateway/handlers.py's, the state they share gateway/state.py's."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -21,54 +20,18 @@ from gateway.auth import Authenticator
 from gateway.bus import Bus
 from gateway.limits import ByteBudget, DailyQuota, FairShares, TokenBuckets
 from gateway.objects import GatewayObjects
+from gateway.openapi import document
 from gateway.problems import Problem
+from gateway.routes import ROUTES
+from gateway.state import BODIES, DOCUMENT, GATEWAY, SETTINGS, Gateway, Health
 from gateway.store import GatewayStore
+from model_store.control.watch import ModelWatcher
+from model_store.serving.catalog import ModelCatalog
 from schemas.names import MODEL_NAME_RULE, valid_model_name
+from stream.cassandra import connect
 from stream.kafka import kafka_connection
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Gateway:
-    """What the handlers use; built at app start-up, closed at clean-up."""
-
-    settings: GatewaySettings
-    auth: Authenticator
-    bus: Bus
-    store: GatewayStore
-    objects: GatewayObjects
-    buckets: TokenBuckets
-    quota: DailyQuota
-    audit: AuditLog
-    catalog: Any  # model_store.serving.catalog.ModelCatalog, or None when no local model repository
-    shares: FairShares
-    health: Health
-    cluster: Any = field(default=None, repr=False)
-
-
-class Health:
-    """Readiness as last probed by a background task: /readyz answers from here at once, never waiting on
-    Kafka, MinIO or Cassandra (a probe that hangs makes the answer stale, and stale is not ready)."""
-
-    INTERVAL_S = 2.0
-    PROBE_TIMEOUT_S = 2.0
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self.checks: dict[str, str] = {}
-        self.at: float | None = None
-
-    def record(self, checks: dict[str, str]) -> None:
-        self.checks, self.at = checks, self._clock()
-
-    def ready(self) -> tuple[bool, dict[str, str]]:
-        if self.at is None:
-            return False, {"probe": "not run yet"}
-        age = self._clock() - self.at
-        if age > 3 * self.INTERVAL_S + self.PROBE_TIMEOUT_S:
-            return False, {**self.checks, "probe": f"stale ({age:.0f} s old)"}
-        return all(v == "ok" for v in self.checks.values()), self.checks
 
 
 async def _probe(gw: Gateway) -> dict[str, str]:
@@ -121,19 +84,13 @@ async def _quota_lease_loop(gw: Gateway) -> None:
             log.warning("idle quota leases not given back this round: %s", exc)
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
-SETTINGS = web.AppKey("settings", GatewaySettings)
-BODIES = web.AppKey("bodies", ByteBudget)
 # Answered before any gate, from memory: never behind the body budget, the rate limit or a backing service.
 HEALTH_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def _catalog(settings: GatewaySettings) -> Any:
+def _catalog(settings: GatewaySettings) -> ModelCatalog:
     """Pins are checked against the registry's routing (the `models` topic), else the local repository."""
-    from model_store.control.watch import ModelWatcher
-    from model_store.serving.catalog import ModelCatalog
-
     p = settings.pipeline
     watcher = ModelWatcher(kafka_connection(p.stream), p.stream.registry_url, p.stream.topic_prefix,
                            registry_ca=p.stream.tls_ca_file)
@@ -142,8 +99,6 @@ def _catalog(settings: GatewaySettings) -> Any:
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
-    from stream.cassandra import connect
-
     settings = app[SETTINGS]
     loop = asyncio.get_running_loop()
     # Discovery and the first key load block (bounded by DETECTFLOW_OIDC_TIMEOUT_S); no keys, no start. First,
@@ -262,30 +217,19 @@ async def body_budget_middleware(request: web.Request,
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    from gateway import handlers as h
-
     if not valid_model_name(settings.pipeline.default_model):  # or every call that names no model is refused
         raise SettingsError(f"DETECTFLOW_DEFAULT_MODEL={settings.pipeline.default_model!r}: {MODEL_NAME_RULE}")
     # client_max_size is a backstop only: the body readers (gateway/inputs.py) stop at the route's limit.
     app = web.Application(client_max_size=settings.max_body_bytes + 256 * 1024,
                           middlewares=[problems_middleware, body_budget_middleware])
     app[SETTINGS] = settings
+    app[DOCUMENT] = document(settings, ROUTES)
     app.cleanup_ctx.append(_services)
-    app.router.add_post("/v1/detect", h.detect)
-    app.router.add_get("/v1/requests/{id}", h.get_request)
-    app.router.add_post("/v1/uploads", h.create_uploads)
-    app.router.add_post("/v1/jobs", h.create_job)
-    app.router.add_get("/v1/jobs/{id}", h.get_job)
-    app.router.add_get("/v1/jobs/{id}/results", h.job_results)
-    app.router.add_delete("/v1/images/{id}", h.delete_image)
-    app.router.add_delete("/v1/tenants/{tenant}/data", h.erase_tenant)
-    app.router.add_get("/v1/tenants/{tenant}/policy", h.get_policy)
-    app.router.add_put("/v1/tenants/{tenant}/policy", h.put_policy)
-    app.router.add_get("/v1/audit", h.audit_events)
-    app.router.add_get("/openapi.json", h.openapi)
-    app.router.add_get("/livez", h.livez)
-    app.router.add_get("/readyz", h.readyz)
-    app.router.add_get("/metrics", h.metrics)
+    for route in ROUTES:  # GET routes answer HEAD too (aiohttp's add_get), which HTTP defines by GET
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
     return app
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from config import write_private
@@ -33,9 +35,6 @@ class DevKeys:
 
 
 def ensure_dev_keys(secrets_dir: Path) -> DevKeys:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     keys = DevKeys(secrets_dir / "jwt-rs256.pem", secrets_dir / "jwks.json", secrets_dir / "jwt-hs256.key")
     if not keys.private_key_file.exists():
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -7,7 +7,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,41 +14,56 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from gateway import metrics as GM
-from gateway.app import GATEWAY, SETTINGS, Gateway
 from gateway.auth import Principal
+from gateway.contract import bodies, params, replies, rules
 from gateway.inputs import (
-    FORMATS,
-    ID_RE,
-    SHA256_RE,
-    UPLOAD_CONTENT_TYPES,
     ImageInput,
-    _int,
-    object_key,
+    body_params,
     page_token,
-    parse_body_params,
     parse_page_token,
     read_image_input,
     read_json,
 )
 from gateway.problems import Problem
+from gateway.state import DOCUMENT, GATEWAY, Gateway
 from gateway.views import coco_view, iso, pending_view, result_view
+from model_store.serving.catalog import ModelNotFound
+from processors.governance import deleted_result, hidden
 from schemas import events
 from stream import headers as H
+from stream.cassandra import utc_day
 from stream.records import now_ms
 from stream.reply import ReplyTimeout
+from stream.serde import epoch_ms
 from stream.topics import lane_topic
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 JOB_NAMESPACE = uuid.UUID("0b8f6f0e-3f5c-4a8e-9d6e-51a4c0d7e2b9")
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body, separators=(",", ":")).encode(),
-                        content_type="application/json", headers=headers)
+def _json(body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+          ) -> web.Response:
+    """A JSON response built from a contract model (gateway/contract/replies.py); a dict only for the OpenAPI
+    document."""
+    raw = (body.model_dump_json(by_alias=True) if isinstance(body, BaseModel)
+           else json.dumps(body, separators=(",", ":")))
+    return web.Response(status=status, body=raw.encode(), content_type="application/json", headers=headers)
+
+
+def _query(request: web.Request, model: type[rules.M]) -> rules.M:
+    return rules.parse(model, dict(request.query), request.app[GATEWAY].settings)
+
+
+def _path(request: web.Request, model: type[rules.M], missing: str) -> rules.M:
+    """The path's parameters; a malformed id names nothing (404 ``missing``)."""
+    try:
+        return rules.parse(model, dict(request.match_info), None)
+    except Problem as exc:
+        raise Problem("NOT_FOUND", missing) from exc
 
 
 def endpoint(action: str, scope: str) -> Callable[[Handler], Handler]:
@@ -103,8 +117,6 @@ def _class_names(gw: Gateway, model: str | None = None) -> tuple[str, ...] | Non
     """The default model's class names when the gateway sees the model repository (else the pipeline checks)."""
     if gw.catalog is None:
         return None
-    from model_store.serving.catalog import ModelNotFound
-
     try:
         return tuple(gw.catalog.resolve(model or gw.settings.pipeline.default_model).config.class_names)
     except ModelNotFound:
@@ -114,8 +126,6 @@ def _class_names(gw: Gateway, model: str | None = None) -> tuple[str, ...] | Non
 def _check_model(gw: Gateway, name: str, version: int | None) -> None:
     if gw.catalog is None:
         return
-    from model_store.serving.catalog import ModelNotFound
-
     try:
         gw.catalog.check(name, version)
     except ModelNotFound as exc:
@@ -124,9 +134,8 @@ def _check_model(gw: Gateway, name: str, version: int | None) -> None:
 
 def _idempotency_key(request: web.Request) -> str | None:
     idem = request.headers.get("Idempotency-Key")
-    if idem is not None and not 1 <= len(idem) <= 200:
-        raise Problem("INVALID_REQUEST", "Idempotency-Key must have 1 to 200 characters")
-    return idem
+    return rules.parse(params.IdempotencyHeaders, {} if idem is None else {"Idempotency-Key": idem},
+                     None).idempotency_key
 
 
 def _fingerprint(*parts: str) -> str:
@@ -134,17 +143,7 @@ def _fingerprint(*parts: str) -> str:
 
 
 def _format(request: web.Request) -> str:
-    fmt = request.query.get("format", "json")
-    if fmt not in FORMATS:
-        raise Problem("INVALID_PARAMS", f"format must be one of {', '.join(FORMATS)}", param="format")
-    return fmt
-
-
-def _timeout_s(request: web.Request, gw: Gateway) -> float:
-    raw = request.query.get("timeout_ms")
-    if raw is None:
-        return gw.settings.sync_timeout_s
-    return _int("timeout_ms", raw, 1, int(gw.settings.sync_timeout_max_s * 1000)) / 1000
+    return _query(request, params.FormatQuery).format
 
 
 def _result_response(result: dict[str, Any], fmt: str) -> web.Response:
@@ -218,8 +217,8 @@ async def _await_stored(gw: Gateway, tenant: str, request_id: str, deadline: flo
 @endpoint("detect", "detect:write")
 async def detect(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    fmt = _format(request)
-    timeout_s = _timeout_s(request, gw)
+    query = _query(request, params.SyncQuery)
+    fmt, timeout_s = query.format, query.timeout_s(gw.settings)
     deadline = time.time() + timeout_s
     _admit(gw, who.tenant)
     try:
@@ -319,8 +318,6 @@ async def _submit(request: web.Request, gw: Gateway, who: Principal, image: Imag
 
 async def _row_hidden(gw: Gateway, tenant: str, row: Any) -> bool:
     """A request of an image deleted after the request was made (or of an erased tenant) is never served."""
-    from processors.governance import hidden
-
     sha = row.image_sha256 or (row.result or {}).get("image_sha256")
     if not sha:
         return False
@@ -331,9 +328,6 @@ async def _row_hidden(gw: Gateway, tenant: str, row: Any) -> bool:
 async def _unless_deleted(gw: Gateway, tenant: str, rows: list[tuple[str, dict[str, Any]]]
                           ) -> list[tuple[str, dict[str, Any]]]:
     """A page's results with those of deleted images replaced by their IMAGE_DELETED stub (one query)."""
-    from processors.governance import deleted_result, hidden
-    from stream.serde import epoch_ms
-
     shas = [r["image_sha256"] for _, r in rows if r.get("image_sha256")]
     if not shas:
         return rows
@@ -350,10 +344,8 @@ async def _unless_deleted(gw: Gateway, tenant: str, rows: list[tuple[str, dict[s
 @endpoint("requests.read", "results:read")
 async def get_request(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    rid = request.match_info["id"]
     fmt = _format(request)
-    if not ID_RE.fullmatch(rid):
-        raise Problem("NOT_FOUND", "no such request")
+    rid = _path(request, params.RequestPath, "no such request").id
     row = await gw.store.get_request(who.tenant, rid)
     if row is None:
         raise Problem("NOT_FOUND", "no such request")
@@ -362,8 +354,9 @@ async def get_request(request: web.Request) -> web.StreamResponse:
     request["audit"]["request_id"] = rid
     if row.result is None:
         if row.status == "FAILED":  # the gateway could not submit it
-            return _json({**pending_view(rid, row.submitted_at, row.job_id), "status": "FAILED",
-                          "error": {"code": "SUBMIT_FAILED", "message": "the request was never submitted"}})
+            return _json(pending_view(rid, row.submitted_at, row.job_id).model_copy(update={
+                "status": "FAILED",
+                "error": replies.SubmitFailed(code="SUBMIT_FAILED", message="the request was never submitted")}))
         return _json(pending_view(rid, row.submitted_at, row.job_id), headers={"Retry-After": "1"})
     return _json(coco_view(row.result) if fmt == "coco" else result_view(row.result))
 
@@ -391,24 +384,14 @@ async def _verify_uploads(gw: Gateway, keys: list[str]) -> None:
 @endpoint("uploads.create", "detect:write")
 async def create_uploads(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    body = await read_json(request, gw.settings)
-    files = body.get("files")
-    if not isinstance(files, list) or not 1 <= len(files) <= 1000:
-        raise Problem("INVALID_REQUEST", "files must be a list of 1 to 1000 {content_type, content_length}")
+    body = rules.parse(bodies.UploadRequest, await read_json(request, gw.settings), gw.settings)
     out = []
-    for i, f in enumerate(files):
-        if not isinstance(f, dict):
-            raise Problem("INVALID_REQUEST", f"files[{i}] must be an object")
-        ctype = f.get("content_type")
-        if not isinstance(ctype, str) or ctype not in UPLOAD_CONTENT_TYPES:
-            raise Problem("UNSUPPORTED_MEDIA_TYPE", f"files[{i}].content_type must be one of "
-                          f"{', '.join(sorted(UPLOAD_CONTENT_TYPES))}")
-        length = _int(f"files[{i}].content_length", f.get("content_length"), 1, gw.settings.pipeline.image_max_bytes)
+    for f in body.files:
         upload_id = uuid.uuid4().hex
-        url, headers, expires = gw.objects.presigned_put(f"{who.tenant}/uploads/{upload_id}", ctype, length)
-        out.append({"upload_id": upload_id, "method": "PUT", "url": url, "headers": headers,
-                    "expires_at": iso(expires * 1000)})
-    return _json({"uploads": out}, status=201)
+        url, headers, expires = gw.objects.presigned_put(f"{who.tenant}/uploads/{upload_id}", f.content_type,
+                                                         f.content_length)
+        out.append(replies.UploadSlot(upload_id=upload_id, url=url, headers=headers, expires_at=iso(expires * 1000)))
+    return _json(replies.UploadResponse(uploads=out), status=201)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -422,15 +405,11 @@ def job_request_id(job_id: str, index: int) -> str:
 @endpoint("jobs.create", "detect:write")
 async def create_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    body = await read_json(request, gw.settings)
-    items = body.get("items")
-    if not isinstance(items, list) or not items:
-        raise Problem("INVALID_REQUEST", "items must be a non-empty list of {upload_id} or {key}")
-    if len(items) > gw.settings.job_max_items:
-        raise Problem("TOO_MANY_ITEMS", f"a job has at most {gw.settings.job_max_items} items, not {len(items)}")
-    params = parse_body_params(body, gw.settings, _class_names(gw))
+    class_names = _class_names(gw)
+    body = rules.parse(bodies.JobRequest, await read_json(request, gw.settings), gw.settings, class_names=class_names)
+    params = body_params(body, gw.settings, class_names)
     _check_model(gw, params.model, params.version)
-    keys = [object_key(who.tenant, item) for item in items]
+    keys = [item.object_key(who.tenant) for item in body.items]
     signed = [k for k in keys if _signed_upload(who.tenant, k)]
     await _verify_uploads(gw, signed)
     await asyncio.gather(*(gw.objects.claim_upload(k) for k in dict.fromkeys(signed)))  # no longer "unclaimed"
@@ -482,41 +461,39 @@ async def create_job(request: web.Request) -> web.StreamResponse:
 
 
 def _job_created(job_id: str, total: int) -> web.Response:
-    return _json({"job_id": job_id, "status": "RUNNING", "total": total,
-                  "request_ids": [job_request_id(job_id, i) for i in range(total)],
-                  "links": {"self": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"}},
+    return _json(replies.JobCreated(job_id=job_id, total=total,
+                                request_ids=[job_request_id(job_id, i) for i in range(total)],
+                                links=replies.JobLinks.of(job_id)),
                  status=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 @endpoint("jobs.read", "results:read")
 async def get_job(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    job_id = request.match_info["id"]
-    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
+    job_id = _path(request, params.JobPath, "no such job").id
+    job = await gw.store.get_job(who.tenant, job_id)
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
     counts = job.counts if job.counts is not None else await gw.store.job_status_counts(who.tenant, job_id)
     done = sum(counts.values())
-    return _json({
-        "job_id": job_id, "status": job.status, "total": job.total, "done": done,
-        "pending": max(0, job.total - done), "progress": round(done / job.total, 4) if job.total else 1.0,
-        "counts": {s: counts.get(s, 0) for s in ("OK", "REJECTED", "FAILED")},
-        "model": job.model_name, "created_at": iso(job.created_at), "completed_at": iso(job.completed_at),
-        "links": {"self": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"},
-    })
+    return _json(replies.JobStatus(
+        job_id=job_id, status=job.status, total=job.total, done=done,
+        pending=max(0, job.total - done), progress=round(done / job.total, 4) if job.total else 1.0,
+        counts=replies.JobCounts(**{s: counts.get(s, 0) for s in ("OK", "REJECTED", "FAILED")}),
+        model=job.model_name, created_at=iso(job.created_at), completed_at=iso(job.completed_at),
+        links=replies.JobLinks.of(job_id),
+    ))
 
 
 @endpoint("jobs.results", "results:read")
 async def job_results(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    job_id = request.match_info["id"]
-    fmt = _format(request)
-    raw_size = request.query.get("page_size")
-    size = gw.settings.page_size_default if raw_size is None else _int("page_size", raw_size, 1,
-                                                                          gw.settings.page_size_max)
-    token = request.query.get("page_token")
-    after = parse_page_token(token) if token else None
-    job = await gw.store.get_job(who.tenant, job_id) if ID_RE.fullmatch(job_id) else None
+    query = _query(request, params.ResultsQuery)
+    fmt = query.format
+    size = gw.settings.page_size_default if query.page_size is None else query.page_size
+    after = parse_page_token(query.page_token) if query.page_token else None
+    job_id = _path(request, params.JobPath, "no such job").id
+    job = await gw.store.get_job(who.tenant, job_id)
     if job is None:
         raise Problem("NOT_FOUND", "no such job")
     loop = asyncio.get_running_loop()
@@ -561,12 +538,12 @@ def _encode_items(rows: list[tuple[str, dict[str, Any]]], fmt: str, *, max_items
                   at_least_one: bool) -> list[tuple[str, bytes]]:
     """The rows' views as JSON, in order, while they fit ``max_items`` and ``max_bytes`` (the first item of a
     page is taken whatever its size, so a page always moves the cursor on). Item by item, so the interpreter
-    lets the event loop's thread in between."""
+    lets the event loop's thread in between. The page around them is replies.JobResultsPage's shape."""
     out: list[tuple[str, bytes]] = []
     for rid, r in rows:
         if len(out) >= max_items:
             break
-        encoded = json.dumps(coco_view(r) if fmt == "coco" else result_view(r), separators=(",", ":")).encode()
+        encoded = (coco_view(r) if fmt == "coco" else result_view(r)).model_dump_json().encode()
         if len(encoded) + 1 > max_bytes and not (at_least_one and not out):
             break
         max_bytes -= len(encoded) + 1
@@ -582,9 +559,8 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     """Remove the image (content-addressed object and any upload it came from), its results and cache rows;
     record a tombstone so a result still in flight is never served."""
     gw, who = _gw(request)
-    sha = request.match_info["id"]
-    if not SHA256_RE.fullmatch(sha):
-        raise Problem("NOT_FOUND", "no such image (an image id is the sha256 of its bytes, 64 hex digits)")
+    sha = _path(request, params.ImagePath,
+                "no such image (an image id is the sha256 of its bytes, 64 hex digits)").id
     request_ids = await gw.store.image_request_ids(who.tenant, sha)
     content_key = f"{who.tenant}/{sha}"
     has_object = await gw.objects.exists(content_key)
@@ -607,8 +583,8 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
             removed.add(bucket_key[1])
         await gw.store.delete_request(who.tenant, row)
     await gw.store.delete_image_rows(who.tenant, sha)
-    return _json({"image_id": sha, "deleted_at": iso(now), "requests_deleted": len(request_ids),
-                  "objects_deleted": len(removed)})
+    return _json(replies.DeleteResult(image_id=sha, deleted_at=iso(now), requests_deleted=len(request_ids),
+                                  objects_deleted=len(removed)))
 
 
 # ---------------------------------------------------------------------------------------------- tenants
@@ -616,7 +592,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
 
 def _own_tenant(request: web.Request, who: Principal) -> str:
     """An admin acts on its own tenant only (the tenant comes from the token); another is 404, never 403."""
-    tenant = request.match_info["tenant"]
+    tenant = rules.parse(params.TenantPath, dict(request.match_info), None).tenant
     if tenant != who.tenant:
         raise Problem("NOT_FOUND", "no such tenant")
     request["audit"]["resource"] = tenant
@@ -635,34 +611,14 @@ async def erase_tenant(request: web.Request) -> web.StreamResponse:
                                                            "derived"))
     rows = await gw.store.erase_tenant(tenant, who.subject, now)
     request["audit"]["detail"] = f"erased rows={sum(rows.values())} objects={sum(objects.values())}"
-    return _json({"tenant": tenant, "erased_at": iso(now), "rows_deleted": rows, "objects_deleted": objects})
+    return _json(replies.TenantErasure(tenant=tenant, erased_at=iso(now), rows_deleted=rows, objects_deleted=objects))
 
 
-def _policy_body(body: dict[str, Any], classes: tuple[str, ...] | None) -> dict[str, Any]:
-    from config import REVIEW_RETENTION_DAYS
-
-    out: dict[str, Any] = {}
-    for name in ("hidden_classes", "review_classes"):
-        value = body.get(name, [])
-        if not isinstance(value, list) or len(value) > 1000 or not all(
-                isinstance(c, str) and 0 < len(c) <= 100 for c in value):
-            raise Problem("INVALID_PARAMS", f"{name} must be a list of class names", param=name)
-        unknown = sorted(set(value) - set(classes)) if classes is not None else []
-        if unknown:
-            raise Problem("INVALID_PARAMS", f"unknown classes: {', '.join(unknown[:5])}", param=name)
-        out[name] = sorted(set(value))
-    days = body.get("review_retention_days")
-    if days is not None and (isinstance(days, bool) or days not in REVIEW_RETENTION_DAYS):
-        raise Problem("INVALID_PARAMS", f"review_retention_days must be one of {list(REVIEW_RETENTION_DAYS)}",
-                      param="review_retention_days")
-    out["review_retention_days"] = days
-    return out
-
-
-def _policy_view(tenant: str, policy: dict[str, Any] | None, cache_s: float) -> dict[str, Any]:
+def _policy_view(tenant: str, policy: dict[str, Any] | None, cache_s: float) -> replies.TenantPolicy:
     policy = policy or {"hidden_classes": [], "review_classes": [], "review_retention_days": None, "revision": 0,
                         "updated_by": None, "updated_at": None}
-    return {"tenant": tenant, **policy, "updated_at": iso(policy["updated_at"]), "applies_within_s": cache_s}
+    return replies.TenantPolicy(tenant=tenant, **{**policy, "updated_at": iso(policy["updated_at"])},
+                            applies_within_s=cache_s)
 
 
 @endpoint("tenants.policy.read", "admin")
@@ -676,8 +632,9 @@ async def get_policy(request: web.Request) -> web.StreamResponse:
 async def put_policy(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
     tenant = _own_tenant(request, who)
-    body = _policy_body(await read_json(request, gw.settings), _class_names(gw))
-    revision = await gw.store.put_policy(tenant, subject=who.subject, at_ms=now_ms(), **body)
+    body = rules.parse(bodies.TenantPolicyRequest, await read_json(request, gw.settings), gw.settings,
+                     class_names=_class_names(gw))
+    revision = await gw.store.put_policy(tenant, subject=who.subject, at_ms=now_ms(), **body.model_dump())
     request["audit"]["detail"] = f"revision={revision}"
     return _json(_policy_view(tenant, await gw.store.get_policy(tenant), gw.settings.pipeline.policy_cache_s))
 
@@ -688,28 +645,23 @@ async def put_policy(request: web.Request) -> web.StreamResponse:
 @endpoint("audit.read", "admin")
 async def audit_events(request: web.Request) -> web.StreamResponse:
     gw, who = _gw(request)
-    from stream.cassandra import utc_day
-
-    day = request.query.get("day", utc_day())
-    if not DAY_RE.fullmatch(day):
-        raise Problem("INVALID_PARAMS", "day must be YYYY-MM-DD", param="day")
-    limit = _int("limit", request.query.get("limit", "100"), 1, 1000)
-    return _json({"tenant": who.tenant, "day": day,
-                  "events": [{**e, "event_time": iso(e["event_time"])}
-                             for e in await gw.store.audit_events(who.tenant, day, limit)]})
+    query = _query(request, params.AuditQuery)
+    day = query.day or utc_day()
+    rows = await gw.store.audit_events(who.tenant, day, query.limit)
+    return _json(replies.AuditPage(tenant=who.tenant, day=day, events=[
+        replies.AuditEvent(**{**e, "event_time": iso(e["event_time"])}) for e in rows]))
 
 
 # ---------------------------------------------------------------------------------------------- operations
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
-    from gateway.openapi import spec
-
-    return _json(spec(request.app[SETTINGS]))
+    """The document gateway/openapi.py generated when the app was built."""
+    return _json(request.app[DOCUMENT])
 
 
 async def livez(request: web.Request) -> web.StreamResponse:
-    return _json({"status": "live"})
+    return _json(replies.Live())
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
@@ -717,7 +669,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     Cassandra answering. Answered from memory: it never waits on them, nor on any overload gate."""
     ready, checks = request.app[GATEWAY].health.ready()
     if ready:
-        return _json({"status": "ready", "checks": checks})
+        return _json(replies.Ready(checks=checks))
     raise Problem("UNAVAILABLE", "a backing service does not answer", checks=checks, headers={"Retry-After": "5"})
 
 

@@ -15,20 +15,13 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from config import GatewaySettings
+from gateway.contract import bodies, rules
+from gateway.contract.rules import ID_RE, MEDIA_TYPES
 from gateway.problems import Problem
 from imaging.headers import read_header, sniff_format
 from imaging.limits import UNSUPPORTED_FORMAT, ImageLimits, ImageRejected
 from schemas import events
 from schemas.names import MODEL_NAME_RULE, valid_model_name
-
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-OBJECT_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}/[A-Za-z0-9!_.*'()/-]{1,900}$")
-MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "bmp": "image/bmp",
-               "tiff": "image/tiff"}
-UPLOAD_CONTENT_TYPES = frozenset(MEDIA_TYPES.values())
-FORMATS = ("json", "coco")
 
 
 @dataclass(frozen=True)
@@ -62,68 +55,32 @@ class ImageInput:
         return None if self.data is None else hashlib.sha256(self.data).hexdigest()
 
 
-def _float(name: str, raw: Any, lo: float, hi: float) -> float:
-    if isinstance(raw, bool):
-        raise Problem("INVALID_PARAMS", f"{name} must be a number", param=name)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError) as exc:
-        raise Problem("INVALID_PARAMS", f"{name} must be a number", param=name) from exc
-    if not lo <= value <= hi:  # also refuses NaN
-        raise Problem("INVALID_PARAMS", f"{name} must be within [{lo:g}, {hi:g}]", param=name)
-    return value
-
-
-def _int(name: str, raw: Any, lo: int, hi: int) -> int:
-    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-        raise Problem("INVALID_PARAMS", f"{name} must be an integer", param=name)
-    try:
-        value = int(raw)
-    except (TypeError, ValueError) as exc:
-        raise Problem("INVALID_PARAMS", f"{name} must be an integer", param=name) from exc
-    if not lo <= value <= hi:
-        raise Problem("INVALID_PARAMS", f"{name} must be within [{lo}, {hi}]", param=name)
-    return value
-
-
 def parse_params(raw: Mapping[str, Any], settings: GatewaySettings,
                  class_names: tuple[str, ...] | None) -> DetectParams:
-    """Detection params from a JSON object or query string (classes comma-separated there)."""
-    p = settings.pipeline
-    out: dict[str, Any] = {}
-    if raw.get("score_threshold") is not None:
-        out["score_threshold"] = _float("score_threshold", raw["score_threshold"], p.min_score, 1.0)
-    if raw.get("max_detections") is not None:
-        out["max_detections"] = _int("max_detections", raw["max_detections"], 1, p.max_detections_limit)
-    classes = raw.get("classes")
-    if classes is not None:
-        if isinstance(classes, str):
-            classes = [c.strip() for c in classes.split(",") if c.strip()]
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) > 1000:
-            raise Problem("INVALID_PARAMS", "classes must be a list of class names", param="classes")
-        unknown = sorted({c for c in classes if class_names is not None and c not in class_names})
-        if unknown:
-            raise Problem("INVALID_PARAMS", f"unknown classes for this model: {unknown[:5]}", param="classes")
-        out["classes"] = tuple(sorted(set(classes)))
-    model = raw.get("model", p.default_model)
-    if not valid_model_name(model):
+    """Detection params from a JSON object or query string (classes comma-separated there), by the contract's
+    DetectParams (gateway/contract/bodies.py)."""
+    wire = rules.parse(bodies.DetectParams, raw, settings, class_names=class_names)
+    out: dict[str, Any] = {"score_threshold": wire.score_threshold, "max_detections": wire.max_detections,
+                           "version": wire.model_version}
+    if wire.classes is not None:
+        out["classes"] = tuple(sorted(set(wire.classes)))
+    model = wire.model if wire.model is not None else settings.pipeline.default_model
+    if not valid_model_name(model):  # the default model is checked when the app is built; this is a backstop
         raise Problem("INVALID_PARAMS", f"model must be a model name: {MODEL_NAME_RULE}", param="model")
     out["model"] = model
-    if raw.get("model_version") is not None:
-        out["version"] = _int("model_version", raw["model_version"], 1, 1_000_000)
     return DetectParams(**out)
 
 
-def parse_body_params(body: Mapping[str, Any], settings: GatewaySettings,
-                      class_names: tuple[str, ...] | None) -> DetectParams:
-    """The params of a JSON call: ``{"params": {...}, "model": {"name", "version"}}`` (both optional)."""
-    params = {} if body.get("params") is None else body["params"]
-    model = {} if body.get("model") is None else body["model"]
-    if not isinstance(params, Mapping) or not isinstance(model, Mapping):
-        raise Problem("INVALID_REQUEST", "params and model must be objects")
-    merged = {**params, **({"model": model["name"]} if "name" in model else {}),
-              **({"model_version": model["version"]} if model.get("version") is not None else {})}
-    return parse_params(merged, settings, class_names)
+def body_params(body: bodies.ParamsAndModel, settings: GatewaySettings,
+                class_names: tuple[str, ...] | None) -> DetectParams:
+    """The params of a validated JSON call: ``{"params": {...}, "model": {"name", "version"}}`` (both optional)."""
+    return parse_params(body.merged_params(), settings, class_names)
+
+
+def parse_body_params(raw: Any, settings: GatewaySettings, class_names: tuple[str, ...] | None) -> DetectParams:
+    """The params of an unvalidated JSON call, validated by the contract's ParamsAndModel first."""
+    return body_params(rules.parse(bodies.ParamsAndModel, raw, settings, class_names=class_names), settings,
+                       class_names)
 
 
 def sniff_image(data: bytes, settings: GatewaySettings) -> str:
@@ -145,19 +102,7 @@ def sniff_image(data: bytes, settings: GatewaySettings) -> str:
 def object_key(tenant: str, ref: Any) -> str:
     """The uploads-bucket key an image reference names: {"upload_id": ...} or {"key": "<tenant>/..."}.
     A key outside the tenant's prefix is reported as not found (it is not the caller's to name)."""
-    if not isinstance(ref, Mapping):
-        raise Problem("INVALID_REQUEST", "an image reference is an object with upload_id or key")
-    if "upload_id" in ref:
-        uid = ref["upload_id"]
-        if not isinstance(uid, str) or not UPLOAD_ID_RE.fullmatch(uid):
-            raise Problem("INVALID_REQUEST", "upload_id is not an upload id")
-        return f"{tenant}/uploads/{uid}"
-    key = ref.get("key")
-    if not isinstance(key, str) or not OBJECT_KEY_RE.fullmatch(key) or ".." in key.split("/"):
-        raise Problem("INVALID_REQUEST", "key must be an object key '<tenant>/<name>' in the uploads bucket")
-    if not key.startswith(tenant + "/"):
-        raise Problem("NOT_FOUND", "no such object")
-    return key
+    return rules.parse(bodies.ImageRef, ref, None).object_key(tenant)
 
 
 # Strings are dropped before brackets are counted (a string may hold brackets); then only brackets are kept.
@@ -246,8 +191,9 @@ async def read_image_input(request: web.Request, settings: GatewaySettings,
         body = await read_json(request, settings)
         if "image" not in body:
             raise Problem("INVALID_REQUEST", "a JSON detect call names its image: {\"image\": {\"upload_id\": ...}}")
-        key = object_key(request["principal"].tenant, body["image"])
-        return ImageInput(key=key, params=parse_body_params(body, settings, class_names))
+        call = rules.parse(bodies.DetectJsonRequest, body, settings, class_names=class_names)
+        return ImageInput(key=call.image.object_key(request["principal"].tenant),
+                          params=body_params(call, settings, class_names))
     query: dict[str, Any] = dict(request.query)
     if ctype == "multipart/form-data":
         data = b""

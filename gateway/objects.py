@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from config import GatewaySettings
@@ -118,8 +119,6 @@ class GatewayObjects:
 
     async def erase_prefix(self, prefix: str, buckets: tuple[str, ...]) -> dict[str, int]:
         """Remove every object under ``prefix`` in each bucket; bucket -> objects removed."""
-        from minio.deleteobjects import DeleteObject
-
         def erase(bucket: str) -> int:
             names = [o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)]
             for start in range(0, len(names), 1000):

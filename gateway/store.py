@@ -13,7 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
+
 from gateway.problems import Problem
+from processors.governance import ERASED, deleted_result
+from processors.results import result_json
 from stream.cassandra import AUDIT_INSERT, audit_row, execute_async, fetch_all, timestamp_ms
 from stream.errors import TransientError
 
@@ -59,8 +63,6 @@ class JobRow:
 class GatewayStore:
     def __init__(self, session: Any, *, result_ttl_s: int, idempotency_ttl_s: int, audit_ttl_s: int,
                  timeout_s: float = 5.0):
-        from cassandra.query import BatchType
-
         self._session = session
         self._timeout = timeout_s
         self._result_ttl = result_ttl_s
@@ -163,8 +165,6 @@ class GatewayStore:
     # ---- requests ------------------------------------------------------------------------------------
     async def put_request(self, tenant: str, request_id: str, *, lane: str, image_sha256: str | None,
                           source: str | None, model_name: str, submitted_at: int, job_id: str | None = None) -> None:
-        from cassandra.query import UNSET_VALUE
-
         # An unknown value (a job item's hash) is left unset, not written as null: the pipeline's write of the
         # same column carries the older submission timestamp (processors/results.py) and must not lose to it.
         def keep(value: Any) -> Any:
@@ -265,8 +265,6 @@ class GatewayStore:
     async def deleted_at_many(self, tenant: str, shas: Sequence[str]) -> dict[str, int]:
         """sha256 -> when it was deleted, for those of ``shas`` that were (the tenant's erasure covers all):
         one query, whatever the number of images."""
-        from processors.governance import ERASED
-
         rows = await self._execute(self._get_tombstones, (tenant, sorted({*shas, ERASED})))
         found = {r.image_sha256: to_ms(r.deleted_at) for r in rows}
         erased = found.pop(ERASED, None)
@@ -279,9 +277,6 @@ class GatewayStore:
         own result (those carry the older submission time, processors/results.py)."""
         await self._execute(self._delete_request, (tenant, row.request_id))
         if row.job_id:
-            from processors.governance import deleted_result
-            from processors.results import result_json
-
             stub = deleted_result({"request_id": row.request_id, "tenant": tenant, "job_id": row.job_id,
                                    "lane": row.lane or "BATCH", "timings_ms": {}, "submitted_at": row.submitted_at})
             await self._execute(self._supersede_job_result, (tenant, row.job_id, row.request_id, result_json(stub),
@@ -339,8 +334,6 @@ class GatewayStore:
     async def audit_many(self, events: Sequence[Mapping[str, Any]], day: str) -> None:
         """Events of one tenant and day (one audit_log partition): one UNLOGGED BATCH per AUDIT_BATCH rows, so
         the node applies them as one mutation. Idempotent: each row is keyed by its event id."""
-        from cassandra.query import BatchStatement
-
         if len(events) == 1:
             await self.audit(events[0], day)
             return
@@ -386,8 +379,6 @@ class GatewayStore:
         The erasure is marked with an image tombstone of every image (processors/governance.py ERASED),
         written first, so that work of the tenant still in flight is never stored; the audit log is kept.
         """
-        from processors.governance import ERASED
-
         await self.tombstone(tenant, ERASED, subject, at_ms)
         sem = asyncio.Semaphore(concurrency)
         counts: dict[str, int] = {}

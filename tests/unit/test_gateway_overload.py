@@ -18,11 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from config import GatewaySettings
 from gateway import handlers as h
-from gateway.app import BODIES, GATEWAY, SETTINGS, Health, body_budget_middleware, problems_middleware
+from gateway.app import body_budget_middleware, problems_middleware
 from gateway.auth import Principal
 from gateway.inputs import json_too_deep, page_token, parse_json
 from gateway.limits import ByteBudget, DailyQuota, FairShares, RateDecision
 from gateway.problems import CODES, Problem
+from gateway.state import BODIES, GATEWAY, SETTINGS, Health
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 

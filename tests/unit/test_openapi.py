@@ -12,8 +12,10 @@ import pytest
 from config import GatewaySettings
 from gateway.app import create_app
 from gateway.auth import SCOPES
-from gateway.openapi import spec
+from gateway.openapi import document
 from gateway.problems import CODES, Problem
+from gateway.routes import ROUTES
+from gateway.state import DOCUMENT
 from gateway.views import coco_view, pending_view, result_view
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -26,9 +28,18 @@ def settings() -> GatewaySettings:
     return GatewaySettings.from_env({})
 
 
+def spec(settings: GatewaySettings) -> dict[str, Any]:
+    return document(settings, ROUTES)
+
+
 @pytest.fixture(scope="module")
 def doc(settings: GatewaySettings) -> dict[str, Any]:
     return spec(settings)
+
+
+def _param(doc: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
+    [param] = [p for p in doc["paths"][path][method]["parameters"] if p["name"] == name]
+    return param
 
 
 def _validator(doc: dict[str, Any], name: str) -> Any:
@@ -54,6 +65,7 @@ def test_document_is_valid_openapi_31(doc: dict[str, Any]) -> None:
 
 def test_every_route_is_documented_with_its_methods(settings: GatewaySettings, doc: dict[str, Any]) -> None:
     app = create_app(settings)  # registers routes only; services start with the app
+    assert app[DOCUMENT] == doc  # the document the app serves is the one generated here
     routes: dict[str, set[str]] = {}
     for route in app.router.routes():
         # aiohttp adds HEAD to every GET route; HTTP defines it by GET, so it is not documented.
@@ -93,11 +105,10 @@ def test_problem_codes_are_the_code_table(doc: dict[str, Any]) -> None:
 def test_ranges_follow_the_settings() -> None:
     s = GatewaySettings.from_env({"DETECTFLOW_JOB_MAX_ITEMS": "7", "DETECTFLOW_SYNC_TIMEOUT_MAX_S": "5"})
     doc = spec(s)
-    params = doc["components"]["parameters"]
-    assert params["TimeoutMs"]["schema"]["maximum"] == 5000
-    assert params["ScoreThreshold"]["schema"]["minimum"] == s.pipeline.min_score
-    assert params["MaxDetections"]["schema"]["maximum"] == s.pipeline.max_detections_limit
-    assert params["PageSize"]["schema"]["maximum"] == s.page_size_max
+    assert _param(doc, "/v1/detect", "post", "timeout_ms")["schema"]["maximum"] == 5000
+    assert _param(doc, "/v1/detect", "post", "score_threshold")["schema"]["minimum"] == s.pipeline.min_score
+    assert _param(doc, "/v1/detect", "post", "max_detections")["schema"]["maximum"] == s.pipeline.max_detections_limit
+    assert _param(doc, "/v1/jobs/{id}/results", "get", "page_size")["schema"]["maximum"] == s.page_size_max
     assert doc["components"]["schemas"]["JobRequest"]["properties"]["items"]["maxItems"] == 7
 
 
@@ -123,12 +134,12 @@ def _stored_result(status: str = "OK", **over: Any) -> dict[str, Any]:
     _stored_result("FAILED", error_code=None, error_message=None, image_sha256=None, model_name=None, timings_ms={}),
 ], ids=["ok", "ok-job", "rejected", "failed-bare"])
 def test_result_views_conform(doc: dict[str, Any], result: dict[str, Any]) -> None:
-    assert _errors(doc, "DetectionResult", result_view(result)) == []
-    assert _errors(doc, "CocoResults", coco_view(result)) == []
+    assert _errors(doc, "DetectionResult", result_view(result).dump()) == []
+    assert _errors(doc, "CocoResults", coco_view(result).dump()) == []
 
 
 def test_a_result_with_an_error_must_not_be_ok(doc: dict[str, Any]) -> None:
-    view = result_view(_stored_result())
+    view = result_view(_stored_result()).dump()
     assert _errors(doc, "DetectionResult", {**view, "error": {"code": "X", "message": "y"}})
     assert _errors(doc, "DetectionResult", {**view, "status": "FAILED"})  # FAILED carries an error object
     assert _errors(doc, "DetectionResult", {**view, "surprise": 1})  # response schemas are closed
@@ -136,9 +147,9 @@ def test_a_result_with_an_error_must_not_be_ok(doc: dict[str, Any]) -> None:
 
 def test_pending_views_conform(doc: dict[str, Any]) -> None:
     rid = str(uuid.uuid4())
-    assert _errors(doc, "Pending", pending_view(rid, 1_700_000_000_000)) == []
-    assert _errors(doc, "Pending", pending_view(rid, None, str(uuid.uuid4()))) == []
-    failed = {**pending_view(rid, 1_700_000_000_000), "status": "FAILED",
+    assert _errors(doc, "Pending", pending_view(rid, 1_700_000_000_000).dump()) == []
+    assert _errors(doc, "Pending", pending_view(rid, None, str(uuid.uuid4())).dump()) == []
+    failed = {**pending_view(rid, 1_700_000_000_000).dump(), "status": "FAILED",
               "error": {"code": "SUBMIT_FAILED", "message": "the request was never submitted"}}
     assert _errors(doc, "Pending", failed) == []  # the shape handlers.get_request builds
     assert _errors(doc, "Pending", {**failed, "status": "PENDING"})
