@@ -143,8 +143,12 @@ def test_cassandra_away_for_90s_loses_no_result_and_stalls_no_job(stack: StackSe
     running = start_stack_with_gateway(stack, prefix, tmp_path / "logs", extra_env=OUTAGE_ENV, roles=roles)
     gw = next(running)
     assert gw.pipeline is not None
-    postprocess_retries = retry_topic(lane_topic(prefix, "batch", "inferred"))
-    read_all(stack, postprocess_retries, until=0, timeout_s=0)  # its reader, before anything is produced
+    # Where a batch record waits while Cassandra is away: scan (its tombstone and cache reads) and postprocess
+    # (its writes) park what they cannot finish on their retry topics. Which of the two holds records depends
+    # on where the job's records are when Cassandra goes, so either proves that records wait.
+    parked_on = [retry_topic(lane_topic(prefix, "batch", step)) for step in ("submitted", "inferred")]
+    for topic in parked_on:
+        read_all(stack, topic, until=0, timeout_s=0)  # its reader, before anything is produced
     client = JobsClient(None, gw.url, gw.token(job_tenant), timeout_s=60, retry_s=600)  # type: ignore[arg-type]
     try:
         async def submit() -> dict[str, Any]:
@@ -163,8 +167,10 @@ def test_cassandra_away_for_90s_loses_no_result_and_stalls_no_job(stack: StackSe
             down_at = time.monotonic()
             manager.down(stack, ["cassandra"])
             try:
-                # Proof that records wait: postprocess parks what it could not store on its retry topic.
-                assert read_all(stack, postprocess_retries, until=1, timeout_s=OUTAGE_S - 10)
+                # Proof that records wait: a stage parks what it could not finish on its retry topic.
+                parked_by = time.monotonic() + OUTAGE_S - 10
+                while not any(read_all(stack, topic, until=1, timeout_s=0.5) for topic in parked_on):
+                    assert time.monotonic() < parked_by, f"nothing parked on {parked_on} while Cassandra was away"
                 time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage's length, by design
             finally:
                 manager.up(stack, ["cassandra"])
