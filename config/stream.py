@@ -54,6 +54,12 @@ class StreamSettings(Settings):
     flush_timeout_s: float = setting(30.0, doc="How long a producer flush may take (s)", gt=0)
     # How often the online backlog is measured to pause/resume batch partitions.
     lane_check_interval_ms: int = setting(100, doc="How often the online backlog is measured (ms)", ge=1)
+    # Online first, but the batch lane is never starved: under a steady online load nearly every batch holds an
+    # online record, and strict priority kept batch partitions paused for minutes (the soak's ingest records).
+    # Paused this long, the batch lane gets a turn of batch_turn_ms, read alongside the online lane.
+    batch_max_wait_ms: int = setting(5000, doc="Longest the batch lane stays paused behind an online backlog before "
+                                               "it gets a turn (ms; 0: strict online priority)", ge=0)
+    batch_turn_ms: int = setting(1000, doc="How long the batch lane's turn lasts (ms)", ge=1)
     # Checkpoints: a stage commits its offsets (and its open exactly-once transaction) when it has caught up,
     # or at the latest this long after the last commit while it has a backlog (one commit for many batches).
     commit_interval_ms: int = setting(250, doc="Longest time between commits while behind (ms)", ge=0)

@@ -122,8 +122,8 @@ class Bus:
 
     # ---- health and backpressure -----------------------------------------------------------------------
     def ping(self, timeout_s: float = 2.0) -> None:
-        try:
-            self.admin.list_topics(timeout=timeout_s)
+        try:  # one topic's metadata: the whole cluster's grows with every deployment sharing the broker
+            self.admin.list_topics(replies_topic(self.prefix), timeout=timeout_s)
         except KafkaException as exc:
             raise Problem("UNAVAILABLE", "Kafka does not answer") from exc
 

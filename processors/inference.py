@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 def model_pool(catalog: ModelCatalog, settings: PipelineSettings) -> ModelPool:
     """The pool a stage serves from: ONNX Runtime sessions on ``intra_op_threads``, at most ``max_loaded_versions``
     loaded, its READY/LOAD_FAILED/UNLOADED events on the metrics."""
-    pool = ModelPool(catalog, lambda mv: load_onnx(mv, settings.intra_op_threads),
+    pool = ModelPool(catalog, lambda mv: load_onnx(mv, settings.intra_op_threads, settings.inference_max_batch),
                      max_loaded=settings.lifecycle.max_loaded_versions)
     pool.add_listener(pool_metrics)
     return pool

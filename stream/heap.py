@@ -47,7 +47,13 @@ class HeapTrimmer:
         now = self._clock()
         if now - self._last < self.interval_s:
             return False
-        self._last = now
+        return self.trim()
+
+    def trim(self) -> bool:
+        """Trim now (a process with its own timer: the gateway's background task); False where it cannot."""
+        if self._trim is None:
+            return False
+        self._last = self._clock()
         self._trim(0)
         self.trims += 1
         return True

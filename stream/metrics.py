@@ -28,6 +28,8 @@ DLQ = Counter("detectflow_dlq_total", "Records dead-lettered", ["stage", "reason
 LATE_REPLIES = Counter("detectflow_late_replies_total", "Replies that arrived after their waiter gave up")
 PAUSED_BATCH = Gauge("detectflow_batch_lane_paused", "1 while batch partitions are paused for online work",
                      ["stage"])
+BATCH_TURNS = Counter("detectflow_batch_lane_turns_total", "Turns given to the batch lane after it waited "
+                      "batch_max_wait_ms behind an online backlog", ["stage"])
 
 
 def serve(port: int) -> int:

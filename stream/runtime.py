@@ -22,7 +22,9 @@ Failure paths (no single record can stop a stage):
   sets aside to the DLQ (FAILED POISON_RECORD) one that stopped the process three times.
 
 Lanes: online partitions are served first; while they have a backlog the batch
-partitions are paused.
+partitions are paused, but never for longer than ``batch_max_wait_ms`` at a time: then the
+batch lane gets a turn of ``batch_turn_ms`` (read alongside the online lane), so a steady
+online load slows batch work down and never stops it.
 
 On-demand inputs: a stage with nothing to do on a topic (the shadow without a shadow
 version) says so (``on_demand_topics``); the runner then does not subscribe to it, and
@@ -141,6 +143,8 @@ class StageRunner:
         self.heap = HeapTrimmer(settings.heap_trim_interval_s)  # RSS follows the working set, not its peak
         self._stop = threading.Event()
         self._paused_batch: set[tuple[str, int]] = set()
+        self._paused_since = 0.0  # monotonic: when the batch lane was last paused (from not paused)
+        self._batch_turn_until = 0.0  # monotonic: the batch lane's turn lasts until then
         # Retry records polled before their not-before time, held (uncommitted) while their
         # partition is paused; bounded by one fetch of that partition.
         self._held: dict[tuple[str, int], _Held] = {}
@@ -773,15 +777,26 @@ class StageRunner:
         online_backlog = saw_online or self._online_lag(assignment) > 0
         batch = [tp for tp in assignment if lane_of(origin_of(tp.topic)) == "batch"
                  and (tp.topic, tp.partition) not in self._held]
-        if online_backlog:
+        max_wait_s = self.settings.batch_max_wait_ms / 1000
+        if online_backlog and self._paused_batch and max_wait_s > 0 and now - self._paused_since >= max_wait_s:
+            # Paused long enough: the batch lane's turn, whatever the online backlog (no lane starves).
+            self._resume_batch()
+            self._batch_turn_until = now + self.settings.batch_turn_ms / 1000
+            M.BATCH_TURNS.labels(self.stage.name).inc()
+        elif online_backlog and now >= self._batch_turn_until:
             new = [tp for tp in batch if (tp.topic, tp.partition) not in self._paused_batch]
             if new:
+                if not self._paused_batch:
+                    self._paused_since = now
                 self.consumer.pause(new)
                 self._paused_batch.update((tp.topic, tp.partition) for tp in new)
-        elif self._paused_batch:
-            self.consumer.resume([TopicPartition(t, p) for t, p in self._paused_batch])
-            self._paused_batch.clear()
+        elif not online_backlog and self._paused_batch:
+            self._resume_batch()
         M.PAUSED_BATCH.labels(self.stage.name).set(1 if self._paused_batch else 0)
+
+    def _resume_batch(self) -> None:
+        self.consumer.resume([TopicPartition(t, p) for t, p in self._paused_batch])
+        self._paused_batch.clear()
 
     def _export_lag(self, every_s: float = 5.0) -> None:
         """Consumer lag of every assigned partition, from the client's cached watermarks (no broker call)."""

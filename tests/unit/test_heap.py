@@ -50,3 +50,15 @@ def test_glibc_gives_freed_memory_back() -> None:
     trim(0)
     assert rss_mib() < before - 50, (before, rss_mib())
     assert len(keep) == 20
+
+
+def test_trim_now_restarts_the_interval() -> None:
+    calls: list[int] = []
+    clock = Clock()
+    heap = HeapTrimmer(30.0, trim=lambda pad: calls.append(pad) or 1, clock=clock)
+    clock.now += 5.0
+    assert heap.trim() and calls == [0]  # the gateway's own timer: no interval check
+    clock.now += 29.0
+    assert not heap.maybe_trim()  # counted from the forced trim
+    clock.now += 1.0
+    assert heap.maybe_trim() and heap.trims == 2

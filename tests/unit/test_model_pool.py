@@ -105,6 +105,13 @@ def test_load_onnx_warms_the_session_up_before_it_serves(catalog: ModelCatalog,
     loaded = load_onnx(catalog.get("m", 1), threads=1)
     assert runs == [(1, 3, 32, 32), (2, 3, 32, 32)]  # batches of 1 and 2 ran (planned, allocated) before return
     assert loaded.run(np.zeros((3, 3, 32, 32), np.float32))["output0"].shape == (3, 3, 32, 32)
+    runs.clear()
+    mv = catalog.get("m", 1)
+    load_onnx(mv, threads=1, max_batch=4)
+    assert runs == [(n, 3, 32, 32) for n in sorted({1, 2, min(4, mv.config.max_batch)})]  # and the stage's largest
+    runs.clear()
+    load_onnx(mv, threads=1, max_batch=10_000)
+    assert runs[-1] == (mv.config.max_batch, 3, 32, 32)  # never past the model's own limit
 
 
 def test_the_least_recently_used_unwanted_version_is_unloaded_first(catalog: ModelCatalog) -> None:

@@ -44,7 +44,7 @@ def wired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeWatcher,
     monkeypatch.setattr(roles, "model_watcher", lambda settings: watcher)
     monkeypatch.setattr(roles, "catalog", lambda settings, role, *, watch, table=None: ModelCatalog(tmp_path, table))
     monkeypatch.setattr(roles, "_reporter", lambda role, settings: reports.append)
-    monkeypatch.setattr(inference, "load_onnx", lambda mv, threads: LoadedModel(mv, lambda b: {}, ["CPU"]))
+    monkeypatch.setattr(inference, "load_onnx", lambda mv, threads, max_batch=2: LoadedModel(mv, lambda b: {}, ["CPU"]))
     return watcher, reports, PipelineSettings(stream=StreamSettings(), models_dir=tmp_path, default_model="m")
 
 

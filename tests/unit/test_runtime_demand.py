@@ -7,11 +7,12 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, OFFSET_INVALID, TopicPartition
 
-from config import PipelineSettings
+from config import PipelineSettings, StreamSettings
 from model_store.serving.routing import Routing, RoutingTable
 from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage
 from stream.runtime import StageRunner
+from stream.topics import lane_topic
 
 
 class FakeConsumer:
@@ -204,3 +205,67 @@ def test_an_idle_monitor_is_never_subscribed() -> None:
     runner._follow_demand()
     assert _subscriptions(consumer) == [("subscribe", ["u.detections", "u.detections.retry"])]
     assert set(runner._wanted_since) == {"u.detections"}
+
+
+# ---- lanes: online first, the batch lane never starved (StageRunner._schedule_lanes) -----------------------
+
+class LaneConsumer:
+    def __init__(self, partitions: list[TopicPartition]):
+        self.partitions = partitions
+        self.paused: set[tuple[str, int]] = set()
+
+    def assignment(self) -> list[TopicPartition]:
+        return list(self.partitions)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused.update((tp.topic, tp.partition) for tp in partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused.difference_update((tp.topic, tp.partition) for tp in partitions)
+
+
+def _lane_runner(monkeypatch: Any, max_wait_ms: int,
+                 turn_ms: int = 1000) -> tuple[StageRunner, LaneConsumer, list[float]]:
+    online, batch = lane_topic("p.", "online", "submitted"), lane_topic("p.", "batch", "submitted")
+    consumer = LaneConsumer([TopicPartition(online, 0), TopicPartition(batch, 0), TopicPartition(batch, 1)])
+    runner = _runner(DemandStage(), FakeConsumer())
+    runner.consumer = consumer  # type: ignore[assignment]
+    runner.settings = StreamSettings().replace(batch_max_wait_ms=max_wait_ms, batch_turn_ms=turn_ms)
+    runner._paused_since = runner._batch_turn_until = runner._last_lane_check = 0.0
+    state = [1000.0, 1]  # [the monotonic clock, the online backlog]
+    runner._online_lag = lambda assignment: state[1]  # type: ignore[method-assign]
+    monkeypatch.setattr("stream.runtime.time.monotonic", lambda: state[0])
+    return runner, consumer, state
+
+
+def test_the_batch_lane_waits_behind_an_online_backlog_then_gets_a_turn(monkeypatch: Any) -> None:
+    runner, consumer, state = _lane_runner(monkeypatch, max_wait_ms=5000, turn_ms=1000)
+    runner._schedule_lanes(saw_online=True)
+    assert len(consumer.paused) == 2  # online first: both batch partitions paused
+    state[0] += 4.9
+    runner._schedule_lanes(saw_online=True)
+    assert len(consumer.paused) == 2
+    state[0] += 0.2  # paused 5.1 s with the online backlog still there: the batch lane's turn
+    runner._schedule_lanes(saw_online=True)
+    assert consumer.paused == set()
+    state[0] += 0.9
+    runner._schedule_lanes(saw_online=True)
+    assert consumer.paused == set()  # the turn lasts batch_turn_ms
+    state[0] += 0.2
+    runner._schedule_lanes(saw_online=True)
+    assert len(consumer.paused) == 2  # turn over: paused again, and the wait counts afresh
+    state[0] += 4.0
+    runner._schedule_lanes(saw_online=True)
+    assert len(consumer.paused) == 2
+
+
+def test_strict_priority_when_max_wait_is_zero_and_resume_when_the_backlog_is_gone(monkeypatch: Any) -> None:
+    runner, consumer, state = _lane_runner(monkeypatch, max_wait_ms=0)
+    runner._schedule_lanes(saw_online=True)
+    state[0] += 3600
+    runner._schedule_lanes(saw_online=True)
+    assert len(consumer.paused) == 2  # never a turn
+    state[1] = 0  # the online backlog is drained
+    state[0] += 1
+    runner._schedule_lanes(saw_online=False)
+    assert consumer.paused == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,3 +43,17 @@ def test_crashed_children_are_restarted_with_backoff_and_all_stop(tmp_path: Path
     assert sup.pids() == {}, "SIGTERM stops the well-behaved, SIGKILL the stubborn after the deadline"
     assert steady_pid > 0
     assert "boom" in (tmp_path / "pipeline-crashy.log").read_text()
+
+
+def test_scan_and_the_gateway_get_a_fixed_mmap_threshold_and_an_operator_setting_wins(tmp_path: Path) -> None:
+    show = "import os; print('threshold', os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ['MALLOC_ARENA_MAX'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    logs = {}
+    for name, extra in (("default", {}), ("operator", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        sup = Supervisor(["scan", "preprocess"], tmp_path / name, env={**env, **extra},
+                         argv=lambda role: [sys.executable, "-c", show])
+        sup.start()
+        assert _poll(lambda s=sup: all(c.proc is not None and c.proc.poll() is not None for c in s.children.values()))
+        logs[name] = {role: (tmp_path / name / f"pipeline-{role}.log").read_text().strip() for role in sup.children}
+    assert logs["default"] == {"scan": "threshold 131072 2", "preprocess": "threshold None 2"}
+    assert logs["operator"] == {"scan": "threshold 65536 2", "preprocess": "threshold 65536 2"}
