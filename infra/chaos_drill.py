@@ -223,6 +223,17 @@ def longest_stall(sent: Iterable[Sent], first_completion: Mapping[str, float], e
     return best, best_at
 
 
+def result_times(sent: Iterable[Sent], first_completion: Mapping[str, float]) -> dict[str, list[float]]:
+    """Seconds from sending to the first terminal result, per kind of request (those that have one): a lane
+    starved behind another shows here (the batch lane's ingest records once waited minutes in a soak)."""
+    out: dict[str, list[float]] = {}
+    for s in sent:
+        done = first_completion.get(s.request_id)
+        if done is not None:
+            out.setdefault(s.kind, []).append(max(0.0, done - s.sent_at))
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-quantile (0..1) by nearest rank; None for no values."""
     if not values:
@@ -280,6 +291,7 @@ class Summary:
     stall_from_s: float | None = None  # when the longest stall began, seconds after the load started
     health_ms: dict[str, list[float]] = field(default_factory=dict)  # /livez, /readyz -> answer times (200s)
     health_failed: dict[str, int] = field(default_factory=dict)  # probes not answered 200 within 2 s
+    result_s: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds from sent to first result
 
     def jobs_ok(self) -> bool:
         return all(j.get("status") == "COMPLETED" and j.get("done") == j.get("total") == j.get("paged")
@@ -319,6 +331,9 @@ def format_summary(s: Summary) -> str:
         "sync call errors (no request id): "
         + (", ".join(f"{k} x{n}" for k, n in sorted(s.sync_errors.items())) or "none"),
     ]
+    for kind, times in sorted(s.result_s.items()):
+        lines.append(f"time to result, {kind}: P50 {percentile(times, 0.5):.1f}s P99 {percentile(times, 0.99):.1f}s "
+                     f"max {max(times):.1f}s (n={len(times)})")
     for path in sorted(set(s.health_ms) | set(s.health_failed)):
         times = s.health_ms.get(path, [])
         lines.append(f"health {path}: P50 {_ms2(percentile(times, 0.5))} P99 {_ms2(percentile(times, 0.99))} "

@@ -60,6 +60,7 @@ from infra.chaos_drill import (
     reconcile,
     recovery_times,
     result_copy,
+    result_times,
     rss_growth,
     rss_late_growth,
     split_latencies,
@@ -604,7 +605,8 @@ class Drill:
         summary = Summary(rec, self.windows, recovery_times(self.windows, rec.first_completion.values()), stall,
                           outside, during, dict(self.refused), dict(self.sync_errors), self.jobs, end - started,
                           stall_from_s=stall_at - t0, health_ms={k: list(v) for k, v in self.health_ms.items()},
-                          health_failed=dict(self.health_failed))
+                          health_failed=dict(self.health_failed),
+                          result_s=result_times(self.sent, rec.first_completion))
         if rec.lost or rec.duplicated:
             every = [*T.all_topics(self.prefix), *T.tenant_topics(self.prefix, self.ingest_tenant)]
             on_dlq = _keys_on(self.admin, [t.name for t in every if t.name.endswith(".dlq")])

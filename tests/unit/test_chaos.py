@@ -32,6 +32,7 @@ from infra.chaos_drill import (
     reconcile,
     recovery_times,
     result_copy,
+    result_times,
     rss_growth,
     split_latencies,
 )
@@ -289,3 +290,16 @@ def test_late_growth_tells_a_warm_up_from_a_leak() -> None:
     late = rss_late_growth(leak)
     assert late is not None and late > 0.2
     assert rss_late_growth(warm[:100]) is None  # 500 s: too short for two windows per half
+
+
+def test_time_to_result_is_per_kind_from_sending_to_the_first_result() -> None:
+    sent = [Sent("a", "sync", "ONLINE", 100.0), Sent("b", "ingest", "BATCH", 100.0),
+            Sent("c", "ingest", "BATCH", 110.0), Sent("d", "ingest", "BATCH", 120.0)]
+    times = result_times(sent, {"a": 100.2, "b": 400.0, "c": 111.0})  # d has no result: not counted here (lost)
+    assert times == {"sync": [pytest.approx(0.2)], "ingest": [300.0, 1.0]}
+    job = {"job_id": "j1", "status": "COMPLETED", "total": 1, "done": 1, "counts": {"OK": 1}, "paged": 1}
+    s = _summary([Sent("a", "sync", "ONLINE", 0)], [_copy("a")], [job])
+    s.result_s = times
+    text = format_summary(s)
+    assert "time to result, ingest: P50 1.0s P99 300.0s max 300.0s (n=2)" in text, text
+    assert "time to result, sync: P50 0.2s" in text
