@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from config import Versions
+from infra.roles import ROLES
 from infra.stack.manager import SERVICE_CLASSES
+from infra.supervisor import ROLE_MALLOC_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,3 +111,11 @@ def test_the_gateway_is_a_compose_service_that_is_ready_only_with_its_backends(c
     assert "/readyz" in " ".join(svc["healthcheck"]["test"])
     assert svc["environment"]["DETECTFLOW_ALLOW_HS256"] == "false"
     assert {"minio", "jwks"} <= set(svc["secrets"]) <= set(compose["secrets"])
+
+
+def test_roles_get_the_same_malloc_settings_as_under_the_supervisor(compose: dict) -> None:
+    for role in (*ROLES, "gateway"):
+        env = compose["services"][role]["environment"]
+        assert env.get("MALLOC_ARENA_MAX") == "2", role
+        want = ROLE_MALLOC_ENV.get(role, {})
+        assert {k: v for k, v in env.items() if k.startswith("MALLOC_") and k != "MALLOC_ARENA_MAX"} == want, role
