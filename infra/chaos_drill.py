@@ -321,7 +321,7 @@ def format_summary(s: Summary) -> str:
         f"duplicated: {len(rec.duplicated)}",
         f"redelivered copies (online, at-least-once): {rec.redelivered_copies}",
         f"longest stall: {s.stall_s:.1f}s"
-        + ("" if s.stall_from_s is None else f" (from +{s.stall_from_s:.0f}s)"),
+        + ("" if s.stall_from_s is None else f" (from {s.stall_from_s:+.0f}s)"),
         f"sync latency outside faults: P50 {_ms(percentile(s.latency_outside_ms, 0.5))} "
         f"P99 {_ms(percentile(s.latency_outside_ms, 0.99))} (n={len(s.latency_outside_ms)}); during faults: "
         f"P50 {_ms(percentile(s.latency_during_ms, 0.5))} P99 {_ms(percentile(s.latency_during_ms, 0.99))} "
