@@ -68,6 +68,10 @@ class StreamSettings(Settings):
     # gives free heap pages back at most this often (stream/heap.py).
     heap_trim_interval_s: float = setting(30.0, doc="How often a stage returns freed heap memory to the OS "
                                                     "(s; 0: never)", ge=0)
+    # A loop that stops turning (a call that never returns) ends its process, to be restarted (stream/watchdog.py).
+    # 300 s is librdkafka's max.poll.interval.ms: past it the consumer has left its group anyway.
+    loop_stall_s: float = setting(300.0, doc="Longest a stage loop may go without turning before its process "
+                                             "exits to be restarted (s; 0: never)", ge=0)
     max_message_bytes: int = setting(16 * 1024 * 1024, doc="Largest record produced or fetched (bytes)", ge=1)
     # The bound of a stage consumer's local queue of pre-fetched records (librdkafka's
     # queued.max.messages.kbytes; its default, 64 MiB, can hold ~120 tensors in inference's memory). A

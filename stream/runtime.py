@@ -77,6 +77,7 @@ from stream.records import (
 )
 from stream.serde import AvroSerde, DecodeError, RegistryUnavailable, SerdeError
 from stream.topics import TENANT_REPLIES, dlq_topic, replies_topic, retry_topic, tenant_of_ingest
+from stream.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,10 @@ class StageRunner:
             self.txn_producer.init_transactions(30)
         batches = 0
         idle_since = time.monotonic()
+        watchdog = LoopWatchdog(self.stage.name, self.settings.loop_stall_s).start()
         try:
             while not self._stop.is_set():
+                watchdog.beat()
                 self._follow_demand()
                 self.heap.maybe_trim()
                 if self.run_once():
@@ -219,7 +222,10 @@ class StageRunner:
             self._abandon_transaction()  # a batch may be half in it: its inputs are read again after the restart
             raise
         finally:
-            self.close()
+            try:
+                self.close()  # still watched: a close that hangs ends the process too
+            finally:
+                watchdog.stop()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused_batch.clear()

@@ -1,0 +1,45 @@
+"""stream/watchdog.py: a stage loop that stops turning ends its process (to be restarted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from stream.watchdog import STALLED_EXIT_STATUS, LoopWatchdog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_no_exit_while_the_loop_beats_and_exit_70_once_it_stalls_past_the_limit() -> None:
+    exits: list[int] = []
+    clock = Clock()
+    dog = LoopWatchdog("scan", 300.0, exit_process=exits.append, clock=clock)
+    for _ in range(10):
+        clock.now += 299.0
+        assert not dog.check()
+        dog.beat()
+    clock.now += 300.5
+    assert dog.check() and exits == [STALLED_EXIT_STATUS]
+
+
+def test_a_hung_loop_ends_its_process_with_every_threads_stack() -> None:
+    code = ("import logging, time\n"
+            "from stream.watchdog import LoopWatchdog\n"
+            "logging.basicConfig()\n"
+            "LoopWatchdog('inference', 0.5).start()\n"
+            "time.sleep(60)  # the loop's call that never returns\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == STALLED_EXIT_STATUS
+    assert "the loop has not turned" in proc.stderr
+    assert 'File "<string>", line 5' in proc.stderr  # the blocked call's frame (the sleep)
+
+
+def test_a_limit_of_zero_starts_no_thread() -> None:
+    dog = LoopWatchdog("scan", 0.0, exit_process=lambda status: None).start()
+    assert dog._thread is None
