@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import os
 import shutil
 import socket
@@ -150,7 +151,7 @@ class Service(abc.ABC):
         if pid is None:
             self.pidfile.clear()
             return False
-        process.terminate(pid, timeout_s=self.stop_timeout_s, reap=_reap_children)
+        process.terminate(pid, timeout_s=self.stop_timeout_s, reap=functools.partial(process.reap, pid))
         self.pidfile.clear()
         return True
 
@@ -160,14 +161,6 @@ class Service(abc.ABC):
             return Health(self.name, self.address, False, False, None, 0, "not running")
         ok, detail = self.probe()
         return Health(self.name, self.address, True, ok, pid, process.resident_bytes(pid), detail)
-
-
-def _reap_children() -> None:
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
 
 
 # ---- probes and install helpers shared by the services ---------------------------------

@@ -78,6 +78,16 @@ def alive(pid: int) -> bool:
     return procstats.alive(pid)
 
 
+def reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if it is a child of ours that has exited (else it stays a zombie, and looks
+    alive). Only that pid: reaping any child would steal the exit status of processes someone else waits for (a
+    supervisor's roles in the same process then all seem to exit with 0)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
+
+
 def terminate(pid: int, *, timeout_s: float, reap: Callable[[], None] | None = None) -> bool:
     """SIGTERM the process group, wait up to ``timeout_s``, then SIGKILL. True if it had to kill."""
     try:
@@ -98,7 +108,11 @@ def terminate(pid: int, *, timeout_s: float, reap: Callable[[], None] | None = N
     except ProcessLookupError:
         return False
     kill_deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < kill_deadline:
+    while time.monotonic() < kill_deadline:
+        if reap is not None:
+            reap()
+        if not alive(pid):
+            break
         time.sleep(0.1)
     return True
 

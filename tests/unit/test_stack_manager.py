@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -98,3 +100,26 @@ def test_a_failing_service_is_named_with_its_log(fake_stack: StackSettings) -> N
 def test_unknown_service_is_refused(fake_stack: StackSettings) -> None:
     with pytest.raises(Exception, match="unknown service"):
         manager.load_services(fake_stack, ["nope"])
+
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_stopping_a_service_leaves_other_childrens_exit_status_to_their_owner(fake_stack: StackSettings) -> None:
+    # The chaos drill restarts services from the process whose supervisor runs the roles: stopping a service must
+    # reap that service only, or a role that exited meanwhile is reported as having exited with 0.
+    manager.up(fake_stack, ["base"], log=lambda _m: None)
+    role = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        deadline = time.monotonic() + 20
+        while not _zombie(role.pid):  # exited, its status not collected yet
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        manager.down(fake_stack, ["base"], log=lambda _m: None)
+        assert not manager.status(fake_stack, ["base"])[0].running
+        assert role.wait(timeout=20) == 3
+    finally:
+        if role.poll() is None:
+            role.kill()
