@@ -29,11 +29,22 @@ def parse_duration(raw: str) -> float:
 
 
 def run_cli(stack: Any, *, duration: float | None = None, seed: int | None = None, soak: bool = False,
-            rate: float | None = None, load_factor: float = 0.7, job_images: int | None = None) -> int:
+            rate: float | None = None, load_factor: float = 0.7, job_images: int | None = None,
+            faults: tuple[str, ...] = ()) -> int:
     """`detectflow chaos`: the drill (or with ``soak`` the soak); exit 0 when it passed, 1 when not, 2 when it could
     not run."""
     # The drill's runtime (Kafka, aiohttp, the supervisor) loads only when it runs: keeps `detectflow --help` fast.
-    from infra.chaos_run import ChaosOptions, run_drill, run_soak
+    from infra.chaos_drill import parse_fault
+    from infra.chaos_run import LIFECYCLE_ROLES, ROLES, ChaosOptions, run_drill, run_soak
+
+    try:
+        if faults and soak:
+            raise ValueError("--fault is for the drill, not --soak")
+        for fault in faults:
+            parse_fault(fault, [*ROLES, *LIFECYCLE_ROLES])
+    except ValueError as exc:
+        print(f"detectflow chaos: {exc}", file=sys.stderr)
+        return 2
 
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: paused services are continued, processes stopped
@@ -46,7 +57,8 @@ def run_cli(stack: Any, *, duration: float | None = None, seed: int | None = Non
         duration = duration or 180.0
         short = duration <= SHORT_FORM_MAX_S
         jobs = job_images if job_images is not None else (60 if short else 1000)
-        summary = run_drill(stack, ChaosOptions(duration_s=duration, seed=seed, job_images=jobs))
+        summary = run_drill(stack, ChaosOptions(duration_s=duration, seed=seed, job_images=jobs,
+                                                chosen_faults=tuple(faults)))
     except ChaosError as exc:
         print(f"detectflow chaos: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,19 +65,40 @@ class PlannedFault:
         return 2.0
 
 
-def plan_faults(duration_s: float, seed: int, *, roles: Sequence[str]) -> list[PlannedFault]:
+def parse_fault(raw: str, roles: Sequence[str]) -> PlannedFault:
+    """``kill:<role>``, ``restart:<service>`` or ``pause:<service>[:<seconds>]`` (default 30 s) -> an unscheduled
+    fault (``plan_faults`` places it)."""
+    kind, _, rest = raw.strip().partition(":")
+    target, _, hold = rest.partition(":")
+    if kind == "kill" and target in roles and not hold:
+        return PlannedFault(KILL_ROLE, target, 0, 0)
+    if kind == "restart" and target in RESTARTABLE and not hold:
+        return PlannedFault(RESTART, target, 0, 0)
+    if kind == "pause" and target in PAUSABLE and re.fullmatch(r"[1-9]\d{0,2}|", hold):
+        return PlannedFault(PAUSE, target, 0, float(hold or 30))
+    raise ValueError(f"not a fault: {raw!r} (kill:<{'|'.join(roles)}>, restart:<{'|'.join(RESTARTABLE)}>, "
+                     f"pause:<{'|'.join(PAUSABLE)}>[:<1-999 seconds>])")
+
+
+def plan_faults(duration_s: float, seed: int, *, roles: Sequence[str],
+                chosen: Sequence[PlannedFault] = ()) -> list[PlannedFault]:
     """The faults of one drill, one at a time, each followed by a recovery gap, all ending before ``duration_s``.
 
     The short form (``duration_s`` <= SHORT_FORM_MAX_S) is one kill of a role on the request path, one service
     restart (MinIO or clamd, the quick ones) and one pause of Cassandra or clamd for 20-30 s. The long form
     kills a role before each service restart, restarts every stack service in turn and pauses Cassandra and
     clamd for 30-120 s each.
+    ``chosen`` (from ``parse_fault``) replaces that schedule with these faults, in this order: a drill of one
+    fault, to reproduce what a long drill found in minutes.
     Whatever does not fit in ``duration_s`` is dropped, never squeezed: the returned list is bounded.
     """
     rng = random.Random(seed)  # noqa: S311 - a reproducible schedule, not a secret
     if not roles:
         raise ValueError("no roles to kill")
-    if duration_s <= SHORT_FORM_MAX_S:
+    if chosen:
+        gap = SHORT_GAP_S if duration_s <= SHORT_FORM_MAX_S else LONG_GAP_S
+        wanted = list(chosen)
+    elif duration_s <= SHORT_FORM_MAX_S:
         gap = SHORT_GAP_S
         on_path = [r for r in roles if r in REQUEST_PATH] or list(roles)
         wanted = [PlannedFault(KILL_ROLE, rng.choice(on_path), 0, 0),

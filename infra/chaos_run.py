@@ -55,6 +55,7 @@ from infra.chaos_drill import (
     format_summary,
     longest_stall,
     non_loopback,
+    parse_fault,
     percentile,
     plan_faults,
     reconcile,
@@ -97,6 +98,7 @@ class ChaosOptions:
     drain_s: float | None = None  # how long to wait for the last results (default: by form)
     setup_s: float = 300.0  # pipeline start, model warm-up, the job's uploads
     faults: bool = True
+    chosen_faults: tuple[str, ...] = ()  # `--fault` specs (parse_fault): these instead of the planned schedule
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
     @property
@@ -626,7 +628,9 @@ def _free_port() -> int:
 def run_drill(stack: StackSettings, opts: ChaosOptions) -> Summary:
     """The drill; prints and returns its summary."""
     started = time.time()
-    plan = plan_faults(opts.duration_s, opts.seed, roles=[*ROLES, *LIFECYCLE_ROLES]) if opts.faults else []
+    roles = [*ROLES, *LIFECYCLE_ROLES]
+    chosen = [parse_fault(f, roles) for f in opts.chosen_faults]
+    plan = plan_faults(opts.duration_s, opts.seed, roles=roles, chosen=chosen) if opts.faults else []
     opts.log(f"chaos: seed {opts.seed}; {len(plan)} faults planned in {opts.duration_s:.0f}s; hard deadline "
              f"{opts.hard_deadline_s:.0f}s")
     with Drill(stack, opts) as drill:

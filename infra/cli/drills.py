@@ -84,10 +84,13 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
               help="--soak: the load as a share of the measured capacity (default 0.7; 4 for an overload run)")
 @click.option("--job-images", type=int, default=None,
               help="images in the batch job (default 1000 in the long form, 60 in the short)")
+@click.option("--fault", "faults", multiple=True, metavar="KIND:TARGET",
+              help="instead of the planned schedule, these faults in this order (repeatable): kill:<role>, "
+                   "restart:<service>, pause:<cassandra|clamd>[:<seconds>]")
 @pass_stack_settings
 def chaos_command(settings: StackSettings, duration: float | None, seed: int | None, soak: bool, rate: float | None,
-                  load_factor: float, job_images: int | None) -> int:
+                  load_factor: float, job_images: int | None, faults: tuple[str, ...]) -> int:
     from infra.chaos import run_cli  # imported on use: --help stays fast
 
     return run_cli(settings, duration=duration, seed=seed, soak=soak, rate=rate, load_factor=load_factor,
-                   job_images=job_images)
+                   job_images=job_images, faults=faults)

@@ -27,6 +27,7 @@ from infra.chaos_drill import (
     format_summary,
     longest_stall,
     non_loopback,
+    parse_fault,
     percentile,
     plan_faults,
     reconcile,
@@ -86,6 +87,25 @@ def test_a_short_run_gets_fewer_faults_and_a_long_one_every_service() -> None:
     assert all(30 <= f.hold_s <= 120 for f in long_plan if f.kind == PAUSE)
     assert plan_faults(1800, 0, roles=ROLES) == long_plan  # the seed makes it reproducible
     assert plan_faults(1800, 1, roles=ROLES) != long_plan
+
+
+def test_chosen_faults_replace_the_schedule_in_their_order() -> None:
+    chosen = [parse_fault(spec, ROLES) for spec in ("kill:recorder", "restart:kafka", "pause:clamd:45",
+                                                     "pause:cassandra")]
+    plan = plan_faults(400, 7, roles=ROLES, chosen=chosen)
+    assert [(f.kind, f.target, f.hold_s) for f in plan] == [
+        (KILL_ROLE, "recorder", 0), (RESTART, "kafka", 0), (PAUSE, "clamd", 45.0), (PAUSE, "cassandra", 30.0)]
+    for prev, nxt in itertools.pairwise(plan):  # still one at a time, with the long form's recovery gap
+        assert nxt.at_s >= prev.at_s + prev.expected_s() + 30
+    # Still bounded by the duration: what does not fit is dropped.
+    assert [f.target for f in plan_faults(120, 7, roles=ROLES, chosen=chosen)] == ["recorder", "kafka"]
+
+
+@pytest.mark.parametrize("spec", ["restart:kafkaa", "kill:gateway", "kill", "pause:kafka", "pause:clamd:0",
+                                  "pause:clamd:1000", "pause:clamd:1e3", "restart:kafka:30", "stop:clamd", ""])
+def test_a_fault_spec_outside_the_known_kinds_and_targets_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="not a fault"):
+        parse_fault(spec, ROLES)
 
 
 # ---------------------------------------------------------------------------------------------- reconciliation
