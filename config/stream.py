@@ -69,7 +69,8 @@ class StreamSettings(Settings):
     heap_trim_interval_s: float = setting(30.0, doc="How often a stage returns freed heap memory to the OS "
                                                     "(s; 0: never)", ge=0)
     # A loop that stops turning (a call that never returns) ends its process, to be restarted (stream/watchdog.py).
-    # 300 s is librdkafka's max.poll.interval.ms: past it the consumer has left its group anyway.
+    # 300 s is librdkafka's max.poll.interval.ms: past it the consumer has left its group anyway. The same watchdog
+    # holds each commit and transaction call to twice flush_timeout_s; 0 turns both off.
     loop_stall_s: float = setting(300.0, doc="Longest a stage loop may go without turning before its process "
                                              "exits to be restarted (s; 0: never)", ge=0)
     max_message_bytes: int = setting(16 * 1024 * 1024, doc="Largest record produced or fetched (bytes)", ge=1)

@@ -87,6 +87,9 @@ RETRY_SUFFIX = ".retry"
 OUTPUT_SLACK_BYTES = 32 * 1024
 # How long a reply topic's partition count is trusted before it is asked again (partitions are only added).
 REPLY_METADATA_TTL_S = 60.0
+# A coordinator call (commit, transaction) may overrun its own timeout by this much before the watchdog ends the
+# process: past it, it is librdkafka's send_offsets_to_transaction waiting on a stale coordinator (see commit).
+CALL_GRACE_S = 10.0
 
 
 class OutputTooLarge(SerdeError):
@@ -165,6 +168,8 @@ class StageRunner:
         self._last_lag_export = 0.0
         self._online_seen = False
         self._delivery_errors: list[str] = []
+        # Ends the process when the loop stops turning, or a call bounded by it overruns (started by run()).
+        self.watchdog = LoopWatchdog(self.stage.name, settings.loop_stall_s)
         # Reply topics' partition counts (a reply-to must name one that exists): topic -> (count, asked at).
         self._reply_partitions: dict[str, tuple[int, float]] = {}
         ledger_name = f"{self.group_id}-{instance_id}" if instance_id else self.group_id
@@ -182,14 +187,31 @@ class StageRunner:
             "topic.metadata.refresh.interval.ms": 10000,
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 2000,
+            "error_cb": self._on_client_error,
         })
         producer_options: dict[str, Any] = {"linger_ms": 2, "compression": settings.compression,
                                             "max_record_bytes": settings.max_message_bytes, "log_level": 4}
-        self.producer = kafka_producer(kafka, **producer_options)  # at-least-once outputs
+        self.producer = kafka_producer(kafka, **producer_options,  # at-least-once outputs
+                                       extra={"error_cb": self._on_client_error})
         self.txn_producer: Producer | None = None  # exactly-once outputs
+        # Set when every broker connection of the transactional producer went down (a Kafka restart): its cached
+        # group coordinator is then stale, and librdkafka's send_offsets_to_transaction waits on it past its own
+        # timeout (upstream issue 5456) until the cache entry expires, ~10 minutes. See _txn_producer_ready.
+        self._brokers_lost = False
+        self._kafka, self._producer_options = kafka, producer_options
+        self._transactional_id = f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"
         if self.eos_lanes:
-            self.txn_producer = kafka_producer(kafka, **producer_options, transactional_id=
-                                               f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}")
+            self.txn_producer = self._new_txn_producer()
+
+    def _new_txn_producer(self) -> Producer:
+        return kafka_producer(self._kafka, **self._producer_options, transactional_id=self._transactional_id,
+                              extra={"error_cb": self._on_client_error})
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        """librdkafka's client-wide errors (served by each client's poll). Any client of the stage that lost every
+        broker connection means the transactional producer's did too (one cluster)."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_lost = True
 
     # ---- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -201,12 +223,13 @@ class StageRunner:
 
     def run(self, *, max_batches: int | None = None, idle_stop_s: float | None = None) -> None:
         """Loop until stop() (SIGTERM): finish the in-flight batch, commit, leave the group."""
-        if self.txn_producer is not None:
-            self.txn_producer.init_transactions(30)
+        watchdog = self.watchdog.start()
         batches = 0
         idle_since = time.monotonic()
-        watchdog = LoopWatchdog(self.stage.name, self.settings.loop_stall_s).start()
         try:
+            if self.txn_producer is not None:
+                with watchdog.bounded("init_transactions", self._call_bound_s()):
+                    self.txn_producer.init_transactions(self.settings.flush_timeout_s)
             while not self._stop.is_set():
                 watchdog.beat()
                 self._follow_demand()
@@ -238,7 +261,9 @@ class StageRunner:
             # of a partition not yet read, and would see the skipped backlog (the batch lane paused behind it).
             starts = [tp for tp in on_demand if tp.offset >= 0]
             if starts:
-                consumer.commit(offsets=starts, asynchronous=False)
+                with self.watchdog.bounded("the offset commit of an on-demand topic's start",
+                                           self._call_bound_s()):
+                    consumer.commit(offsets=starts, asynchronous=False)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Every delivered batch is checkpointed before the partitions go: the next owner starts after them.
@@ -693,11 +718,13 @@ class StageRunner:
 
     def _deliver_transaction(self, handled: list[_Pending]) -> None:
         """Outputs into the open transaction; its input offsets go in with them when it commits (``commit``)."""
+        if not self._txn_open:
+            self._txn_producer_ready()
+            assert self.txn_producer is not None
+            self.txn_producer.begin_transaction()
+            self._txn_open = True
         producer = self.txn_producer
         assert producer is not None
-        if not self._txn_open:
-            producer.begin_transaction()
-            self._txn_open = True
         for p in handled:
             for out in p.outputs:
                 self._produce(producer, out)
@@ -711,28 +738,69 @@ class StageRunner:
         A failed transaction is aborted and the loop stops (the supervisor restarts it; the batches are read
         again from the last checkpoint, and their outputs, aborted, were never visible)."""
         self._last_commit = time.monotonic()
+        timeout_s = self.settings.flush_timeout_s
+        # Each call below waits on a coordinator; a bound the watchdog keeps ends the process if one overruns its
+        # own timeout (a sync commit has none; send_offsets_to_transaction does not keep its own after a broker
+        # restart): the next process reads the uncommitted records again, and a transaction left open is aborted
+        # (at the broker's transaction timeout).
+        bound_s = self._call_bound_s()
         if self._plain_offsets:
             offsets, self._plain_offsets = self._partitions(self._plain_offsets), {}
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            with self.watchdog.bounded("the offset commit", bound_s):
+                self.consumer.commit(offsets=offsets, asynchronous=False)
         if not self._txn_open:
             return
         producer = self.txn_producer
         assert producer is not None
+        producer.poll(0)  # serves _on_client_error
+        if self._brokers_lost:
+            # Its offsets could only go through a call that would hang: the transaction is abandoned, and the
+            # loop stops; the next process reads its inputs again (its outputs, aborted, were never visible).
+            raise DeliveryError("every broker connection was lost while a transaction was open (a Kafka restart)")
         offsets, self._txn_offsets, self._txn_open = self._partitions(self._txn_offsets), {}, False
         try:
-            producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
-                                                 self.settings.flush_timeout_s)
-            producer.commit_transaction(self.settings.flush_timeout_s)
+            with self.watchdog.bounded("send_offsets_to_transaction", bound_s):
+                producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), timeout_s)
+            with self.watchdog.bounded("commit_transaction", bound_s):
+                producer.commit_transaction(timeout_s)
         except KafkaException as exc:
-            producer.abort_transaction(self.settings.flush_timeout_s)
+            with self.watchdog.bounded("abort_transaction", bound_s):
+                producer.abort_transaction(timeout_s)
             raise DeliveryError(f"transaction failed: {exc}") from exc
+
+    def _call_bound_s(self) -> float:
+        """How long a coordinator call may take before the watchdog ends the process: its own timeout and a
+        grace (a consumer's sync commit, which has no timeout, is deferred a session timeout at most)."""
+        return self.settings.flush_timeout_s + CALL_GRACE_S
+
+    def _txn_producer_ready(self) -> None:
+        """Before a transaction begins: a transactional producer that lost every broker connection since its last
+        one is replaced by a fresh one (same transactional id: it fences the old), whose coordinator caches are
+        empty. With no transaction open nothing is at stake, so the stage goes on without a restart."""
+        assert self.txn_producer is not None
+        self.txn_producer.poll(0)  # serves _on_client_error
+        if not self._brokers_lost:
+            return
+        log.info("%s: the transactional producer lost every broker connection: replacing it", self.stage.name)
+        old, self.txn_producer = self.txn_producer, None
+        try:
+            with self.watchdog.bounded("the old transactional producer's flush", self._call_bound_s()):
+                old.flush(self.settings.flush_timeout_s)
+        except KafkaException as exc:  # nothing of ours is in it (no transaction open); its fate does not matter
+            log.warning("%s: old transactional producer: %s", self.stage.name, exc)
+        del old
+        self._brokers_lost = False
+        self.txn_producer = self._new_txn_producer()
+        with self.watchdog.bounded("init_transactions", self._call_bound_s()):
+            self.txn_producer.init_transactions(self.settings.flush_timeout_s)
 
     def _abandon_transaction(self) -> None:
         if not self._txn_open or self.txn_producer is None:
             return
         self._txn_open, self._txn_offsets = False, {}
         try:
-            self.txn_producer.abort_transaction(self.settings.flush_timeout_s)
+            with self.watchdog.bounded("abort_transaction", self._call_bound_s()):
+                self.txn_producer.abort_transaction(self.settings.flush_timeout_s)
         except KafkaException as exc:  # the broker drops it at the transaction timeout instead
             log.warning("%s: could not abort the open transaction: %s", self.stage.name, exc)
 
@@ -822,16 +890,21 @@ class StageRunner:
             return 0
         lag = 0
         for tp, pos in zip(online, self.consumer.position(online), strict=True):
-            lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
-            if hi < 0:
-                lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
-            offset = pos.offset
-            if offset == OFFSET_INVALID:  # nothing consumed from it yet: its committed offset, asked once
-                key = (tp.topic, tp.partition)
-                if key not in self._committed_cache:
-                    self._committed_cache[key] = self.consumer.committed([tp], timeout=1.0)[0].offset
-                committed = self._committed_cache[key]
-                offset = committed if committed >= 0 else lo
+            try:
+                lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if hi < 0:
+                    lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+                offset = pos.offset
+                if offset == OFFSET_INVALID:  # nothing consumed from it yet: its committed offset, asked once
+                    key = (tp.topic, tp.partition)
+                    if key not in self._committed_cache:
+                        self._committed_cache[key] = self.consumer.committed([tp], timeout=1.0)[0].offset
+                    committed = self._committed_cache[key]
+                    offset = committed if committed >= 0 else lo
+            except KafkaException as exc:  # the broker away (a restart): this partition's lag is not known now.
+                # The lag only orders the lanes; every stage crashed on it when Kafka restarted under load.
+                log.debug("%s: lag of %s[%s] not known: %s", self.stage.name, tp.topic, tp.partition, exc)
+                continue
             part_lag = max(0, hi - offset)
             M.CONSUMER_LAG.labels(self.stage.name, tp.topic, str(tp.partition)).set(part_lag)
             lag += part_lag

@@ -13,6 +13,7 @@ from processors.monitor import MonitorStage
 from processors.shadow import ShadowStage
 from stream.runtime import StageRunner
 from stream.topics import lane_topic
+from stream.watchdog import LoopWatchdog
 
 
 class FakeConsumer:
@@ -75,6 +76,8 @@ def _runner(stage: Any, consumer: FakeConsumer) -> StageRunner:
     runner._wanted_since = {}
     runner._paused_batch = set()
     runner._held = {}
+    runner.settings = StreamSettings()
+    runner.watchdog = LoopWatchdog(stage.name, 0.0)  # not started
     return runner
 
 

@@ -43,3 +43,31 @@ def test_a_hung_loop_ends_its_process_with_every_threads_stack() -> None:
 def test_a_limit_of_zero_starts_no_thread() -> None:
     dog = LoopWatchdog("scan", 0.0, exit_process=lambda status: None).start()
     assert dog._thread is None
+
+
+def test_a_bounded_call_that_overruns_exits_before_the_loops_limit_and_one_that_returns_does_not() -> None:
+    exits: list[int] = []
+    clock = Clock()
+    dog = LoopWatchdog("bridge", 300.0, exit_process=exits.append, clock=clock)
+    with dog.bounded("commit_transaction", 60.0):
+        clock.now += 59.0
+        assert not dog.check()
+    clock.now += 30.0  # the call returned: its bound no longer applies, the loop's does
+    assert not dog.check() and exits == []
+    dog.beat()
+    with dog.bounded("send_offsets_to_transaction", 60.0):
+        clock.now += 60.0
+        assert dog.check() and exits == [STALLED_EXIT_STATUS]
+
+
+def test_a_call_blocked_past_its_bound_ends_its_process_naming_the_call() -> None:
+    code = ("import logging, time\n"
+            "from stream.watchdog import LoopWatchdog\n"
+            "logging.basicConfig()\n"
+            "dog = LoopWatchdog('bridge', 300.0).start()\n"
+            "with dog.bounded('send_offsets_to_transaction', 0.5):\n"
+            "    time.sleep(60)  # a client call that does not keep its own timeout\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == STALLED_EXIT_STATUS
+    assert "bridge: send_offsets_to_transaction has not returned within 0.5 s" in proc.stderr
+    assert 'File "<string>", line 6' in proc.stderr
