@@ -70,7 +70,7 @@ class StreamSettings(Settings):
                                                     "(s; 0: never)", ge=0)
     # A loop that stops turning (a call that never returns) ends its process, to be restarted (stream/watchdog.py).
     # 300 s is librdkafka's max.poll.interval.ms: past it the consumer has left its group anyway. The same watchdog
-    # holds each commit and transaction call to twice flush_timeout_s; 0 turns both off.
+    # holds each commit and transaction call to flush_timeout_s + 10 s (runtime.CALL_GRACE_S); 0 turns both off.
     loop_stall_s: float = setting(300.0, doc="Longest a stage loop may go without turning before its process "
                                              "exits to be restarted (s; 0: never)", ge=0)
     max_message_bytes: int = setting(16 * 1024 * 1024, doc="Largest record produced or fetched (bytes)", ge=1)
