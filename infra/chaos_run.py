@@ -602,6 +602,11 @@ class Drill:
     def summarize(self, t0: float, started: float) -> Summary:
         rec = reconcile(self.sent, self.results())
         end = time.time()
+        # Every request's send and first result, relative to the load's start: where a tail comes from.
+        (self.log_dir / "requests.csv").write_text("request_id,kind,lane,sent_s,result_s\n" + "".join(
+            f"{s.request_id},{s.kind},{s.lane},{s.sent_at - t0:.1f},"
+            f"{'' if s.request_id not in rec.first_completion else f'{rec.first_completion[s.request_id] - t0:.1f}'}\n"
+            for s in self.sent))
         stall, stall_at = longest_stall(self.sent, rec.first_completion, end)
         outside, during = split_latencies(self.calls, self.windows)
         summary = Summary(rec, self.windows, recovery_times(self.windows, rec.first_completion.values()), stall,
