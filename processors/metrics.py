@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CACHE = Counter("detectflow_result_cache_total", "Result cache lookups", ["outcome"])  # hit | miss | error
+CACHE = Counter("detectflow_result_cache_total", "Result cache lookups", ["outcome"])  # hit | miss | error | skipped
 INFECTED = Counter("detectflow_infected_total", "Images rejected by the virus scan")
 REJECTED = Counter("detectflow_rejected_total", "Images rejected by preprocess, by code", ["code"])
 INFERENCE_BATCH = Histogram("detectflow_inference_batch_size", "Images per model run", ["model", "version"],

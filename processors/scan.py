@@ -37,6 +37,9 @@ from stream.serde import epoch_ms
 from stream.topics import LANES, ingest_pattern, lane_topic, tenant_of_ingest
 
 log = logging.getLogger(__name__)
+# After a failed result-cache lookup, the next ones are skipped (a miss) for this long. Each lookup waits its
+# query timeout (10 s) while Cassandra is paused: scan ran one record per 10 s through the drill's 98 s pause.
+CACHE_BREAK_S = 10.0
 
 
 class Objects(Protocol):
@@ -129,6 +132,7 @@ class ScanStage:
         self.governance = governance
         self.prefix = settings.stream.topic_prefix
         self._hit_bytes: dict[str, bytes] = {}  # this batch's inline bytes of cache hits (for a review copy)
+        self._cache_broken_until = 0.0  # time.monotonic(): lookups are skipped until then (CACHE_BREAK_S)
 
     def input_topics(self) -> list[str]:
         return [lane_topic(self.prefix, lane, "submitted") for lane in LANES]
@@ -273,12 +277,18 @@ class ScanStage:
 
     def _cache_lookup(self, key: CacheKey) -> dict[str, Any] | None:
         assert self.cache is not None
+        if time.monotonic() < self._cache_broken_until:
+            PM.CACHE.labels("skipped").inc()
+            return None
         try:
             return self.cache.cache_get(key)
         except TransientError as exc:
-            # The cache is an optimisation: when Cassandra is away, run the model instead of waiting.
+            # The cache is an optimisation: when Cassandra is away, run the model instead of waiting, and do not
+            # wait on the next lookups either for a while.
             PM.CACHE.labels("error").inc()
-            log.warning("result cache unavailable, treating as a miss: %s", exc)
+            self._cache_broken_until = time.monotonic() + CACHE_BREAK_S
+            log.warning("result cache unavailable, treating as a miss (lookups skipped for %.0f s): %s",
+                        CACHE_BREAK_S, exc)
             return None
 
     def _quarantine(self, value: Mapping[str, Any], tenant: str, sha256: str, data: bytes, signature: str) -> None:

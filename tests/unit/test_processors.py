@@ -211,6 +211,30 @@ def test_scan_answers_from_the_cache_without_scanning(catalog: ModelCatalog) -> 
     assert not isinstance(miss, Failure) and miss[0].event == "ImageScanned" and scanner.scanned == 1
 
 
+
+def test_scan_skips_the_cache_for_a_while_after_a_lookup_fails(catalog: ModelCatalog,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each lookup waits its query timeout while Cassandra is paused: one failure, then misses without asking.
+    from processors import scan as scan_module
+
+    class DownCache(FakeResults):
+        lookups = 0
+
+        def cache_get(self, key: CacheKey) -> dict[str, Any] | None:
+            DownCache.lookups += 1
+            raise TransientError("cassandra SELECT image_cache: OperationTimedOut")
+
+    now = [1000.0]
+    monkeypatch.setattr(scan_module.time, "monotonic", lambda: now[0])
+    scanner = FakeScanner()
+    stage = ScanStage(FakeObjects(), scanner, catalog, DownCache(), SETTINGS)
+    outs = [stage._one(record(submitted({"data": f"img{i}".encode()}))) for i in range(3)]
+    assert DownCache.lookups == 1 and scanner.scanned == 3  # scanned as misses, asked once
+    assert all(o[0].event == "ImageScanned" for o in outs)
+    now[0] += scan_module.CACHE_BREAK_S
+    stage._one(record(submitted({"data": b"img3"})))
+    assert DownCache.lookups == 2  # asked again once the break is over
+
 def test_params_are_validated_and_hashed_stably() -> None:
     a = effective_params({"classes": ["dog", "cat"]}, SETTINGS)
     b = effective_params({"classes": ["cat", "dog"], "score_threshold": None}, SETTINGS)
