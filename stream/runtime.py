@@ -194,9 +194,10 @@ class StageRunner:
         self.producer = kafka_producer(kafka, **producer_options,  # at-least-once outputs
                                        extra={"error_cb": self._on_client_error})
         self.txn_producer: Producer | None = None  # exactly-once outputs
-        # Set when every broker connection of the transactional producer went down (a Kafka restart): its cached
-        # group coordinator is then stale, and librdkafka's send_offsets_to_transaction waits on it past its own
-        # timeout (upstream issue 5456) until the cache entry expires, ~10 minutes. See _txn_producer_ready.
+        # Set when a client of the stage lost every broker connection (a Kafka restart): the transactional
+        # producer's cached group coordinator is then stale, and librdkafka's send_offsets_to_transaction waits on
+        # it past its own timeout (upstream issue 5456) until the cache entry expires, ~10 minutes. See
+        # _txn_producer_ready.
         self._brokers_lost = False
         self._kafka, self._producer_options = kafka, producer_options
         self._transactional_id = f"{self.group_id}-{instance_id or uuid.uuid4().hex[:12]}"
