@@ -28,14 +28,17 @@ def test_no_exit_while_the_loop_beats_and_exit_70_once_it_stalls_past_the_limit(
     assert dog.check() and exits == [STALLED_EXIT_STATUS]
 
 
-def test_a_hung_loop_ends_its_process_with_every_threads_stack() -> None:
-    code = ("import logging, time\n"
-            "from stream.watchdog import LoopWatchdog\n"
-            "logging.basicConfig()\n"
-            "LoopWatchdog('inference', 0.5).start()\n"
-            "time.sleep(60)  # the loop's call that never returns\n")
+def _hung_process(body: str) -> subprocess.CompletedProcess[str]:
+    """A process whose watchdog starts (lines 1-3) and whose ``body`` (from line 4) never returns."""
+    code = "import logging, time\nfrom stream.watchdog import LoopWatchdog\nlogging.basicConfig()\n" + body
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.returncode == STALLED_EXIT_STATUS
+    return proc
+
+
+def test_a_hung_loop_ends_its_process_with_every_threads_stack() -> None:
+    proc = _hung_process("LoopWatchdog('inference', 0.5).start()\n"
+                         "time.sleep(60)  # the loop's call that never returns\n")
     assert "the loop has not turned" in proc.stderr
     assert 'File "<string>", line 5' in proc.stderr  # the blocked call's frame (the sleep)
 
@@ -61,13 +64,8 @@ def test_a_bounded_call_that_overruns_exits_before_the_loops_limit_and_one_that_
 
 
 def test_a_call_blocked_past_its_bound_ends_its_process_naming_the_call() -> None:
-    code = ("import logging, time\n"
-            "from stream.watchdog import LoopWatchdog\n"
-            "logging.basicConfig()\n"
-            "dog = LoopWatchdog('bridge', 300.0).start()\n"
-            "with dog.bounded('send_offsets_to_transaction', 0.5):\n"
-            "    time.sleep(60)  # a client call that does not keep its own timeout\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == STALLED_EXIT_STATUS
+    proc = _hung_process("dog = LoopWatchdog('bridge', 300.0).start()\n"
+                         "with dog.bounded('send_offsets_to_transaction', 0.5):\n"
+                         "    time.sleep(60)  # a client call that does not keep its own timeout\n")
     assert "bridge: send_offsets_to_transaction has not returned within 0.5 s" in proc.stderr
     assert 'File "<string>", line 6' in proc.stderr
