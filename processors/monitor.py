@@ -1,13 +1,17 @@
 """monitor: canary guardrails and shadow agreement, from `detections` and `detections.shadow`.
 
 Guardrails. Every result on `detections` of a model with a canary is added to its version's window
-(the last ``guard_window_s``, bounded): FAILED or not (REJECTED is the input's fault and cache hits ran
-no model: neither counts) and the per-image model latency. Once canary and production both have
+(the last ``guard_window_s``, bounded) of the current (production, canary) pair: FAILED or not
+(REJECTED is the input's fault and cache hits ran no model: neither counts) and the per-image model
+latency. Once canary and production both have
 ``guard_min_samples`` results, the canary is rolled back automatically when its FAILED share exceeds
 production's by more than ``guard_max_error_rate_delta``, or its P95 model latency exceeds production's
 times ``guard_latency_factor`` plus ``guard_latency_slack_ms``. The rollback goes through the
 registry (compare-and-set, only if that version is still the canary), so it is published on `models`,
 audited (actor ``guardrail``, with the figures) and counted (detectflow_canary_rollbacks_total).
+A canary is judged only against production results of its own time: when a model's (production, canary)
+pair changes, its windows start empty, so an earlier canary's production samples (another load, another
+batch mix) never set the bar for the next one.
 
 Shadow agreement. Production results and shadow results of the same request (both keyed by request
 id) are paired in a bounded buffer; each pair is compared per class (greedy matching by score at IoU
@@ -153,7 +157,8 @@ class MonitorStage:
         self.lifecycle = settings.lifecycle
         self.prefix = settings.stream.topic_prefix
         self.clock = clock
-        self.windows: dict[tuple[str, int], Window] = {}
+        self.windows: dict[tuple[str, int], Window] = {}  # (model, version), of the pair in self.pairs
+        self.pairs: dict[str, tuple[int | None, int]] = {}  # model -> the (production, canary) its windows are of
         self.pending: OrderedDict[str, tuple[str, Mapping[str, Any]]] = OrderedDict()
         self._next_check = 0.0
         self.rollbacks: list[tuple[str, int, str]] = []
@@ -183,9 +188,8 @@ class MonitorStage:
                 continue
             if not shadow_side and routing.canary is not None and counts_for_guardrail(result) \
                     and result.get("model_version") in (routing.production, routing.canary):
-                key = (routing.model, int(result["model_version"]))
-                self.windows.setdefault(key, Window(self.lifecycle.guard_window_s)).add(
-                    now, result["status"] == "FAILED", model_ms(result))
+                self._window(routing.model, routing.production, routing.canary,
+                             int(result["model_version"])).add(now, result["status"] == "FAILED", model_ms(result))
             if routing.shadow is not None or shadow_side:
                 self._pair(result, "shadow" if shadow_side else "production", sums)
         if sums:
@@ -196,11 +200,21 @@ class MonitorStage:
         return outcomes
 
     # ---- guardrails -----------------------------------------------------------------------------------
+    def _window(self, model: str, production: int | None, canary: int, version: int) -> Window:
+        """The version's window for this (production, canary) pair; a new pair drops the model's old windows."""
+        if self.pairs.get(model) != (production, canary):
+            self.pairs[model] = (production, canary)
+            for key in [k for k in self.windows if k[0] == model]:
+                del self.windows[key]
+        return self.windows.setdefault((model, version), Window(self.lifecycle.guard_window_s))
+
     def check_guardrails(self, now: float) -> None:
         for model in self.table.models():
             routing = self.table.routing(model)
             if routing is None or routing.canary is None or routing.production is None:
                 continue
+            if self.pairs.get(model) != (routing.production, routing.canary):
+                continue  # no result of this pair yet
             prod = self.windows.get((model, routing.production))
             canary = self.windows.get((model, routing.canary))
             if prod is None or canary is None:

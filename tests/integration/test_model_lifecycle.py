@@ -222,7 +222,7 @@ def test_shadow_writes_its_own_topic_and_agreement_is_reported(lc: Lifecycle) ->
 def test_guardrail_rolls_back_a_slow_canary(lc: Lifecycle) -> None:
     import model_kit
 
-    slow = model_kit.variant(lc.source, lc.work / "v3", tag="slow", slow_matmuls=24)
+    slow = model_kit.variant(lc.source, lc.work / "v3", tag="slow", slow_matmuls=40)
     lc.cli("push", lc.model, str(slow), check=False)  # the latency gate may fail it; --force below
     v3 = max(v.version for v in lc.registry.store.versions(lc.model))
     lc.cli("canary", lc.model, str(v3), "50", "--force")

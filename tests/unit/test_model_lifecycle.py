@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from config import LifecycleSettings
+from config import LifecycleSettings, PipelineSettings
 from infra.models_cmd import summarize_agreement
 from model_store.control.registry import Registry, RegistryError, VersionInfo
 from model_store.serving.routing import BUCKETS, Routing, RoutingError, RoutingTable, bucket_of
-from processors.monitor import Window, WindowStats, agreement, breach
+from processors.monitor import MonitorStage, Window, WindowStats, agreement, breach
+from stream.records import Record
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -232,6 +233,36 @@ def test_window_forgets_old_results() -> None:
         w.add(float(t), t % 2 == 0, float(t))
     stats = w.stats(now=19.0)
     assert stats.samples == 11 and stats.p95_ms is not None and stats.p95_ms >= 18
+
+
+class RollbackRecorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def rollback(self, model: str, *, actor: str, reason: str, only_canary: int) -> None:
+        self.calls.append((model, only_canary))
+
+
+def _result(version: int, ms: float, n: int) -> Record:
+    value = {"request_id": f"r{n}", "model_name": "m", "model_version": version, "status": "OK",
+             "cache_hit": False, "timings_ms": {"inference": ms}, "detections": []}
+    return Record("u.detections", 0, n, f"r{n}", value, {}, "batch")
+
+
+def test_a_canary_is_judged_only_against_production_results_of_its_own_pair() -> None:
+    settings = PipelineSettings.from_env({"DETECTFLOW_TOPIC_PREFIX": "u.", "DETECTFLOW_GUARD_MIN_SAMPLES": "8"})
+    table, registry, now = RoutingTable(), RollbackRecorder(), [0.0]
+    table._routing["m"] = Routing("m", production=1, canary=2, canary_percent=50, versions=(1, 2, 4))
+    stage = MonitorStage(table, registry, settings, clock=lambda: now[0])
+    # Canary v2 runs while production is slow (a burst): production's P95 is 200 ms, v2 is fine.
+    stage.process([_result(v, 200.0 if v == 1 else 30.0, i) for i, v in enumerate([1, 2] * 10)])
+    assert registry.calls == []
+    # v2 is aborted by hand and v4 (60 ms, 3x production's 20 ms now) comes in a minute later. Against the
+    # burst's samples (200 x 1.5 + 20 ms) it would pass; against production of its own time it is rolled back.
+    table._routing["m"] = Routing("m", production=1, canary=4, canary_percent=50, versions=(1, 2, 4))
+    now[0] = 60.0
+    stage.process([_result(v, 20.0 if v == 1 else 60.0, 100 + i) for i, v in enumerate([1, 4] * 10)])
+    assert registry.calls == [("m", 4)]
 
 
 # ---------------------------------------------------------------------------------------------- shadow agreement
