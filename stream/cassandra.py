@@ -13,6 +13,7 @@ import logging
 import re
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,17 @@ def tls_context(ca_file: Path) -> ssl.SSLContext:
 
 
 RECONNECT_MAX_S = 5.0
+_OPENED: weakref.WeakSet[Cluster] = weakref.WeakSet()  # every cluster open_session made, for shutdown_clusters
+
+
+def shutdown_clusters() -> None:
+    """Shut down every cluster this process opened and still holds. A process that holds sessions to its
+    end (a test session) calls it before exiting: the driver's own exit hook runs after the interpreter has
+    closed its thread pools, so a reconnection the driver schedules then dies with "cannot schedule new
+    futures after shutdown"."""
+    for cluster in list(_OPENED):
+        if not cluster.is_shutdown:
+            cluster.shutdown()
 
 
 def open_session(hosts: Sequence[str], port: int, credentials: Login, ca_file: Path, *,
@@ -181,6 +193,7 @@ def open_session(hosts: Sequence[str], port: int, credentials: Login, ca_file: P
                       reconnection_policy=ExponentialReconnectionPolicy(1.0, RECONNECT_MAX_S, max_attempts=None),
                       execution_profiles={EXEC_PROFILE_DEFAULT: profile}, ssl_context=tls_context(ca_file),
                       auth_provider=PlainTextAuthProvider(credentials.username, credentials.password))
+    _OPENED.add(cluster)
     try:
         return cluster.connect()
     except NoHostAvailable as exc:

@@ -35,9 +35,12 @@ def stack() -> Iterator[StackSettings]:
     yield settings
     from stream_kit import close_readers, delete_test_topics
 
+    from stream.cassandra import shutdown_clusters
+
     close_readers()
     delete_test_topics(settings)
     drop_suite_state(PipelineSettings.from_env())
+    shutdown_clusters()  # sessions fixtures and helpers still hold, before Cassandra may stop
     started_here = [h.name for h in manager.status(settings) if h.running and h.name not in before]
     if started_here:
         manager.down(settings, started_here)

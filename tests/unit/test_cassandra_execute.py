@@ -118,3 +118,20 @@ def test_only_stream_cassandra_sends_statements_or_catches_driver_errors() -> No
                     and ast.unparse(node.func.value).split(".")[-1] in ("session", "_session", "_s")):
                 offenders.append(f"{rel}:{node.lineno} sends {ast.unparse(node.func)}(...) itself")
     assert offenders == []
+
+
+def test_shutdown_clusters_ends_every_cluster_the_process_still_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from cassandra.cluster import Cluster
+
+    from stream import cassandra as sc
+
+    opened: weakref.WeakSet[Cluster] = weakref.WeakSet()
+    monkeypatch.setattr(sc, "_OPENED", opened)
+    held, closed = Cluster(["127.0.0.1"], protocol_version=5), Cluster(["127.0.0.1"], protocol_version=5)
+    opened.add(held)
+    opened.add(closed)
+    closed.shutdown()
+    sc.shutdown_clusters()
+    assert held.is_shutdown and closed.is_shutdown
