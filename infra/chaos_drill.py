@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # What a fault does: kill -9 one pipeline role (the supervisor restarts it), stop then start one stack service,
-# or SIGSTOP one stack service and SIGCONT it after a while.
-KILL_ROLE, RESTART, PAUSE = "kill-role", "restart", "pause"
+# SIGSTOP one stack service and SIGCONT it after a while, or stop one stack service and start it again after a
+# while (an outage: its clients see connections refused, not a peer that hangs).
+KILL_ROLE, RESTART, PAUSE, DOWN = "kill-role", "restart", "pause", "down"
 RESTARTABLE = ("kafka", "registry", "cassandra", "minio", "clamd")
 PAUSABLE = ("cassandra", "clamd")
 # The roles every request passes through: the short form kills one of these (a kill of the bridge or the
@@ -47,26 +48,29 @@ class ChaosError(RuntimeError):
 
 @dataclass(frozen=True)
 class PlannedFault:
-    kind: str  # KILL_ROLE | RESTART | PAUSE
-    target: str  # the role to kill or the stack service to restart or pause
+    kind: str  # KILL_ROLE | RESTART | PAUSE | DOWN
+    target: str  # the role to kill or the stack service to restart, pause or stop
     at_s: float  # seconds after the load started
-    hold_s: float  # PAUSE: how long the service stays stopped; otherwise 0
+    hold_s: float  # PAUSE, DOWN: how long the service stays stopped; otherwise 0
 
     @property
     def label(self) -> str:
-        hold = f" {self.hold_s:.0f}s" if self.kind == PAUSE else ""
+        hold = f" {self.hold_s:.0f}s" if self.kind in (PAUSE, DOWN) else ""
         return f"{self.kind} {self.target}{hold}"
 
     def expected_s(self) -> float:
         if self.kind == PAUSE:
             return self.hold_s
+        if self.kind == DOWN:
+            return self.hold_s + RESTART_ESTIMATE_S.get(self.target, 30.0)
         if self.kind == RESTART:
             return RESTART_ESTIMATE_S.get(self.target, 30.0)
         return 2.0
 
 
 def parse_fault(raw: str, roles: Sequence[str]) -> PlannedFault:
-    """``kill:<role>``, ``restart:<service>`` or ``pause:<service>[:<seconds>]`` (default 30 s) -> an unscheduled
+    """``kill:<role>``, ``restart:<service>``, ``pause:<service>[:<seconds>]`` (default 30 s) or
+    ``down:<service>[:<seconds>]`` (default 600 s, the outage the reliability promise names) -> an unscheduled
     fault (``plan_faults`` places it)."""
     kind, _, rest = raw.strip().partition(":")
     target, _, hold = rest.partition(":")
@@ -76,8 +80,11 @@ def parse_fault(raw: str, roles: Sequence[str]) -> PlannedFault:
         return PlannedFault(RESTART, target, 0, 0)
     if kind == "pause" and target in PAUSABLE and re.fullmatch(r"[1-9]\d{0,2}|", hold):
         return PlannedFault(PAUSE, target, 0, float(hold or 30))
+    if kind == "down" and target in RESTARTABLE and re.fullmatch(r"[1-9]\d{0,2}|", hold):
+        return PlannedFault(DOWN, target, 0, float(hold or 600))
     raise ValueError(f"not a fault: {raw!r} (kill:<{'|'.join(roles)}>, restart:<{'|'.join(RESTARTABLE)}>, "
-                     f"pause:<{'|'.join(PAUSABLE)}>[:<1-999 seconds>])")
+                     f"pause:<{'|'.join(PAUSABLE)}>[:<1-999 seconds>], "
+                     f"down:<{'|'.join(RESTARTABLE)}>[:<1-999 seconds>])")
 
 
 def plan_faults(duration_s: float, seed: int, *, roles: Sequence[str],

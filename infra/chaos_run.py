@@ -41,6 +41,7 @@ from infra.bench_bodies import reencode_jpeg, with_comment
 from infra.bench_sync import BenchError
 from infra.bench_sync import wait_ready as bench_wait_ready
 from infra.chaos_drill import (
+    DOWN,
     KILL_ROLE,
     PAUSE,
     RESTART,
@@ -466,6 +467,11 @@ class Drill:
             manager.down(self.stack, [fault.target], log=quiet)
             manager.up(self.stack, self.running_before, log=quiet)  # dependents too, should one have fallen
             return FaultWindow(f"restart {fault.target}", start, time.time())
+        if fault.kind == DOWN:
+            manager.down(self.stack, [fault.target], log=quiet)
+            self.abort.wait(fault.hold_s)
+            manager.up(self.stack, self.running_before, log=quiet)
+            return FaultWindow(f"down {fault.target}", start, time.time(), f"stopped {fault.hold_s:.0f}s")
         if fault.kind == PAUSE:
             pid = next(h.pid for h in manager.status(self.stack, [fault.target]) if h.name == fault.target)
             if pid is None:

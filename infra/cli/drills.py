@@ -86,7 +86,8 @@ def bench_command(settings: StackSettings, target: str, images: int, online: int
               help="images in the batch job (default 1000 in the long form, 60 in the short)")
 @click.option("--fault", "faults", multiple=True, metavar="KIND:TARGET",
               help="instead of the planned schedule, these faults in this order (repeatable): kill:<role>, "
-                   "restart:<service>, pause:<cassandra|clamd>[:<seconds>]")
+                   "restart:<service>, pause:<cassandra|clamd>[:<seconds>], "
+                   "down:<service>[:<seconds>] (stopped, default 600)")
 @pass_stack_settings
 def chaos_command(settings: StackSettings, duration: float | None, seed: int | None, soak: bool, rate: float | None,
                   load_factor: float, job_images: int | None, faults: tuple[str, ...]) -> int:

@@ -11,10 +11,12 @@ import pytest
 
 from infra.chaos import parse_duration
 from infra.chaos_drill import (
+    DOWN,
     KILL_ROLE,
     PAUSE,
     REQUEST_PATH,
     RESTART,
+    RESTART_ESTIMATE_S,
     RESTARTABLE,
     SHORT_FORM_MAX_S,
     FaultWindow,
@@ -101,8 +103,18 @@ def test_chosen_faults_replace_the_schedule_in_their_order() -> None:
     assert [f.target for f in plan_faults(120, 7, roles=ROLES, chosen=chosen)] == ["recorder", "kafka"]
 
 
+def test_an_outage_holds_its_service_down_ten_minutes_by_default_and_is_scheduled_with_its_restart() -> None:
+    minio, kafka = parse_fault("down:minio:120", ROLES), parse_fault("down:kafka", ROLES)
+    assert (minio.kind, minio.target, minio.hold_s, kafka.hold_s) == (DOWN, "minio", 120.0, 600.0)
+    assert kafka.label == "down kafka 600s" and kafka.expected_s() == 600 + RESTART_ESTIMATE_S["kafka"]
+    plan = plan_faults(800, 7, roles=ROLES, chosen=[kafka, minio])
+    assert [f.target for f in plan] == ["kafka"]  # the second does not fit after the first's 10 minutes
+    assert plan[0].at_s + plan[0].expected_s() + 30 <= 800
+
+
 @pytest.mark.parametrize("spec", ["restart:kafkaa", "kill:gateway", "kill", "pause:kafka", "pause:clamd:0",
-                                  "pause:clamd:1000", "pause:clamd:1e3", "restart:kafka:30", "stop:clamd", ""])
+                                  "pause:clamd:1000", "pause:clamd:1e3", "restart:kafka:30", "stop:clamd", "",
+                                  "down:gateway", "down:clamd:0", "down:kafka:1000"])
 def test_a_fault_spec_outside_the_known_kinds_and_targets_is_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="not a fault"):
         parse_fault(spec, ROLES)
