@@ -9,7 +9,8 @@ defaults every client of ours shares:
 - producers are idempotent with ``acks=all``: a retried send is never written twice, and a record is durable
   before its delivery report says so (the runtime commits input offsets only after that);
 - consumers never auto-commit: offsets are committed by their owner once the outputs are durable;
-- every client logs at warning level unless told otherwise (librdkafka's default is chatty).
+- every client logs at warning level unless told otherwise (librdkafka's default is chatty);
+- every client waits ``RECONNECT_BACKOFF_MS`` between attempts to reach a broker that is down (below).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ FETCH_HEADROOM = 1024 * 1024
 # librdkafka's own fetch.max.bytes: a larger record limit raises it, never lowers it.
 DEFAULT_FETCH_MAX = 52428800
 LOG_WARNING = 3
+# librdkafka asks for "any broker" every reconnect.backoff.ms / 2 while none is up, and each ask skips the
+# doubling backoff: at its default (100 ms) every consumer dialled a stopped broker 20 times a second and
+# logged each refusal (45 MB of logs in a 10-minute Kafka outage, docs/reliability.md). At 1 s it is 2 a second,
+# and a client finds the broker back at most 0.5 s later.
+RECONNECT_BACKOFF_MS = 1000
 
 
 def scram_connection(bootstrap: str, username: str, password: str, ca_file: Path | str) -> dict[str, Any]:
@@ -67,7 +73,7 @@ def producer_config(connection: Mapping[str, Any], *, linger_ms: int, compressio
     """An idempotent ``acks=all`` producer's settings. ``max_record_bytes``: the largest value it sends (the
     deployment's max_message_bytes); ``transactional_id`` makes it a transactional (exactly-once) producer."""
     conf: dict[str, Any] = {**connection, "enable.idempotence": True, "acks": "all", "linger.ms": linger_ms,
-                            "log_level": log_level}
+                            "log_level": log_level, "reconnect.backoff.ms": RECONNECT_BACKOFF_MS}
     if compression is not None:
         conf["compression.type"] = compression
     if max_record_bytes is not None:
@@ -84,7 +90,8 @@ def consumer_config(connection: Mapping[str, Any], group_id: str, *, isolation: 
     never seen), ``offset_reset`` where the group has no committed offset (librdkafka's default: the end).
     ``max_record_bytes``: the largest record it must be able to fetch."""
     conf: dict[str, Any] = {**connection, "group.id": group_id, "enable.auto.commit": False,
-                            "isolation.level": isolation, "log_level": log_level}
+                            "isolation.level": isolation, "log_level": log_level,
+                            "reconnect.backoff.ms": RECONNECT_BACKOFF_MS}
     if offset_reset is not None:
         conf["auto.offset.reset"] = offset_reset
     if max_record_bytes is not None:
@@ -96,7 +103,7 @@ def consumer_config(connection: Mapping[str, Any], group_id: str, *, isolation: 
 
 def admin_config(connection: Mapping[str, Any], *, log_level: int = LOG_WARNING,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {**connection, "log_level": log_level, **(extra or {})}
+    return {**connection, "log_level": log_level, "reconnect.backoff.ms": RECONNECT_BACKOFF_MS, **(extra or {})}
 
 
 def kafka_producer(connection: Mapping[str, Any], **options: Any) -> Producer:

@@ -65,22 +65,26 @@ CONN = {"bootstrap.servers": "b:1"}
 
 def test_a_producer_is_idempotent_with_acks_all_and_what_the_caller_chose() -> None:
     assert producer_config(CONN, linger_ms=5) == {"bootstrap.servers": "b:1", "enable.idempotence": True,
-                                                  "acks": "all", "linger.ms": 5, "log_level": 3}
+                                                  "acks": "all", "linger.ms": 5, "log_level": 3,
+                                                  "reconnect.backoff.ms": 1000}
     conf = producer_config(CONN, linger_ms=2, compression="lz4", max_record_bytes=1_000_000,
                            transactional_id="scan-0", log_level=4, extra={"message.timeout.ms": 15000})
     assert conf == {"bootstrap.servers": "b:1", "enable.idempotence": True, "acks": "all", "linger.ms": 2,
-                    "log_level": 4, "compression.type": "lz4", "message.max.bytes": 1_000_000 + 64 * 1024,
+                    "log_level": 4, "reconnect.backoff.ms": 1000, "compression.type": "lz4",
+                    "message.max.bytes": 1_000_000 + 64 * 1024,
                     "transactional.id": "scan-0", "message.timeout.ms": 15000}
 
 
 def test_a_consumer_never_auto_commits_and_reads_committed_unless_told() -> None:
     assert consumer_config(CONN, "g") == {"bootstrap.servers": "b:1", "group.id": "g", "enable.auto.commit": False,
-                                          "isolation.level": "read_committed", "log_level": 3}
+                                          "isolation.level": "read_committed", "log_level": 3,
+                                          "reconnect.backoff.ms": 1000}
     conf = consumer_config(CONN, "g", isolation="read_uncommitted", offset_reset="earliest",
                            max_record_bytes=16 * 1024 * 1024, extra={"enable.partition.eof": True})
     fetch = 17 * 1024 * 1024
     assert conf == {"bootstrap.servers": "b:1", "group.id": "g", "enable.auto.commit": False,
-                    "isolation.level": "read_uncommitted", "log_level": 3, "auto.offset.reset": "earliest",
+                    "isolation.level": "read_uncommitted", "log_level": 3, "reconnect.backoff.ms": 1000,
+                    "auto.offset.reset": "earliest",
                     "fetch.max.bytes": 52428800, "max.partition.fetch.bytes": fetch, "message.max.bytes": fetch,
                     "enable.partition.eof": True}
     # A record limit above librdkafka's own fetch.max.bytes raises it (a fetch must hold one record).
@@ -88,10 +92,10 @@ def test_a_consumer_never_auto_commits_and_reads_committed_unless_told() -> None
     assert big["fetch.max.bytes"] == big["max.partition.fetch.bytes"] == 65 * 1024 * 1024
 
 
-def test_an_admin_logs_warnings_only_unless_told() -> None:
-    assert admin_config(CONN) == {"bootstrap.servers": "b:1", "log_level": 3}
-    assert admin_config(CONN, log_level=0, extra={"socket.timeout.ms": 2000}) == {
-        "bootstrap.servers": "b:1", "log_level": 0, "socket.timeout.ms": 2000}
+def test_an_admin_logs_warnings_only_and_backs_off_reconnects_unless_told() -> None:
+    assert admin_config(CONN) == {"bootstrap.servers": "b:1", "log_level": 3, "reconnect.backoff.ms": 1000}
+    assert admin_config(CONN, log_level=0, extra={"socket.timeout.ms": 2000, "reconnect.backoff.ms": 100}) == {
+        "bootstrap.servers": "b:1", "log_level": 0, "socket.timeout.ms": 2000, "reconnect.backoff.ms": 100}
 
 
 def test_the_factory_builds_clients_librdkafka_accepts() -> None:
