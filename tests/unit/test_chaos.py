@@ -335,3 +335,10 @@ def test_time_to_result_is_per_kind_from_sending_to_the_first_result() -> None:
     text = format_summary(s)
     assert "time to result, ingest: P50 1.0s P99 300.0s max 300.0s (n=2)" in text, text
     assert "time to result, sync: P50 0.2s" in text
+
+
+def test_the_load_keeps_ten_seconds_of_calls_open_so_an_overload_is_offered_not_waited_for() -> None:
+    from infra.chaos_run import in_flight_cap
+
+    assert in_flight_cap(2.0) == 32  # the drill's steady load: a cap it never reaches
+    assert in_flight_cap(68.5) == 685  # 4x a 17/s capacity: past the gateway's own in-flight limit
